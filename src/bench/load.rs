@@ -1,0 +1,251 @@
+//! Load generators: groups of members that all speak at voice rate through a relay,
+//! over QUIC through `voipc serve` or over plain UDP through the baseline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tokio::task::JoinSet;
+
+use super::udp_relay::REGISTER;
+use crate::net::client::{Connected, connect};
+use crate::net::framing::read_frame;
+use crate::net::tls::PinPolicy;
+use crate::protocol::{Fingerprint, JoinRequest, MEDIA_HEADER_LEN, MediaHeader, ServerLink, ServerMsg, encode_frame};
+use crate::session::{Command, Event, Session};
+
+/// Voice rate: one datagram every 20 ms.
+pub const PACKET_INTERVAL: Duration = Duration::from_millis(20);
+/// Bytes per datagram, header included: a 48 kbit/s Opus frame plus SFrame overhead.
+pub const DATAGRAM_LEN: usize = 160;
+/// Offset of the send time (nanoseconds since the run's base instant) in a datagram.
+const STAMP_AT: usize = MEDIA_HEADER_LEN;
+
+/// One level's measurement window and what happened in it.
+#[derive(Debug, Clone, Default)]
+pub struct Measured {
+    /// Datagrams sent inside the window.
+    pub sent: u64,
+    /// Deliveries expected: each datagram sent to every other member.
+    pub expected: u64,
+    /// Deliveries of datagrams sent inside the window.
+    pub received: u64,
+    /// One-way latency of each delivery, microseconds.
+    pub latencies_us: Vec<u32>,
+}
+
+/// How a member reaches the relay.
+#[derive(Clone)]
+enum Path {
+    Quic { connection: quinn::Connection, header: MediaHeader },
+    Udp { socket: Arc<UdpSocket>, relay: SocketAddr },
+}
+
+impl Path {
+    async fn send(&self, datagram: Vec<u8>) {
+        match self {
+            Path::Quic { connection, .. } => {
+                let _ = connection.send_datagram(Bytes::from(datagram));
+            }
+            Path::Udp { socket, relay } => {
+                let _ = socket.send_to(&datagram, relay).await;
+            }
+        }
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> Option<usize> {
+        match self {
+            Path::Quic { connection, .. } => {
+                let datagram = connection.read_datagram().await.ok()?;
+                let len = datagram.len().min(buf.len());
+                buf[..len].copy_from_slice(&datagram[..len]);
+                Some(len)
+            }
+            Path::Udp { socket, .. } => socket.recv(buf).await.ok(),
+        }
+    }
+
+    fn datagram(&self, sequence: u32, stamp_ns: u64) -> Vec<u8> {
+        let mut datagram = vec![0u8; DATAGRAM_LEN];
+        if let Path::Quic { header, .. } = self {
+            let mut head = [0u8; MEDIA_HEADER_LEN];
+            MediaHeader { sequence, ..*header }.write(&mut head);
+            datagram[..MEDIA_HEADER_LEN].copy_from_slice(&head);
+        }
+        datagram[STAMP_AT..STAMP_AT + 8].copy_from_slice(&stamp_ns.to_be_bytes());
+        datagram
+    }
+}
+
+/// A group of members in one channel of one relay.
+pub struct Group {
+    members: Vec<Path>,
+    /// QUIC members keep their connections, control streams and endpoints open.
+    _keep: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+impl Group {
+    /// `n` QUIC members in a fresh temporary channel of a `voipc serve`.
+    pub async fn quic(server: &ServerLink, fingerprint: Fingerprint, n: usize, tag: &str) -> anyhow::Result<Group> {
+        let channel = format!("bench-{tag}");
+        let mut group = Group { members: Vec::new(), _keep: Vec::new() };
+        for i in 0..n {
+            let name = format!("bench-{tag}-{i}");
+            // The first member creates the channel; the others ask for it in their hello.
+            let join = (i > 0).then(|| JoinRequest::named(&channel));
+            let (path, keep) = quic_member(server, fingerprint, &name, join, &channel).await?;
+            group.members.push(path);
+            group._keep.push(keep);
+        }
+        Ok(group)
+    }
+
+    /// `n` UDP members of the baseline relay.
+    pub async fn udp(relay: SocketAddr, n: usize) -> anyhow::Result<Group> {
+        let mut members = Vec::new();
+        for _ in 0..n {
+            let socket = UdpSocket::bind("127.0.0.1:0").await?;
+            let mut buf = [0u8; 64];
+            let registered = async {
+                loop {
+                    socket.send_to(REGISTER, relay).await?;
+                    match tokio::time::timeout(Duration::from_millis(200), socket.recv(&mut buf)).await {
+                        Ok(Ok(len)) if &buf[..len] == REGISTER => return anyhow::Ok(()),
+                        _ => continue,
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), registered).await.context("baseline relay does not answer")??;
+            members.push(Path::Udp { socket: Arc::new(socket), relay });
+        }
+        Ok(Group { members, _keep: Vec::new() })
+    }
+
+    /// Everyone speaks for `warmup + window`; deliveries of what was sent inside the
+    /// window are counted until `drain` after it.
+    pub async fn measure(&self, base: Instant, warmup: Duration, window: Duration) -> Measured {
+        let drain = Duration::from_millis(500);
+        let start = Instant::now() + warmup;
+        let end = start + window;
+        let in_window = move |ns: u64| {
+            let at = base + Duration::from_nanos(ns);
+            at >= start && at < end
+        };
+        let mut tasks = JoinSet::new();
+        let receivers = self.members.len() as u64 - 1;
+        for (i, member) in self.members.iter().enumerate() {
+            let sender = member.clone();
+            // Spread the speakers over the 20 ms so that they do not all send at once.
+            let offset = PACKET_INTERVAL * i as u32 / self.members.len() as u32;
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval_at((Instant::now() + offset).into(), PACKET_INTERVAL);
+                let mut sent = 0u64;
+                for sequence in 0u32.. {
+                    let at = tick.tick().await.into_std();
+                    if at >= end {
+                        break;
+                    }
+                    let ns = Instant::now().duration_since(base).as_nanos() as u64;
+                    if in_window(ns) {
+                        sent += 1;
+                    }
+                    sender.send(sender.datagram(sequence, ns)).await;
+                }
+                Measured { sent, expected: sent * receivers, ..Measured::default() }
+            });
+            let receiver = member.clone();
+            tasks.spawn(async move {
+                let mut measured = Measured::default();
+                let mut buf = [0u8; 2048];
+                let stop = tokio::time::sleep_until((end + drain).into());
+                tokio::pin!(stop);
+                loop {
+                    let len = tokio::select! {
+                        () = &mut stop => break,
+                        len = receiver.recv(&mut buf) => match len { Some(len) => len, None => break },
+                    };
+                    let Some(stamp) = buf[..len].get(STAMP_AT..STAMP_AT + 8) else { continue };
+                    let ns = u64::from_be_bytes(stamp.try_into().expect("8 bytes"));
+                    if in_window(ns) {
+                        let now = Instant::now().duration_since(base).as_nanos() as u64;
+                        measured.received += 1;
+                        measured.latencies_us.push((now.saturating_sub(ns) / 1000).min(u64::from(u32::MAX)) as u32);
+                    }
+                }
+                measured
+            });
+        }
+        let mut total = Measured::default();
+        while let Some(Ok(part)) = tasks.join_next().await {
+            total.sent += part.sent;
+            total.expected += part.expected;
+            total.received += part.received;
+            total.latencies_us.extend(part.latencies_us);
+        }
+        total
+    }
+}
+
+/// Connects one QUIC member and waits until it is in `channel`.
+async fn quic_member(
+    server: &ServerLink,
+    fingerprint: Fingerprint,
+    name: &str,
+    join: Option<JoinRequest>,
+    channel: &str,
+) -> anyhow::Result<(Path, Box<dyn std::any::Any + Send>)> {
+    let Connected { endpoint, connection, .. } = connect(server, PinPolicy::Pinned(fingerprint)).await?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    let create = join.is_none();
+    let mut session = Session::new(name, join, String::new());
+    if create {
+        session.command(Command::Create {
+            name: channel.to_owned(),
+            description: "voipc bench".into(),
+            password: None,
+            user_limit: 0,
+        });
+    }
+    while let Some(msg) = session.poll_transmit() {
+        send.write_all(&encode_frame(&msg)?).await?;
+    }
+    let joined = async {
+        loop {
+            let msg: ServerMsg = read_frame(&mut recv).await?.context("server ended the control stream")?;
+            session.handle_message(msg)?;
+            while let Some(event) = session.poll_event() {
+                match event {
+                    Event::Joined { name, .. } if name == channel => return anyhow::Ok(()),
+                    Event::Error { code, message } => bail!("{name}: {code}: {message}"),
+                    _ => {}
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), joined).await.context("joining the bench channel timed out")??;
+    let (me, channel_id) = (session.me().expect("joined, so welcomed"), session.channel().expect("joined"));
+    // Keep reading control frames so the server's queue for us never fills.
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = read_frame::<ServerMsg>(&mut recv).await {} });
+    let header = MediaHeader {
+        stream: crate::protocol::StreamType::Probe,
+        flags: 0,
+        channel: channel_id,
+        sender: me,
+        sequence: 0,
+        timestamp: 0,
+    };
+    let keep: Box<dyn std::any::Any + Send> = Box::new((endpoint, send, DrainOnDrop(drain)));
+    Ok((Path::Quic { connection, header }, keep))
+}
+
+/// Stops a background task when the group it served is dropped.
+struct DrainOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,300 @@
+//! `voipc bench`: figures measured as ratios against a baseline in the same run.
+//!
+//! `voipc bench relay` loads a real `voipc serve` in its own process (so its CPU is
+//! measured apart from the load generators') with groups in which everyone speaks at
+//! voice rate, level by level, and does the same against a plain-UDP fan-out relay.
+
+mod load;
+pub mod udp_relay;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::protocol::{Fingerprint, ServerLink};
+use load::{DATAGRAM_LEN, Group, Measured, PACKET_INTERVAL};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Relay throughput and latency, against a plain-UDP fan-out relay.
+    Relay(RelayArgs),
+    /// The plain-UDP baseline relay (started by `bench relay`).
+    #[command(hide = true)]
+    UdpRelay {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RelayArgs {
+    /// Seconds measured per load level.
+    #[arg(long, default_value_t = 3.0)]
+    secs: f64,
+    /// Members per group at the highest level tried.
+    #[arg(long, default_value_t = 64)]
+    max_members: usize,
+    /// Load a `voipc serve` that is already running instead of starting one.
+    #[arg(long, value_name = "ADDR", requires = "fingerprint")]
+    target: Option<String>,
+    /// The target's certificate fingerprint.
+    #[arg(long, value_name = "FP")]
+    fingerprint: Option<Fingerprint>,
+    /// The target's process id, to measure its CPU time.
+    #[arg(long, value_name = "PID", requires = "target")]
+    target_pid: Option<u32>,
+    /// Print the results as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.what {
+        BenchCommand::Relay(args) => relay(args).await,
+        BenchCommand::UdpRelay { listen } => {
+            tokio::task::spawn_blocking(move || udp_relay::run(listen)).await.context("baseline relay stopped")?
+        }
+    }
+}
+
+/// Loss above this ends the climb: the previous level is the peak.
+const MAX_LOSS: f64 = 0.001;
+/// Group sizes tried, smallest first; everyone in a group speaks.
+const LEVELS: [usize; 12] = [2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64];
+
+#[derive(Debug, Clone, Serialize)]
+struct Level {
+    members: usize,
+    /// Deliveries per second the level asks for: members × (members − 1) × 50.
+    offered_per_sec: f64,
+    forwarded_per_sec: f64,
+    loss: f64,
+    /// Relay CPU seconds per million forwarded datagrams, when its process is known.
+    cpu_s_per_million: Option<f64>,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    datagram_bytes: usize,
+    packets_per_sec_per_speaker: u32,
+    secs_per_level: f64,
+    quic: Vec<Level>,
+    udp_baseline: Vec<Level>,
+    /// Highest forwarded rate with loss ≤ 0.1 %.
+    peak_forwarded_per_sec: f64,
+    baseline_peak_forwarded_per_sec: f64,
+    ratio_to_baseline: f64,
+    /// The level nearest to half the peak rate, and its latency.
+    half_peak: Option<Level>,
+    baseline_at_half_peak: Option<Level>,
+}
+
+async fn relay(args: RelayArgs) -> anyhow::Result<()> {
+    let window = Duration::from_secs_f64(args.secs.max(0.5));
+    let levels: Vec<usize> = LEVELS.iter().copied().filter(|n| *n <= args.max_members.max(2)).collect();
+    let base = Instant::now();
+
+    let (server, _server_child) = match (&args.target, args.fingerprint) {
+        (Some(target), Some(fp)) => (Target { link: target.parse()?, fingerprint: Some(fp), pid: args.target_pid }, None),
+        _ => {
+            let (child, line) = spawn_self(&["serve", "--listen", "127.0.0.1:0", "--ephemeral-cert", "--json"]).await?;
+            let fp: Fingerprint = json_field(&line, "fingerprint")?.parse()?;
+            let link: ServerLink = json_field(&line, "addr")?.parse()?;
+            (Target { link, fingerprint: Some(fp), pid: child.id() }, Some(child))
+        }
+    };
+    let (udp_child, line) = spawn_self(&["bench", "udp-relay", "--listen", "127.0.0.1:0"]).await?;
+    let udp_addr: SocketAddr = json_field(&line, "addr")?.parse()?;
+    let udp = Target { link: udp_addr.to_string().parse()?, fingerprint: None, pid: udp_child.id() };
+
+    let mut report = Report {
+        datagram_bytes: DATAGRAM_LEN,
+        packets_per_sec_per_speaker: (1000 / PACKET_INTERVAL.as_millis()) as u32,
+        secs_per_level: window.as_secs_f64(),
+        quic: Vec::new(),
+        udp_baseline: Vec::new(),
+        peak_forwarded_per_sec: 0.0,
+        baseline_peak_forwarded_per_sec: 0.0,
+        ratio_to_baseline: 0.0,
+        half_peak: None,
+        baseline_at_half_peak: None,
+    };
+    for (target, results) in [(&server, &mut report.quic), (&udp, &mut report.udp_baseline)] {
+        for (round, &n) in levels.iter().enumerate() {
+            let group = match target.fingerprint {
+                Some(fp) => Group::quic(&target.link, fp, n, &format!("{}-{round}", std::process::id())).await?,
+                None => Group::udp(udp_addr, n).await?,
+            };
+            let cpu_before = target.pid.and_then(cpu_seconds);
+            let measured = group.measure(base, Duration::from_millis(500), window).await;
+            let cpu = target.pid.and_then(cpu_seconds).zip(cpu_before).map(|(after, before)| after - before);
+            drop(group);
+            let level = Level::from_measured(n, window, &measured, cpu);
+            if !args.json {
+                eprintln!(
+                    "{} {n:>3} members: {:>9.0}/s forwarded, loss {:.3} %, p99 {:.2} ms",
+                    if target.fingerprint.is_some() { "quic" } else { "udp " },
+                    level.forwarded_per_sec,
+                    level.loss * 100.0,
+                    level.p99_ms
+                );
+            }
+            let lossy = level.loss > MAX_LOSS;
+            results.push(level);
+            if lossy {
+                break;
+            }
+        }
+    }
+    report.peak_forwarded_per_sec = peak(&report.quic);
+    report.baseline_peak_forwarded_per_sec = peak(&report.udp_baseline);
+    report.ratio_to_baseline = report.peak_forwarded_per_sec / report.baseline_peak_forwarded_per_sec.max(1.0);
+    report.half_peak = nearest(&report.quic, report.peak_forwarded_per_sec / 2.0);
+    if let Some(half) = &report.half_peak {
+        report.baseline_at_half_peak = report.udp_baseline.iter().find(|l| l.members == half.members).cloned();
+    }
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    drop(udp_child);
+    Ok(())
+}
+
+struct Target {
+    link: ServerLink,
+    fingerprint: Option<Fingerprint>,
+    pid: Option<u32>,
+}
+
+impl Level {
+    fn from_measured(members: usize, window: Duration, m: &Measured, cpu: Option<f64>) -> Level {
+        let secs = window.as_secs_f64();
+        let mut latencies = m.latencies_us.clone();
+        latencies.sort_unstable();
+        let percentile = |p: f64| -> f64 {
+            if latencies.is_empty() {
+                return f64::NAN;
+            }
+            let at = ((latencies.len() - 1) as f64 * p).round() as usize;
+            f64::from(latencies[at]) / 1000.0
+        };
+        let offered = (members * (members - 1)) as f64 * 1000.0 / PACKET_INTERVAL.as_millis() as f64;
+        Level {
+            members,
+            offered_per_sec: offered,
+            forwarded_per_sec: m.received as f64 / secs,
+            loss: if m.expected == 0 { 0.0 } else { 1.0 - m.received as f64 / m.expected as f64 }.max(0.0),
+            cpu_s_per_million: cpu.filter(|_| m.received > 0).map(|c| c / m.received as f64 * 1e6),
+            p50_ms: percentile(0.50),
+            p99_ms: percentile(0.99),
+        }
+    }
+}
+
+fn peak(levels: &[Level]) -> f64 {
+    levels.iter().filter(|l| l.loss <= MAX_LOSS).map(|l| l.forwarded_per_sec).fold(0.0, f64::max)
+}
+
+fn nearest(levels: &[Level], rate: f64) -> Option<Level> {
+    levels
+        .iter()
+        .filter(|l| l.loss <= MAX_LOSS && l.forwarded_per_sec <= rate * 1.05)
+        .min_by(|a, b| (a.forwarded_per_sec - rate).abs().total_cmp(&(b.forwarded_per_sec - rate).abs()))
+        .cloned()
+}
+
+fn print_table(report: &Report) {
+    println!(
+        "relay bench: {} B datagrams, {} per second per speaker, everyone in a group speaks, {:.1} s per level",
+        report.datagram_bytes, report.packets_per_sec_per_speaker, report.secs_per_level
+    );
+    for (name, levels) in [("voipc serve (QUIC)", &report.quic), ("plain UDP baseline", &report.udp_baseline)] {
+        println!("\n{name}\n members   offered/s  forwarded/s    loss   cpu s/M   p50 ms   p99 ms");
+        for l in levels {
+            let cpu = l.cpu_s_per_million.map_or_else(|| "-".to_owned(), |c| format!("{c:.2}"));
+            println!(
+                "{:>8} {:>11.0} {:>12.0} {:>6.3}% {:>9} {:>8.2} {:>8.2}",
+                l.members,
+                l.offered_per_sec,
+                l.forwarded_per_sec,
+                l.loss * 100.0,
+                cpu,
+                l.p50_ms,
+                l.p99_ms
+            );
+        }
+    }
+    println!(
+        "\npeak forwarded at <= 0.1 % loss: {:.0}/s; baseline {:.0}/s; ratio {:.2} (target >= 0.5)",
+        report.peak_forwarded_per_sec, report.baseline_peak_forwarded_per_sec, report.ratio_to_baseline
+    );
+    if let Some(half) = &report.half_peak {
+        let baseline = report.baseline_at_half_peak.as_ref();
+        println!(
+            "at half the peak ({} members, {:.0}/s): p50 {:.2} ms, p99 {:.2} ms (target p99 <= 2 ms); baseline p50 {:.2} ms, p99 {:.2} ms",
+            half.members,
+            half.forwarded_per_sec,
+            half.p50_ms,
+            half.p99_ms,
+            baseline.map_or(f64::NAN, |b| b.p50_ms),
+            baseline.map_or(f64::NAN, |b| b.p99_ms),
+        );
+    }
+}
+
+/// Starts this binary with `args` and reads its first stdout line (a JSON event).
+async fn spawn_self(args: &[&str]) -> anyhow::Result<(Child, String)> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting voipc {}", args.join(" ")))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .context("the child process did not report its address")??
+        .context("the child process exited before reporting its address")?;
+    Ok((child, line))
+}
+
+fn json_field(line: &str, field: &str) -> anyhow::Result<String> {
+    let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("not a JSON event: {line}"))?;
+    match value.get(field).and_then(|v| v.as_str()) {
+        Some(s) => Ok(s.to_owned()),
+        None => bail!("no {field:?} in {line}"),
+    }
+}
+
+/// User plus system CPU seconds a process has used so far (Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) / ticks as f64)
+}

@@ -1,0 +1,249 @@
+//! Command-line definitions and dispatch: every flag and its help text live here.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use crate::bench::{self, BenchArgs};
+use crate::config::ServerConfig;
+use crate::net::client::{self, JoinOptions};
+use crate::net::server::Server;
+use crate::net::tls::Identity;
+use crate::protocol::{Fingerprint, JoinRequest, ServerLink};
+use crate::relay::{Relay, RelayConfig};
+use crate::session::Event;
+
+#[derive(Debug, Parser)]
+#[command(name = "voipc", version, about = "Private, self-hosted voice and chat. Run a subcommand; the desktop app comes later.")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a relay server (QUIC on UDP port 9987 by default).
+    Serve(ServeArgs),
+    /// Connect as a headless client: events on stdout, commands on stdin.
+    Join(JoinArgs),
+    /// Measure throughput and latency.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// server.toml; without it, defaults (one channel, Lobby).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address and UDP port to listen on (port 0 picks a free one).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Keep a fresh self-signed certificate in memory only (clients see a new one each start).
+    #[arg(long)]
+    ephemeral_cert: bool,
+    /// Host name for the invite link when listening on a wildcard address.
+    #[arg(long, value_name = "HOST")]
+    public_host: Option<String>,
+    /// Print the listening event as one JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// HOST[:PORT] or a voipc:// invite link.
+    target: String,
+    /// Your display name on the server.
+    #[arg(long)]
+    name: String,
+    /// Channel to enter instead of the server's default.
+    #[arg(long)]
+    channel: Option<String>,
+    /// That channel's password.
+    #[arg(long, value_name = "PW")]
+    password: Option<String>,
+    /// An invite token for that channel.
+    #[arg(long, value_name = "TOKEN")]
+    invite: Option<String>,
+    /// The server certificate's SHA-256 fingerprint, as the server printed it.
+    #[arg(long, value_name = "FP", conflicts_with = "trust_on_first_use")]
+    fingerprint: Option<Fingerprint>,
+    /// Accept and pin an unknown server certificate without checking it.
+    #[arg(long)]
+    trust_on_first_use: bool,
+    /// Where pinned certificates are kept.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print events as JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses the command line, runs it and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(command) = cli.command else {
+        // The desktop client will open here; until it exists, show what there is.
+        let _ = Cli::command().print_help();
+        return ExitCode::SUCCESS;
+    };
+    init_logging(match command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Join(args) => runtime.block_on(join(args)),
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr only, never to a file; `RUST_LOG` overrides the level.
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => ServerConfig::load(path)?,
+        None => ServerConfig::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if args.public_host.is_some() {
+        config.public_host = args.public_host;
+    }
+    let identity = if args.ephemeral_cert {
+        Identity::generate()?.0
+    } else if let (Some(cert), Some(key)) = (&config.certificate, &config.private_key) {
+        Identity::load(cert, key)?
+    } else {
+        let dir = args.config.as_deref().and_then(Path::parent).filter(|p| !p.as_os_str().is_empty());
+        let (identity, created) = Identity::load_or_create(dir.unwrap_or(Path::new(".")))?;
+        if let Some(path) = created {
+            tracing::info!(path = %path.display(), "generated a self-signed certificate");
+        }
+        identity
+    };
+    let relay_config = RelayConfig::from_server_config(&config).context("hashing channel passwords")?;
+    let relay = Relay::new(relay_config, rand::random());
+    let limits = &config.limits;
+    let hello_timeout = std::time::Duration::from_secs(limits.hello_timeout_secs);
+    let server = Server::bind(config.listen, identity, relay, limits.max_pending_connections, hello_timeout)?;
+    let addr = server.local_addr()?;
+    let fingerprint = server.fingerprint();
+    let link = ServerLink {
+        host: invite_host(addr.ip(), config.public_host.as_deref()),
+        port: addr.port(),
+        fingerprint: Some(fingerprint),
+        channel: None,
+        invite: None,
+    };
+    let invite = link.invite_base(&fingerprint);
+    if args.json {
+        let line = serde_json::json!({
+            "event": "listening",
+            "addr": addr.to_string(),
+            "fingerprint": fingerprint.to_string(),
+            "invite": invite,
+        });
+        println!("{line}");
+    } else {
+        println!("VoIPC server listening on {addr} (UDP/QUIC)");
+        println!("certificate fingerprint (SHA-256): {fingerprint}");
+        println!("invite link: {invite}");
+    }
+    server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// The host an invite names: the configured public name, the listen address if it is a
+/// specific one, else this machine's host name.
+fn invite_host(ip: IpAddr, public_host: Option<&str>) -> String {
+    if let Some(host) = public_host {
+        return host.to_owned();
+    }
+    if !ip.is_unspecified() {
+        return ip.to_string();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn join(args: JoinArgs) -> anyhow::Result<()> {
+    let json = args.json;
+    let result = async {
+        let mut link: ServerLink = args.target.parse()?;
+        if let Some(fp) = args.fingerprint {
+            link.fingerprint = Some(fp);
+        }
+        let channel = args.channel.or(link.channel.clone());
+        let invite = args.invite.or(link.invite.clone());
+        let join = channel.map(|channel| JoinRequest { channel, password: args.password, invite });
+        let data_dir = match args.data_dir {
+            Some(dir) => dir,
+            None => default_data_dir()?,
+        };
+        let options = JoinOptions {
+            link,
+            name: args.name,
+            join,
+            trust_on_first_use: args.trust_on_first_use,
+            data_dir,
+            json,
+        };
+        client::run_headless(options).await.map_err(anyhow::Error::from)
+    }
+    .await;
+    if let (true, Err(e)) = (json, &result) {
+        let code = e.downcast_ref::<client::ClientError>().map_or("usage", |c| c.code());
+        let line = serde_json::to_string(&Event::local_error(code, format!("{e:#}"))).expect("plain strings serialise");
+        println!("{line}");
+    }
+    result
+}
+
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    directories::ProjectDirs::from("", "", "voipc")
+        .map(|dirs| dirs.data_dir().to_owned())
+        .context("no home directory to keep client data in; pass --data-dir")
+}

@@ -1,0 +1,366 @@
+//! `server.toml`: what a server operator configures. Pure data plus validation.
+//!
+//! An invalid file is refused with the file, the line and what is wrong, e.g.
+//! `server.toml:7:1: channel name "A very long…" is 40 characters, more than max_channel_name_len (32)`.
+
+pub mod files;
+pub mod known_servers;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::protocol::DEFAULT_PORT;
+
+/// The channel every server has when its configuration names none.
+pub const DEFAULT_CHANNEL: &str = "Lobby";
+
+/// The largest `max_users` a server accepts: beyond it one relay process is the wrong tool.
+pub const MAX_USERS_CAP: u32 = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// The host name put in invite links when `listen` is a wildcard address.
+    pub public_host: Option<String>,
+    pub max_users: u32,
+    /// PEM certificate chain and private key; generated beside the config when absent.
+    pub certificate: Option<PathBuf>,
+    pub private_key: Option<PathBuf>,
+    /// Permanent channels; the first is where users land.
+    pub channels: Vec<ChannelConfig>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// 0 means no limit.
+    #[serde(default)]
+    pub user_limit: u32,
+}
+
+/// Every bound the relay enforces. Defaults suit a community server on a small VPS.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// A temporary channel is removed after being empty this long.
+    pub empty_channel_timeout_secs: u64,
+    /// Permanent and temporary channels together.
+    pub max_channels: u32,
+    pub max_channel_name_len: u32,
+    pub max_user_name_len: u32,
+    pub max_description_len: u32,
+    pub max_password_len: u32,
+    /// Connections that have not said hello yet, at once.
+    pub max_pending_connections: u32,
+    /// A connection that has not said hello by then is closed.
+    pub hello_timeout_secs: u64,
+    /// Control messages per second per connection (token bucket), and the burst allowed.
+    pub control_messages_per_sec: u32,
+    pub control_burst: u32,
+    /// Media datagrams and bytes per second per connection; excess is dropped and counted.
+    /// The defaults carry 1080p screen share plus voice with room for keyframe bursts.
+    pub media_packets_per_sec: u32,
+    pub media_bytes_per_sec: u32,
+    /// Wrong channel passwords a connection may try before each further try waits,
+    /// with the wait doubling up to `password_backoff_max_secs`.
+    pub password_attempts_before_delay: u32,
+    pub password_backoff_max_secs: u64,
+    /// Invites: the longest lifetime and the most uses one may be given.
+    pub max_invite_ttl_secs: u32,
+    pub max_invite_uses: u32,
+    /// Live invites per channel.
+    pub max_invites_per_channel: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            empty_channel_timeout_secs: 300,
+            max_channels: 50,
+            max_channel_name_len: 32,
+            max_user_name_len: 32,
+            max_description_len: 200,
+            max_password_len: 128,
+            max_pending_connections: 64,
+            hello_timeout_secs: 5,
+            control_messages_per_sec: 20,
+            control_burst: 40,
+            media_packets_per_sec: 4000,
+            media_bytes_per_sec: 4_000_000,
+            password_attempts_before_delay: 3,
+            password_backoff_max_secs: 60,
+            max_invite_ttl_secs: 7 * 24 * 3600,
+            max_invite_uses: 1000,
+            max_invites_per_channel: 50,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            public_host: None,
+            max_users: 100,
+            certificate: None,
+            private_key: None,
+            channels: vec![ChannelConfig {
+                name: DEFAULT_CHANNEL.into(),
+                description: "Where everyone lands".into(),
+                password: None,
+                user_limit: 0,
+            }],
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// An invalid configuration: where and what.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid { path: PathBuf, line: usize, column: usize, message: String },
+}
+
+/// The file as written; `Spanned` keeps where each checked value stood.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Spanned<String>>,
+    public_host: Option<String>,
+    max_users: Option<Spanned<u32>>,
+    certificate: Option<PathBuf>,
+    private_key: Option<PathBuf>,
+    #[serde(default)]
+    channels: Vec<Spanned<ChannelConfig>>,
+    limits: Option<Spanned<Limits>>,
+}
+
+impl ServerConfig {
+    /// Reads and validates a config file. Relative certificate paths are taken
+    /// relative to the file's directory.
+    pub fn load(path: &Path) -> Result<ServerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        ServerConfig::parse(&text, base).map_err(|(offset, message)| {
+            let (line, column) = line_and_column(&text, offset);
+            ConfigError::Invalid { path: path.to_owned(), line, column, message }
+        })
+    }
+
+    /// Parses config text; an error is the byte offset it concerns and what is wrong.
+    pub fn parse(text: &str, base: &Path) -> Result<ServerConfig, (usize, String)> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| (e.span().map_or(0, |s| s.start), e.message().to_owned()))?;
+        let mut config = ServerConfig::default();
+        if let Some(listen) = raw.listen {
+            config.listen = listen.get_ref().parse().map_err(|e| {
+                (listen.span().start, format!("listen: {:?} is not an address:port ({e})", listen.get_ref()))
+            })?;
+        }
+        config.public_host = raw.public_host;
+        if let Some(max_users) = raw.max_users {
+            if !(1..=MAX_USERS_CAP).contains(max_users.get_ref()) {
+                return Err((max_users.span().start, format!("max_users must be 1 to {MAX_USERS_CAP}")));
+            }
+            config.max_users = max_users.into_inner();
+        }
+        if raw.certificate.is_some() != raw.private_key.is_some() {
+            return Err((0, "certificate and private_key must be given together".into()));
+        }
+        config.certificate = raw.certificate.map(|p| base.join(p));
+        config.private_key = raw.private_key.map(|p| base.join(p));
+        if let Some(limits) = raw.limits {
+            let at = limits.span().start;
+            let limits = limits.into_inner();
+            limits.validate().map_err(|message| (at, message))?;
+            config.limits = limits;
+        }
+        if !raw.channels.is_empty() {
+            config.channels.clear();
+            for channel in raw.channels {
+                let at = channel.span().start;
+                let channel = channel.into_inner();
+                config.check_channel(&channel).map_err(|message| (at, message))?;
+                config.channels.push(channel);
+            }
+        }
+        if config.channels.len() > config.limits.max_channels as usize {
+            return Err((0, format!(
+                "{} permanent channels are more than max_channels ({})",
+                config.channels.len(),
+                config.limits.max_channels
+            )));
+        }
+        Ok(config)
+    }
+
+    fn check_channel(&self, channel: &ChannelConfig) -> Result<(), String> {
+        let limits = &self.limits;
+        let len = channel.name.chars().count();
+        if channel.name.trim().is_empty() {
+            return Err("channel name is empty".into());
+        }
+        if len > limits.max_channel_name_len as usize {
+            return Err(format!(
+                "channel name {:?} is {len} characters, more than max_channel_name_len ({})",
+                channel.name, limits.max_channel_name_len
+            ));
+        }
+        if channel.description.chars().count() > limits.max_description_len as usize {
+            return Err(format!("channel {:?}: description longer than max_description_len", channel.name));
+        }
+        if let Some(password) = &channel.password
+            && (password.is_empty() || password.chars().count() > limits.max_password_len as usize)
+        {
+            return Err(format!("channel {:?}: password must be 1 to {} characters", channel.name, limits.max_password_len));
+        }
+        if self.channels.iter().any(|c| c.name.eq_ignore_ascii_case(&channel.name)) {
+            return Err(format!("channel {:?} is listed twice", channel.name));
+        }
+        Ok(())
+    }
+}
+
+impl Limits {
+    fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("max_channels", u64::from(self.max_channels)),
+            ("max_channel_name_len", u64::from(self.max_channel_name_len)),
+            ("max_user_name_len", u64::from(self.max_user_name_len)),
+            ("max_password_len", u64::from(self.max_password_len)),
+            ("max_pending_connections", u64::from(self.max_pending_connections)),
+            ("hello_timeout_secs", self.hello_timeout_secs),
+            ("control_messages_per_sec", u64::from(self.control_messages_per_sec)),
+            ("control_burst", u64::from(self.control_burst)),
+            ("media_packets_per_sec", u64::from(self.media_packets_per_sec)),
+            ("media_bytes_per_sec", u64::from(self.media_bytes_per_sec)),
+            ("max_invite_ttl_secs", u64::from(self.max_invite_ttl_secs)),
+            ("max_invite_uses", u64::from(self.max_invite_uses)),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("limits.{name} must be greater than 0"));
+        }
+        // Names travel in control frames; keep them far below the frame cap.
+        for (name, value) in [
+            ("max_channel_name_len", self.max_channel_name_len),
+            ("max_user_name_len", self.max_user_name_len),
+            ("max_description_len", self.max_description_len),
+            ("max_password_len", self.max_password_len),
+        ] {
+            if value > 1024 {
+                return Err(format!("limits.{name} must be at most 1024"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ServerConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, text).unwrap();
+        ServerConfig::load(&path).map_err(|e| match e {
+            ConfigError::Invalid { line, column, message, .. } => ConfigError::Invalid {
+                path: "server.toml".into(),
+                line,
+                column,
+                message,
+            },
+            other => other,
+        })
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config, ServerConfig::default());
+        assert_eq!(config.channels[0].name, DEFAULT_CHANNEL);
+        assert_eq!(config.limits.empty_channel_timeout_secs, 300);
+        assert_eq!(config.limits.max_channels, 50);
+        assert_eq!(config.limits.max_channel_name_len, 32);
+    }
+
+    #[test]
+    fn full_file_is_read() {
+        let config = parse(
+            r#"
+listen = "127.0.0.1:4000"
+max_users = 12
+certificate = "c.pem"
+private_key = "k.pem"
+
+[limits]
+empty_channel_timeout_secs = 10
+max_channels = 5
+
+[[channels]]
+name = "General"
+description = "talk"
+
+[[channels]]
+name = "Staff"
+password = "s3cret"
+user_limit = 4
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.listen, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(config.max_users, 12);
+        assert!(config.certificate.unwrap().ends_with("c.pem"));
+        assert_eq!(config.limits.empty_channel_timeout_secs, 10);
+        assert_eq!(config.limits.max_channels, 5);
+        assert_eq!(config.limits.max_channel_name_len, 32, "unset limits keep defaults");
+        assert_eq!(config.channels.len(), 2);
+        assert_eq!(config.channels[1].password.as_deref(), Some("s3cret"));
+        assert_eq!(config.channels[1].user_limit, 4);
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_problem() {
+        let err = parse("max_users = 3\nbogus = 1\n").unwrap_err().to_string();
+        assert!(err.starts_with("server.toml:2:1: "), "{err}");
+        assert!(err.contains("bogus"), "{err}");
+
+        let err = parse("listen = \"nowhere\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("server.toml:1:10: listen"), "{err}");
+
+        let long = "x".repeat(40);
+        let err = parse(&format!("\n\n[[channels]]\nname = \"{long}\"\n")).unwrap_err().to_string();
+        assert!(err.starts_with("server.toml:3:"), "{err}");
+        assert!(err.contains("40 characters, more than max_channel_name_len (32)"), "{err}");
+
+        let err = parse("[[channels]]\nname = \"a\"\n[[channels]]\nname = \"A\"\n").unwrap_err().to_string();
+        assert!(err.contains("listed twice"), "{err}");
+
+        let err = parse("[limits]\nmax_channels = 0\n").unwrap_err().to_string();
+        assert!(err.contains("limits.max_channels must be greater than 0"), "{err}");
+
+        let err = parse("max_users = \"many\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("server.toml:1:13: "), "{err}");
+    }
+}

@@ -1,0 +1,283 @@
+//! The client's IO shell: connect with a pinned certificate, then drive a [`Session`]
+//! from the control stream, datagrams and typed commands.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+
+use super::framing::{ReadFrameError, read_frame};
+use super::server::{CLOSE_ERROR, CLOSE_NORMAL};
+use super::tls::{PinPolicy, PinningVerifier, client_tls};
+use crate::config::known_servers::{KnownServers, KnownServersError};
+use crate::protocol::{ErrorCode, Fingerprint, FrameError, JoinRequest, ServerLink, ServerMsg, encode_frame};
+use crate::session::{Command, Event, Session, parse_line};
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes of payload in a `/probe` datagram: about one 20 ms Opus voice frame.
+pub const PROBE_PAYLOAD: usize = 160;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot resolve {server}: {reason}")]
+    Resolve { server: String, reason: String },
+    #[error(
+        "{server} presents certificate {seen}, which is not pinned. Check it with the server's operator, then pass \
+         --fingerprint {seen} (or --trust-on-first-use to accept it unchecked)"
+    )]
+    UnknownCertificate { server: String, seen: Fingerprint },
+    #[error(
+        "the certificate of {server} has CHANGED: pinned {expected}, presented {actual}. This can be an attack; if the \
+         operator really changed it, connect with --fingerprint {actual}"
+    )]
+    CertificateChanged { server: String, expected: Fingerprint, actual: Fingerprint },
+    #[error("cannot connect to {server}: {reason}")]
+    Connect { server: String, reason: String },
+    #[error("the server refused: {code}: {message}")]
+    Refused { code: String, message: String },
+    #[error("connection lost: {0}")]
+    Lost(String),
+    #[error("the server broke the protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Pins(#[from] KnownServersError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl ClientError {
+    /// The stable `code` of the JSON error event.
+    pub fn code(&self) -> &str {
+        match self {
+            ClientError::Resolve { .. } => "resolve_failed",
+            ClientError::UnknownCertificate { .. } => "unknown_certificate",
+            ClientError::CertificateChanged { .. } => "certificate_changed",
+            ClientError::Connect { .. } => "connect_failed",
+            ClientError::Refused { code, .. } => code,
+            ClientError::Lost(_) => "connection_lost",
+            ClientError::Protocol(_) => "protocol_error",
+            ClientError::Pins(_) => "known_servers",
+            ClientError::Setup(_) => "setup",
+        }
+    }
+}
+
+/// How `voipc join` was asked to connect.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// Where, with the fingerprint from `--fingerprint` or the link.
+    pub link: ServerLink,
+    pub name: String,
+    pub join: Option<JoinRequest>,
+    pub trust_on_first_use: bool,
+    pub data_dir: PathBuf,
+    pub json: bool,
+}
+
+/// A connected client: the QUIC connection and the fingerprint it pinned.
+pub struct Connected {
+    pub endpoint: quinn::Endpoint,
+    pub connection: quinn::Connection,
+    pub fingerprint: Fingerprint,
+}
+
+/// Connects under a pin policy; a refused certificate becomes a clear error.
+pub async fn connect(link: &ServerLink, policy: PinPolicy) -> Result<Connected, ClientError> {
+    let server = link.authority();
+    let addr = resolve(&server).await?;
+    let verifier = PinningVerifier::new(policy);
+    let tls = client_tls(verifier.clone()).map_err(|e| ClientError::Setup(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Setup(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(super::transport_config());
+    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid wildcard");
+    let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Setup(format!("cannot open a UDP socket: {e}")))?;
+    let connect_error = |reason: String| ClientError::Connect { server: server.clone(), reason };
+    let connecting = endpoint.connect_with(config, addr, "voipc").map_err(|e| connect_error(e.to_string()))?;
+    let result = tokio::time::timeout(CONNECT_TIMEOUT, connecting).await;
+    let connection = match result {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
+            return Err(match (policy, verifier.seen()) {
+                (PinPolicy::Pinned(expected), Some(actual)) if expected != actual => {
+                    ClientError::CertificateChanged { server, expected, actual }
+                }
+                (PinPolicy::RefuseUnknown, Some(seen)) => ClientError::UnknownCertificate { server, seen },
+                _ => connection_error(e),
+            });
+        }
+        Err(_) => return Err(connect_error(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))),
+    };
+    let fingerprint = verifier.seen().expect("a finished handshake has verified a certificate");
+    Ok(Connected { endpoint, connection, fingerprint })
+}
+
+async fn resolve(server: &str) -> Result<SocketAddr, ClientError> {
+    let resolve_error = |reason: String| ClientError::Resolve { server: server.to_owned(), reason };
+    tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| resolve_error(e.to_string()))?
+        .next()
+        .ok_or_else(|| resolve_error("no address".into()))
+}
+
+/// A lost or closed connection, with the server's reason when it gave one.
+fn connection_error(error: quinn::ConnectionError) -> ClientError {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == quinn::VarInt::from_u32(CLOSE_ERROR) => {
+            let code = String::from_utf8_lossy(&close.reason).into_owned();
+            ClientError::Refused { message: format!("the server closed the connection ({code})"), code }
+        }
+        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == quinn::VarInt::from_u32(CLOSE_NORMAL) => {
+            ClientError::Lost(format!("the server ended the session: {}", String::from_utf8_lossy(&close.reason)))
+        }
+        other => ClientError::Lost(other.to_string()),
+    }
+}
+
+/// Connects with the pin that the options and the data directory call for, and pins
+/// the server afterwards when that was asked for.
+pub async fn connect_pinned(options: &JoinOptions) -> Result<Connected, ClientError> {
+    let server = options.link.authority();
+    let mut known = KnownServers::load(&options.data_dir)?;
+    let policy = match (options.link.fingerprint, known.get(&server)) {
+        (Some(given), _) => PinPolicy::Pinned(given),
+        (None, Some(pinned)) => PinPolicy::Pinned(pinned),
+        (None, None) if options.trust_on_first_use => PinPolicy::TrustOnFirstUse,
+        (None, None) => PinPolicy::RefuseUnknown,
+    };
+    let connected = connect(&options.link, policy).await?;
+    if known.get(&server) != Some(connected.fingerprint) {
+        known.pin(&server, connected.fingerprint)?;
+    }
+    Ok(connected)
+}
+
+/// Writes events as JSON lines or as text, one per line, flushed at once so that a
+/// script reading our stdout sees each as it happens.
+struct EventPrinter {
+    json: bool,
+}
+
+impl EventPrinter {
+    fn print(&self, event: &Event) {
+        let line = if self.json {
+            serde_json::to_string(event).expect("events serialise: plain strings and numbers")
+        } else {
+            event.to_string()
+        };
+        let mut out = std::io::stdout().lock();
+        // A closed stdout (the reader went away) is no reason to drop the session.
+        let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+    }
+}
+
+/// `voipc join`: connect, introduce ourselves, then follow the server and stdin until
+/// `/quit` or the end of input.
+pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
+    let printer = EventPrinter { json: options.json };
+    let Connected { endpoint, connection, fingerprint } = connect_pinned(&options).await?;
+    let (mut send, recv) = connection.open_bi().await.map_err(connection_error)?;
+    let mut session = Session::new(&options.name, options.join.clone(), options.link.invite_base(&fingerprint));
+
+    let (frames_tx, mut frames) = mpsc::channel(256);
+    tokio::spawn(read_frames(recv, frames_tx));
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut fatal: Option<ClientError> = None;
+
+    let result = loop {
+        if let Err(e) = flush(&mut session, &mut send, &printer).await {
+            break Err(fatal.take().unwrap_or(e));
+        }
+        tokio::select! {
+            frame = frames.recv() => match frame {
+                Some(Ok(msg)) => {
+                    if let ServerMsg::Error { code, message } = &msg
+                        && code.is_fatal()
+                    {
+                        fatal = Some(ClientError::Refused { code: code.as_str().to_owned(), message: message.clone() });
+                    }
+                    if let Err(e) = session.handle_message(msg) {
+                        break Err(ClientError::Protocol(e.to_string()));
+                    }
+                }
+                Some(Err(e)) => break Err(fatal.take().unwrap_or(ClientError::Protocol(e.to_string()))),
+                None => {
+                    let lost = connection.closed().await;
+                    break Err(fatal.take().unwrap_or_else(|| connection_error(lost)));
+                }
+            },
+            datagram = connection.read_datagram() => match datagram {
+                Ok(datagram) => session.handle_datagram(&datagram),
+                Err(e) => break Err(fatal.take().unwrap_or_else(|| connection_error(e))),
+            },
+            line = stdin.next_line() => match line {
+                Ok(Some(line)) => match parse_line(&line) {
+                    Ok(Some(Command::Quit)) => break Ok(()),
+                    Ok(Some(Command::Probe { count })) => send_probes(&mut session, &connection, count, &printer),
+                    Ok(Some(command)) => session.command(command),
+                    Ok(None) => {}
+                    Err(e) => printer.print(&Event::local_error("bad_command", e)),
+                },
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(ClientError::Setup(format!("cannot read stdin: {e}"))),
+            },
+        }
+    };
+    while let Some(event) = session.poll_event() {
+        printer.print(&event);
+    }
+    if result.is_ok() {
+        let _ = send.finish();
+        connection.close(quinn::VarInt::from_u32(CLOSE_NORMAL), b"bye");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    result
+}
+
+/// Sends what the session queued and prints what it has to say.
+async fn flush(session: &mut Session, send: &mut quinn::SendStream, printer: &EventPrinter) -> Result<(), ClientError> {
+    while let Some(event) = session.poll_event() {
+        printer.print(&event);
+    }
+    while let Some(msg) = session.poll_transmit() {
+        let frame = encode_frame(&msg).map_err(|e| ClientError::Setup(format!("cannot send: {e}")))?;
+        send.write_all(&frame).await.map_err(|e| ClientError::Lost(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn send_probes(session: &mut Session, connection: &quinn::Connection, count: u32, printer: &EventPrinter) {
+    for i in 0..count {
+        let payload = [i as u8; PROBE_PAYLOAD];
+        let Some(datagram) = session.probe_datagram(&payload) else {
+            return printer.print(&Event::local_error(ErrorCode::NotInChannel.as_str(), "join a channel to send media"));
+        };
+        if let Err(e) = connection.send_datagram(Bytes::from(datagram)) {
+            return printer.print(&Event::local_error("datagram_failed", e));
+        }
+    }
+}
+
+/// Forwards the server's messages; a frame that does not decode is passed on as the
+/// protocol error it is, while an ended stream just ends (the connection says why).
+async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Result<ServerMsg, FrameError>>) {
+    loop {
+        let frame = match read_frame::<ServerMsg>(&mut recv).await {
+            Ok(Some(msg)) => Ok(msg),
+            Err(ReadFrameError::Frame(e)) => Err(e),
+            Ok(None) | Err(_) => return,
+        };
+        let stop = frame.is_err();
+        if tx.send(frame).await.is_err() || stop {
+            return;
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! `voipc serve`'s IO shell: a quinn endpoint that drives the sans-IO [`Relay`].
+//!
+//! One task per connection reads its control stream, one reads its datagrams, one
+//! writes its control frames; a timer task runs the relay's timeouts. The relay sits
+//! behind one mutex that is held only for a relay call and never across an await.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use quinn::VarInt;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::framing::{ReadFrameError, read_frame};
+use super::tls::{Identity, server_tls};
+use crate::protocol::{ClientMsg, ErrorCode, FrameError, Fingerprint, ServerMsg, encode_frame};
+use crate::relay::{ConnId, Input, Output, Relay, password};
+
+/// Control frames queued for one slow client before it is disconnected.
+const CONTROL_QUEUE: usize = 1024;
+
+/// How long a closing connection gets to read its last error message.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// The application close code a server uses; the reason names the [`ErrorCode`].
+pub const CLOSE_ERROR: u32 = 1;
+/// The close code of an orderly end (client quit, server shutdown).
+pub const CLOSE_NORMAL: u32 = 0;
+
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    fingerprint: Fingerprint,
+    hello_timeout: Duration,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the timer task when the relay's next timeout may have moved earlier.
+    timer: Notify,
+    /// Bounds connections still in the QUIC handshake.
+    handshakes: Arc<Semaphore>,
+}
+
+struct State {
+    relay: Relay,
+    conns: HashMap<ConnId, ConnHandle>,
+    next_conn: u64,
+}
+
+struct ConnHandle {
+    connection: quinn::Connection,
+    control: mpsc::Sender<Outgoing>,
+}
+
+enum Outgoing {
+    Frame(Vec<u8>),
+    Close(ErrorCode),
+}
+
+impl Server {
+    /// Binds the endpoint. `max_pending` bounds simultaneous handshakes; `hello_timeout`
+    /// bounds each handshake.
+    pub fn bind(
+        listen: SocketAddr,
+        identity: Identity,
+        relay: Relay,
+        max_pending: u32,
+        hello_timeout: Duration,
+    ) -> anyhow::Result<Server> {
+        let fingerprint = identity.fingerprint();
+        let tls = server_tls(identity)?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(super::transport_config());
+        let endpoint = quinn::Endpoint::server(config, listen).with_context(|| format!("cannot listen on {listen}"))?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { relay, conns: HashMap::new(), next_conn: 1 }),
+            timer: Notify::new(),
+            handshakes: Arc::new(Semaphore::new(max_pending as usize)),
+        });
+        Ok(Server { endpoint, shared, fingerprint, hello_timeout })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let timer = tokio::spawn(run_timers(self.shared.clone()));
+        let accept = async {
+            while let Some(incoming) = self.endpoint.accept().await {
+                let Ok(permit) = self.shared.handshakes.clone().try_acquire_owned() else {
+                    debug!(remote = %incoming.remote_address(), "refusing: too many handshakes");
+                    incoming.refuse();
+                    continue;
+                };
+                let shared = self.shared.clone();
+                let hello_timeout = self.hello_timeout;
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    let connection = match tokio::time::timeout(hello_timeout, async { incoming.accept()?.await }).await {
+                        Ok(Ok(connection)) => connection,
+                        Ok(Err(e)) => return debug!(%remote, error = %e, "handshake failed"),
+                        Err(_) => return debug!(%remote, "handshake timed out"),
+                    };
+                    drop(permit);
+                    shared.serve_connection(connection).await;
+                });
+            }
+        };
+        tokio::select! {
+            () = accept => {}
+            () = shutdown => info!("shutting down"),
+        }
+        timer.abort();
+        self.endpoint.close(VarInt::from_u32(CLOSE_NORMAL), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("relay lock is never poisoned: relay calls do not panic")
+    }
+
+    async fn serve_connection(self: Arc<Self>, connection: quinn::Connection) {
+        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        let id = {
+            let mut state = self.lock();
+            let id = ConnId(state.next_conn);
+            state.next_conn += 1;
+            state.conns.insert(id, ConnHandle { connection: connection.clone(), control: tx });
+            self.input(&mut state, id, Input::Connected);
+            id
+        };
+        let span = info_span!("conn", id = id.0, remote = %connection.remote_address());
+        async {
+            debug!("connected");
+            if let Some((send, recv)) = wait_for_control_stream(&connection, rx).await {
+                let datagrams = tokio::spawn(self.clone().forward_datagrams(id, connection.clone()));
+                tokio::spawn(write_control(send.0, send.1, connection.clone()));
+                self.read_control(id, recv).await;
+                datagrams.abort();
+            }
+            let mut state = self.lock();
+            state.conns.remove(&id);
+            self.input(&mut state, id, Input::Disconnected);
+            debug!("disconnected");
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn read_control(self: &Arc<Self>, id: ConnId, mut recv: quinn::RecvStream) {
+        loop {
+            let input = match read_frame::<ClientMsg>(&mut recv).await {
+                Ok(Some(msg)) => Input::Control(msg),
+                Ok(None) => return,
+                Err(ReadFrameError::Frame(e)) => {
+                    let code = match e {
+                        FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                        FrameError::Malformed(_) | FrameError::TrailingBytes(_) => ErrorCode::MalformedFrame,
+                    };
+                    warn!(error = %e, "bad control frame");
+                    let mut state = self.lock();
+                    self.input(&mut state, id, Input::BadFrame { code, detail: e.to_string() });
+                    return;
+                }
+                Err(e) => return debug!(error = %e, "control stream ended"),
+            };
+            let mut state = self.lock();
+            self.input(&mut state, id, input);
+        }
+    }
+
+    async fn forward_datagrams(self: Arc<Self>, id: ConnId, connection: quinn::Connection) {
+        let mut to = Vec::new();
+        let mut targets: Vec<quinn::Connection> = Vec::new();
+        while let Ok(datagram) = connection.read_datagram().await {
+            {
+                let mut guard = self.lock();
+                let state = &mut *guard;
+                match state.relay.route_datagram(Instant::now(), id, &datagram, &mut to) {
+                    Ok(()) => targets.extend(to.iter().filter_map(|c| state.conns.get(c).map(|h| h.connection.clone()))),
+                    Err(reason) => debug!(%reason, "datagram dropped"),
+                }
+            }
+            for target in targets.drain(..) {
+                // A receiver that is gone or cannot take this size simply misses it.
+                let _ = target.send_datagram(Bytes::clone(&datagram));
+            }
+        }
+    }
+
+    /// Feeds the relay one input and carries out everything it asks for.
+    fn input(self: &Arc<Self>, state: &mut State, id: ConnId, input: Input) {
+        if let Err(e) = state.relay.handle_input(Instant::now(), id, input) {
+            warn!(error = %e, "relay input refused");
+        }
+        self.carry_out(state);
+        self.timer.notify_one();
+    }
+
+    fn carry_out(self: &Arc<Self>, state: &mut State) {
+        while let Some(output) = state.relay.poll_output() {
+            match output {
+                Output::Send { to, msg } => send_control(state, to, &msg),
+                Output::Close { conn, code } => {
+                    if let Some(handle) = state.conns.get(&conn) {
+                        // A full queue means the writer is stuck; close without the courtesy.
+                        if handle.control.try_send(Outgoing::Close(code)).is_err() {
+                            handle.connection.close(VarInt::from_u32(CLOSE_ERROR), code.as_str().as_bytes());
+                        }
+                    }
+                }
+                Output::VerifyPassword { conn, password, hash } => {
+                    self.off_thread(conn, move || Input::PasswordChecked { matched: password::verify(&password, &hash) });
+                }
+                Output::HashPassword { conn, password } => {
+                    self.off_thread(conn, move || match password::hash_with_random_salt(&password) {
+                        Ok(hash) => Input::PasswordHashed { hash },
+                        // Cannot happen with our fixed parameters; treat it as a broken request.
+                        Err(e) => Input::BadFrame { code: ErrorCode::InvalidRequest, detail: e.to_string() },
+                    });
+                }
+            }
+        }
+    }
+
+    /// Runs slow password work on the blocking pool, then feeds its answer back.
+    fn off_thread(self: &Arc<Self>, conn: ConnId, work: impl FnOnce() -> Input + Send + 'static) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let Ok(input) = tokio::task::spawn_blocking(work).await else { return };
+            let mut state = shared.lock();
+            shared.input(&mut state, conn, input);
+        });
+    }
+}
+
+fn send_control(state: &State, to: ConnId, msg: &ServerMsg) {
+    let Some(handle) = state.conns.get(&to) else { return };
+    let frame = match encode_frame(msg) {
+        Ok(frame) => frame,
+        Err(e) => return warn!(error = %e, "cannot encode a server message"),
+    };
+    if handle.control.try_send(Outgoing::Frame(frame)).is_err() {
+        warn!(conn = to.0, "control queue full; disconnecting a client that does not read");
+        handle.connection.close(VarInt::from_u32(CLOSE_ERROR), ErrorCode::RateLimited.as_str().as_bytes());
+    }
+}
+
+/// Waits for the client to open its control stream. A close the relay asks for before
+/// that (busy server, no hello in time) is carried out here.
+async fn wait_for_control_stream(
+    connection: &quinn::Connection,
+    mut rx: mpsc::Receiver<Outgoing>,
+) -> Option<((quinn::SendStream, mpsc::Receiver<Outgoing>), quinn::RecvStream)> {
+    loop {
+        tokio::select! {
+            stream = connection.accept_bi() => {
+                let (send, recv) = stream.ok()?;
+                return Some(((send, rx), recv));
+            }
+            outgoing = rx.recv() => match outgoing {
+                // Without a stream the error message cannot be read; the close reason names it.
+                Some(Outgoing::Frame(_)) => {}
+                Some(Outgoing::Close(code)) => {
+                    connection.close(VarInt::from_u32(CLOSE_ERROR), code.as_str().as_bytes());
+                    return None;
+                }
+                None => return None,
+            }
+        }
+    }
+}
+
+/// Writes queued control frames; on a close, finishes the stream, gives the client a
+/// moment to read the last error, then closes the connection with the error's name.
+async fn write_control(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Outgoing>, connection: quinn::Connection) {
+    while let Some(outgoing) = rx.recv().await {
+        match outgoing {
+            Outgoing::Frame(frame) => {
+                if send.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            Outgoing::Close(code) => {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(CLOSE_GRACE, send.stopped()).await;
+                connection.close(VarInt::from_u32(CLOSE_ERROR), code.as_str().as_bytes());
+                return;
+            }
+        }
+    }
+}
+
+/// Runs the relay's timeouts (hello deadlines, empty channels, invites) when they fall due.
+async fn run_timers(shared: Arc<Shared>) {
+    loop {
+        let deadline = shared.lock().relay.poll_timeout();
+        match deadline {
+            Some(deadline) => tokio::select! {
+                () = tokio::time::sleep_until(deadline.into()) => {}
+                () = shared.timer.notified() => continue,
+            },
+            None => {
+                shared.timer.notified().await;
+                continue;
+            }
+        }
+        let mut state = shared.lock();
+        state.relay.handle_timeout(Instant::now());
+        shared.carry_out(&mut state);
+    }
+}

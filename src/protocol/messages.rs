@@ -1,0 +1,234 @@
+//! Control messages. Every field a peer sends is bounded by the frame cap and checked
+//! again by the receiver (name lengths, counts) before it is used.
+
+use serde::{Deserialize, Serialize};
+
+/// A connected user's server-assigned id; never reused while the server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SessionId(pub u32);
+
+/// A channel's server-assigned id; never reused while the server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ChannelId(pub u32);
+
+/// Which channel to enter, and the credential for it if it has a password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The channel's name (matched without regard to case).
+    pub channel: String,
+    pub password: Option<String>,
+    /// An invite token, which admits without the password.
+    pub invite: Option<String>,
+}
+
+impl JoinRequest {
+    pub fn named(channel: impl Into<String>) -> Self {
+        Self { channel: channel.into(), password: None, invite: None }
+    }
+}
+
+/// What a client sends on its control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// Must be the first frame. `join` asks for a first channel instead of the default one.
+    Hello { version: u16, name: String, join: Option<JoinRequest> },
+    Join(JoinRequest),
+    Leave,
+    /// A temporary channel; the creator enters it. `user_limit` 0 means no limit.
+    CreateChannel { name: String, description: String, password: Option<String>, user_limit: u32 },
+    /// An invite to the sender's current channel.
+    CreateInvite { max_uses: u32, ttl_secs: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    pub id: ChannelId,
+    pub name: String,
+    pub description: String,
+    pub has_password: bool,
+    /// 0 means no limit.
+    pub user_limit: u32,
+    /// Created by a user; removed after it has been empty for a while.
+    pub temporary: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub session: SessionId,
+    pub name: String,
+    pub channel: Option<ChannelId>,
+}
+
+/// What the server sends on a client's control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// The answer to a hello. The server's channels and users follow one message each,
+    /// then [`ServerMsg::Ready`].
+    Welcome { session: SessionId, name: String, server_version: u16 },
+    Ready,
+    ChannelAdded(ChannelInfo),
+    ChannelRemoved(ChannelId),
+    UserConnected(UserInfo),
+    UserMoved { session: SessionId, channel: Option<ChannelId> },
+    UserDisconnected(SessionId),
+    InviteCreated { token: String, channel: ChannelId, expires_in_secs: u32, max_uses: u32 },
+    Error { code: ErrorCode, message: String },
+}
+
+/// Why a request was refused. The snake_case names are stable: scripts match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    VersionMismatch,
+    HelloRequired,
+    HelloTimeout,
+    ServerFull,
+    ServerBusy,
+    NameTaken,
+    NameInvalid,
+    NameTooLong,
+    NoSuchChannel,
+    ChannelExists,
+    ChannelFull,
+    PasswordRequired,
+    WrongPassword,
+    TooManyAttempts,
+    InviteInvalid,
+    InviteExpired,
+    TooManyChannels,
+    NotInChannel,
+    InvalidRequest,
+    RateLimited,
+    MalformedFrame,
+    FrameTooLarge,
+}
+
+impl ErrorCode {
+    /// The stable name scripts see in `{"event":"error","code":...}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::HelloRequired => "hello_required",
+            ErrorCode::HelloTimeout => "hello_timeout",
+            ErrorCode::ServerFull => "server_full",
+            ErrorCode::ServerBusy => "server_busy",
+            ErrorCode::NameTaken => "name_taken",
+            ErrorCode::NameInvalid => "name_invalid",
+            ErrorCode::NameTooLong => "name_too_long",
+            ErrorCode::NoSuchChannel => "no_such_channel",
+            ErrorCode::ChannelExists => "channel_exists",
+            ErrorCode::ChannelFull => "channel_full",
+            ErrorCode::PasswordRequired => "password_required",
+            ErrorCode::WrongPassword => "wrong_password",
+            ErrorCode::TooManyAttempts => "too_many_attempts",
+            ErrorCode::InviteInvalid => "invite_invalid",
+            ErrorCode::InviteExpired => "invite_expired",
+            ErrorCode::TooManyChannels => "too_many_channels",
+            ErrorCode::NotInChannel => "not_in_channel",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::MalformedFrame => "malformed_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+        }
+    }
+
+    /// Errors after which the server closes the connection.
+    pub fn is_fatal(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::VersionMismatch
+                | ErrorCode::HelloRequired
+                | ErrorCode::HelloTimeout
+                | ErrorCode::ServerFull
+                | ErrorCode::ServerBusy
+                | ErrorCode::NameTaken
+                | ErrorCode::NameInvalid
+                | ErrorCode::MalformedFrame
+                | ErrorCode::FrameTooLarge
+        )
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{decode_frame, encode_frame, frame::LEN_PREFIX};
+
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T) {
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(decode_frame::<T>(&frame[LEN_PREFIX..]).unwrap(), msg);
+    }
+
+    #[test]
+    fn every_client_message_round_trips() {
+        let join = JoinRequest {
+            channel: "Gaming".into(),
+            password: Some("hunter2".into()),
+            invite: Some("abcd".into()),
+        };
+        round_trip(ClientMsg::Hello { version: 1, name: "alice".into(), join: Some(join.clone()) });
+        round_trip(ClientMsg::Hello { version: 7, name: "bob".into(), join: None });
+        round_trip(ClientMsg::Join(join));
+        round_trip(ClientMsg::Join(JoinRequest::named("Lobby")));
+        round_trip(ClientMsg::Leave);
+        round_trip(ClientMsg::CreateChannel {
+            name: "Raid".into(),
+            description: "tonight".into(),
+            password: None,
+            user_limit: 5,
+        });
+        round_trip(ClientMsg::CreateInvite { max_uses: 3, ttl_secs: 600 });
+    }
+
+    #[test]
+    fn every_server_message_round_trips() {
+        let channel = ChannelInfo {
+            id: ChannelId(3),
+            name: "Lobby".into(),
+            description: "hi".into(),
+            has_password: true,
+            user_limit: 10,
+            temporary: false,
+        };
+        let user = UserInfo { session: SessionId(9), name: "bob".into(), channel: Some(ChannelId(3)) };
+        round_trip(ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: 1 });
+        round_trip(ServerMsg::Ready);
+        round_trip(ServerMsg::ChannelAdded(channel));
+        round_trip(ServerMsg::ChannelRemoved(ChannelId(3)));
+        round_trip(ServerMsg::UserConnected(user));
+        round_trip(ServerMsg::UserMoved { session: SessionId(9), channel: None });
+        round_trip(ServerMsg::UserDisconnected(SessionId(9)));
+        round_trip(ServerMsg::InviteCreated {
+            token: "t".into(),
+            channel: ChannelId(3),
+            expires_in_secs: 60,
+            max_uses: 1,
+        });
+        round_trip(ServerMsg::Error { code: ErrorCode::WrongPassword, message: "no".into() });
+    }
+
+    #[test]
+    fn error_codes_have_distinct_stable_names() {
+        use std::collections::HashSet;
+        let all = [
+            ErrorCode::VersionMismatch, ErrorCode::HelloRequired, ErrorCode::HelloTimeout,
+            ErrorCode::ServerFull, ErrorCode::ServerBusy, ErrorCode::NameTaken,
+            ErrorCode::NameInvalid, ErrorCode::NameTooLong, ErrorCode::NoSuchChannel,
+            ErrorCode::ChannelExists, ErrorCode::ChannelFull, ErrorCode::PasswordRequired,
+            ErrorCode::WrongPassword, ErrorCode::TooManyAttempts, ErrorCode::InviteInvalid,
+            ErrorCode::InviteExpired, ErrorCode::TooManyChannels, ErrorCode::NotInChannel,
+            ErrorCode::InvalidRequest, ErrorCode::RateLimited, ErrorCode::MalformedFrame,
+            ErrorCode::FrameTooLarge,
+        ];
+        let names: HashSet<_> = all.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), all.len());
+        round_trip(all.to_vec());
+    }
+}

@@ -1,0 +1,762 @@
+//! The server's brain, sans-IO: users, channels, invites, limits and fan-out decisions.
+//!
+//! The shell in `net/` feeds it what happened ([`Relay::handle_input`],
+//! [`Relay::route_datagram`], [`Relay::handle_timeout`]) with the time as an argument,
+//! and carries out what it asks for ([`Relay::poll_output`]). It never touches a socket
+//! or reads the clock, so every scenario here runs in tests on a virtual clock.
+
+pub mod limits;
+pub mod password;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use zeroize::Zeroizing;
+
+use crate::config::{Limits, ServerConfig};
+use crate::protocol::{
+    ChannelId, ChannelInfo, ClientMsg, ErrorCode, JoinRequest, MediaHeader, MediaHeaderError,
+    PROTOCOL_VERSION, ServerMsg, SessionId, UserInfo,
+};
+use limits::TokenBucket;
+
+/// The shell's handle for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// A permanent channel as the relay keeps it: the password only as a hash.
+#[derive(Debug, Clone)]
+pub struct PermanentChannel {
+    pub name: String,
+    pub description: String,
+    pub password_hash: Option<String>,
+    pub user_limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub max_users: u32,
+    pub limits: Limits,
+    /// The first is where users land.
+    pub channels: Vec<PermanentChannel>,
+}
+
+impl RelayConfig {
+    /// Takes a server config, hashing the permanent channels' passwords (slow; do it
+    /// once at start).
+    pub fn from_server_config(config: &ServerConfig) -> Result<Self, password::HashError> {
+        let channels = config
+            .channels
+            .iter()
+            .map(|c| {
+                Ok(PermanentChannel {
+                    name: c.name.clone(),
+                    description: c.description.clone(),
+                    password_hash: c.password.as_deref().map(password::hash_with_random_salt).transpose()?,
+                    user_limit: c.user_limit,
+                })
+            })
+            .collect::<Result<_, password::HashError>>()?;
+        Ok(Self { max_users: config.max_users, limits: config.limits.clone(), channels })
+    }
+}
+
+/// What happened on a connection.
+#[derive(Debug)]
+pub enum Input {
+    /// A new connection, not yet introduced.
+    Connected,
+    Control(ClientMsg),
+    /// The control stream carried something that is not a message
+    /// (`MalformedFrame` or `FrameTooLarge`); the connection is closed.
+    BadFrame { code: ErrorCode, detail: String },
+    /// The answer to [`Output::VerifyPassword`].
+    PasswordChecked { matched: bool },
+    /// The answer to [`Output::HashPassword`]: a PHC string.
+    PasswordHashed { hash: String },
+    Disconnected,
+}
+
+/// What the shell must do.
+#[derive(Debug)]
+pub enum Output {
+    Send { to: ConnId, msg: ServerMsg },
+    /// Close the connection after the messages queued for it so far.
+    Close { conn: ConnId, code: ErrorCode },
+    /// Check a password against a hash off the relay's thread and answer with
+    /// [`Input::PasswordChecked`].
+    VerifyPassword { conn: ConnId, password: Zeroizing<String>, hash: String },
+    /// Hash a password off the relay's thread and answer with [`Input::PasswordHashed`].
+    HashPassword { conn: ConnId, password: Zeroizing<String> },
+}
+
+/// Why a datagram was not forwarded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DropReason {
+    #[error("sender has not said hello")]
+    NotIntroduced,
+    #[error("bad media header: {0}")]
+    Header(#[from] MediaHeaderError),
+    #[error("header names another sender")]
+    WrongSender,
+    #[error("sender is not in the header's channel")]
+    NotInChannel,
+    #[error("over the media rate cap")]
+    RateLimited,
+}
+
+/// Counters the shell can log or export.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    pub datagrams_in: u64,
+    pub datagrams_forwarded: u64,
+    pub bytes_forwarded: u64,
+    pub dropped_rate_limited: u64,
+    pub dropped_invalid: u64,
+}
+
+/// Errors in the shell's use of the relay (never caused by a peer's bytes).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RelayError {
+    #[error("connection {0:?} is not known to the relay")]
+    UnknownConnection(ConnId),
+    #[error("connection {0:?} was announced twice")]
+    DuplicateConnection(ConnId),
+}
+
+struct Conn {
+    user: Option<User>,
+    /// Set until hello: the time by which it must arrive.
+    hello_deadline: Option<Instant>,
+    control: TokenBucket,
+    media_packets: TokenBucket,
+    media_bytes: TokenBucket,
+    password_failures: u32,
+    next_password_try: Option<Instant>,
+    /// A slow password operation the shell is doing for this connection.
+    pending: Option<Pending>,
+}
+
+struct User {
+    session: SessionId,
+    name: String,
+    channel: Option<ChannelId>,
+}
+
+enum Pending {
+    /// Waiting for a password check; on failure, land in the default channel if `fallback`.
+    Join { channel: ChannelId, fallback: bool },
+    /// Waiting for a new channel's password hash.
+    Create(NewChannel),
+}
+
+struct NewChannel {
+    name: String,
+    description: String,
+    user_limit: u32,
+}
+
+struct Channel {
+    info: ChannelInfo,
+    password_hash: Option<String>,
+    members: Vec<ConnId>,
+    /// For temporary channels: since when nobody has been in it.
+    empty_since: Option<Instant>,
+}
+
+struct Invite {
+    channel: ChannelId,
+    expires_at: Instant,
+    uses_left: u32,
+}
+
+/// A refusal sent back to one connection.
+struct Refusal(ErrorCode, String);
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal(code, message.into())
+    }
+}
+
+pub struct Relay {
+    config: RelayConfig,
+    conns: HashMap<ConnId, Conn>,
+    channels: BTreeMap<ChannelId, Channel>,
+    invites: HashMap<String, Invite>,
+    default_channel: Option<ChannelId>,
+    next_session: u32,
+    next_channel: u32,
+    users: u32,
+    outputs: VecDeque<Output>,
+    rng: StdRng,
+    stats: RelayStats,
+}
+
+impl Relay {
+    /// `seed` feeds invite tokens: the shell passes OS randomness, tests a constant.
+    pub fn new(config: RelayConfig, seed: [u8; 32]) -> Self {
+        let mut relay = Relay {
+            conns: HashMap::new(),
+            channels: BTreeMap::new(),
+            invites: HashMap::new(),
+            default_channel: None,
+            next_session: 1,
+            next_channel: 1,
+            users: 0,
+            outputs: VecDeque::new(),
+            rng: StdRng::from_seed(seed),
+            stats: RelayStats::default(),
+            config,
+        };
+        for permanent in relay.config.channels.clone() {
+            let id = relay.add_channel(
+                permanent.name,
+                permanent.description,
+                permanent.password_hash,
+                permanent.user_limit,
+                false,
+            );
+            relay.default_channel.get_or_insert(id);
+        }
+        relay
+    }
+
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
+    }
+
+    /// Users that have said hello.
+    pub fn user_count(&self) -> u32 {
+        self.users
+    }
+
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// The next time [`Relay::handle_timeout`] has work to do.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let hellos = self.conns.values().filter_map(|c| c.hello_deadline);
+        let empty_timeout = Duration::from_secs(self.config.limits.empty_channel_timeout_secs);
+        let channels = self.channels.values().filter_map(|c| c.empty_since.map(|t| t + empty_timeout));
+        let invites = self.invites.values().map(|i| i.expires_at);
+        hellos.chain(channels).chain(invites).min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let late: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.hello_deadline.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in late {
+            self.close(now, conn, Refusal::new(ErrorCode::HelloTimeout, "no hello in time"));
+        }
+        let empty_timeout = Duration::from_secs(self.config.limits.empty_channel_timeout_secs);
+        let expired: Vec<ChannelId> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.empty_since.is_some_and(|t| t + empty_timeout <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.remove_channel(id);
+        }
+        self.invites.retain(|_, invite| invite.expires_at > now);
+    }
+
+    pub fn handle_input(&mut self, now: Instant, conn: ConnId, input: Input) -> Result<(), RelayError> {
+        if let Input::Connected = input {
+            return self.connect(now, conn);
+        }
+        let Some(state) = self.conns.get_mut(&conn) else {
+            // A connection the relay already closed can still report its end or a late answer.
+            return match input {
+                Input::Disconnected | Input::PasswordChecked { .. } | Input::PasswordHashed { .. } => Ok(()),
+                _ => Err(RelayError::UnknownConnection(conn)),
+            };
+        };
+        match input {
+            Input::Connected => unreachable!("handled above"),
+            Input::Disconnected => self.disconnect(now, conn),
+            Input::BadFrame { code, detail } => self.close(now, conn, Refusal(code, detail)),
+            Input::PasswordChecked { matched } => self.password_checked(now, conn, matched),
+            Input::PasswordHashed { hash } => self.password_hashed(now, conn, hash),
+            Input::Control(msg) => {
+                if !state.control.try_take(now, 1) {
+                    self.refuse(conn, Refusal::new(ErrorCode::RateLimited, "too many requests; slow down"));
+                } else if state.user.is_none() {
+                    self.hello(now, conn, msg);
+                } else if let Err(refusal) = self.request(now, conn, msg) {
+                    self.refuse(conn, refusal);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides where a media datagram goes: on success `to` holds every other member of
+    /// the sender's channel. Only the header is read; the payload is never looked at.
+    pub fn route_datagram(
+        &mut self,
+        now: Instant,
+        from: ConnId,
+        datagram: &[u8],
+        to: &mut Vec<ConnId>,
+    ) -> Result<(), DropReason> {
+        to.clear();
+        self.stats.datagrams_in += 1;
+        let result = self.check_datagram(now, from, datagram);
+        match result {
+            Ok(channel) => {
+                let members = &self.channels[&channel].members;
+                to.extend(members.iter().copied().filter(|m| *m != from));
+                self.stats.datagrams_forwarded += to.len() as u64;
+                self.stats.bytes_forwarded += (to.len() * datagram.len()) as u64;
+                Ok(())
+            }
+            Err(DropReason::RateLimited) => {
+                self.stats.dropped_rate_limited += 1;
+                Err(DropReason::RateLimited)
+            }
+            Err(reason) => {
+                self.stats.dropped_invalid += 1;
+                Err(reason)
+            }
+        }
+    }
+
+    fn check_datagram(&mut self, now: Instant, from: ConnId, datagram: &[u8]) -> Result<ChannelId, DropReason> {
+        let conn = self.conns.get_mut(&from).ok_or(DropReason::NotIntroduced)?;
+        let user = conn.user.as_ref().ok_or(DropReason::NotIntroduced)?;
+        let (header, _) = MediaHeader::parse(datagram)?;
+        if header.sender != user.session {
+            return Err(DropReason::WrongSender);
+        }
+        if user.channel != Some(header.channel) {
+            return Err(DropReason::NotInChannel);
+        }
+        let bytes = u32::try_from(datagram.len()).unwrap_or(u32::MAX);
+        if !conn.media_packets.try_take(now, 1) || !conn.media_bytes.try_take(now, bytes) {
+            return Err(DropReason::RateLimited);
+        }
+        Ok(header.channel)
+    }
+
+    fn connect(&mut self, now: Instant, conn: ConnId) -> Result<(), RelayError> {
+        if self.conns.contains_key(&conn) {
+            return Err(RelayError::DuplicateConnection(conn));
+        }
+        let limits = &self.config.limits;
+        let pending = self.conns.values().filter(|c| c.user.is_none()).count();
+        if pending >= limits.max_pending_connections as usize {
+            self.send(conn, error_msg(ErrorCode::ServerBusy, "too many connections are starting; try again"));
+            self.outputs.push_back(Output::Close { conn, code: ErrorCode::ServerBusy });
+            return Ok(());
+        }
+        let media_burst = limits.media_packets_per_sec / 2;
+        self.conns.insert(
+            conn,
+            Conn {
+                user: None,
+                hello_deadline: Some(now + Duration::from_secs(limits.hello_timeout_secs)),
+                control: TokenBucket::new(now, limits.control_messages_per_sec, limits.control_burst),
+                media_packets: TokenBucket::new(now, limits.media_packets_per_sec, media_burst),
+                media_bytes: TokenBucket::new(now, limits.media_bytes_per_sec, limits.media_bytes_per_sec / 2),
+                password_failures: 0,
+                next_password_try: None,
+                pending: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn hello(&mut self, now: Instant, conn: ConnId, msg: ClientMsg) {
+        let ClientMsg::Hello { version, name, join } = msg else {
+            return self.close(now, conn, Refusal::new(ErrorCode::HelloRequired, "the first message must be a hello"));
+        };
+        if version != PROTOCOL_VERSION {
+            return self.close(
+                now,
+                conn,
+                Refusal::new(
+                    ErrorCode::VersionMismatch,
+                    format!("server speaks protocol version {PROTOCOL_VERSION}, client speaks version {version}"),
+                ),
+            );
+        }
+        let name = name.trim().to_owned();
+        if let Err(refusal) = check_name(&name, self.config.limits.max_user_name_len, "user name") {
+            return self.close(now, conn, refusal);
+        }
+        if self.users >= self.config.max_users {
+            return self.close(now, conn, Refusal::new(ErrorCode::ServerFull, format!("server is full ({} users)", self.users)));
+        }
+        let key = name.to_lowercase();
+        let taken = self.conns.values().any(|c| c.user.as_ref().is_some_and(|u| u.name.to_lowercase() == key));
+        if taken {
+            return self.close(now, conn, Refusal::new(ErrorCode::NameTaken, format!("the name {name:?} is in use on this server")));
+        }
+
+        let session = SessionId(self.next_session);
+        self.next_session += 1;
+        self.users += 1;
+        let state = self.conns.get_mut(&conn).expect("hello comes from a known connection");
+        state.hello_deadline = None;
+        state.user = Some(User { session, name: name.clone(), channel: None });
+
+        self.send(conn, ServerMsg::Welcome { session, name: name.clone(), server_version: PROTOCOL_VERSION });
+        let channels: Vec<ServerMsg> = self.channels.values().map(|c| ServerMsg::ChannelAdded(c.info.clone())).collect();
+        let users: Vec<ServerMsg> = self.active_users().map(|(_, u)| ServerMsg::UserConnected(u.info())).collect();
+        for msg in channels.into_iter().chain(users) {
+            self.send(conn, msg);
+        }
+        self.send(conn, ServerMsg::Ready);
+        self.broadcast_except(conn, ServerMsg::UserConnected(UserInfo { session, name, channel: None }));
+
+        match join {
+            Some(request) => {
+                if let Err(refusal) = self.join(now, conn, request, true) {
+                    self.refuse(conn, refusal);
+                    self.join_default(now, conn);
+                }
+            }
+            None => self.join_default(now, conn),
+        }
+    }
+
+    /// Requests from a connection that has said hello.
+    fn request(&mut self, now: Instant, conn: ConnId, msg: ClientMsg) -> Result<(), Refusal> {
+        if self.conns[&conn].pending.is_some() {
+            return Err(Refusal::new(ErrorCode::RateLimited, "the previous request is still being processed"));
+        }
+        match msg {
+            ClientMsg::Hello { .. } => Err(Refusal::new(ErrorCode::InvalidRequest, "hello was already said")),
+            ClientMsg::Join(request) => self.join(now, conn, request, false),
+            ClientMsg::Leave => {
+                if self.user(conn).channel.is_none() {
+                    return Err(Refusal::new(ErrorCode::NotInChannel, "you are not in a channel"));
+                }
+                self.move_user(now, conn, None);
+                Ok(())
+            }
+            ClientMsg::CreateChannel { name, description, password, user_limit } => {
+                let password = password.map(Zeroizing::new);
+                self.create_channel(now, conn, NewChannel { name, description, user_limit }, password)
+            }
+            ClientMsg::CreateInvite { max_uses, ttl_secs } => self.create_invite(now, conn, max_uses, ttl_secs),
+        }
+    }
+
+    fn join(&mut self, now: Instant, conn: ConnId, request: JoinRequest, fallback: bool) -> Result<(), Refusal> {
+        let JoinRequest { channel, password, invite } = request;
+        let password = password.map(Zeroizing::new);
+        let id = self
+            .find_channel(&channel)
+            .ok_or_else(|| Refusal::new(ErrorCode::NoSuchChannel, format!("there is no channel {channel:?}")))?;
+        if self.user(conn).channel == Some(id) {
+            return Err(Refusal::new(ErrorCode::InvalidRequest, format!("you are already in {channel:?}")));
+        }
+        self.check_room(id)?;
+        if let Some(token) = invite {
+            self.use_invite(now, id, &token)?;
+            self.move_user(now, conn, Some(id));
+            return Ok(());
+        }
+        let Some(hash) = self.channels[&id].password_hash.clone() else {
+            self.move_user(now, conn, Some(id));
+            return Ok(());
+        };
+        let password = password
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| Refusal::new(ErrorCode::PasswordRequired, format!("{channel:?} needs a password or an invite")))?;
+        let state = self.conns.get_mut(&conn).expect("requests come from known connections");
+        if let Some(wait_until) = state.next_password_try.filter(|t| *t > now) {
+            let wait = wait_until.duration_since(now).as_secs_f64().ceil();
+            return Err(Refusal::new(ErrorCode::TooManyAttempts, format!("too many wrong passwords; try again in {wait} s")));
+        }
+        state.pending = Some(Pending::Join { channel: id, fallback });
+        self.outputs.push_back(Output::VerifyPassword { conn, password, hash });
+        Ok(())
+    }
+
+    fn password_checked(&mut self, now: Instant, conn: ConnId, matched: bool) {
+        let state = self.conns.get_mut(&conn).expect("caller checked the connection");
+        let Some(Pending::Join { channel, fallback }) = state.pending.take() else {
+            return;
+        };
+        let result = if matched {
+            state.password_failures = 0;
+            state.next_password_try = None;
+            self.check_room(channel).map(|()| self.move_user(now, conn, Some(channel)))
+        } else {
+            state.password_failures += 1;
+            let free = self.config.limits.password_attempts_before_delay;
+            if state.password_failures >= free {
+                let doublings = (state.password_failures - free).min(16);
+                let wait = (1u64 << doublings).min(self.config.limits.password_backoff_max_secs);
+                state.next_password_try = Some(now + Duration::from_secs(wait));
+            }
+            Err(Refusal::new(ErrorCode::WrongPassword, "wrong channel password"))
+        };
+        if let Err(refusal) = result {
+            self.refuse(conn, refusal);
+            if fallback {
+                self.join_default(now, conn);
+            }
+        }
+    }
+
+    fn create_channel(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        new: NewChannel,
+        password: Option<Zeroizing<String>>,
+    ) -> Result<(), Refusal> {
+        self.check_new_channel(&new)?;
+        if let Some(password) = password {
+            if password.is_empty() || password.chars().count() > self.config.limits.max_password_len as usize {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidRequest,
+                    format!("a password must be 1 to {} characters", self.config.limits.max_password_len),
+                ));
+            }
+            self.conns.get_mut(&conn).expect("requests come from known connections").pending = Some(Pending::Create(new));
+            self.outputs.push_back(Output::HashPassword { conn, password });
+            return Ok(());
+        }
+        self.finish_create(now, conn, new, None);
+        Ok(())
+    }
+
+    fn password_hashed(&mut self, now: Instant, conn: ConnId, hash: String) {
+        let state = self.conns.get_mut(&conn).expect("caller checked the connection");
+        let Some(Pending::Create(new)) = state.pending.take() else {
+            return;
+        };
+        // The name may have been taken, or the limit reached, while hashing.
+        match self.check_new_channel(&new) {
+            Ok(()) => self.finish_create(now, conn, new, Some(hash)),
+            Err(refusal) => self.refuse(conn, refusal),
+        }
+    }
+
+    fn check_new_channel(&self, new: &NewChannel) -> Result<(), Refusal> {
+        let limits = &self.config.limits;
+        check_name(&new.name, limits.max_channel_name_len, "channel name")?;
+        if new.description.chars().count() > limits.max_description_len as usize {
+            return Err(Refusal::new(
+                ErrorCode::InvalidRequest,
+                format!("a description may have at most {} characters", limits.max_description_len),
+            ));
+        }
+        if self.find_channel(&new.name).is_some() {
+            return Err(Refusal::new(ErrorCode::ChannelExists, format!("a channel {:?} exists already", new.name)));
+        }
+        if self.channels.len() >= limits.max_channels as usize {
+            return Err(Refusal::new(
+                ErrorCode::TooManyChannels,
+                format!("the server has its maximum of {} channels", limits.max_channels),
+            ));
+        }
+        Ok(())
+    }
+
+    fn finish_create(&mut self, now: Instant, conn: ConnId, new: NewChannel, hash: Option<String>) {
+        let id = self.add_channel(new.name, new.description, hash, new.user_limit, true);
+        let info = self.channels[&id].info.clone();
+        self.broadcast(ServerMsg::ChannelAdded(info));
+        self.move_user(now, conn, Some(id));
+    }
+
+    fn create_invite(&mut self, now: Instant, conn: ConnId, max_uses: u32, ttl_secs: u32) -> Result<(), Refusal> {
+        let limits = &self.config.limits;
+        let channel = self
+            .user(conn)
+            .channel
+            .ok_or_else(|| Refusal::new(ErrorCode::NotInChannel, "join the channel to invite to it first"))?;
+        if !(1..=limits.max_invite_uses).contains(&max_uses) || !(1..=limits.max_invite_ttl_secs).contains(&ttl_secs) {
+            return Err(Refusal::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "an invite allows 1 to {} uses and lasts 1 to {} seconds",
+                    limits.max_invite_uses, limits.max_invite_ttl_secs
+                ),
+            ));
+        }
+        let live = self.invites.values().filter(|i| i.channel == channel && i.expires_at > now).count();
+        if live >= limits.max_invites_per_channel as usize {
+            return Err(Refusal::new(
+                ErrorCode::InvalidRequest,
+                format!("this channel has its maximum of {} live invites", limits.max_invites_per_channel),
+            ));
+        }
+        let token = hex::encode(self.rng.random::<[u8; 16]>());
+        let expires_at = now + Duration::from_secs(u64::from(ttl_secs));
+        self.invites.insert(token.clone(), Invite { channel, expires_at, uses_left: max_uses });
+        self.send(conn, ServerMsg::InviteCreated { token, channel, expires_in_secs: ttl_secs, max_uses });
+        Ok(())
+    }
+
+    fn use_invite(&mut self, now: Instant, channel: ChannelId, token: &str) -> Result<(), Refusal> {
+        let invalid = || Refusal::new(ErrorCode::InviteInvalid, "the invite is not valid for this channel");
+        let invite = self.invites.get_mut(token).filter(|i| i.channel == channel).ok_or_else(invalid)?;
+        if invite.expires_at <= now {
+            self.invites.remove(token);
+            return Err(Refusal::new(ErrorCode::InviteExpired, "the invite has expired"));
+        }
+        invite.uses_left -= 1;
+        if invite.uses_left == 0 {
+            self.invites.remove(token);
+        }
+        Ok(())
+    }
+
+    fn check_room(&self, id: ChannelId) -> Result<(), Refusal> {
+        let channel = &self.channels[&id];
+        let limit = channel.info.user_limit;
+        if limit > 0 && channel.members.len() >= limit as usize {
+            return Err(Refusal::new(ErrorCode::ChannelFull, format!("{:?} is full ({limit} users)", channel.info.name)));
+        }
+        Ok(())
+    }
+
+    /// Where users land: the first permanent channel, when it has room and no password.
+    fn join_default(&mut self, now: Instant, conn: ConnId) {
+        let Some(id) = self.default_channel else { return };
+        if self.check_room(id).is_ok() && self.channels[&id].password_hash.is_none() {
+            self.move_user(now, conn, Some(id));
+        }
+    }
+
+    /// Moves a user between channels and tells everyone; a temporary channel left
+    /// empty starts its removal timer at `now`.
+    fn move_user(&mut self, now: Instant, conn: ConnId, to: Option<ChannelId>) {
+        let user = self.conns.get_mut(&conn).and_then(|c| c.user.as_mut()).expect("placed users are known");
+        let from = std::mem::replace(&mut user.channel, to);
+        let session = user.session;
+        if let Some(old) = from.and_then(|id| self.channels.get_mut(&id)) {
+            old.members.retain(|m| *m != conn);
+            if old.members.is_empty() && old.info.temporary {
+                old.empty_since = Some(now);
+            }
+        }
+        if let Some(new) = to.and_then(|id| self.channels.get_mut(&id)) {
+            new.members.push(conn);
+            new.empty_since = None;
+        }
+        self.broadcast(ServerMsg::UserMoved { session, channel: to });
+    }
+
+    fn disconnect(&mut self, now: Instant, conn: ConnId) {
+        let Some(state) = self.conns.remove(&conn) else { return };
+        let Some(user) = state.user else { return };
+        self.users -= 1;
+        if let Some(channel) = user.channel.and_then(|id| self.channels.get_mut(&id)) {
+            channel.members.retain(|m| *m != conn);
+            if channel.members.is_empty() && channel.info.temporary {
+                channel.empty_since = Some(now);
+            }
+        }
+        self.broadcast(ServerMsg::UserDisconnected(user.session));
+    }
+
+    fn add_channel(
+        &mut self,
+        name: String,
+        description: String,
+        password_hash: Option<String>,
+        user_limit: u32,
+        temporary: bool,
+    ) -> ChannelId {
+        let id = ChannelId(self.next_channel);
+        self.next_channel += 1;
+        let has_password = password_hash.is_some();
+        let info = ChannelInfo { id, name, description, has_password, user_limit, temporary };
+        self.channels.insert(id, Channel { info, password_hash, members: Vec::new(), empty_since: None });
+        id
+    }
+
+    fn remove_channel(&mut self, id: ChannelId) {
+        if self.channels.remove(&id).is_some() {
+            self.invites.retain(|_, i| i.channel != id);
+            self.broadcast(ServerMsg::ChannelRemoved(id));
+        }
+    }
+
+    fn find_channel(&self, name: &str) -> Option<ChannelId> {
+        let key = name.trim().to_lowercase();
+        self.channels.values().find(|c| c.info.name.to_lowercase() == key).map(|c| c.info.id)
+    }
+
+    fn user(&self, conn: ConnId) -> &User {
+        self.conns[&conn].user.as_ref().expect("requests come from introduced users")
+    }
+
+    fn active_users(&self) -> impl Iterator<Item = (ConnId, &User)> {
+        self.conns.iter().filter_map(|(id, c)| c.user.as_ref().map(|u| (*id, u)))
+    }
+
+    fn send(&mut self, to: ConnId, msg: ServerMsg) {
+        self.outputs.push_back(Output::Send { to, msg });
+    }
+
+    fn broadcast(&mut self, msg: ServerMsg) {
+        let to: Vec<ConnId> = self.active_users().map(|(id, _)| id).collect();
+        for conn in to {
+            self.send(conn, msg.clone());
+        }
+    }
+
+    fn broadcast_except(&mut self, except: ConnId, msg: ServerMsg) {
+        let to: Vec<ConnId> = self.active_users().map(|(id, _)| id).filter(|id| *id != except).collect();
+        for conn in to {
+            self.send(conn, msg.clone());
+        }
+    }
+
+    fn refuse(&mut self, conn: ConnId, Refusal(code, message): Refusal) {
+        self.send(conn, error_msg(code, message));
+    }
+
+    /// Refuses and closes; the user, if any, leaves at once.
+    fn close(&mut self, now: Instant, conn: ConnId, refusal: Refusal) {
+        let code = refusal.0;
+        self.refuse(conn, refusal);
+        self.outputs.push_back(Output::Close { conn, code });
+        self.disconnect(now, conn);
+    }
+}
+
+impl User {
+    fn info(&self) -> UserInfo {
+        UserInfo { session: self.session, name: self.name.clone(), channel: self.channel }
+    }
+}
+
+fn error_msg(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
+    ServerMsg::Error { code, message: message.into() }
+}
+
+/// A user or channel name: 1 to `max` characters after trimming, no control characters.
+fn check_name(name: &str, max: u32, what: &str) -> Result<(), Refusal> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() || trimmed.chars().any(char::is_control) {
+        return Err(Refusal::new(ErrorCode::NameInvalid, format!("a {what} must be visible text")));
+    }
+    let len = trimmed.chars().count();
+    if len > max as usize {
+        return Err(Refusal::new(ErrorCode::NameTooLong, format!("a {what} may have at most {max} characters, not {len}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

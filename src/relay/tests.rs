@@ -1,0 +1,506 @@
+//! Relay scenarios on a virtual clock.
+
+use super::*;
+use crate::config::ChannelConfig;
+use crate::protocol::{MediaHeader, StreamType};
+
+/// A relay plus the messages each connection has received, with the shell's password
+/// work done inline.
+struct Sim {
+    relay: Relay,
+    now: Instant,
+    next_conn: u64,
+    inbox: HashMap<ConnId, Vec<ServerMsg>>,
+    closed: HashMap<ConnId, ErrorCode>,
+    sessions: HashMap<ConnId, SessionId>,
+}
+
+fn config(channels: Vec<ChannelConfig>, limits: Limits) -> RelayConfig {
+    let server = ServerConfig { channels, limits, max_users: 4, ..ServerConfig::default() };
+    RelayConfig::from_server_config(&server).unwrap()
+}
+
+fn channel(name: &str, password: Option<&str>, user_limit: u32) -> ChannelConfig {
+    ChannelConfig { name: name.into(), description: String::new(), password: password.map(Into::into), user_limit }
+}
+
+impl Sim {
+    fn new() -> Self {
+        Self::with(config(
+            vec![channel("Lobby", None, 0), channel("Staff", Some("s3cret"), 0), channel("Duo", None, 2)],
+            Limits::default(),
+        ))
+    }
+
+    fn with(config: RelayConfig) -> Self {
+        Sim {
+            relay: Relay::new(config, [7; 32]),
+            now: Instant::now(),
+            next_conn: 1,
+            inbox: HashMap::new(),
+            closed: HashMap::new(),
+            sessions: HashMap::new(),
+        }
+    }
+
+    fn pump(&mut self) {
+        while let Some(out) = self.relay.poll_output() {
+            match out {
+                Output::Send { to, msg } => {
+                    if let ServerMsg::Welcome { session, .. } = &msg {
+                        self.sessions.insert(to, *session);
+                    }
+                    self.inbox.entry(to).or_default().push(msg);
+                }
+                Output::Close { conn, code } => {
+                    self.closed.insert(conn, code);
+                }
+                Output::VerifyPassword { conn, password, hash } => {
+                    let matched = password::verify(&password, &hash);
+                    self.relay.handle_input(self.now, conn, Input::PasswordChecked { matched }).unwrap();
+                }
+                Output::HashPassword { conn, password } => {
+                    let hash = password::hash(&password, &[1; password::SALT_LEN]).unwrap();
+                    self.relay.handle_input(self.now, conn, Input::PasswordHashed { hash }).unwrap();
+                }
+            }
+        }
+    }
+
+    fn input(&mut self, conn: ConnId, input: Input) {
+        self.relay.handle_input(self.now, conn, input).unwrap();
+        self.pump();
+    }
+
+    fn open(&mut self) -> ConnId {
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.input(conn, Input::Connected);
+        conn
+    }
+
+    fn hello(&mut self, name: &str, join: Option<JoinRequest>) -> ConnId {
+        let conn = self.open();
+        self.input(conn, Input::Control(ClientMsg::Hello { version: PROTOCOL_VERSION, name: name.into(), join }));
+        conn
+    }
+
+    fn send(&mut self, conn: ConnId, msg: ClientMsg) {
+        self.input(conn, Input::Control(msg));
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.relay.handle_timeout(self.now);
+        self.pump();
+    }
+
+    fn take(&mut self, conn: ConnId) -> Vec<ServerMsg> {
+        self.inbox.remove(&conn).unwrap_or_default()
+    }
+
+    fn errors(&mut self, conn: ConnId) -> Vec<ErrorCode> {
+        self.take(conn)
+            .into_iter()
+            .filter_map(|m| match m {
+                ServerMsg::Error { code, .. } => Some(code),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn channel_id(&self, name: &str) -> ChannelId {
+        self.relay.find_channel(name).unwrap_or_else(|| panic!("no channel {name}"))
+    }
+
+    fn channel_of(&self, conn: ConnId) -> Option<ChannelId> {
+        self.relay.conns[&conn].user.as_ref().unwrap().channel
+    }
+
+    fn datagram(&self, conn: ConnId, channel: ChannelId) -> Vec<u8> {
+        MediaHeader {
+            stream: StreamType::Voice,
+            flags: 0,
+            channel,
+            sender: self.sessions[&conn],
+            sequence: 1,
+            timestamp: 0,
+        }
+        .to_datagram(&[0xab; 140])
+    }
+
+    fn route(&mut self, conn: ConnId, datagram: &[u8]) -> Result<Vec<ConnId>, DropReason> {
+        let mut to = Vec::new();
+        self.relay.route_datagram(self.now, conn, datagram, &mut to).map(|()| {
+            to.sort();
+            to
+        })
+    }
+}
+
+fn join(name: &str) -> ClientMsg {
+    ClientMsg::Join(JoinRequest::named(name))
+}
+
+fn join_with(name: &str, password: Option<&str>, invite: Option<&str>) -> ClientMsg {
+    ClientMsg::Join(JoinRequest { channel: name.into(), password: password.map(Into::into), invite: invite.map(Into::into) })
+}
+
+#[test]
+fn hello_gets_welcome_channels_users_then_lands_in_the_default_channel() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", None);
+    let msgs = sim.take(alice);
+    assert!(matches!(&msgs[0], ServerMsg::Welcome { name, server_version: PROTOCOL_VERSION, .. } if name == "alice"));
+    let channels: Vec<_> =
+        msgs.iter().filter_map(|m| if let ServerMsg::ChannelAdded(c) = m { Some(c.name.as_str()) } else { None }).collect();
+    assert_eq!(channels, ["Lobby", "Staff", "Duo"]);
+    let ready = msgs.iter().position(|m| *m == ServerMsg::Ready).unwrap();
+    let lobby = sim.channel_id("Lobby");
+    assert_eq!(msgs[ready + 1], ServerMsg::UserMoved { session: sim.sessions[&alice], channel: Some(lobby) });
+
+    let bob = sim.hello("bob", None);
+    let seen_by_alice = sim.take(alice);
+    let bob_session = sim.sessions[&bob];
+    assert_eq!(
+        seen_by_alice,
+        [
+            ServerMsg::UserConnected(UserInfo { session: bob_session, name: "bob".into(), channel: None }),
+            ServerMsg::UserMoved { session: bob_session, channel: Some(lobby) },
+        ]
+    );
+    assert!(sim.take(bob).iter().any(|m| matches!(m, ServerMsg::UserConnected(u) if u.name == "alice")));
+    assert_eq!(sim.relay.user_count(), 2);
+}
+
+#[test]
+fn hello_can_ask_for_a_first_channel_and_falls_back_to_the_default() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", Some(JoinRequest::named("duo")));
+    assert_eq!(sim.channel_of(alice), Some(sim.channel_id("Duo")));
+    let bob = sim.hello("bob", Some(JoinRequest::named("Nowhere")));
+    assert_eq!(sim.errors(bob), [ErrorCode::NoSuchChannel]);
+    assert_eq!(sim.channel_of(bob), Some(sim.channel_id("Lobby")));
+    let carol = sim.hello("carol", Some(JoinRequest { password: Some("bad".into()), ..JoinRequest::named("Staff") }));
+    assert_eq!(sim.errors(carol), [ErrorCode::WrongPassword]);
+    assert_eq!(sim.channel_of(carol), Some(sim.channel_id("Lobby")));
+}
+
+#[test]
+fn bad_hellos_are_refused_and_closed() {
+    let mut sim = Sim::new();
+    let conn = sim.open();
+    sim.send(conn, ClientMsg::Hello { version: 99, name: "x".into(), join: None });
+    let msgs = sim.take(conn);
+    assert!(matches!(&msgs[0], ServerMsg::Error { code: ErrorCode::VersionMismatch, message }
+        if message.contains("version 1") && message.contains("version 99")));
+    assert_eq!(sim.closed[&conn], ErrorCode::VersionMismatch);
+
+    let conn = sim.open();
+    sim.send(conn, join("Lobby"));
+    assert_eq!(sim.closed[&conn], ErrorCode::HelloRequired);
+
+    let _alice = sim.hello("Alice", None);
+    let again = sim.hello("alice", None);
+    assert_eq!(sim.errors(again), [ErrorCode::NameTaken]);
+    assert_eq!(sim.closed[&again], ErrorCode::NameTaken);
+    let blank = sim.hello("   ", None);
+    assert_eq!(sim.closed[&blank], ErrorCode::NameInvalid);
+    let long = sim.hello(&"n".repeat(33), None);
+    assert_eq!(sim.closed[&long], ErrorCode::NameTooLong);
+    assert_eq!(sim.relay.user_count(), 1);
+}
+
+#[test]
+fn a_freed_name_can_be_taken_again() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", None);
+    sim.input(alice, Input::Disconnected);
+    let again = sim.hello("alice", None);
+    assert!(sim.errors(again).is_empty());
+    assert_eq!(sim.relay.user_count(), 1);
+}
+
+#[test]
+fn max_users_is_enforced() {
+    let mut sim = Sim::new(); // max_users = 4
+    for i in 0..4 {
+        sim.hello(&format!("u{i}"), None);
+    }
+    let late = sim.hello("late", None);
+    assert_eq!(sim.errors(late), [ErrorCode::ServerFull]);
+    assert_eq!(sim.closed[&late], ErrorCode::ServerFull);
+}
+
+#[test]
+fn silent_connections_time_out_and_pending_ones_are_bounded() {
+    let limits = Limits { max_pending_connections: 2, hello_timeout_secs: 5, ..Limits::default() };
+    let mut sim = Sim::with(config(vec![channel("Lobby", None, 0)], limits));
+    let a = sim.open();
+    let b = sim.open();
+    let c = sim.open();
+    assert_eq!(sim.closed.get(&c), Some(&ErrorCode::ServerBusy));
+    assert_eq!(sim.relay.poll_timeout(), Some(sim.now + Duration::from_secs(5)));
+    sim.advance(Duration::from_secs(4));
+    assert!(sim.closed.get(&a).is_none());
+    sim.send(b, ClientMsg::Hello { version: PROTOCOL_VERSION, name: "b".into(), join: None });
+    sim.advance(Duration::from_secs(1));
+    assert_eq!(sim.closed.get(&a), Some(&ErrorCode::HelloTimeout));
+    assert!(sim.closed.get(&b).is_none(), "b said hello in time");
+    assert_eq!(sim.relay.poll_timeout(), None);
+}
+
+#[test]
+fn password_channel_admits_the_right_password_only() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", None);
+    sim.take(alice);
+    sim.send(alice, join("Staff"));
+    assert_eq!(sim.errors(alice), [ErrorCode::PasswordRequired]);
+    sim.send(alice, join_with("Staff", Some("wrong"), None));
+    assert_eq!(sim.errors(alice), [ErrorCode::WrongPassword]);
+    assert_eq!(sim.channel_of(alice), Some(sim.channel_id("Lobby")));
+    sim.send(alice, join_with("staff", Some("s3cret"), None));
+    assert!(sim.errors(alice).is_empty());
+    assert_eq!(sim.channel_of(alice), Some(sim.channel_id("Staff")));
+}
+
+#[test]
+fn repeated_wrong_passwords_are_slowed_down() {
+    let mut sim = Sim::new(); // 3 free attempts, then 1 s, 2 s, 4 s ...
+    let alice = sim.hello("alice", None);
+    sim.take(alice);
+    for _ in 0..3 {
+        sim.send(alice, join_with("Staff", Some("guess"), None));
+        assert_eq!(sim.errors(alice), [ErrorCode::WrongPassword]);
+    }
+    // The right password is refused too while the connection waits.
+    sim.send(alice, join_with("Staff", Some("s3cret"), None));
+    assert_eq!(sim.errors(alice), [ErrorCode::TooManyAttempts]);
+    sim.advance(Duration::from_secs(1));
+    sim.send(alice, join_with("Staff", Some("guess"), None));
+    assert_eq!(sim.errors(alice), [ErrorCode::WrongPassword]);
+    sim.advance(Duration::from_secs(1));
+    sim.send(alice, join_with("Staff", Some("guess"), None));
+    assert_eq!(sim.errors(alice), [ErrorCode::TooManyAttempts], "the wait doubled to 2 s");
+    sim.advance(Duration::from_secs(1));
+    sim.send(alice, join_with("Staff", Some("s3cret"), None));
+    assert!(sim.errors(alice).is_empty());
+    assert_eq!(sim.channel_of(alice), Some(sim.channel_id("Staff")));
+}
+
+#[test]
+fn invites_admit_to_a_password_channel_until_used_up_or_expired() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", Some(JoinRequest { password: Some("s3cret".into()), ..JoinRequest::named("Staff") }));
+    sim.take(alice);
+    sim.send(alice, ClientMsg::CreateInvite { max_uses: 1, ttl_secs: 60 });
+    let token = match sim.take(alice).pop() {
+        Some(ServerMsg::InviteCreated { token, channel, expires_in_secs: 60, max_uses: 1 }) => {
+            assert_eq!(channel, sim.channel_id("Staff"));
+            token
+        }
+        other => panic!("expected an invite, got {other:?}"),
+    };
+    assert_eq!(token.len(), 32);
+
+    let bob = sim.hello("bob", None);
+    sim.take(bob);
+    sim.send(bob, join_with("Duo", None, Some(&token)));
+    assert_eq!(sim.errors(bob), [ErrorCode::InviteInvalid], "an invite is for its own channel only");
+    sim.send(bob, join_with("Staff", None, Some(&token)));
+    assert!(sim.errors(bob).is_empty());
+    assert_eq!(sim.channel_of(bob), Some(sim.channel_id("Staff")));
+
+    let carol = sim.hello("carol", None);
+    sim.take(carol);
+    sim.send(carol, join_with("Staff", None, Some(&token)));
+    assert_eq!(sim.errors(carol), [ErrorCode::InviteInvalid], "single-use invite is spent");
+
+    sim.send(alice, ClientMsg::CreateInvite { max_uses: 5, ttl_secs: 30 });
+    let Some(ServerMsg::InviteCreated { token, .. }) = sim.take(alice).pop() else { panic!("no invite") };
+    sim.now += Duration::from_secs(31); // expired, not yet swept
+    sim.send(carol, join_with("Staff", None, Some(&token)));
+    assert_eq!(sim.errors(carol), [ErrorCode::InviteExpired]);
+}
+
+#[test]
+fn invite_requests_are_checked() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", None);
+    sim.send(alice, ClientMsg::Leave);
+    sim.take(alice);
+    sim.send(alice, ClientMsg::CreateInvite { max_uses: 1, ttl_secs: 60 });
+    assert_eq!(sim.errors(alice), [ErrorCode::NotInChannel]);
+    sim.send(alice, join("Lobby"));
+    sim.send(alice, ClientMsg::CreateInvite { max_uses: 0, ttl_secs: 60 });
+    sim.send(alice, ClientMsg::CreateInvite { max_uses: 1, ttl_secs: 0 });
+    assert_eq!(sim.errors(alice), [ErrorCode::InvalidRequest, ErrorCode::InvalidRequest]);
+}
+
+#[test]
+fn full_channel_refuses_the_next_user() {
+    let mut sim = Sim::new();
+    let a = sim.hello("a", Some(JoinRequest::named("Duo")));
+    let b = sim.hello("b", Some(JoinRequest::named("Duo")));
+    let c = sim.hello("c", None);
+    sim.take(c);
+    sim.send(c, join("Duo"));
+    assert_eq!(sim.errors(c), [ErrorCode::ChannelFull]);
+    sim.send(b, ClientMsg::Leave);
+    sim.send(c, join("Duo"));
+    assert!(sim.errors(c).is_empty());
+    assert_eq!(sim.channel_of(a), sim.channel_of(c));
+}
+
+#[test]
+fn temporary_channels_are_created_joined_and_removed_when_empty_long_enough() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", None);
+    let bob = sim.hello("bob", None);
+    sim.take(alice);
+    sim.take(bob);
+    let create = ClientMsg::CreateChannel { name: "Raid".into(), description: "tonight".into(), password: None, user_limit: 0 };
+    sim.send(alice, create.clone());
+    let raid = sim.channel_id("Raid");
+    assert!(sim.take(bob).iter().any(|m| matches!(m, ServerMsg::ChannelAdded(c) if c.id == raid && c.temporary)));
+    assert_eq!(sim.channel_of(alice), Some(raid));
+    sim.send(bob, create);
+    assert_eq!(sim.errors(bob), [ErrorCode::ChannelExists]);
+
+    sim.send(alice, join("Lobby"));
+    sim.advance(Duration::from_secs(299));
+    sim.send(bob, join("Raid"));
+    sim.send(bob, ClientMsg::Leave);
+    sim.advance(Duration::from_secs(299));
+    assert!(sim.relay.find_channel("Raid").is_some(), "rejoining restarted the timer");
+    sim.take(bob);
+    sim.advance(Duration::from_secs(1));
+    assert!(sim.relay.find_channel("Raid").is_none());
+    assert!(sim.take(bob).contains(&ServerMsg::ChannelRemoved(raid)));
+    assert!(sim.relay.find_channel("Lobby").is_some(), "permanent channels stay");
+}
+
+#[test]
+fn temporary_channel_left_by_a_disconnect_is_removed_too() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", None);
+    sim.send(alice, ClientMsg::CreateChannel { name: "Tmp".into(), description: String::new(), password: None, user_limit: 0 });
+    sim.input(alice, Input::Disconnected);
+    assert_eq!(sim.relay.poll_timeout(), Some(sim.now + Duration::from_secs(300)));
+    sim.advance(Duration::from_secs(300));
+    assert!(sim.relay.find_channel("Tmp").is_none());
+}
+
+#[test]
+fn temporary_channel_with_a_password_is_hashed_and_enforced() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", None);
+    sim.send(
+        alice,
+        ClientMsg::CreateChannel { name: "Secret".into(), description: String::new(), password: Some("pw".into()), user_limit: 3 },
+    );
+    let id = sim.channel_id("Secret");
+    assert_eq!(sim.channel_of(alice), Some(id));
+    let stored = sim.relay.channels[&id].password_hash.clone().unwrap();
+    assert!(stored.starts_with("$argon2id$") && password::verify("pw", &stored));
+    let bob = sim.hello("bob", None);
+    sim.take(bob);
+    sim.send(bob, join_with("Secret", Some("nope"), None));
+    sim.send(bob, join_with("Secret", Some("pw"), None));
+    assert_eq!(sim.errors(bob), [ErrorCode::WrongPassword]);
+    assert_eq!(sim.channel_of(bob), Some(id));
+}
+
+#[test]
+fn channel_creation_limits_are_typed_errors() {
+    let limits = Limits { max_channels: 2, ..Limits::default() };
+    let mut sim = Sim::with(config(vec![channel("Lobby", None, 0)], limits));
+    let alice = sim.hello("alice", None);
+    sim.take(alice);
+    let create = |name: &str| ClientMsg::CreateChannel { name: name.into(), description: String::new(), password: None, user_limit: 0 };
+    sim.send(alice, create(&"x".repeat(33)));
+    sim.send(alice, create(""));
+    sim.send(alice, create("lobby"));
+    sim.send(alice, create("One"));
+    sim.send(alice, create("Two"));
+    let errors = sim.errors(alice);
+    assert_eq!(
+        errors,
+        [ErrorCode::NameTooLong, ErrorCode::NameInvalid, ErrorCode::ChannelExists, ErrorCode::TooManyChannels]
+    );
+}
+
+#[test]
+fn control_messages_are_rate_limited() {
+    let limits = Limits { control_messages_per_sec: 1, control_burst: 3, ..Limits::default() };
+    let mut sim = Sim::with(config(vec![channel("Lobby", None, 0)], limits));
+    let alice = sim.hello("alice", None); // uses one token
+    sim.take(alice);
+    for _ in 0..4 {
+        sim.send(alice, ClientMsg::Leave);
+    }
+    let errors = sim.errors(alice);
+    assert_eq!(errors, [ErrorCode::NotInChannel, ErrorCode::RateLimited, ErrorCode::RateLimited]);
+    sim.advance(Duration::from_secs(1));
+    sim.send(alice, join("Lobby"));
+    assert!(sim.errors(alice).is_empty());
+}
+
+#[test]
+fn datagrams_go_to_every_other_member_of_the_channel_only() {
+    let mut sim = Sim::new();
+    let a = sim.hello("a", None);
+    let b = sim.hello("b", None);
+    let c = sim.hello("c", None);
+    let d = sim.hello("d", Some(JoinRequest::named("Duo")));
+    let lobby = sim.channel_id("Lobby");
+    let datagram = sim.datagram(a, lobby);
+    assert_eq!(sim.route(a, &datagram), Ok(vec![b, c]));
+    assert_eq!(sim.route(d, &sim.datagram(d, sim.channel_id("Duo"))), Ok(vec![]));
+
+    // Forging: another sender, a channel one is not in, garbage, a stranger.
+    let forged = MediaHeader::parse(&datagram).map(|(h, p)| MediaHeader { sender: sim.sessions[&b], ..h }.to_datagram(p)).unwrap();
+    assert_eq!(sim.route(a, &forged), Err(DropReason::WrongSender));
+    assert_eq!(sim.route(d, &sim.datagram(d, lobby)), Err(DropReason::NotInChannel));
+    assert_eq!(sim.route(a, &datagram[..10]), Err(DropReason::Header(MediaHeaderError::TooShort(10))));
+    let stranger = sim.open();
+    assert_eq!(sim.route(stranger, &datagram), Err(DropReason::NotIntroduced));
+
+    sim.send(b, ClientMsg::Leave);
+    assert_eq!(sim.route(a, &datagram), Ok(vec![c]));
+    sim.input(c, Input::Disconnected);
+    assert_eq!(sim.route(a, &datagram), Ok(vec![]));
+    let stats = sim.relay.stats();
+    assert_eq!(stats.datagrams_forwarded, 3);
+    assert_eq!(stats.dropped_invalid, 4);
+}
+
+#[test]
+fn media_over_the_rate_cap_is_dropped_and_counted() {
+    let limits = Limits { media_packets_per_sec: 100, media_bytes_per_sec: 1_000_000, ..Limits::default() };
+    let mut sim = Sim::with(config(vec![channel("Lobby", None, 0)], limits));
+    let a = sim.hello("a", None);
+    let _b = sim.hello("b", None);
+    let datagram = sim.datagram(a, sim.channel_id("Lobby"));
+    let sent = (0..80).filter(|_| sim.route(a, &datagram).is_ok()).count();
+    assert_eq!(sent, 50, "burst is half a second of the rate");
+    assert_eq!(sim.relay.stats().dropped_rate_limited, 30);
+    sim.now += Duration::from_millis(100);
+    assert_eq!((0..80).filter(|_| sim.route(a, &datagram).is_ok()).count(), 10);
+}
+
+#[test]
+fn malformed_frames_close_only_their_connection() {
+    let mut sim = Sim::new();
+    let a = sim.hello("a", None);
+    let b = sim.hello("b", None);
+    sim.take(b);
+    sim.input(a, Input::BadFrame { code: ErrorCode::FrameTooLarge, detail: "frame of 70000 bytes".into() });
+    assert_eq!(sim.closed[&a], ErrorCode::FrameTooLarge);
+    assert_eq!(sim.take(b), [ServerMsg::UserDisconnected(sim.sessions[&a])]);
+    assert!(sim.closed.get(&b).is_none());
+    // The shell's late report of the same end is harmless.
+    sim.input(a, Input::Disconnected);
+    assert_eq!(sim.relay.user_count(), 1);
+}

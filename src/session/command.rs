@@ -1,0 +1,202 @@
+//! The commands a user types into a headless client (`/join Lobby`), parsed.
+
+use crate::protocol::JoinRequest;
+
+/// Uses and lifetime of an invite when `/invite` names none.
+pub const DEFAULT_INVITE_USES: u32 = 1;
+pub const DEFAULT_INVITE_TTL_SECS: u32 = 24 * 3600;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Join(JoinRequest),
+    Leave,
+    Create { name: String, description: String, password: Option<String>, user_limit: u32 },
+    Invite { max_uses: u32, ttl_secs: u32 },
+    /// Re-list the channels and who is in them.
+    Channels,
+    /// Send `count` probe datagrams to the current channel.
+    Probe { count: u32 },
+    /// A line of chat for the current channel.
+    Say(String),
+    Quit,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("unknown command /{0}; try /join, /leave, /create, /invite, /channels, /probe or /quit")]
+    Unknown(String),
+    #[error("usage: {0}")]
+    Usage(&'static str),
+    #[error("unterminated quote")]
+    Quote,
+}
+
+const JOIN_USAGE: &str = "/join NAME [PASSWORD] [--invite TOKEN]";
+const CREATE_USAGE: &str = "/create NAME [--description TEXT] [--password PW] [--limit N]";
+const INVITE_USAGE: &str = "/invite [USES] [SECONDS]";
+const PROBE_USAGE: &str = "/probe [COUNT]";
+
+/// Parses one typed line. Lines that do not start with `/` are chat; blank lines are nothing.
+pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
+    let line = line.trim();
+    if line.is_empty() {
+        return Ok(None);
+    }
+    let Some(rest) = line.strip_prefix('/') else {
+        return Ok(Some(Command::Say(line.to_owned())));
+    };
+    let words = split_words(rest)?;
+    let Some((verb, args)) = words.split_first() else {
+        return Err(ParseError::Unknown(String::new()));
+    };
+    let command = match verb.as_str() {
+        "join" => parse_join(args)?,
+        "leave" if args.is_empty() => Command::Leave,
+        "leave" => return Err(ParseError::Usage("/leave")),
+        "create" => parse_create(args)?,
+        "invite" => {
+            let max_uses = number_at(args, 0, INVITE_USAGE)?.unwrap_or(DEFAULT_INVITE_USES);
+            let ttl_secs = number_at(args, 1, INVITE_USAGE)?.unwrap_or(DEFAULT_INVITE_TTL_SECS);
+            if args.len() > 2 {
+                return Err(ParseError::Usage(INVITE_USAGE));
+            }
+            Command::Invite { max_uses, ttl_secs }
+        }
+        "channels" => Command::Channels,
+        "probe" => {
+            if args.len() > 1 {
+                return Err(ParseError::Usage(PROBE_USAGE));
+            }
+            Command::Probe { count: number_at(args, 0, PROBE_USAGE)?.unwrap_or(1) }
+        }
+        "quit" | "exit" => Command::Quit,
+        other => return Err(ParseError::Unknown(other.to_owned())),
+    };
+    Ok(Some(command))
+}
+
+fn parse_join(args: &[String]) -> Result<Command, ParseError> {
+    let mut positional = Vec::new();
+    let mut invite = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--invite" => invite = Some(args.next().ok_or(ParseError::Usage(JOIN_USAGE))?.clone()),
+            _ => positional.push(arg.clone()),
+        }
+    }
+    let mut positional = positional.into_iter();
+    let channel = positional.next().ok_or(ParseError::Usage(JOIN_USAGE))?;
+    let password = positional.next();
+    if positional.next().is_some() {
+        return Err(ParseError::Usage(JOIN_USAGE));
+    }
+    Ok(Command::Join(JoinRequest { channel, password, invite }))
+}
+
+fn parse_create(args: &[String]) -> Result<Command, ParseError> {
+    let mut name = None;
+    let mut description = String::new();
+    let mut password = None;
+    let mut user_limit = 0;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().cloned().ok_or(ParseError::Usage(CREATE_USAGE));
+        match arg.as_str() {
+            "--description" => description = value()?,
+            "--password" => password = Some(value()?),
+            "--limit" => user_limit = value()?.parse().map_err(|_| ParseError::Usage(CREATE_USAGE))?,
+            _ if name.is_none() && !arg.starts_with("--") => name = Some(arg.clone()),
+            _ => return Err(ParseError::Usage(CREATE_USAGE)),
+        }
+    }
+    let name = name.ok_or(ParseError::Usage(CREATE_USAGE))?;
+    Ok(Command::Create { name, description, password, user_limit })
+}
+
+fn number_at(args: &[String], at: usize, usage: &'static str) -> Result<Option<u32>, ParseError> {
+    args.get(at).map(|a| a.parse().map_err(|_| ParseError::Usage(usage))).transpose()
+}
+
+/// Splits on white space; double quotes group words (`/join "Late Night" pw`).
+fn split_words(text: &str) -> Result<Vec<String>, ParseError> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut in_word = false;
+    let mut quoted = false;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut current));
+                    in_word = false;
+                }
+            }
+            c => {
+                current.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if quoted {
+        return Err(ParseError::Quote);
+    }
+    if in_word {
+        words.push(current);
+    }
+    Ok(words)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Command {
+        parse_line(line).unwrap().unwrap()
+    }
+
+    #[test]
+    fn commands_parse() {
+        assert_eq!(parse("/join Lobby"), Command::Join(JoinRequest::named("Lobby")));
+        assert_eq!(
+            parse(r#"/join "Late Night" pw"#),
+            Command::Join(JoinRequest { channel: "Late Night".into(), password: Some("pw".into()), invite: None })
+        );
+        assert_eq!(
+            parse("/join Staff --invite abc"),
+            Command::Join(JoinRequest { channel: "Staff".into(), password: None, invite: Some("abc".into()) })
+        );
+        assert_eq!(parse("/leave"), Command::Leave);
+        assert_eq!(
+            parse(r#"/create Raid --description "tonight 9pm" --password x --limit 5"#),
+            Command::Create {
+                name: "Raid".into(),
+                description: "tonight 9pm".into(),
+                password: Some("x".into()),
+                user_limit: 5
+            }
+        );
+        assert_eq!(parse("/invite"), Command::Invite { max_uses: 1, ttl_secs: 86400 });
+        assert_eq!(parse("/invite 3 600"), Command::Invite { max_uses: 3, ttl_secs: 600 });
+        assert_eq!(parse("/probe 20"), Command::Probe { count: 20 });
+        assert_eq!(parse("/channels"), Command::Channels);
+        assert_eq!(parse("/quit"), Command::Quit);
+        assert_eq!(parse("  hello there "), Command::Say("hello there".into()));
+        assert_eq!(parse_line("   "), Ok(None));
+    }
+
+    #[test]
+    fn bad_commands_say_why() {
+        assert_eq!(parse_line("/dance"), Err(ParseError::Unknown("dance".into())));
+        assert_eq!(parse_line("/join"), Err(ParseError::Usage(JOIN_USAGE)));
+        assert_eq!(parse_line("/join a b c"), Err(ParseError::Usage(JOIN_USAGE)));
+        assert_eq!(parse_line("/create --limit x"), Err(ParseError::Usage(CREATE_USAGE)));
+        assert_eq!(parse_line("/invite many"), Err(ParseError::Usage(INVITE_USAGE)));
+        assert_eq!(parse_line(r#"/join "open"#), Err(ParseError::Quote));
+        assert_eq!(parse_line("/"), Err(ParseError::Unknown(String::new())));
+    }
+}

@@ -1,0 +1,445 @@
+//! The client's brain, sans-IO: what the server told us, what the user asked for, and
+//! the events a front end (the headless client's JSON lines, later the GUI) shows.
+//!
+//! The shell feeds it server messages and datagrams and typed commands, sends what
+//! [`Session::poll_transmit`] yields on the control stream, and shows what
+//! [`Session::poll_event`] yields.
+
+pub mod command;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::Serialize;
+
+use crate::protocol::{
+    ChannelId, ChannelInfo, ClientMsg, JoinRequest, MediaHeader, PROTOCOL_VERSION, percent_encode, ServerMsg, SessionId, StreamType,
+    UserInfo,
+};
+pub use command::{Command, ParseError, parse_line};
+
+/// A channel as a front end shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChannelView {
+    pub id: u32,
+    pub name: String,
+    pub description: String,
+    pub has_password: bool,
+    pub user_limit: u32,
+    pub temporary: bool,
+    pub users: Vec<String>,
+}
+
+/// What happened, for a front end. The headless client prints each as one JSON line,
+/// `{"event":"joined",...}`; the names are stable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Connected { session: u32, name: String },
+    Channels { channels: Vec<ChannelView> },
+    Joined { channel: u32, name: String, users: Vec<String> },
+    Left { channel: u32, name: String },
+    UserJoined { user: String, session: u32, channel: u32 },
+    UserLeft { user: String, session: u32, channel: u32 },
+    ChannelCreated { channel: ChannelView },
+    ChannelRemoved { channel: u32, name: String },
+    InviteCreated { token: String, channel: u32, name: String, expires_in_secs: u32, max_uses: u32, link: String },
+    Datagram { from: String, session: u32, channel: u32, stream: StreamType, sequence: u32, bytes: usize },
+    Error { code: String, message: String },
+}
+
+impl Event {
+    /// An error of the client's own (not one the server sent).
+    pub fn local_error(code: &str, message: impl std::fmt::Display) -> Event {
+        Event::Error { code: code.to_owned(), message: message.to_string() }
+    }
+}
+
+/// One line of text per event, for people at a terminal.
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Connected { session, name } => write!(f, "* connected as {name} (session {session})"),
+            Event::Channels { channels } => {
+                write!(f, "* channels:")?;
+                for c in channels {
+                    let lock = if c.has_password { " [password]" } else { "" };
+                    write!(f, "\n    {}{lock} ({}): {}", c.name, c.users.len(), c.users.join(", "))?;
+                }
+                Ok(())
+            }
+            Event::Joined { name, users, .. } => write!(f, "* you joined {name}; here: {}", users.join(", ")),
+            Event::Left { name, .. } => write!(f, "* you left {name}"),
+            Event::UserJoined { user, .. } => write!(f, "* {user} joined the channel"),
+            Event::UserLeft { user, .. } => write!(f, "* {user} left the channel"),
+            Event::ChannelCreated { channel } => write!(f, "* channel {} created", channel.name),
+            Event::ChannelRemoved { name, .. } => write!(f, "* channel {name} removed"),
+            Event::InviteCreated { name, link, max_uses, expires_in_secs, .. } => {
+                write!(f, "* invite to {name} ({max_uses} uses, {expires_in_secs} s): {link}")
+            }
+            Event::Datagram { from, stream, sequence, bytes, .. } => {
+                write!(f, "* {stream:?} datagram #{sequence} from {from}: {bytes} bytes")
+            }
+            Event::Error { code, message } => write!(f, "! {code}: {message}"),
+        }
+    }
+}
+
+/// A server that broke the protocol; the connection cannot go on.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SessionError {
+    #[error("the server sent {0} before its welcome")]
+    NotWelcomed(&'static str),
+    #[error("the server sent a second welcome")]
+    SecondWelcome,
+}
+
+pub struct Session {
+    name: String,
+    /// `voipc://host:port/?fp=...`, the base of the invite links we print.
+    server_link: String,
+    me: Option<SessionId>,
+    ready: bool,
+    channels: BTreeMap<ChannelId, ChannelInfo>,
+    users: BTreeMap<SessionId, UserInfo>,
+    events: VecDeque<Event>,
+    transmit: VecDeque<ClientMsg>,
+    probe_sequence: u32,
+}
+
+impl Session {
+    /// A session that introduces itself as `name`, entering `join` instead of the
+    /// server's default channel if given.
+    pub fn new(name: &str, join: Option<JoinRequest>, server_link: String) -> Self {
+        let mut session = Session {
+            name: name.to_owned(),
+            server_link,
+            me: None,
+            ready: false,
+            channels: BTreeMap::new(),
+            users: BTreeMap::new(),
+            events: VecDeque::new(),
+            transmit: VecDeque::new(),
+            probe_sequence: 0,
+        };
+        session.transmit.push_back(ClientMsg::Hello { version: PROTOCOL_VERSION, name: name.to_owned(), join });
+        session
+    }
+
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<ClientMsg> {
+        self.transmit.pop_front()
+    }
+
+    /// Our session id once welcomed.
+    pub fn me(&self) -> Option<SessionId> {
+        self.me
+    }
+
+    /// The channel we are in.
+    pub fn channel(&self) -> Option<ChannelId> {
+        self.me.and_then(|me| self.users.get(&me)).and_then(|u| u.channel)
+    }
+
+    pub fn handle_message(&mut self, msg: ServerMsg) -> Result<(), SessionError> {
+        if self.me.is_none() && !matches!(msg, ServerMsg::Welcome { .. } | ServerMsg::Error { .. }) {
+            return Err(SessionError::NotWelcomed(message_name(&msg)));
+        }
+        match msg {
+            ServerMsg::Welcome { session, name, .. } => {
+                if self.me.is_some() {
+                    return Err(SessionError::SecondWelcome);
+                }
+                self.me = Some(session);
+                self.name = name.clone();
+                self.events.push_back(Event::Connected { session: session.0, name });
+            }
+            ServerMsg::Ready => {
+                self.ready = true;
+                self.events.push_back(Event::Channels { channels: self.channel_views() });
+            }
+            ServerMsg::ChannelAdded(info) => {
+                let id = info.id;
+                self.channels.insert(id, info);
+                if self.ready {
+                    self.events.push_back(Event::ChannelCreated { channel: self.channel_view(id) });
+                }
+            }
+            ServerMsg::ChannelRemoved(id) => {
+                if let Some(info) = self.channels.remove(&id) {
+                    self.events.push_back(Event::ChannelRemoved { channel: id.0, name: info.name });
+                }
+            }
+            ServerMsg::UserConnected(user) => {
+                self.users.insert(user.session, user);
+            }
+            ServerMsg::UserMoved { session, channel } => self.user_moved(session, channel),
+            ServerMsg::UserDisconnected(session) => {
+                self.user_moved(session, None);
+                self.users.remove(&session);
+            }
+            ServerMsg::InviteCreated { token, channel, expires_in_secs, max_uses } => {
+                let name = self.channel_name(channel);
+                let link = format!(
+                    "{}&channel={}&invite={token}",
+                    self.server_link,
+                    percent_encode(&name)
+                );
+                self.events.push_back(Event::InviteCreated {
+                    token,
+                    channel: channel.0,
+                    name,
+                    expires_in_secs,
+                    max_uses,
+                    link,
+                });
+            }
+            ServerMsg::Error { code, message } => {
+                self.events.push_back(Event::Error { code: code.as_str().to_owned(), message });
+            }
+        }
+        Ok(())
+    }
+
+    fn user_moved(&mut self, session: SessionId, to: Option<ChannelId>) {
+        let Some(user) = self.users.get_mut(&session) else { return };
+        let from = std::mem::replace(&mut user.channel, to);
+        if from == to {
+            return;
+        }
+        let name = user.name.clone();
+        if Some(session) == self.me {
+            if let Some(old) = from {
+                self.events.push_back(Event::Left { channel: old.0, name: self.channel_name(old) });
+            }
+            if let Some(new) = to {
+                let users = self.members(new);
+                self.events.push_back(Event::Joined { channel: new.0, name: self.channel_name(new), users });
+            }
+            return;
+        }
+        let mine = self.channel();
+        if let Some(old) = from.filter(|c| Some(*c) == mine) {
+            self.events.push_back(Event::UserLeft { user: name.clone(), session: session.0, channel: old.0 });
+        }
+        if let Some(new) = to.filter(|c| Some(*c) == mine) {
+            self.events.push_back(Event::UserJoined { user: name, session: session.0, channel: new.0 });
+        }
+    }
+
+    /// A typed command: requests go to the server, local ones answer at once.
+    /// `Probe` and `Quit` are the shell's: it sends datagrams and ends the session.
+    pub fn command(&mut self, command: Command) {
+        match command {
+            Command::Join(request) => self.transmit.push_back(ClientMsg::Join(request)),
+            Command::Leave => self.transmit.push_back(ClientMsg::Leave),
+            Command::Create { name, description, password, user_limit } => {
+                self.transmit.push_back(ClientMsg::CreateChannel { name, description, password, user_limit });
+            }
+            Command::Invite { max_uses, ttl_secs } => {
+                self.transmit.push_back(ClientMsg::CreateInvite { max_uses, ttl_secs });
+            }
+            Command::Channels => self.events.push_back(Event::Channels { channels: self.channel_views() }),
+            Command::Say(_) => self.events.push_back(Event::local_error(
+                "not_supported",
+                "text chat arrives with end-to-end encryption in a later version; commands start with /",
+            )),
+            Command::Probe { .. } | Command::Quit => {}
+        }
+    }
+
+    /// A probe datagram for the current channel: the media header and `payload`.
+    pub fn probe_datagram(&mut self, payload: &[u8]) -> Option<Vec<u8>> {
+        let (me, channel) = (self.me?, self.channel()?);
+        self.probe_sequence = self.probe_sequence.wrapping_add(1);
+        let header = MediaHeader {
+            stream: StreamType::Probe,
+            flags: 0,
+            channel,
+            sender: me,
+            sequence: self.probe_sequence,
+            timestamp: 0,
+        };
+        Some(header.to_datagram(payload))
+    }
+
+    /// A datagram the relay forwarded to us.
+    pub fn handle_datagram(&mut self, datagram: &[u8]) {
+        let event = match MediaHeader::parse(datagram) {
+            Ok((header, payload)) => Event::Datagram {
+                from: self.users.get(&header.sender).map_or_else(String::new, |u| u.name.clone()),
+                session: header.sender.0,
+                channel: header.channel.0,
+                stream: header.stream,
+                sequence: header.sequence,
+                bytes: payload.len(),
+            },
+            Err(e) => Event::local_error("bad_datagram", e),
+        };
+        self.events.push_back(event);
+    }
+
+    fn channel_name(&self, id: ChannelId) -> String {
+        self.channels.get(&id).map_or_else(|| format!("#{}", id.0), |c| c.name.clone())
+    }
+
+    fn members(&self, channel: ChannelId) -> Vec<String> {
+        self.users.values().filter(|u| u.channel == Some(channel)).map(|u| u.name.clone()).collect()
+    }
+
+    fn channel_view(&self, id: ChannelId) -> ChannelView {
+        let info = &self.channels[&id];
+        ChannelView {
+            id: id.0,
+            name: info.name.clone(),
+            description: info.description.clone(),
+            has_password: info.has_password,
+            user_limit: info.user_limit,
+            temporary: info.temporary,
+            users: self.members(id),
+        }
+    }
+
+    fn channel_views(&self) -> Vec<ChannelView> {
+        self.channels.keys().map(|id| self.channel_view(*id)).collect()
+    }
+}
+
+fn message_name(msg: &ServerMsg) -> &'static str {
+    match msg {
+        ServerMsg::Welcome { .. } => "welcome",
+        ServerMsg::Ready => "ready",
+        ServerMsg::ChannelAdded(_) => "channel_added",
+        ServerMsg::ChannelRemoved(_) => "channel_removed",
+        ServerMsg::UserConnected(_) => "user_connected",
+        ServerMsg::UserMoved { .. } => "user_moved",
+        ServerMsg::UserDisconnected(_) => "user_disconnected",
+        ServerMsg::InviteCreated { .. } => "invite_created",
+        ServerMsg::Error { .. } => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorCode;
+
+    fn channel(id: u32, name: &str) -> ChannelInfo {
+        ChannelInfo {
+            id: ChannelId(id),
+            name: name.into(),
+            description: String::new(),
+            has_password: false,
+            user_limit: 0,
+            temporary: false,
+        }
+    }
+
+    fn user(id: u32, name: &str, channel: Option<u32>) -> UserInfo {
+        UserInfo { session: SessionId(id), name: name.into(), channel: channel.map(ChannelId) }
+    }
+
+    fn welcomed() -> Session {
+        let mut s = Session::new("alice", None, "voipc://h:1/?fp=ab".into());
+        assert!(matches!(s.poll_transmit(), Some(ClientMsg::Hello { version: PROTOCOL_VERSION, .. })));
+        for msg in [
+            ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: PROTOCOL_VERSION },
+            ServerMsg::ChannelAdded(channel(1, "Lobby")),
+            ServerMsg::ChannelAdded(channel(2, "Late Night")),
+            ServerMsg::UserConnected(user(1, "alice", None)),
+            ServerMsg::UserConnected(user(2, "bob", Some(1))),
+            ServerMsg::Ready,
+            ServerMsg::UserMoved { session: SessionId(1), channel: Some(ChannelId(1)) },
+        ] {
+            s.handle_message(msg).unwrap();
+        }
+        s
+    }
+
+    fn events(s: &mut Session) -> Vec<Event> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    #[test]
+    fn welcome_lists_and_landing_become_events() {
+        let mut s = welcomed();
+        let ev = events(&mut s);
+        assert_eq!(ev[0], Event::Connected { session: 1, name: "alice".into() });
+        let Event::Channels { channels } = &ev[1] else { panic!("{ev:?}") };
+        assert_eq!(channels[0].users, ["bob"]);
+        assert_eq!(ev[2], Event::Joined { channel: 1, name: "Lobby".into(), users: vec!["alice".into(), "bob".into()] });
+        assert_eq!(s.channel(), Some(ChannelId(1)));
+    }
+
+    #[test]
+    fn others_entering_and_leaving_my_channel_are_reported() {
+        let mut s = welcomed();
+        events(&mut s);
+        s.handle_message(ServerMsg::UserConnected(user(3, "carol", None))).unwrap();
+        s.handle_message(ServerMsg::UserMoved { session: SessionId(3), channel: Some(ChannelId(2)) }).unwrap();
+        assert!(events(&mut s).is_empty(), "carol is not in my channel");
+        s.handle_message(ServerMsg::UserMoved { session: SessionId(3), channel: Some(ChannelId(1)) }).unwrap();
+        s.handle_message(ServerMsg::UserDisconnected(SessionId(2))).unwrap();
+        assert_eq!(
+            events(&mut s),
+            [
+                Event::UserJoined { user: "carol".into(), session: 3, channel: 1 },
+                Event::UserLeft { user: "bob".into(), session: 2, channel: 1 },
+            ]
+        );
+        s.handle_message(ServerMsg::UserMoved { session: SessionId(1), channel: None }).unwrap();
+        assert_eq!(events(&mut s), [Event::Left { channel: 1, name: "Lobby".into() }]);
+    }
+
+    #[test]
+    fn invites_get_a_link_and_errors_keep_their_code() {
+        let mut s = welcomed();
+        events(&mut s);
+        s.handle_message(ServerMsg::InviteCreated {
+            token: "tok".into(),
+            channel: ChannelId(2),
+            expires_in_secs: 60,
+            max_uses: 2,
+        })
+        .unwrap();
+        s.handle_message(ServerMsg::Error { code: ErrorCode::ChannelFull, message: "full".into() }).unwrap();
+        let ev = events(&mut s);
+        let Event::InviteCreated { link, .. } = &ev[0] else { panic!("{ev:?}") };
+        assert_eq!(link, "voipc://h:1/?fp=ab&channel=Late%20Night&invite=tok");
+        assert_eq!(ev[1], Event::Error { code: "channel_full".into(), message: "full".into() });
+        let json = serde_json::to_string(&ev[1]).unwrap();
+        assert_eq!(json, r#"{"event":"error","code":"channel_full","message":"full"}"#);
+    }
+
+    #[test]
+    fn probes_carry_our_ids_and_come_back_as_events() {
+        let mut s = welcomed();
+        events(&mut s);
+        let datagram = s.probe_datagram(b"xyz").unwrap();
+        let (header, payload) = MediaHeader::parse(&datagram).unwrap();
+        assert_eq!((header.sender, header.channel, header.sequence, payload), (SessionId(1), ChannelId(1), 1, &b"xyz"[..]));
+        let from_bob = MediaHeader { sender: SessionId(2), ..header }.to_datagram(b"12345");
+        s.handle_datagram(&from_bob);
+        s.handle_datagram(&[1, 2]);
+        let ev = events(&mut s);
+        assert_eq!(
+            ev[0],
+            Event::Datagram { from: "bob".into(), session: 2, channel: 1, stream: StreamType::Probe, sequence: 1, bytes: 5 }
+        );
+        assert!(matches!(&ev[1], Event::Error { code, .. } if code == "bad_datagram"));
+    }
+
+    #[test]
+    fn a_server_that_skips_the_welcome_is_a_protocol_error() {
+        let mut s = Session::new("alice", None, String::new());
+        assert_eq!(s.handle_message(ServerMsg::Ready), Err(SessionError::NotWelcomed("ready")));
+        let mut s = welcomed();
+        let again = ServerMsg::Welcome { session: SessionId(5), name: "x".into(), server_version: 1 };
+        assert_eq!(s.handle_message(again), Err(SessionError::SecondWelcome));
+        assert!(s.probe_datagram(b"").is_some());
+    }
+}
