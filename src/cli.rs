@@ -106,6 +106,8 @@ pub fn main() -> ExitCode {
         Command::Join(args) => runtime.block_on(join(args)),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
     };
+    // A blocking read of stdin never returns while stdin stays open; do not wait for it.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -119,7 +121,11 @@ pub fn main() -> ExitCode {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -1,0 +1,71 @@
+//! The binary's command line: help, configuration errors, certificate pinning.
+
+use crate::support::{TestClient, TestServer, voipc};
+
+#[test]
+fn bare_voipc_prints_help() {
+    let out = voipc().output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for subcommand in ["serve", "join", "bench"] {
+        assert!(help.contains(subcommand), "{help}");
+    }
+}
+
+#[test]
+fn an_invalid_config_is_refused_with_file_line_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("server.toml"), "max_users = 10\n\n[[channels]]\nname = \"\"\n").unwrap();
+    let out = voipc().current_dir(dir.path()).args(["serve", "--config", "server.toml"]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("server.toml:3:1: channel name is empty"), "{stderr}");
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 1, "a refused config writes nothing");
+}
+
+#[test]
+fn an_unknown_certificate_needs_a_fingerprint_or_explicit_trust() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let mut blind = TestClient::join(&server.addr, "alice", &[]);
+    let error = blind.expect_error("unknown_certificate");
+    assert!(error["message"].as_str().unwrap().contains(&server.fingerprint), "{error}");
+    assert!(!blind.wait().success());
+
+    let mut pinned = TestClient::join(&server.addr, "bob", &["--fingerprint", &server.fingerprint]);
+    pinned.expect_joined("Lobby");
+    let mut wrong = TestClient::join(&server.addr, "carol", &["--fingerprint", &"00".repeat(32)]);
+    wrong.expect_error("certificate_changed");
+    assert!(!wrong.wait().success());
+}
+
+#[test]
+fn a_pinned_server_whose_certificate_changed_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let first_dir = tempfile::tempdir().unwrap();
+    let first = TestServer::start(first_dir.path(), None);
+    let addr = first.addr.clone();
+    let old_fp = first.fingerprint.clone();
+
+    let mut alice = TestClient::join_with_data(&addr, "alice", &["--trust-on-first-use"], data.path());
+    alice.expect_joined("Lobby");
+    assert!(alice.quit().success());
+    // Pinned now: no flag needed to come back.
+    let mut again = TestClient::join_with_data(&addr, "alice", &[], data.path());
+    again.expect_joined("Lobby");
+    assert!(again.quit().success());
+    assert!(first.stop().success());
+
+    // Another server (another certificate) on the same address.
+    let second_dir = tempfile::tempdir().unwrap();
+    let second = TestServer::start_on(second_dir.path(), None, &addr);
+    assert_ne!(second.fingerprint, old_fp);
+    for extra in [&[][..], &["--trust-on-first-use"][..]] {
+        let mut alice = TestClient::join_with_data(&addr, "alice", extra, data.path());
+        let error = alice.expect_error("certificate_changed");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(&old_fp) && message.contains(&second.fingerprint), "{message}");
+        assert!(!alice.wait().success());
+    }
+}

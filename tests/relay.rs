@@ -1,0 +1,250 @@
+//! Scenarios through a real `voipc serve` with real `voipc join` clients over QUIC.
+
+use std::time::Duration;
+
+use voipc::net::client::connect;
+use voipc::net::tls::PinPolicy;
+use voipc::protocol::{ClientMsg, ServerLink, ServerMsg, encode_frame};
+
+use crate::support::{TestClient, TestServer, TIMEOUT};
+
+const TWO_CHANNELS: &str = r#"
+[[channels]]
+name = "Lobby"
+
+[[channels]]
+name = "Staff"
+password = "s3cret"
+
+[[channels]]
+name = "Games"
+"#;
+
+#[test]
+fn two_users_see_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let mut alice = TestClient::join(&server.invite, "alice", &[]);
+    let connected = alice.expect_event("connected");
+    assert_eq!(connected["name"], "alice");
+    let channels = alice.expect_event("channels");
+    assert_eq!(channels["channels"][0]["name"], "Lobby");
+    alice.expect_joined("Lobby");
+
+    let mut bob = TestClient::join(&server.invite, "bob", &[]);
+    let joined = bob.expect_joined("Lobby");
+    assert_eq!(joined["users"], serde_json::json!(["alice", "bob"]));
+    alice.expect("bob joining", |e| e["event"] == "user_joined" && e["user"] == "bob");
+
+    assert!(bob.quit().success());
+    alice.expect("bob leaving", |e| e["event"] == "user_left" && e["user"] == "bob");
+    alice.close_stdin();
+    assert!(alice.wait().success(), "end of input ends the client cleanly");
+}
+
+#[test]
+fn a_taken_name_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let mut alice = TestClient::join(&server.invite, "alice", &[]);
+    alice.expect_joined("Lobby");
+    let mut again = TestClient::join(&server.invite, "Alice", &[]);
+    let error = again.expect_error("name_taken");
+    assert!(error["message"].as_str().unwrap().contains("in use"), "{error}");
+    assert!(!again.wait().success());
+}
+
+#[test]
+fn password_channel_refuses_a_wrong_password_and_admits_an_invite() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Some(TWO_CHANNELS));
+    let mut alice = TestClient::join(&server.invite, "alice", &["--channel", "Staff", "--password", "s3cret"]);
+    alice.expect_joined("Staff");
+
+    let mut bob = TestClient::join(&server.invite, "bob", &[]);
+    bob.expect_joined("Lobby");
+    bob.send("/join Staff");
+    bob.expect_error("password_required");
+    bob.send("/join Staff guess");
+    bob.expect_error("wrong_password");
+
+    alice.send("/invite 2 600");
+    let invite = alice.expect_event("invite_created");
+    let token = invite["token"].as_str().unwrap();
+    bob.send(&format!("/join Staff --invite {token}"));
+    bob.expect_joined("Staff");
+    alice.expect("bob arriving", |e| e["event"] == "user_joined" && e["user"] == "bob");
+
+    // The invite link alone is enough: it carries the pin, the channel and the token.
+    let link = invite["link"].as_str().unwrap();
+    let mut carol = TestClient::join(link, "carol", &[]);
+    carol.expect_joined("Staff");
+    let mut dave = TestClient::join(link, "dave", &[]);
+    dave.expect_error("invite_invalid");
+    dave.expect_joined("Lobby");
+}
+
+#[test]
+fn datagrams_reach_every_other_member_and_no_one_outside() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Some(TWO_CHANNELS));
+    let mut outsider = TestClient::join(&server.invite, "dave", &["--channel", "Games"]);
+    outsider.expect_joined("Games");
+    let mut bob = TestClient::join(&server.invite, "bob", &[]);
+    let mut carol = TestClient::join(&server.invite, "carol", &[]);
+    bob.expect_joined("Lobby");
+    carol.expect_joined("Lobby");
+    let mut alice = TestClient::join(&server.invite, "alice", &[]);
+    let joined = alice.expect_joined("Lobby");
+    assert_eq!(joined["users"].as_array().unwrap().len(), 3, "{joined}");
+
+    alice.send("/probe 5");
+    for receiver in [&mut bob, &mut carol] {
+        for sequence in 1..=5 {
+            let datagram = receiver.expect(&format!("datagram {sequence}"), |e| {
+                e["event"] == "datagram" && e["from"] == "alice" && e["sequence"] == sequence
+            });
+            assert_eq!(datagram["bytes"], 160);
+            assert_eq!(datagram["stream"], "probe");
+        }
+    }
+    // The outsider's own probe proves its path works while it still got nothing from alice.
+    outsider.send("/probe 1");
+    bob.send("/join Games");
+    bob.expect_joined("Games");
+    outsider.send("/probe 1");
+    bob.expect("dave's probe", |e| e["event"] == "datagram" && e["from"] == "dave");
+    alice.collect_for(Duration::from_millis(300));
+    outsider.collect_for(Duration::from_millis(300));
+    assert!(alice.seen_events("datagram").is_empty(), "no echo to the sender: {:?}", alice.seen);
+    assert!(outsider.seen_events("datagram").is_empty(), "nothing leaks across channels: {:?}", outsider.seen);
+}
+
+/// A raw QUIC connection to the server, for sending what no well-behaved client sends.
+struct RawClient {
+    runtime: tokio::runtime::Runtime,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    _connection: quinn::Connection,
+}
+
+impl RawClient {
+    fn connect(server: &TestServer) -> RawClient {
+        // A worker thread keeps driving the connection between our blocking calls.
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let link: ServerLink = server.invite.parse().unwrap();
+        let (connection, send, recv) = runtime.block_on(async {
+            let connected = connect(&link, PinPolicy::Pinned(link.fingerprint.unwrap())).await.unwrap();
+            let (send, recv) = connected.connection.open_bi().await.unwrap();
+            (connected.connection, send, recv)
+        });
+        RawClient { runtime, send, recv, _connection: connection }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.runtime.block_on(self.send.write_all(bytes)).unwrap();
+    }
+
+    /// Reads server messages until an error arrives, and returns its code and text.
+    fn read_error(&mut self) -> (String, String) {
+        self.runtime.block_on(async {
+            tokio::time::timeout(TIMEOUT, async {
+                loop {
+                    match voipc::net::framing::read_frame::<ServerMsg>(&mut self.recv).await {
+                        Ok(Some(ServerMsg::Error { code, message })) => return (code.as_str().to_owned(), message),
+                        Ok(Some(_)) => continue,
+                        other => panic!("stream ended without an error: {other:?}"),
+                    }
+                }
+            })
+            .await
+            .expect("an error message in time")
+        })
+    }
+
+    /// Whether the server ended the stream after its error.
+    fn stream_ends(&mut self) -> bool {
+        self.runtime.block_on(async {
+            tokio::time::timeout(TIMEOUT, voipc::net::framing::read_frame::<ServerMsg>(&mut self.recv))
+                .await
+                .is_ok_and(|r| !matches!(r, Ok(Some(_))))
+        })
+    }
+}
+
+fn hello(name: &str, version: u16) -> Vec<u8> {
+    encode_frame(&ClientMsg::Hello { version, name: name.into(), join: None }).unwrap()
+}
+
+#[test]
+fn malformed_and_oversized_frames_get_errors_and_leave_others_unharmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let mut alice = TestClient::join(&server.invite, "alice", &[]);
+    let mut bob = TestClient::join(&server.invite, "bob", &[]);
+    alice.expect_joined("Lobby");
+    bob.expect_joined("Lobby");
+
+    let mut garbage = RawClient::connect(&server);
+    garbage.write(&hello("mallory", voipc::protocol::PROTOCOL_VERSION));
+    alice.expect("mallory arriving", |e| e["event"] == "user_joined" && e["user"] == "mallory");
+    garbage.write(&[0, 0, 0, 3, 0xff, 0xff, 0xff]);
+    assert_eq!(garbage.read_error().0, "malformed_frame");
+    assert!(garbage.stream_ends());
+    alice.expect("mallory gone", |e| e["event"] == "user_left" && e["user"] == "mallory");
+
+    let mut huge = RawClient::connect(&server);
+    huge.write(&(70_000u32).to_be_bytes());
+    let (code, message) = huge.read_error();
+    assert_eq!(code, "frame_too_large");
+    assert!(message.contains("70000"), "{message}");
+    assert!(huge.stream_ends());
+
+    let mut old = RawClient::connect(&server);
+    old.write(&hello("oldtimer", 99));
+    let (code, message) = old.read_error();
+    assert_eq!(code, "version_mismatch");
+    assert!(message.contains("version 1") && message.contains("version 99"), "{message}");
+
+    // Everyone else carries on.
+    alice.send("/probe 2");
+    bob.expect("alice's probe", |e| e["event"] == "datagram" && e["from"] == "alice" && e["sequence"] == 2);
+    bob.send("/create Afterwards");
+    bob.expect_joined("Afterwards");
+}
+
+#[test]
+fn silent_connections_are_closed_after_the_hello_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Some("[limits]\nhello_timeout_secs = 1\n"));
+    let mut silent = RawClient::connect(&server);
+    // The stream opens with the first byte; say nothing more.
+    silent.write(&[0]);
+    assert_eq!(silent.read_error().0, "hello_timeout");
+}
+
+#[test]
+fn the_server_writes_nothing_but_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let mut alice = TestClient::join(&server.invite, "alice", &[]);
+    let mut bob = TestClient::join(&server.invite, "bob", &[]);
+    alice.expect_joined("Lobby");
+    bob.expect_joined("Lobby");
+    alice.send("/create Secret --password pw");
+    alice.expect_joined("Secret");
+    alice.send("/invite");
+    alice.expect_event("invite_created");
+    bob.send("/join Secret pw");
+    bob.expect_joined("Secret");
+    bob.send("/probe 3");
+    alice.expect("bob's probe", |e| e["event"] == "datagram" && e["sequence"] == 3);
+    assert!(alice.quit().success());
+    assert!(bob.quit().success());
+    assert!(server.stop().success(), "SIGTERM is an orderly shutdown");
+
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["server-cert.pem", "server-key.pem"]);
+}

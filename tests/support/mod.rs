@@ -1,0 +1,211 @@
+//! Starting real servers and headless clients, and reading their JSON events.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long any single expected event may take.
+pub const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The real binary with a clean environment.
+pub fn voipc() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_voipc"));
+    command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default()).env("RUST_LOG", "warn");
+    command
+}
+
+/// Lines of a child's stdout, read on a thread.
+fn line_reader(stdout: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub struct TestServer {
+    child: Child,
+    pub addr: String,
+    pub fingerprint: String,
+    pub invite: String,
+}
+
+impl TestServer {
+    /// `voipc serve` in `dir` on a free loopback port, with `config` as server.toml if given.
+    pub fn start(dir: &Path, config: Option<&str>) -> TestServer {
+        Self::start_on(dir, config, "127.0.0.1:0")
+    }
+
+    pub fn start_on(dir: &Path, config: Option<&str>, listen: &str) -> TestServer {
+        let mut command = voipc();
+        command.current_dir(dir).args(["serve", "--listen", listen, "--json"]);
+        if let Some(config) = config {
+            std::fs::write(dir.join("server.toml"), config).unwrap();
+            command.args(["--config", "server.toml"]);
+        }
+        let mut child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let lines = line_reader(child.stdout.take().unwrap());
+        let line = lines.recv_timeout(TIMEOUT).expect("server prints its listening event");
+        let event: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["event"], "listening", "{line}");
+        TestServer {
+            child,
+            addr: event["addr"].as_str().unwrap().to_owned(),
+            fingerprint: event["fingerprint"].as_str().unwrap().to_owned(),
+            invite: event["invite"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// Stops the server as an operator would (SIGTERM) and waits for it.
+    pub fn stop(mut self) -> ExitStatus {
+        // SAFETY: kill only sends a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `voipc join --json`.
+pub struct TestClient {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    /// Events read but not yet matched by an expectation.
+    pub seen: Vec<Value>,
+    _data_dir: Option<tempfile::TempDir>,
+}
+
+impl TestClient {
+    /// Joins `target` (an invite link or address) as `name` with extra flags and a fresh
+    /// data directory.
+    pub fn join(target: &str, name: &str, extra: &[&str]) -> TestClient {
+        let data = tempfile::tempdir().unwrap();
+        let mut client = Self::join_with_data(target, name, extra, data.path());
+        client._data_dir = Some(data);
+        client
+    }
+
+    pub fn join_with_data(target: &str, name: &str, extra: &[&str], data_dir: &Path) -> TestClient {
+        let mut child = voipc()
+            .args(["join", target, "--name", name, "--json", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let lines = line_reader(child.stdout.take().unwrap());
+        TestClient { child, stdin, lines, seen: Vec::new(), _data_dir: None }
+    }
+
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Closes stdin: the end of input.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Waits for the first event (already seen or new) that `matches`, and takes it.
+    pub fn expect(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        if let Some(at) = self.seen.iter().position(&matches) {
+            return self.seen.remove(at);
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let event: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+                    if matches(&event) {
+                        return event;
+                    }
+                    self.seen.push(event);
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("no {what} within {TIMEOUT:?}; saw {:#?}", self.seen),
+                Err(RecvTimeoutError::Disconnected) => panic!("client ended before {what}; saw {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// Waits for an event named `name`.
+    pub fn expect_event(&mut self, name: &str) -> Value {
+        self.expect(name, |e| e["event"] == name)
+    }
+
+    /// Waits for an error event with `code`.
+    pub fn expect_error(&mut self, code: &str) -> Value {
+        self.expect(&format!("error {code}"), |e| e["event"] == "error" && e["code"] == code)
+    }
+
+    /// Waits until this client is in `channel`.
+    pub fn expect_joined(&mut self, channel: &str) -> Value {
+        self.expect(&format!("joined {channel}"), |e| e["event"] == "joined" && e["name"] == channel)
+    }
+
+    /// Reads whatever arrives within `wait` into `seen`.
+    pub fn collect_for(&mut self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while let Ok(line) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            self.seen.push(serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}")));
+        }
+    }
+
+    /// The events seen so far that are named `name`.
+    pub fn seen_events(&self, name: &str) -> Vec<&Value> {
+        self.seen.iter().filter(|e| e["event"] == name).collect()
+    }
+
+    /// Waits for the process to end on its own; the rest of its output goes to `seen`.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.collect_for(Duration::from_millis(200));
+                return status;
+            }
+            assert!(Instant::now() < deadline, "client did not exit; saw {:#?}", self.seen);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Types `/quit` and waits for the exit.
+    pub fn quit(&mut self) -> ExitStatus {
+        self.send("/quit");
+        self.wait()
+    }
+}
+
+impl Drop for TestClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
