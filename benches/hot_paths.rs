@@ -1,1 +1,85 @@
-fn main() {}
+//! The relay's per-datagram path and the control-frame codec, each beside a baseline
+//! measured in the same run (these machines are noisy: read ratios, not absolutes).
+#![allow(clippy::disallowed_methods, reason = "benchmarks read the clock")]
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use voipc::config::ServerConfig;
+use voipc::protocol::{
+    ChannelId, ClientMsg, JoinRequest, MediaHeader, PROTOCOL_VERSION, SessionId, StreamType, decode_frame, encode_frame,
+};
+use voipc::relay::{ConnId, Input, Relay, RelayConfig};
+
+/// A relay with `members` users in the Lobby; returns it and the first user's id.
+fn relay_with(members: u64, now: Instant) -> (Relay, ConnId) {
+    let mut config = ServerConfig::default();
+    config.max_users = members as u32;
+    config.limits.media_packets_per_sec = u32::MAX / 2;
+    config.limits.media_bytes_per_sec = u32::MAX / 2;
+    let mut relay = Relay::new(RelayConfig::from_server_config(&config).unwrap(), [1; 32]);
+    for i in 1..=members {
+        relay.handle_input(now, ConnId(i), Input::Connected).unwrap();
+        let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: format!("user{i}"), join: None };
+        relay.handle_input(now, ConnId(i), Input::Control(hello)).unwrap();
+    }
+    while relay.poll_output().is_some() {}
+    (relay, ConnId(1))
+}
+
+fn route(c: &mut Criterion) {
+    let now = Instant::now();
+    let mut group = c.benchmark_group("route_datagram");
+    for members in [2u64, 10, 50] {
+        let (mut relay, sender) = relay_with(members, now);
+        let datagram = MediaHeader {
+            stream: StreamType::Voice,
+            flags: 0,
+            channel: ChannelId(1),
+            sender: SessionId(1),
+            sequence: 7,
+            timestamp: 960,
+        }
+        .to_datagram(&[0u8; 140]);
+        let mut to = Vec::with_capacity(members as usize);
+        group.bench_function(format!("relay/{members}_members"), |b| {
+            b.iter(|| {
+                relay.route_datagram(now, sender, black_box(&datagram), &mut to).unwrap();
+                black_box(to.len())
+            })
+        });
+        // Baseline: the least a fan-out must do, listing the other members.
+        let members_list: Vec<ConnId> = (1..=members).map(ConnId).collect();
+        group.bench_function(format!("baseline_list_copy/{members}_members"), |b| {
+            b.iter(|| {
+                to.clear();
+                to.extend(members_list.iter().copied().filter(|m| *m != black_box(sender)));
+                black_box(to.len())
+            })
+        });
+    }
+    group.finish();
+}
+
+fn codec(c: &mut Criterion) {
+    let msg = ClientMsg::Join(JoinRequest {
+        channel: "Late Night".into(),
+        password: Some("correct horse".into()),
+        invite: None,
+    });
+    let frame = encode_frame(&msg).unwrap();
+    let mut group = c.benchmark_group("control_frame");
+    group.bench_function("encode_decode", |b| {
+        b.iter(|| {
+            let frame = encode_frame(black_box(&msg)).unwrap();
+            black_box(decode_frame::<ClientMsg>(&frame[4..]).unwrap())
+        })
+    });
+    // Baseline: copying the frame's bytes once.
+    group.bench_function("baseline_copy", |b| b.iter(|| black_box(black_box(&frame).to_vec())));
+    group.finish();
+}
+
+criterion_group!(benches, route, codec);
+criterion_main!(benches);

@@ -17,7 +17,11 @@ use crate::relay::{Relay, RelayConfig};
 use crate::session::Event;
 
 #[derive(Debug, Parser)]
-#[command(name = "voipc", version, about = "Private, self-hosted voice and chat. Run a subcommand; the desktop app comes later.")]
+#[command(
+    name = "voipc",
+    version,
+    about = "Private, self-hosted voice and chat. Run a subcommand; the desktop app comes later."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -167,13 +171,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let invite = link.invite_base(&fingerprint);
     if args.json {
-        let line = serde_json::json!({
-            "event": "listening",
-            "addr": addr.to_string(),
-            "fingerprint": fingerprint.to_string(),
-            "invite": invite,
-        });
-        println!("{line}");
+        #[derive(serde::Serialize)]
+        struct Listening {
+            event: &'static str,
+            addr: String,
+            fingerprint: String,
+            invite: String,
+        }
+        let line =
+            Listening { event: "listening", addr: addr.to_string(), fingerprint: fingerprint.to_string(), invite };
+        println!("{}", serde_json::to_string(&line)?);
     } else {
         println!("VoIPC server listening on {addr} (UDP/QUIC)");
         println!("certificate fingerprint (SHA-256): {fingerprint}");
@@ -229,14 +236,8 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
             Some(dir) => dir,
             None => default_data_dir()?,
         };
-        let options = JoinOptions {
-            link,
-            name: args.name,
-            join,
-            trust_on_first_use: args.trust_on_first_use,
-            data_dir,
-            json,
-        };
+        let options =
+            JoinOptions { link, name: args.name, join, trust_on_first_use: args.trust_on_first_use, data_dir, json };
         client::run_headless(options).await.map_err(anyhow::Error::from)
     }
     .await;

@@ -6,7 +6,7 @@ use voipc::net::client::connect;
 use voipc::net::tls::PinPolicy;
 use voipc::protocol::{ClientMsg, ServerLink, ServerMsg, encode_frame};
 
-use crate::support::{TestClient, TestServer, TIMEOUT};
+use crate::support::{TIMEOUT, TestClient, TestServer};
 
 const TWO_CHANNELS: &str = r#"
 [[channels]]
@@ -97,6 +97,9 @@ fn datagrams_reach_every_other_member_and_no_one_outside() {
     let mut alice = TestClient::join(&server.invite, "alice", &[]);
     let joined = alice.expect_joined("Lobby");
     assert_eq!(joined["users"].as_array().unwrap().len(), 3, "{joined}");
+    // Datagrams may overtake the control stream; wait until everyone knows alice.
+    bob.expect("alice arriving", |e| e["event"] == "user_joined" && e["user"] == "alice");
+    carol.expect("alice arriving", |e| e["event"] == "user_joined" && e["user"] == "alice");
 
     alice.send("/probe 5");
     for receiver in [&mut bob, &mut carol] {

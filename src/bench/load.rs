@@ -118,7 +118,9 @@ impl Group {
                     }
                 }
             };
-            tokio::time::timeout(Duration::from_secs(5), registered).await.context("baseline relay does not answer")??;
+            tokio::time::timeout(Duration::from_secs(5), registered)
+                .await
+                .context("baseline relay does not answer")??;
             members.push(Path::Udp { socket: Arc::new(socket), relay });
         }
         Ok(Group { members, _keep: Vec::new() })

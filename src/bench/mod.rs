@@ -3,6 +3,7 @@
 //! `voipc bench relay` loads a real `voipc serve` in its own process (so its CPU is
 //! measured apart from the load generators') with groups in which everyone speaks at
 //! voice rate, level by level, and does the same against a plain-UDP fan-out relay.
+#![allow(clippy::disallowed_methods, reason = "a benchmark measures wall-clock time")]
 
 mod load;
 pub mod udp_relay;
@@ -109,7 +110,9 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     let base = Instant::now();
 
     let (server, _server_child) = match (&args.target, args.fingerprint) {
-        (Some(target), Some(fp)) => (Target { link: target.parse()?, fingerprint: Some(fp), pid: args.target_pid }, None),
+        (Some(target), Some(fp)) => {
+            (Target { link: target.parse()?, fingerprint: Some(fp), pid: args.target_pid }, None)
+        }
         _ => {
             let (child, line) = spawn_self(&["serve", "--listen", "127.0.0.1:0", "--ephemeral-cert", "--json"]).await?;
             let fp: Fingerprint = json_field(&line, "fingerprint")?.parse()?;

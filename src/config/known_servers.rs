@@ -54,7 +54,8 @@ impl KnownServers {
         self.pins.insert(server.to_owned(), fingerprint);
         let text: String = self.pins.iter().map(|(s, fp)| format!("{s} {fp}\n")).collect();
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| KnownServersError::Write { path: self.path.clone(), source })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|source| KnownServersError::Write { path: self.path.clone(), source })?;
         }
         super::files::write_private_atomic(&self.path, text.as_bytes())
             .map_err(|source| KnownServersError::Write { path: self.path.clone(), source })

@@ -151,8 +151,8 @@ impl ServerConfig {
     /// Reads and validates a config file. Relative certificate paths are taken
     /// relative to the file's directory.
     pub fn load(path: &Path) -> Result<ServerConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
         ServerConfig::parse(&text, base).map_err(|(offset, message)| {
             let (line, column) = line_and_column(&text, offset);
@@ -162,8 +162,8 @@ impl ServerConfig {
 
     /// Parses config text; an error is the byte offset it concerns and what is wrong.
     pub fn parse(text: &str, base: &Path) -> Result<ServerConfig, (usize, String)> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| (e.span().map_or(0, |s| s.start), e.message().to_owned()))?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| (e.span().map_or(0, |s| s.start), e.message().to_owned()))?;
         let mut config = ServerConfig::default();
         if let Some(listen) = raw.listen {
             config.listen = listen.get_ref().parse().map_err(|e| {
@@ -198,11 +198,14 @@ impl ServerConfig {
             }
         }
         if config.channels.len() > config.limits.max_channels as usize {
-            return Err((0, format!(
-                "{} permanent channels are more than max_channels ({})",
-                config.channels.len(),
-                config.limits.max_channels
-            )));
+            return Err((
+                0,
+                format!(
+                    "{} permanent channels are more than max_channels ({})",
+                    config.channels.len(),
+                    config.limits.max_channels
+                ),
+            ));
         }
         Ok(config)
     }
@@ -225,7 +228,10 @@ impl ServerConfig {
         if let Some(password) = &channel.password
             && (password.is_empty() || password.chars().count() > limits.max_password_len as usize)
         {
-            return Err(format!("channel {:?}: password must be 1 to {} characters", channel.name, limits.max_password_len));
+            return Err(format!(
+                "channel {:?}: password must be 1 to {} characters",
+                channel.name, limits.max_password_len
+            ));
         }
         if self.channels.iter().any(|c| c.name.eq_ignore_ascii_case(&channel.name)) {
             return Err(format!("channel {:?} is listed twice", channel.name));
@@ -285,12 +291,9 @@ mod tests {
         let path = dir.path().join("server.toml");
         std::fs::write(&path, text).unwrap();
         ServerConfig::load(&path).map_err(|e| match e {
-            ConfigError::Invalid { line, column, message, .. } => ConfigError::Invalid {
-                path: "server.toml".into(),
-                line,
-                column,
-                message,
-            },
+            ConfigError::Invalid { line, column, message, .. } => {
+                ConfigError::Invalid { path: "server.toml".into(), line, column, message }
+            }
             other => other,
         })
     }

@@ -94,11 +94,13 @@ pub async fn connect(link: &ServerLink, policy: PinPolicy) -> Result<Connected, 
     let addr = resolve(&server).await?;
     let verifier = PinningVerifier::new(policy);
     let tls = client_tls(verifier.clone()).map_err(|e| ClientError::Setup(e.to_string()))?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Setup(e.to_string()))?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Setup(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(super::transport_config());
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid wildcard");
-    let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Setup(format!("cannot open a UDP socket: {e}")))?;
+    let endpoint =
+        quinn::Endpoint::client(bind).map_err(|e| ClientError::Setup(format!("cannot open a UDP socket: {e}")))?;
     let connect_error = |reason: String| ClientError::Connect { server: server.clone(), reason };
     let connecting = endpoint.connect_with(config, addr, "voipc").map_err(|e| connect_error(e.to_string()))?;
     let result = tokio::time::timeout(CONNECT_TIMEOUT, connecting).await;
@@ -131,11 +133,15 @@ async fn resolve(server: &str) -> Result<SocketAddr, ClientError> {
 /// A lost or closed connection, with the server's reason when it gave one.
 fn connection_error(error: quinn::ConnectionError) -> ClientError {
     match error {
-        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == quinn::VarInt::from_u32(CLOSE_ERROR) => {
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == quinn::VarInt::from_u32(CLOSE_ERROR) =>
+        {
             let code = String::from_utf8_lossy(&close.reason).into_owned();
             ClientError::Refused { message: format!("the server closed the connection ({code})"), code }
         }
-        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == quinn::VarInt::from_u32(CLOSE_NORMAL) => {
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == quinn::VarInt::from_u32(CLOSE_NORMAL) =>
+        {
             ClientError::Lost(format!("the server ended the session: {}", String::from_utf8_lossy(&close.reason)))
         }
         other => ClientError::Lost(other.to_string()),
@@ -258,7 +264,8 @@ fn send_probes(session: &mut Session, connection: &quinn::Connection, count: u32
     for i in 0..count {
         let payload = [i as u8; PROBE_PAYLOAD];
         let Some(datagram) = session.probe_datagram(&payload) else {
-            return printer.print(&Event::local_error(ErrorCode::NotInChannel.as_str(), "join a channel to send media"));
+            return printer
+                .print(&Event::local_error(ErrorCode::NotInChannel.as_str(), "join a channel to send media"));
         };
         if let Err(e) = connection.send_datagram(Bytes::from(datagram)) {
             return printer.print(&Event::local_error("datagram_failed", e));

@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::framing::{ReadFrameError, read_frame};
 use super::tls::{Identity, server_tls};
-use crate::protocol::{ClientMsg, ErrorCode, FrameError, Fingerprint, ServerMsg, encode_frame};
+use crate::protocol::{ClientMsg, ErrorCode, Fingerprint, FrameError, ServerMsg, encode_frame};
 use crate::relay::{ConnId, Input, Output, Relay, password};
 
 /// Control frames queued for one slow client before it is disconnected.
@@ -108,7 +108,8 @@ impl Server {
                 let hello_timeout = self.hello_timeout;
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
-                    let connection = match tokio::time::timeout(hello_timeout, async { incoming.accept()?.await }).await {
+                    let connection = match tokio::time::timeout(hello_timeout, async { incoming.accept()?.await }).await
+                    {
                         Ok(Ok(connection)) => connection,
                         Ok(Err(e)) => return debug!(%remote, error = %e, "handshake failed"),
                         Err(_) => return debug!(%remote, "handshake timed out"),
@@ -191,7 +192,9 @@ impl Shared {
                 let mut guard = self.lock();
                 let state = &mut *guard;
                 match state.relay.route_datagram(Instant::now(), id, &datagram, &mut to) {
-                    Ok(()) => targets.extend(to.iter().filter_map(|c| state.conns.get(c).map(|h| h.connection.clone()))),
+                    Ok(()) => {
+                        targets.extend(to.iter().filter_map(|c| state.conns.get(c).map(|h| h.connection.clone())))
+                    }
                     Err(reason) => debug!(%reason, "datagram dropped"),
                 }
             }
@@ -224,7 +227,9 @@ impl Shared {
                     }
                 }
                 Output::VerifyPassword { conn, password, hash } => {
-                    self.off_thread(conn, move || Input::PasswordChecked { matched: password::verify(&password, &hash) });
+                    self.off_thread(conn, move || Input::PasswordChecked {
+                        matched: password::verify(&password, &hash),
+                    });
                 }
                 Output::HashPassword { conn, password } => {
                     self.off_thread(conn, move || match password::hash_with_random_salt(&password) {

@@ -60,7 +60,8 @@ impl Identity {
         if certs.is_empty() {
             bail!("{} holds no certificate", cert.display());
         }
-        let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading private key {}", key.display()))?;
+        let key =
+            PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading private key {}", key.display()))?;
         Ok(Identity { certs, key })
     }
 
@@ -178,7 +179,10 @@ mod tests {
     use rustls::{ClientConnection, ServerConnection};
 
     /// Runs a TLS handshake in memory between our two configs.
-    fn handshake(server: rustls::ServerConfig, client: rustls::ClientConfig) -> Result<ClientConnection, rustls::Error> {
+    fn handshake(
+        server: rustls::ServerConfig,
+        client: rustls::ClientConfig,
+    ) -> Result<ClientConnection, rustls::Error> {
         let mut server = ServerConnection::new(Arc::new(server))?;
         let mut client = ClientConnection::new(Arc::new(client), ServerName::try_from("voipc").unwrap())?;
         let mut buf = Vec::new();
@@ -206,7 +210,9 @@ mod tests {
     fn pinned_handshake_uses_tls13_and_the_post_quantum_hybrid() {
         let (identity, _, _) = Identity::generate().unwrap();
         let fp = identity.fingerprint();
-        let client = handshake(server_tls(identity).unwrap(), client_tls(PinningVerifier::new(PinPolicy::Pinned(fp))).unwrap()).unwrap();
+        let client =
+            handshake(server_tls(identity).unwrap(), client_tls(PinningVerifier::new(PinPolicy::Pinned(fp))).unwrap())
+                .unwrap();
         assert_eq!(client.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
         assert_eq!(client.negotiated_key_exchange_group().map(|g| g.name()), Some(rustls::NamedGroup::X25519MLKEM768));
         assert_eq!(client.alpn_protocol(), Some(ALPN));

@@ -39,8 +39,7 @@ pub fn decode_frame<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     if body.len() > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge { len: body.len(), max: MAX_FRAME_LEN });
     }
-    let (msg, rest) =
-        postcard::take_from_bytes(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let (msg, rest) = postcard::take_from_bytes(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(FrameError::TrailingBytes(rest.len()));
     }
@@ -113,10 +112,7 @@ mod tests {
     fn oversized_prefix_is_refused_before_the_body_arrives() {
         let mut dec = FrameDecoder::new();
         dec.extend(&(MAX_FRAME_LEN as u32 + 1).to_be_bytes());
-        assert_eq!(
-            dec.next_body(),
-            Err(FrameError::TooLarge { len: MAX_FRAME_LEN + 1, max: MAX_FRAME_LEN })
-        );
+        assert_eq!(dec.next_body(), Err(FrameError::TooLarge { len: MAX_FRAME_LEN + 1, max: MAX_FRAME_LEN }));
     }
 
     #[test]

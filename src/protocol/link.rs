@@ -69,7 +69,11 @@ pub struct ServerLink {
 impl ServerLink {
     /// `host:port` as a client dials it (IPv6 hosts in brackets).
     pub fn authority(&self) -> String {
-        if self.host.contains(':') { format!("[{}]:{}", self.host, self.port) } else { format!("{}:{}", self.host, self.port) }
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 
     /// The link that pins `fingerprint`, without channel or invite.

@@ -33,13 +33,25 @@ impl JoinRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientMsg {
     /// Must be the first frame. `join` asks for a first channel instead of the default one.
-    Hello { version: u16, name: String, join: Option<JoinRequest> },
+    Hello {
+        version: u16,
+        name: String,
+        join: Option<JoinRequest>,
+    },
     Join(JoinRequest),
     Leave,
     /// A temporary channel; the creator enters it. `user_limit` 0 means no limit.
-    CreateChannel { name: String, description: String, password: Option<String>, user_limit: u32 },
+    CreateChannel {
+        name: String,
+        description: String,
+        password: Option<String>,
+        user_limit: u32,
+    },
     /// An invite to the sender's current channel.
-    CreateInvite { max_uses: u32, ttl_secs: u32 },
+    CreateInvite {
+        max_uses: u32,
+        ttl_secs: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,15 +78,30 @@ pub struct UserInfo {
 pub enum ServerMsg {
     /// The answer to a hello. The server's channels and users follow one message each,
     /// then [`ServerMsg::Ready`].
-    Welcome { session: SessionId, name: String, server_version: u16 },
+    Welcome {
+        session: SessionId,
+        name: String,
+        server_version: u16,
+    },
     Ready,
     ChannelAdded(ChannelInfo),
     ChannelRemoved(ChannelId),
     UserConnected(UserInfo),
-    UserMoved { session: SessionId, channel: Option<ChannelId> },
+    UserMoved {
+        session: SessionId,
+        channel: Option<ChannelId>,
+    },
     UserDisconnected(SessionId),
-    InviteCreated { token: String, channel: ChannelId, expires_in_secs: u32, max_uses: u32 },
-    Error { code: ErrorCode, message: String },
+    InviteCreated {
+        token: String,
+        channel: ChannelId,
+        expires_in_secs: u32,
+        max_uses: u32,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// Why a request was refused. The snake_case names are stable: scripts match on them.
@@ -168,11 +195,8 @@ mod tests {
 
     #[test]
     fn every_client_message_round_trips() {
-        let join = JoinRequest {
-            channel: "Gaming".into(),
-            password: Some("hunter2".into()),
-            invite: Some("abcd".into()),
-        };
+        let join =
+            JoinRequest { channel: "Gaming".into(), password: Some("hunter2".into()), invite: Some("abcd".into()) };
         round_trip(ClientMsg::Hello { version: 1, name: "alice".into(), join: Some(join.clone()) });
         round_trip(ClientMsg::Hello { version: 7, name: "bob".into(), join: None });
         round_trip(ClientMsg::Join(join));
@@ -218,13 +242,27 @@ mod tests {
     fn error_codes_have_distinct_stable_names() {
         use std::collections::HashSet;
         let all = [
-            ErrorCode::VersionMismatch, ErrorCode::HelloRequired, ErrorCode::HelloTimeout,
-            ErrorCode::ServerFull, ErrorCode::ServerBusy, ErrorCode::NameTaken,
-            ErrorCode::NameInvalid, ErrorCode::NameTooLong, ErrorCode::NoSuchChannel,
-            ErrorCode::ChannelExists, ErrorCode::ChannelFull, ErrorCode::PasswordRequired,
-            ErrorCode::WrongPassword, ErrorCode::TooManyAttempts, ErrorCode::InviteInvalid,
-            ErrorCode::InviteExpired, ErrorCode::TooManyChannels, ErrorCode::NotInChannel,
-            ErrorCode::InvalidRequest, ErrorCode::RateLimited, ErrorCode::MalformedFrame,
+            ErrorCode::VersionMismatch,
+            ErrorCode::HelloRequired,
+            ErrorCode::HelloTimeout,
+            ErrorCode::ServerFull,
+            ErrorCode::ServerBusy,
+            ErrorCode::NameTaken,
+            ErrorCode::NameInvalid,
+            ErrorCode::NameTooLong,
+            ErrorCode::NoSuchChannel,
+            ErrorCode::ChannelExists,
+            ErrorCode::ChannelFull,
+            ErrorCode::PasswordRequired,
+            ErrorCode::WrongPassword,
+            ErrorCode::TooManyAttempts,
+            ErrorCode::InviteInvalid,
+            ErrorCode::InviteExpired,
+            ErrorCode::TooManyChannels,
+            ErrorCode::NotInChannel,
+            ErrorCode::InvalidRequest,
+            ErrorCode::RateLimited,
+            ErrorCode::MalformedFrame,
             ErrorCode::FrameTooLarge,
         ];
         let names: HashSet<_> = all.iter().map(|c| c.as_str()).collect();

@@ -11,8 +11,8 @@ pub mod link;
 pub mod media;
 mod messages;
 
-pub use link::{Fingerprint, LinkError, ServerLink, percent_encode};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN, decode_frame, encode_frame};
+pub use link::{Fingerprint, LinkError, ServerLink, percent_encode};
 pub use media::{MEDIA_HEADER_LEN, MediaHeader, MediaHeaderError, StreamType};
 pub use messages::*;
 

@@ -17,8 +17,8 @@ use zeroize::Zeroizing;
 
 use crate::config::{Limits, ServerConfig};
 use crate::protocol::{
-    ChannelId, ChannelInfo, ClientMsg, ErrorCode, JoinRequest, MediaHeader, MediaHeaderError,
-    PROTOCOL_VERSION, ServerMsg, SessionId, UserInfo,
+    ChannelId, ChannelInfo, ClientMsg, ErrorCode, JoinRequest, MediaHeader, MediaHeaderError, PROTOCOL_VERSION,
+    ServerMsg, SessionId, UserInfo,
 };
 use limits::TokenBucket;
 
@@ -71,25 +71,45 @@ pub enum Input {
     Control(ClientMsg),
     /// The control stream carried something that is not a message
     /// (`MalformedFrame` or `FrameTooLarge`); the connection is closed.
-    BadFrame { code: ErrorCode, detail: String },
+    BadFrame {
+        code: ErrorCode,
+        detail: String,
+    },
     /// The answer to [`Output::VerifyPassword`].
-    PasswordChecked { matched: bool },
+    PasswordChecked {
+        matched: bool,
+    },
     /// The answer to [`Output::HashPassword`]: a PHC string.
-    PasswordHashed { hash: String },
+    PasswordHashed {
+        hash: String,
+    },
     Disconnected,
 }
 
 /// What the shell must do.
 #[derive(Debug)]
 pub enum Output {
-    Send { to: ConnId, msg: ServerMsg },
+    Send {
+        to: ConnId,
+        msg: ServerMsg,
+    },
     /// Close the connection after the messages queued for it so far.
-    Close { conn: ConnId, code: ErrorCode },
+    Close {
+        conn: ConnId,
+        code: ErrorCode,
+    },
     /// Check a password against a hash off the relay's thread and answer with
     /// [`Input::PasswordChecked`].
-    VerifyPassword { conn: ConnId, password: Zeroizing<String>, hash: String },
+    VerifyPassword {
+        conn: ConnId,
+        password: Zeroizing<String>,
+        hash: String,
+    },
     /// Hash a password off the relay's thread and answer with [`Input::PasswordHashed`].
-    HashPassword { conn: ConnId, password: Zeroizing<String> },
+    HashPassword {
+        conn: ConnId,
+        password: Zeroizing<String>,
+    },
 }
 
 /// Why a datagram was not forwarded.
@@ -249,12 +269,8 @@ impl Relay {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let late: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.hello_deadline.is_some_and(|d| d <= now))
-            .map(|(id, _)| *id)
-            .collect();
+        let late: Vec<ConnId> =
+            self.conns.iter().filter(|(_, c)| c.hello_deadline.is_some_and(|d| d <= now)).map(|(id, _)| *id).collect();
         for conn in late {
             self.close(now, conn, Refusal::new(ErrorCode::HelloTimeout, "no hello in time"));
         }
@@ -396,12 +412,20 @@ impl Relay {
             return self.close(now, conn, refusal);
         }
         if self.users >= self.config.max_users {
-            return self.close(now, conn, Refusal::new(ErrorCode::ServerFull, format!("server is full ({} users)", self.users)));
+            return self.close(
+                now,
+                conn,
+                Refusal::new(ErrorCode::ServerFull, format!("server is full ({} users)", self.users)),
+            );
         }
         let key = name.to_lowercase();
         let taken = self.conns.values().any(|c| c.user.as_ref().is_some_and(|u| u.name.to_lowercase() == key));
         if taken {
-            return self.close(now, conn, Refusal::new(ErrorCode::NameTaken, format!("the name {name:?} is in use on this server")));
+            return self.close(
+                now,
+                conn,
+                Refusal::new(ErrorCode::NameTaken, format!("the name {name:?} is in use on this server")),
+            );
         }
 
         let session = SessionId(self.next_session);
@@ -412,7 +436,8 @@ impl Relay {
         state.user = Some(User { session, name: name.clone(), channel: None });
 
         self.send(conn, ServerMsg::Welcome { session, name: name.clone(), server_version: PROTOCOL_VERSION });
-        let channels: Vec<ServerMsg> = self.channels.values().map(|c| ServerMsg::ChannelAdded(c.info.clone())).collect();
+        let channels: Vec<ServerMsg> =
+            self.channels.values().map(|c| ServerMsg::ChannelAdded(c.info.clone())).collect();
         let users: Vec<ServerMsg> = self.active_users().map(|(_, u)| ServerMsg::UserConnected(u.info())).collect();
         for msg in channels.into_iter().chain(users) {
             self.send(conn, msg);
@@ -473,13 +498,16 @@ impl Relay {
             self.move_user(now, conn, Some(id));
             return Ok(());
         };
-        let password = password
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| Refusal::new(ErrorCode::PasswordRequired, format!("{channel:?} needs a password or an invite")))?;
+        let password = password.filter(|p| !p.is_empty()).ok_or_else(|| {
+            Refusal::new(ErrorCode::PasswordRequired, format!("{channel:?} needs a password or an invite"))
+        })?;
         let state = self.conns.get_mut(&conn).expect("requests come from known connections");
         if let Some(wait_until) = state.next_password_try.filter(|t| *t > now) {
             let wait = wait_until.duration_since(now).as_secs_f64().ceil();
-            return Err(Refusal::new(ErrorCode::TooManyAttempts, format!("too many wrong passwords; try again in {wait} s")));
+            return Err(Refusal::new(
+                ErrorCode::TooManyAttempts,
+                format!("too many wrong passwords; try again in {wait} s"),
+            ));
         }
         state.pending = Some(Pending::Join { channel: id, fallback });
         self.outputs.push_back(Output::VerifyPassword { conn, password, hash });
@@ -528,7 +556,8 @@ impl Relay {
                     format!("a password must be 1 to {} characters", self.config.limits.max_password_len),
                 ));
             }
-            self.conns.get_mut(&conn).expect("requests come from known connections").pending = Some(Pending::Create(new));
+            self.conns.get_mut(&conn).expect("requests come from known connections").pending =
+                Some(Pending::Create(new));
             self.outputs.push_back(Output::HashPassword { conn, password });
             return Ok(());
         }
@@ -623,7 +652,10 @@ impl Relay {
         let channel = &self.channels[&id];
         let limit = channel.info.user_limit;
         if limit > 0 && channel.members.len() >= limit as usize {
-            return Err(Refusal::new(ErrorCode::ChannelFull, format!("{:?} is full ({limit} users)", channel.info.name)));
+            return Err(Refusal::new(
+                ErrorCode::ChannelFull,
+                format!("{:?} is full ({limit} users)", channel.info.name),
+            ));
         }
         Ok(())
     }
@@ -753,7 +785,10 @@ fn check_name(name: &str, max: u32, what: &str) -> Result<(), Refusal> {
     }
     let len = trimmed.chars().count();
     if len > max as usize {
-        return Err(Refusal::new(ErrorCode::NameTooLong, format!("a {what} may have at most {max} characters, not {len}")));
+        return Err(Refusal::new(
+            ErrorCode::NameTooLong,
+            format!("a {what} may have at most {max} characters, not {len}"),
+        ));
     }
     Ok(())
 }

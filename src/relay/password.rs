@@ -3,8 +3,8 @@
 //! Hashing is deliberately slow, so the relay core never does it inline: it asks its
 //! shell to (see [`super::Output::HashPassword`] and [`super::Output::VerifyPassword`]).
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
 /// Bytes of random salt per hash.
 pub const SALT_LEN: usize = 16;
@@ -29,8 +29,7 @@ pub fn hash_with_random_salt(password: &str) -> Result<String, HashError> {
 
 /// Whether `password` matches the PHC string `phc`; an unreadable hash matches nothing.
 pub fn verify(password: &str, phc: &str) -> bool {
-    PasswordHash::new(phc)
-        .is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+    PasswordHash::new(phc).is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
 }
 
 #[cfg(test)]

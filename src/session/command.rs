@@ -10,12 +10,22 @@ pub const DEFAULT_INVITE_TTL_SECS: u32 = 24 * 3600;
 pub enum Command {
     Join(JoinRequest),
     Leave,
-    Create { name: String, description: String, password: Option<String>, user_limit: u32 },
-    Invite { max_uses: u32, ttl_secs: u32 },
+    Create {
+        name: String,
+        description: String,
+        password: Option<String>,
+        user_limit: u32,
+    },
+    Invite {
+        max_uses: u32,
+        ttl_secs: u32,
+    },
     /// Re-list the channels and who is in them.
     Channels,
     /// Send `count` probe datagrams to the current channel.
-    Probe { count: u32 },
+    Probe {
+        count: u32,
+    },
     /// A line of chat for the current channel.
     Say(String),
     Quit,

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::Serialize;
 
 use crate::protocol::{
-    ChannelId, ChannelInfo, ClientMsg, JoinRequest, MediaHeader, PROTOCOL_VERSION, percent_encode, ServerMsg, SessionId, StreamType,
-    UserInfo,
+    ChannelId, ChannelInfo, ClientMsg, JoinRequest, MediaHeader, PROTOCOL_VERSION, ServerMsg, SessionId, StreamType,
+    UserInfo, percent_encode,
 };
 pub use command::{Command, ParseError, parse_line};
 
@@ -34,17 +34,60 @@ pub struct ChannelView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
-    Connected { session: u32, name: String },
-    Channels { channels: Vec<ChannelView> },
-    Joined { channel: u32, name: String, users: Vec<String> },
-    Left { channel: u32, name: String },
-    UserJoined { user: String, session: u32, channel: u32 },
-    UserLeft { user: String, session: u32, channel: u32 },
-    ChannelCreated { channel: ChannelView },
-    ChannelRemoved { channel: u32, name: String },
-    InviteCreated { token: String, channel: u32, name: String, expires_in_secs: u32, max_uses: u32, link: String },
-    Datagram { from: String, session: u32, channel: u32, stream: StreamType, sequence: u32, bytes: usize },
-    Error { code: String, message: String },
+    Connected {
+        session: u32,
+        name: String,
+    },
+    Channels {
+        channels: Vec<ChannelView>,
+    },
+    Joined {
+        channel: u32,
+        name: String,
+        users: Vec<String>,
+    },
+    Left {
+        channel: u32,
+        name: String,
+    },
+    UserJoined {
+        user: String,
+        session: u32,
+        channel: u32,
+    },
+    UserLeft {
+        user: String,
+        session: u32,
+        channel: u32,
+    },
+    ChannelCreated {
+        channel: ChannelView,
+    },
+    ChannelRemoved {
+        channel: u32,
+        name: String,
+    },
+    InviteCreated {
+        token: String,
+        channel: u32,
+        name: String,
+        expires_in_secs: u32,
+        max_uses: u32,
+        link: String,
+    },
+    /// `from` is null when the datagram overtook the message that names its sender.
+    Datagram {
+        from: Option<String>,
+        session: u32,
+        channel: u32,
+        stream: StreamType,
+        sequence: u32,
+        bytes: usize,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
 }
 
 impl Event {
@@ -76,7 +119,8 @@ impl std::fmt::Display for Event {
             Event::InviteCreated { name, link, max_uses, expires_in_secs, .. } => {
                 write!(f, "* invite to {name} ({max_uses} uses, {expires_in_secs} s): {link}")
             }
-            Event::Datagram { from, stream, sequence, bytes, .. } => {
+            Event::Datagram { from, session, stream, sequence, bytes, .. } => {
+                let from = from.clone().unwrap_or_else(|| format!("session {session}"));
                 write!(f, "* {stream:?} datagram #{sequence} from {from}: {bytes} bytes")
             }
             Event::Error { code, message } => write!(f, "! {code}: {message}"),
@@ -184,11 +228,7 @@ impl Session {
             }
             ServerMsg::InviteCreated { token, channel, expires_in_secs, max_uses } => {
                 let name = self.channel_name(channel);
-                let link = format!(
-                    "{}&channel={}&invite={token}",
-                    self.server_link,
-                    percent_encode(&name)
-                );
+                let link = format!("{}&channel={}&invite={token}", self.server_link, percent_encode(&name));
                 self.events.push_back(Event::InviteCreated {
                     token,
                     channel: channel.0,
@@ -271,7 +311,7 @@ impl Session {
     pub fn handle_datagram(&mut self, datagram: &[u8]) {
         let event = match MediaHeader::parse(datagram) {
             Ok((header, payload)) => Event::Datagram {
-                from: self.users.get(&header.sender).map_or_else(String::new, |u| u.name.clone()),
+                from: self.users.get(&header.sender).map(|u| u.name.clone()),
                 session: header.sender.0,
                 channel: header.channel.0,
                 stream: header.stream,
@@ -371,7 +411,10 @@ mod tests {
         assert_eq!(ev[0], Event::Connected { session: 1, name: "alice".into() });
         let Event::Channels { channels } = &ev[1] else { panic!("{ev:?}") };
         assert_eq!(channels[0].users, ["bob"]);
-        assert_eq!(ev[2], Event::Joined { channel: 1, name: "Lobby".into(), users: vec!["alice".into(), "bob".into()] });
+        assert_eq!(
+            ev[2],
+            Event::Joined { channel: 1, name: "Lobby".into(), users: vec!["alice".into(), "bob".into()] }
+        );
         assert_eq!(s.channel(), Some(ChannelId(1)));
     }
 
@@ -421,16 +464,29 @@ mod tests {
         events(&mut s);
         let datagram = s.probe_datagram(b"xyz").unwrap();
         let (header, payload) = MediaHeader::parse(&datagram).unwrap();
-        assert_eq!((header.sender, header.channel, header.sequence, payload), (SessionId(1), ChannelId(1), 1, &b"xyz"[..]));
+        assert_eq!(
+            (header.sender, header.channel, header.sequence, payload),
+            (SessionId(1), ChannelId(1), 1, &b"xyz"[..])
+        );
         let from_bob = MediaHeader { sender: SessionId(2), ..header }.to_datagram(b"12345");
         s.handle_datagram(&from_bob);
         s.handle_datagram(&[1, 2]);
+        // A datagram can overtake the control message that announces its sender.
+        s.handle_datagram(&MediaHeader { sender: SessionId(77), ..header }.to_datagram(b""));
         let ev = events(&mut s);
         assert_eq!(
             ev[0],
-            Event::Datagram { from: "bob".into(), session: 2, channel: 1, stream: StreamType::Probe, sequence: 1, bytes: 5 }
+            Event::Datagram {
+                from: Some("bob".into()),
+                session: 2,
+                channel: 1,
+                stream: StreamType::Probe,
+                sequence: 1,
+                bytes: 5
+            }
         );
         assert!(matches!(&ev[1], Event::Error { code, .. } if code == "bad_datagram"));
+        assert!(matches!(&ev[2], Event::Datagram { from: None, session: 77, .. }));
     }
 
     #[test]
