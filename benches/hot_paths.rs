@@ -14,8 +14,7 @@ use voipc::relay::{ConnId, Input, Relay, RelayConfig};
 
 /// A relay with `members` users in the Lobby; returns it and the first user's id.
 fn relay_with(members: u64, now: Instant) -> (Relay, ConnId) {
-    let mut config = ServerConfig::default();
-    config.max_users = members as u32;
+    let mut config = ServerConfig { max_users: members as u32, ..ServerConfig::default() };
     config.limits.media_packets_per_sec = u32::MAX / 2;
     config.limits.media_bytes_per_sec = u32::MAX / 2;
     let mut relay = Relay::new(RelayConfig::from_server_config(&config).unwrap(), [1; 32]);

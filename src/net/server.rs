@@ -259,9 +259,14 @@ fn send_control(state: &State, to: ConnId, msg: &ServerMsg) {
         Ok(frame) => frame,
         Err(e) => return warn!(error = %e, "cannot encode a server message"),
     };
-    if handle.control.try_send(Outgoing::Frame(frame)).is_err() {
-        warn!(conn = to.0, "control queue full; disconnecting a client that does not read");
-        handle.connection.close(VarInt::from_u32(CLOSE_ERROR), ErrorCode::RateLimited.as_str().as_bytes());
+    match handle.control.try_send(Outgoing::Frame(frame)) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            warn!(conn = to.0, "control queue full; disconnecting a client that does not read");
+            handle.connection.close(VarInt::from_u32(CLOSE_ERROR), ErrorCode::RateLimited.as_str().as_bytes());
+        }
+        // The writer has stopped: the connection is ending and its reader will report it.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
     }
 }
 

@@ -24,3 +24,74 @@ pub const ALPN: &[u8] = b"voipc/1";
 
 /// The UDP port a server listens on when none is configured.
 pub const DEFAULT_PORT: u16 = 9987;
+
+/// Every decoder of bytes from the network, fed random and mutated input: errors are
+/// fine, panics are not. (A deterministic stand-in for a fuzzer that runs in `just test`.)
+#[cfg(test)]
+mod robustness_tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn valid_frames() -> Vec<Vec<u8>> {
+        let join = JoinRequest { channel: "Staff".into(), password: Some("pw".into()), invite: Some("t".into()) };
+        let client = [
+            ClientMsg::Hello { version: PROTOCOL_VERSION, name: "alice".into(), join: Some(join.clone()) },
+            ClientMsg::Join(join),
+            ClientMsg::CreateChannel { name: "a".into(), description: "b".into(), password: None, user_limit: 3 },
+            ClientMsg::CreateInvite { max_uses: 1, ttl_secs: 2 },
+        ];
+        let server = [
+            ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: PROTOCOL_VERSION },
+            ServerMsg::UserConnected(UserInfo { session: SessionId(2), name: "b".into(), channel: Some(ChannelId(1)) }),
+            ServerMsg::Error { code: ErrorCode::ChannelFull, message: "full".into() },
+        ];
+        let mut frames: Vec<Vec<u8>> = client.iter().map(|m| encode_frame(m).unwrap()).collect();
+        frames.extend(server.iter().map(|m| encode_frame(m).unwrap()));
+        frames
+    }
+
+    fn try_every_decoder(bytes: &[u8]) {
+        let _ = decode_frame::<ClientMsg>(bytes);
+        let _ = decode_frame::<ServerMsg>(bytes);
+        let _ = MediaHeader::parse(bytes);
+        let mut decoder = FrameDecoder::new();
+        decoder.extend(bytes);
+        while let Ok(Some(body)) = decoder.next_body() {
+            let _ = decode_frame::<ClientMsg>(&body);
+        }
+        if let Ok(text) = std::str::from_utf8(bytes) {
+            let _ = text.parse::<ServerLink>();
+            let _ = text.parse::<Fingerprint>();
+        }
+    }
+
+    #[test]
+    fn decoders_survive_random_and_mutated_input() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let seeds = valid_frames();
+        for round in 0..50_000 {
+            let bytes: Vec<u8> = if round % 2 == 0 {
+                (0..rng.random_range(0..64)).map(|_| rng.random()).collect()
+            } else {
+                let mut bytes = seeds[rng.random_range(0..seeds.len())].clone();
+                for _ in 0..rng.random_range(1..4) {
+                    let at = rng.random_range(0..bytes.len());
+                    match rng.random_range(0..3) {
+                        0 => bytes[at] = rng.random(),
+                        1 => bytes.truncate(at),
+                        _ => bytes.insert(at, rng.random()),
+                    }
+                    if bytes.is_empty() {
+                        break;
+                    }
+                }
+                bytes
+            };
+            try_every_decoder(&bytes);
+            if bytes.len() > frame::LEN_PREFIX {
+                try_every_decoder(&bytes[frame::LEN_PREFIX..]);
+            }
+        }
+        try_every_decoder(b"voipc://[::1]:99999/?fp=%ff%");
+    }
+}

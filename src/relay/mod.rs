@@ -331,7 +331,8 @@ impl Relay {
         let result = self.check_datagram(now, from, datagram);
         match result {
             Ok(channel) => {
-                let members = &self.channels[&channel].members;
+                // Channels with members are never removed, so the lookup cannot miss.
+                let members = self.channels.get(&channel).map_or(&[][..], |c| &c.members[..]);
                 to.extend(members.iter().copied().filter(|m| *m != from));
                 self.stats.datagrams_forwarded += to.len() as u64;
                 self.stats.bytes_forwarded += (to.len() * datagram.len()) as u64;
@@ -648,8 +649,11 @@ impl Relay {
         Ok(())
     }
 
+    /// Whether a channel still exists and has room for one more.
     fn check_room(&self, id: ChannelId) -> Result<(), Refusal> {
-        let channel = &self.channels[&id];
+        // A temporary channel can vanish while a password check for it is pending.
+        let channel =
+            self.channels.get(&id).ok_or_else(|| Refusal::new(ErrorCode::NoSuchChannel, "the channel is gone"))?;
         let limit = channel.info.user_limit;
         if limit > 0 && channel.members.len() >= limit as usize {
             return Err(Refusal::new(

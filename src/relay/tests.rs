@@ -14,6 +14,8 @@ struct Sim {
     inbox: HashMap<ConnId, Vec<ServerMsg>>,
     closed: HashMap<ConnId, ErrorCode>,
     sessions: HashMap<ConnId, SessionId>,
+    /// When set, password work waits here instead of being answered at once.
+    held: Option<Vec<Output>>,
 }
 
 fn config(channels: Vec<ChannelConfig>, limits: Limits) -> RelayConfig {
@@ -41,6 +43,7 @@ impl Sim {
             inbox: HashMap::new(),
             closed: HashMap::new(),
             sessions: HashMap::new(),
+            held: None,
         }
     }
 
@@ -56,6 +59,7 @@ impl Sim {
                 Output::Close { conn, code } => {
                     self.closed.insert(conn, code);
                 }
+                out if self.held.is_some() => self.held.as_mut().expect("checked").push(out),
                 Output::VerifyPassword { conn, password, hash } => {
                     let matched = password::verify(&password, &hash);
                     self.relay.handle_input(self.now, conn, Input::PasswordChecked { matched }).unwrap();
@@ -527,4 +531,144 @@ fn malformed_frames_close_only_their_connection() {
     // The shell's late report of the same end is harmless.
     sim.input(a, Input::Disconnected);
     assert_eq!(sim.relay.user_count(), 1);
+}
+
+#[test]
+fn a_channel_that_vanishes_during_a_password_check_is_refused_cleanly() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", None);
+    let create = ClientMsg::CreateChannel {
+        name: "Tmp".into(),
+        description: String::new(),
+        password: Some("pw".into()),
+        user_limit: 0,
+    };
+    sim.send(alice, create);
+    sim.send(alice, join("Lobby"));
+    let bob = sim.hello("bob", None);
+    sim.take(bob);
+    sim.held = Some(Vec::new());
+    sim.send(bob, join_with("Tmp", Some("pw"), None));
+    sim.advance(Duration::from_secs(300));
+    assert!(sim.relay.find_channel("Tmp").is_none());
+    let held = sim.held.take().unwrap();
+    assert_eq!(held.len(), 1);
+    let Output::VerifyPassword { password, hash, .. } = &held[0] else { panic!("{held:?}") };
+    let matched = password::verify(password, hash);
+    assert!(matched);
+    sim.input(bob, Input::PasswordChecked { matched });
+    assert_eq!(sim.errors(bob), [ErrorCode::NoSuchChannel]);
+    assert_eq!(sim.channel_of(bob), Some(sim.channel_id("Lobby")));
+}
+
+/// Random traffic from many connections, answers to password work arriving late or
+/// never: the relay must not panic and its books must stay consistent.
+#[test]
+fn random_traffic_keeps_the_relay_consistent() {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    let limits = Limits { max_channels: 6, control_burst: 1000, control_messages_per_sec: 1000, ..Limits::default() };
+    let mut config = config(vec![channel("Lobby", None, 0), channel("Pw", Some("pw"), 2)], limits);
+    config.max_users = 8;
+    let mut relay = Relay::new(config, [3; 32]);
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut now = Instant::now();
+    let names = ["a", "b", "c", "d", "Pw", "Tmp", "tmp", "x y", ""];
+    // Password work the "shell" has not answered yet.
+    let mut pending: Vec<(ConnId, Input)> = Vec::new();
+    let mut tokens: Vec<String> = Vec::new();
+    for _ in 0..20_000 {
+        let conn = ConnId(rng.random_range(1..=6));
+        let name = || names[rand::random_range(0..names.len())].to_owned();
+        let input = match rng.random_range(0..14) {
+            0 => Input::Connected,
+            1 => Input::Disconnected,
+            2 => Input::Control(ClientMsg::Hello { version: PROTOCOL_VERSION, name: name(), join: None }),
+            3 | 4 => {
+                let invite = if rng.random_bool(0.3) { tokens.last().cloned() } else { None };
+                let password = rng.random_bool(0.5).then(|| if rng.random_bool(0.5) { "pw" } else { "no" }.to_owned());
+                Input::Control(ClientMsg::Join(JoinRequest { channel: name(), password, invite }))
+            }
+            5 => Input::Control(ClientMsg::Leave),
+            6 => Input::Control(ClientMsg::CreateChannel {
+                name: name(),
+                description: String::new(),
+                password: rng.random_bool(0.3).then(|| "pw".to_owned()),
+                user_limit: rng.random_range(0..3),
+            }),
+            7 => Input::Control(ClientMsg::CreateInvite {
+                max_uses: rng.random_range(0..3),
+                ttl_secs: rng.random_range(0..30),
+            }),
+            8 => Input::BadFrame { code: ErrorCode::MalformedFrame, detail: String::new() },
+            9 if !pending.is_empty() => {
+                let (conn, input) = pending.swap_remove(rng.random_range(0..pending.len()));
+                relay.handle_input(now, conn, input).unwrap();
+                continue;
+            }
+            10 => {
+                let datagram: Vec<u8> = (0..rng.random_range(0..40)).map(|_| rng.random()).collect();
+                let _ = relay.route_datagram(now, conn, &datagram, &mut Vec::new());
+                continue;
+            }
+            11 => {
+                let header = MediaHeader {
+                    stream: StreamType::Voice,
+                    flags: 0,
+                    channel: ChannelId(rng.random_range(0..8)),
+                    sender: SessionId(rng.random_range(0..12)),
+                    sequence: 0,
+                    timestamp: 0,
+                };
+                let _ = relay.route_datagram(now, conn, &header.to_datagram(b"x"), &mut Vec::new());
+                continue;
+            }
+            _ => {
+                now += Duration::from_secs(rng.random_range(0..120));
+                relay.handle_timeout(now);
+                continue;
+            }
+        };
+        match relay.handle_input(now, conn, input) {
+            Ok(()) | Err(RelayError::UnknownConnection(_)) | Err(RelayError::DuplicateConnection(_)) => {}
+        }
+        while let Some(output) = relay.poll_output() {
+            match output {
+                Output::VerifyPassword { conn, password, .. } => {
+                    pending.push((conn, Input::PasswordChecked { matched: password.as_str() == "pw" }));
+                }
+                Output::HashPassword { conn, .. } => {
+                    pending.push((conn, Input::PasswordHashed { hash: "$argon2id$x".into() }))
+                }
+                Output::Send { msg: ServerMsg::InviteCreated { token, .. }, .. } => tokens.push(token),
+                Output::Send { .. } | Output::Close { .. } => {}
+            }
+        }
+        check_books(&relay);
+    }
+}
+
+/// Every member of a channel is a user who is in that channel, and the reverse; the
+/// user count matches; names are unique.
+fn check_books(relay: &Relay) {
+    let mut names = std::collections::HashSet::new();
+    let mut users = 0;
+    for (conn, state) in &relay.conns {
+        let Some(user) = &state.user else { continue };
+        users += 1;
+        assert!(names.insert(user.name.to_lowercase()), "duplicate name {}", user.name);
+        if let Some(channel) = user.channel {
+            assert!(relay.channels[&channel].members.contains(conn), "{conn:?} missing from its channel");
+        }
+    }
+    assert_eq!(users, relay.user_count());
+    assert!(relay.user_count() <= relay.config.max_users);
+    assert!(relay.channels.len() <= relay.config.limits.max_channels as usize);
+    for (id, channel) in &relay.channels {
+        for member in &channel.members {
+            let user = relay.conns[member].user.as_ref().expect("members are users");
+            assert_eq!(user.channel, Some(*id));
+        }
+        let limit = channel.info.user_limit as usize;
+        assert!(limit == 0 || channel.members.len() <= limit, "{} over its limit", channel.info.name);
+    }
 }
