@@ -1,6 +1,8 @@
 # VoIPC tasks. `just run` starts a server; `just test` runs the whole suite.
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
+# Pass recipe arguments through as they are ("$@"), so invite links keep their & and ?.
+set positional-arguments
 
 # Debian packages the build and the tests need (gcc and make build aws-lc).
 packages := "build-essential pkg-config"
@@ -34,15 +36,15 @@ build: setup
 
 # Build and run voipc; with no arguments it hosts a server (`just run join voipc://...` connects).
 run *args='serve': build
-    ./target/release/voipc {{args}}
+    ./target/release/voipc "$@"
 
 # Host a server (arguments go to `voipc serve`, e.g. --config server.toml).
 serve *args: build
-    ./target/release/voipc serve {{args}}
+    ./target/release/voipc serve "$@"
 
 # Connect a headless client (arguments go to `voipc join`).
 join *args: build
-    ./target/release/voipc join {{args}}
+    ./target/release/voipc join "$@"
 
 # The whole test suite: unit tests, then the real binary end to end.
 test: setup
@@ -50,7 +52,7 @@ test: setup
 
 # Relay throughput and latency against a plain-UDP baseline, then the micro-benchmarks.
 bench *args: build
-    ./target/release/voipc bench relay {{args}}
+    ./target/release/voipc bench relay "$@"
     cargo bench --bench hot_paths
 
 # Formatting and clippy, warnings denied.

@@ -59,7 +59,7 @@ fn a_pinned_server_whose_certificate_changed_is_refused() {
 
     // Another server (another certificate) on the same address.
     let second_dir = tempfile::tempdir().unwrap();
-    let second = TestServer::start_on(second_dir.path(), None, &addr);
+    let second = TestServer::start_with(second_dir.path(), None, &["--listen", &addr]);
     assert_ne!(second.fingerprint, old_fp);
     for extra in [&[][..], &["--trust-on-first-use"][..]] {
         let mut alice = TestClient::join_with_data(&addr, "alice", extra, data.path());
@@ -68,4 +68,32 @@ fn a_pinned_server_whose_certificate_changed_is_refused() {
         assert!(message.contains(&old_fp) && message.contains(&second.fingerprint), "{message}");
         assert!(!alice.wait().success());
     }
+}
+
+#[test]
+fn a_configured_certificate_is_used_and_an_ephemeral_one_is_never_written() {
+    let first_dir = tempfile::tempdir().unwrap();
+    let first = TestServer::start(first_dir.path(), None);
+    let fingerprint = first.fingerprint.clone();
+    assert!(first.stop().success());
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(first_dir.path().join("server-cert.pem"), dir.path().join("my.crt")).unwrap();
+    std::fs::copy(first_dir.path().join("server-key.pem"), dir.path().join("my.key")).unwrap();
+    let config = "certificate = \"my.crt\"\nprivate_key = \"my.key\"\n";
+    let server = TestServer::start(dir.path(), Some(config));
+    assert_eq!(server.fingerprint, fingerprint);
+    let mut alice = TestClient::join(&server.invite, "alice", &[]);
+    alice.expect_joined("Lobby");
+    assert!(alice.quit().success());
+    assert!(server.stop().success());
+    assert!(!dir.path().join("server-cert.pem").exists(), "no certificate generated beside a configured one");
+
+    let empty = tempfile::tempdir().unwrap();
+    let ephemeral = TestServer::start_with(empty.path(), None, &["--listen", "127.0.0.1:0", "--ephemeral-cert"]);
+    let mut bob = TestClient::join(&ephemeral.invite, "bob", &[]);
+    bob.expect_joined("Lobby");
+    assert!(bob.quit().success());
+    assert!(ephemeral.stop().success());
+    assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0, "an ephemeral certificate stays in memory");
 }

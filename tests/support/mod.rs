@@ -42,12 +42,13 @@ pub struct TestServer {
 impl TestServer {
     /// `voipc serve` in `dir` on a free loopback port, with `config` as server.toml if given.
     pub fn start(dir: &Path, config: Option<&str>) -> TestServer {
-        Self::start_on(dir, config, "127.0.0.1:0")
+        Self::start_with(dir, config, &["--listen", "127.0.0.1:0"])
     }
 
-    pub fn start_on(dir: &Path, config: Option<&str>, listen: &str) -> TestServer {
+    /// `voipc serve --json` in `dir` with `args`, which must say where to listen.
+    pub fn start_with(dir: &Path, config: Option<&str>, args: &[&str]) -> TestServer {
         let mut command = voipc();
-        command.current_dir(dir).args(["serve", "--listen", listen, "--json"]);
+        command.current_dir(dir).args(["serve", "--json"]).args(args);
         if let Some(config) = config {
             std::fs::write(dir.join("server.toml"), config).unwrap();
             command.args(["--config", "server.toml"]);
