@@ -173,6 +173,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let limits = &config.limits;
     let hello_timeout = std::time::Duration::from_secs(limits.hello_timeout_secs);
     let server = Server::bind(config.listen, identity, relay, limits.max_pending_connections, hello_timeout)?;
+    let shutdown = shutdown_signal()?;
     let addr = server.local_addr()?;
     let fingerprint = server.fingerprint();
     let link = ServerLink {
@@ -199,7 +200,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("certificate fingerprint (SHA-256): {fingerprint}");
         println!("invite link: {invite}");
     }
-    server.run(shutdown_signal()).await;
+    server.run(shutdown).await;
     Ok(())
 }
 
@@ -219,20 +220,26 @@ fn invite_host(ip: IpAddr, public_host: Option<&str>) -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
+/// Resolves on SIGTERM or SIGINT. The handlers are installed now, not when first polled,
+/// so that a signal right after the server announced itself is not fatal.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
+            _ = interrupt.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 async fn join(args: JoinArgs) -> anyhow::Result<()> {
