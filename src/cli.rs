@@ -168,7 +168,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         identity
     };
-    let relay_config = RelayConfig::from_server_config(&config).context("hashing channel passwords")?;
+    let relay_config = RelayConfig::from_server_config(&config);
     let relay = Relay::new(relay_config, rand::random());
     let limits = &config.limits;
     let hello_timeout = std::time::Duration::from_secs(limits.hello_timeout_secs);

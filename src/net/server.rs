@@ -147,9 +147,9 @@ impl Shared {
         let span = info_span!("conn", id = id.0, remote = %connection.remote_address());
         async {
             debug!("connected");
-            if let Some((send, recv)) = wait_for_control_stream(&connection, rx).await {
+            if let Some((send, recv, rx)) = wait_for_control_stream(&connection, rx).await {
                 let datagrams = tokio::spawn(self.clone().forward_datagrams(id, connection.clone()));
-                tokio::spawn(write_control(send.0, send.1, connection.clone()));
+                tokio::spawn(write_control(send, rx, connection.clone()));
                 self.read_control(id, recv).await;
                 datagrams.abort();
             }
@@ -232,10 +232,8 @@ impl Shared {
                     });
                 }
                 Output::HashPassword { conn, password } => {
-                    self.off_thread(conn, move || match password::hash_with_random_salt(&password) {
-                        Ok(hash) => Input::PasswordHashed { hash },
-                        // Cannot happen with our fixed parameters; treat it as a broken request.
-                        Err(e) => Input::BadFrame { code: ErrorCode::InvalidRequest, detail: e.to_string() },
+                    self.off_thread(conn, move || Input::PasswordHashed {
+                        hash: password::hash_with_random_salt(&password),
                     });
                 }
             }
@@ -270,17 +268,18 @@ fn send_control(state: &State, to: ConnId, msg: &ServerMsg) {
     }
 }
 
-/// Waits for the client to open its control stream. A close the relay asks for before
-/// that (busy server, no hello in time) is carried out here.
+/// Waits for the client to open its control stream and hands back the queue to write
+/// on it. A close the relay asks for before that (busy server, no hello in time) is
+/// carried out here.
 async fn wait_for_control_stream(
     connection: &quinn::Connection,
     mut rx: mpsc::Receiver<Outgoing>,
-) -> Option<((quinn::SendStream, mpsc::Receiver<Outgoing>), quinn::RecvStream)> {
+) -> Option<(quinn::SendStream, quinn::RecvStream, mpsc::Receiver<Outgoing>)> {
     loop {
         tokio::select! {
             stream = connection.accept_bi() => {
                 let (send, recv) = stream.ok()?;
-                return Some(((send, rx), recv));
+                return Some((send, recv, rx));
             }
             outgoing = rx.recv() => match outgoing {
                 // Without a stream the error message cannot be read; the close reason names it.

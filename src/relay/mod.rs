@@ -46,20 +46,18 @@ pub struct RelayConfig {
 impl RelayConfig {
     /// Takes a server config, hashing the permanent channels' passwords (slow; do it
     /// once at start).
-    pub fn from_server_config(config: &ServerConfig) -> Result<Self, password::HashError> {
+    pub fn from_server_config(config: &ServerConfig) -> Self {
         let channels = config
             .channels
             .iter()
-            .map(|c| {
-                Ok(PermanentChannel {
-                    name: c.name.clone(),
-                    description: c.description.clone(),
-                    password_hash: c.password.as_deref().map(password::hash_with_random_salt).transpose()?,
-                    user_limit: c.user_limit,
-                })
+            .map(|c| PermanentChannel {
+                name: c.name.clone(),
+                description: c.description.clone(),
+                password_hash: c.password.as_deref().map(password::hash_with_random_salt),
+                user_limit: c.user_limit,
             })
-            .collect::<Result<_, password::HashError>>()?;
-        Ok(Self { max_users: config.max_users, limits: config.limits.clone(), channels })
+            .collect();
+        Self { max_users: config.max_users, limits: config.limits.clone(), channels }
     }
 }
 
@@ -288,18 +286,19 @@ impl Relay {
     }
 
     pub fn handle_input(&mut self, now: Instant, conn: ConnId, input: Input) -> Result<(), RelayError> {
-        if let Input::Connected = input {
-            return self.connect(now, conn);
-        }
         let Some(state) = self.conns.get_mut(&conn) else {
-            // A connection the relay already closed can still report its end or a late answer.
             return match input {
+                Input::Connected => {
+                    self.connect(now, conn);
+                    Ok(())
+                }
+                // A connection the relay already closed can still report its end or a late answer.
                 Input::Disconnected | Input::PasswordChecked { .. } | Input::PasswordHashed { .. } => Ok(()),
                 _ => Err(RelayError::UnknownConnection(conn)),
             };
         };
         match input {
-            Input::Connected => unreachable!("handled above"),
+            Input::Connected => return Err(RelayError::DuplicateConnection(conn)),
             Input::Disconnected => self.disconnect(now, conn),
             Input::BadFrame { code, detail } => self.close(now, conn, Refusal(code, detail)),
             Input::PasswordChecked { matched } => self.password_checked(now, conn, matched),
@@ -366,16 +365,13 @@ impl Relay {
         Ok(header.channel)
     }
 
-    fn connect(&mut self, now: Instant, conn: ConnId) -> Result<(), RelayError> {
-        if self.conns.contains_key(&conn) {
-            return Err(RelayError::DuplicateConnection(conn));
-        }
+    fn connect(&mut self, now: Instant, conn: ConnId) {
         let limits = &self.config.limits;
         let pending = self.conns.values().filter(|c| c.user.is_none()).count();
         if pending >= limits.max_pending_connections as usize {
             self.send(conn, error_msg(ErrorCode::ServerBusy, "too many connections are starting; try again"));
             self.outputs.push_back(Output::Close { conn, code: ErrorCode::ServerBusy });
-            return Ok(());
+            return;
         }
         let media_burst = limits.media_packets_per_sec / 2;
         self.conns.insert(
@@ -391,7 +387,6 @@ impl Relay {
                 pending: None,
             },
         );
-        Ok(())
     }
 
     fn hello(&mut self, now: Instant, conn: ConnId, msg: ClientMsg) {

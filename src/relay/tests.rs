@@ -20,7 +20,7 @@ struct Sim {
 
 fn config(channels: Vec<ChannelConfig>, limits: Limits) -> RelayConfig {
     let server = ServerConfig { channels, limits, max_users: 4, ..ServerConfig::default() };
-    RelayConfig::from_server_config(&server).unwrap()
+    RelayConfig::from_server_config(&server)
 }
 
 fn channel(name: &str, password: Option<&str>, user_limit: u32) -> ChannelConfig {
@@ -65,7 +65,7 @@ impl Sim {
                     self.relay.handle_input(self.now, conn, Input::PasswordChecked { matched }).unwrap();
                 }
                 Output::HashPassword { conn, password } => {
-                    let hash = password::hash(&password, &[1; password::SALT_LEN]).unwrap();
+                    let hash = password::hash(&password, &[1; password::SALT_LEN]);
                     self.relay.handle_input(self.now, conn, Input::PasswordHashed { hash }).unwrap();
                 }
             }
