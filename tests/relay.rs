@@ -175,6 +175,14 @@ impl RawClient {
     }
 }
 
+fn alice_and_bob_in_the_lobby(server: &TestServer) -> (TestClient, TestClient) {
+    let mut alice = TestClient::join(&server.invite, "alice", &[]);
+    let mut bob = TestClient::join(&server.invite, "bob", &[]);
+    alice.expect_joined("Lobby");
+    bob.expect_joined("Lobby");
+    (alice, bob)
+}
+
 fn hello(name: &str, version: u16) -> Vec<u8> {
     encode_frame(&ClientMsg::Hello { version, name: name.into(), join: None }).unwrap()
 }
@@ -183,10 +191,7 @@ fn hello(name: &str, version: u16) -> Vec<u8> {
 fn malformed_and_oversized_frames_get_errors_and_leave_others_unharmed() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), None);
-    let mut alice = TestClient::join(&server.invite, "alice", &[]);
-    let mut bob = TestClient::join(&server.invite, "bob", &[]);
-    alice.expect_joined("Lobby");
-    bob.expect_joined("Lobby");
+    let (mut alice, mut bob) = alice_and_bob_in_the_lobby(&server);
 
     let mut garbage = RawClient::connect(&server);
     garbage.write(&hello("mallory", voipc::protocol::PROTOCOL_VERSION));
@@ -230,10 +235,7 @@ fn silent_connections_are_closed_after_the_hello_timeout() {
 fn the_server_writes_nothing_but_its_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), None);
-    let mut alice = TestClient::join(&server.invite, "alice", &[]);
-    let mut bob = TestClient::join(&server.invite, "bob", &[]);
-    alice.expect_joined("Lobby");
-    bob.expect_joined("Lobby");
+    let (mut alice, mut bob) = alice_and_bob_in_the_lobby(&server);
     alice.send("/create Secret --password pw");
     alice.expect_joined("Secret");
     alice.send("/invite");

@@ -124,6 +124,7 @@ impl Server {
             () = shutdown => info!("shutting down"),
         }
         timer.abort();
+        log_stats(&self.shared.lock().relay);
         self.endpoint.close(VarInt::from_u32(CLOSE_NORMAL), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
@@ -314,17 +315,40 @@ async fn write_control(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Outgo
     }
 }
 
-/// Runs the relay's timeouts (hello deadlines, empty channels, invites) when they fall due.
+fn log_stats(relay: &Relay) {
+    let stats = relay.stats();
+    info!(
+        users = relay.user_count(),
+        datagrams_in = stats.datagrams_in,
+        forwarded = stats.datagrams_forwarded,
+        bytes_forwarded = stats.bytes_forwarded,
+        dropped_over_rate = stats.dropped_rate_limited,
+        dropped_invalid = stats.dropped_invalid,
+        "relay totals"
+    );
+}
+
+/// How often the relay's totals are logged.
+const STATS_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Runs the relay's timeouts (hello deadlines, empty channels, invites) when they fall
+/// due, and logs its totals now and then.
 async fn run_timers(shared: Arc<Shared>) {
+    let mut stats = tokio::time::interval(STATS_INTERVAL);
+    stats.tick().await;
     loop {
         let deadline = shared.lock().relay.poll_timeout();
-        match deadline {
-            Some(deadline) => tokio::select! {
-                () = tokio::time::sleep_until(deadline.into()) => {}
-                () = shared.timer.notified() => continue,
-            },
-            None => {
-                shared.timer.notified().await;
+        let due = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = due => {}
+            () = shared.timer.notified() => continue,
+            _ = stats.tick() => {
+                log_stats(&shared.lock().relay);
                 continue;
             }
         }
