@@ -97,3 +97,17 @@ fn a_configured_certificate_is_used_and_an_ephemeral_one_is_never_written() {
     assert!(ephemeral.stop().success());
     assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0, "an ephemeral certificate stays in memory");
 }
+
+#[test]
+fn the_relay_bench_runs_end_to_end_and_reports_json() {
+    let out = voipc().args(["bench", "relay", "--secs", "0.5", "--max-members", "2", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for side in ["quic", "udp_baseline"] {
+        let level = &report[side][0];
+        assert_eq!(level["members"], 2, "{report}");
+        assert!(level["forwarded_per_sec"].as_f64().unwrap() > 0.0, "{report}");
+    }
+    assert!(report["quic"][0]["cpu_s_per_million"].is_number(), "the server's CPU is measured: {report}");
+    assert!(report["ratio_to_baseline"].is_number(), "{report}");
+}
