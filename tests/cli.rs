@@ -68,6 +68,12 @@ fn a_pinned_server_whose_certificate_changed_is_refused() {
         assert!(message.contains(&old_fp) && message.contains(&second.fingerprint), "{message}");
         assert!(!alice.wait().success());
     }
+    // The operator confirmed the new certificate: giving it explicitly replaces the pin.
+    let mut alice = TestClient::join_with_data(&addr, "alice", &["--fingerprint", &second.fingerprint], data.path());
+    alice.expect_joined("Lobby");
+    assert!(alice.quit().success());
+    let mut again = TestClient::join_with_data(&addr, "alice", &[], data.path());
+    again.expect_joined("Lobby");
 }
 
 #[test]
