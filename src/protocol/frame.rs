@@ -55,64 +55,27 @@ pub fn body_len(prefix: [u8; LEN_PREFIX]) -> Result<usize, FrameError> {
     Ok(len)
 }
 
-/// Splits a byte stream into frames, sans-IO: feed it bytes, take whole bodies out.
-/// Used where frames arrive in arbitrary chunks (tests, fuzzing, any byte transport).
-#[derive(Debug, Default)]
-pub struct FrameDecoder {
-    buf: Vec<u8>,
-}
-
-impl FrameDecoder {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Appends received bytes.
-    pub fn extend(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// Takes the next whole frame body, `Ok(None)` while one is incomplete.
-    /// After an error the stream is unusable: the peer must be disconnected.
-    pub fn next_body(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
-        let Some(prefix) = self.buf.first_chunk::<LEN_PREFIX>() else {
-            return Ok(None);
-        };
-        let len = body_len(*prefix)?;
-        if self.buf.len() < LEN_PREFIX + len {
-            return Ok(None);
-        }
-        let body = self.buf[LEN_PREFIX..LEN_PREFIX + len].to_vec();
-        self.buf.drain(..LEN_PREFIX + len);
-        Ok(Some(body))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::{ClientMsg, PROTOCOL_VERSION};
 
     #[test]
-    fn frame_round_trips_through_chunked_decoder() {
+    fn frame_is_a_length_prefix_and_a_body() {
         let msg = ClientMsg::Hello { version: PROTOCOL_VERSION, name: "alice".into(), join: None };
         let frame = encode_frame(&msg).unwrap();
-        let mut dec = FrameDecoder::new();
-        for byte in &frame[..frame.len() - 1] {
-            dec.extend(std::slice::from_ref(byte));
-            assert_eq!(dec.next_body().unwrap(), None);
-        }
-        dec.extend(&frame[frame.len() - 1..]);
-        let body = dec.next_body().unwrap().expect("whole frame");
-        assert_eq!(decode_frame::<ClientMsg>(&body).unwrap(), msg);
-        assert_eq!(dec.next_body().unwrap(), None);
+        let prefix = *frame.first_chunk::<LEN_PREFIX>().unwrap();
+        assert_eq!(body_len(prefix), Ok(frame.len() - LEN_PREFIX));
+        assert_eq!(decode_frame::<ClientMsg>(&frame[LEN_PREFIX..]).unwrap(), msg);
     }
 
     #[test]
     fn oversized_prefix_is_refused_before_the_body_arrives() {
-        let mut dec = FrameDecoder::new();
-        dec.extend(&(MAX_FRAME_LEN as u32 + 1).to_be_bytes());
-        assert_eq!(dec.next_body(), Err(FrameError::TooLarge { len: MAX_FRAME_LEN + 1, max: MAX_FRAME_LEN }));
+        assert_eq!(body_len((MAX_FRAME_LEN as u32).to_be_bytes()), Ok(MAX_FRAME_LEN));
+        assert_eq!(
+            body_len((MAX_FRAME_LEN as u32 + 1).to_be_bytes()),
+            Err(FrameError::TooLarge { len: MAX_FRAME_LEN + 1, max: MAX_FRAME_LEN })
+        );
     }
 
     #[test]
