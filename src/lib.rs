@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod net;
 pub mod protocol;
 pub mod relay;

@@ -1,0 +1,3 @@
+//! Encryption at rest and, later, of media frames.
+
+pub mod vault;
