@@ -50,9 +50,10 @@ join *args: build
 test: setup
     cargo test --all-targets
 
-# Relay throughput and latency against a plain-UDP baseline, then the micro-benchmarks.
+# Relay throughput and latency against a plain-UDP baseline, vault unlock time, then the micro-benchmarks.
 bench *args: build
     ./target/release/voipc bench relay "$@"
+    ./target/release/voipc bench vault
     cargo bench --bench hot_paths
 
 # Formatting and clippy, warnings denied.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use zeroize::Zeroizing;
 
 use crate::bench::{self, BenchArgs};
 use crate::config::ServerConfig;
@@ -82,9 +83,12 @@ pub struct JoinArgs {
     /// Accept and pin an unknown server certificate without checking it.
     #[arg(long)]
     trust_on_first_use: bool,
-    /// Where pinned certificates are kept.
+    /// Where the vault (pinned certificates, later keys and history) is kept.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// A file holding the vault password (otherwise VOIPC_VAULT_PASSWORD; never an argument).
+    #[arg(long, value_name = "FILE")]
+    vault_password_file: Option<PathBuf>,
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
@@ -256,8 +260,16 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
             Some(dir) => dir,
             None => default_data_dir()?,
         };
-        let options =
-            JoinOptions { link, name: args.name, join, trust_on_first_use: args.trust_on_first_use, data_dir, json };
+        let vault_password = vault_password(args.vault_password_file.as_deref())?;
+        let options = JoinOptions {
+            link,
+            name: args.name,
+            join,
+            trust_on_first_use: args.trust_on_first_use,
+            data_dir,
+            vault_password,
+            json,
+        };
         client::run_headless(options).await.map_err(anyhow::Error::from)
     }
     .await;
@@ -268,6 +280,27 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
     }
     result
 }
+
+/// The vault password from `--vault-password-file` (its first line) or the environment.
+fn vault_password(file: Option<&Path>) -> anyhow::Result<Zeroizing<String>> {
+    let password = match file {
+        Some(path) => {
+            let text = Zeroizing::new(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the vault password from {}", path.display()))?,
+            );
+            Zeroizing::new(text.lines().next().unwrap_or_default().to_owned())
+        }
+        None => Zeroizing::new(std::env::var(VAULT_PASSWORD_ENV).unwrap_or_default()),
+    };
+    if password.is_empty() {
+        return Err(client::ClientError::NoVaultPassword.into());
+    }
+    Ok(password)
+}
+
+/// The environment variable a headless client reads its vault password from.
+pub const VAULT_PASSWORD_ENV: &str = "VOIPC_VAULT_PASSWORD";
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
     directories::ProjectDirs::from("", "", "voipc")

@@ -105,7 +105,7 @@ fn a_configured_certificate_is_used_and_an_ephemeral_one_is_never_written() {
 }
 
 #[test]
-fn the_relay_bench_runs_end_to_end_and_reports_json() {
+fn the_benches_run_end_to_end_and_report_json() {
     let out = voipc().args(["bench", "relay", "--secs", "0.5", "--max-members", "2", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -116,4 +116,49 @@ fn the_relay_bench_runs_end_to_end_and_reports_json() {
     }
     assert!(report["quic"][0]["cpu_s_per_million"].is_number(), "the server's CPU is measured: {report}");
     assert!(report["ratio_to_baseline"].is_number(), "{report}");
+
+    let out = voipc().args(["bench", "vault", "--rounds", "1", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["kdf"], serde_json::json!({"m_kib": 65536, "t": 3, "p": 4}));
+    assert!(report["unlock_ms"].as_f64().unwrap() > 0.0, "{report}");
+}
+
+#[test]
+fn the_client_keeps_its_pins_in_a_password_protected_vault() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let data = tempfile::tempdir().unwrap();
+    let mut alice = TestClient::join_with_data(&server.invite, "alice", &[], data.path());
+    alice.expect_joined("Lobby");
+    assert!(alice.quit().success());
+    let names: Vec<_> = std::fs::read_dir(data.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["vault"]);
+    let sealed = std::fs::read(data.path().join("vault")).unwrap();
+    assert!(!String::from_utf8_lossy(&sealed).contains(&server.addr), "the pin is not readable without the password");
+
+    let join = |extra: &[&str], env: Option<&str>| {
+        let mut command = voipc();
+        command.args(["join", &server.addr, "--name", "bob", "--json", "--data-dir"]).arg(data.path()).args(extra);
+        if let Some(password) = env {
+            command.env("VOIPC_VAULT_PASSWORD", password);
+        }
+        let out = command.stdin(std::process::Stdio::null()).output().unwrap();
+        let event: serde_json::Value =
+            serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+        (out.status.success(), event)
+    };
+    let (ok, event) = join(&[], None);
+    assert!(!ok);
+    assert_eq!(event["code"], "vault_password_missing", "{event}");
+    let (ok, event) = join(&[], Some("not the password"));
+    assert!(!ok);
+    assert_eq!(event["code"], "vault_wrong_password", "{event}");
+
+    // The right password from a file: the stored pin is used, no fingerprint needed.
+    let password_file = data.path().join("../vault-password");
+    std::fs::write(&password_file, "test vault password\n").unwrap();
+    let (ok, event) = join(&["--vault-password-file", password_file.to_str().unwrap()], None);
+    assert!(ok, "{event}");
+    assert_eq!(event["event"], "connected", "{event}");
 }

@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::crypto::vault::{KdfParams, Vault};
 use crate::protocol::{Fingerprint, ServerLink};
 use load::{DATAGRAM_LEN, Group, Measured, PACKET_INTERVAL};
 
@@ -31,6 +32,14 @@ pub struct BenchArgs {
 enum BenchCommand {
     /// Relay throughput and latency, against a plain-UDP fan-out relay.
     Relay(RelayArgs),
+    /// Vault unlock time, against opening the same vault without the key-derivation cost.
+    Vault {
+        /// Unlocks timed (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// The plain-UDP baseline relay (started by `bench relay`).
     #[command(hide = true)]
     UdpRelay {
@@ -64,6 +73,9 @@ struct RelayArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchCommand::Relay(args) => relay(args).await,
+        BenchCommand::Vault { rounds, json } => {
+            tokio::task::spawn_blocking(move || vault(rounds.max(1), json)).await.context("vault bench failed")?
+        }
         BenchCommand::UdpRelay { listen } => {
             tokio::task::spawn_blocking(move || udp_relay::run(listen)).await.context("baseline relay stopped")?
         }
@@ -313,4 +325,52 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf only reads a configuration value.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (ticks > 0).then(|| (utime + stime) / ticks as f64)
+}
+
+/// Bytes sealed in the vault bench: about 500 stored chat messages.
+const VAULT_BENCH_BYTES: usize = 64 * 1024;
+
+fn vault(rounds: usize, json: bool) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let contents = vec![0x5a; VAULT_BENCH_BYTES];
+    let time_unlocks = |name: &str, params: KdfParams| -> anyhow::Result<f64> {
+        let path = dir.join(name);
+        Vault::create(&path, b"bench password", params, &contents)?;
+        let mut times: Vec<f64> = (0..rounds)
+            .map(|_| {
+                let start = Instant::now();
+                Vault::open(&path, b"bench password").map(|_| start.elapsed().as_secs_f64() * 1000.0)
+            })
+            .collect::<Result<_, _>>()?;
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
+    let unlock_ms = time_unlocks("recommended", KdfParams::RECOMMENDED)?;
+    let baseline_ms = time_unlocks("cheapest", KdfParams { m_kib: 8, t: 1, p: 1 })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if json {
+        let report = serde_json::json!({
+            "vault_bytes": VAULT_BENCH_BYTES,
+            "kdf": { "m_kib": KdfParams::RECOMMENDED.m_kib, "t": KdfParams::RECOMMENDED.t, "p": KdfParams::RECOMMENDED.p },
+            "unlock_ms": unlock_ms,
+            "baseline_open_ms": baseline_ms,
+            "ratio": unlock_ms / baseline_ms,
+        });
+        println!("{report}");
+    } else {
+        println!(
+            "vault unlock ({} KiB, Argon2id m = 64 MiB, t = 3, p = 4): {unlock_ms:.1} ms median of {rounds}; \
+             the same vault without the key-derivation cost: {baseline_ms:.2} ms ({:.0}x)",
+            VAULT_BENCH_BYTES / 1024,
+            unlock_ms / baseline_ms
+        );
+    }
+    Ok(())
+}
+
+/// A fresh private directory for the bench's files.
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("voipc-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }

@@ -3,8 +3,8 @@
 //! An invalid file is refused with the file, the line and what is wrong, e.g.
 //! `server.toml:7:1: channel name "A very long…" is 40 characters, more than max_channel_name_len (32)`.
 
+pub mod client_store;
 pub mod files;
-pub mod known_servers;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -137,10 +137,9 @@ impl Header {
         if !bytes.starts_with(MAGIC) {
             return Err(VaultError::NotAVault);
         }
-        let header = bytes.get(..Self::LEN).ok_or(VaultError::Truncated {
-            expected: Self::LEN as u64,
-            actual: bytes.len() as u64,
-        })?;
+        let header = bytes
+            .get(..Self::LEN)
+            .ok_or(VaultError::Truncated { expected: Self::LEN as u64, actual: bytes.len() as u64 })?;
         let (fields, sum) = header.split_at(Self::LEN - HEADER_SUM_LEN);
         if header_sum(fields) != sum {
             return Err(VaultError::HeaderCorrupt);
@@ -258,7 +257,11 @@ impl Vault {
         sealed.extend_from_slice(&header);
         sealed.extend_from_slice(contents);
         let tag = sealing_key(&self.key)
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&header[..]), &mut sealed[Header::LEN..])
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&header[..]),
+                &mut sealed[Header::LEN..],
+            )
             .expect("AES-GCM seals any message shorter than 64 GiB");
         sealed.extend_from_slice(tag.as_ref());
         write_private_atomic(&self.path, &sealed).map_err(|source| VaultError::Io { path: self.path.clone(), source })
@@ -277,7 +280,9 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, VaultError> {
     let io = |source: std::io::Error| VaultError::Io { path: path.to_owned(), source };
     let metadata = match std::fs::metadata(path) {
         Ok(metadata) => metadata,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(VaultError::NotFound { path: path.to_owned() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(VaultError::NotFound { path: path.to_owned() });
+        }
         Err(e) => return Err(io(e)),
     };
     if metadata.len() > MAX_VAULT_BYTES {

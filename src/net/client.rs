@@ -10,11 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
+use zeroize::Zeroizing;
 
 use super::framing::{ReadFrameError, read_frame};
 use super::server::{CLOSE_ERROR, CLOSE_NORMAL};
 use super::tls::{PinPolicy, PinningVerifier, client_tls};
-use crate::config::known_servers::{KnownServers, KnownServersError};
+use crate::config::client_store::{ClientStore, StoreError};
+use crate::crypto::vault::KdfParams;
 use crate::protocol::{ErrorCode, Fingerprint, FrameError, JoinRequest, ServerLink, ServerMsg, encode_frame};
 use crate::session::{Command, Event, Session, parse_line};
 
@@ -47,7 +49,9 @@ pub enum ClientError {
     #[error("the server broke the protocol: {0}")]
     Protocol(String),
     #[error(transparent)]
-    Pins(#[from] KnownServersError),
+    Store(#[from] StoreError),
+    #[error("no vault password: set VOIPC_VAULT_PASSWORD or pass --vault-password-file FILE")]
+    NoVaultPassword,
     #[error("{0}")]
     Setup(String),
 }
@@ -63,7 +67,8 @@ impl ClientError {
             ClientError::Refused { code, .. } => code,
             ClientError::Lost(_) => "connection_lost",
             ClientError::Protocol(_) => "protocol_error",
-            ClientError::Pins(_) => "known_servers",
+            ClientError::Store(e) => e.code(),
+            ClientError::NoVaultPassword => "vault_password_missing",
             ClientError::Setup(_) => "setup",
         }
     }
@@ -78,6 +83,8 @@ pub struct JoinOptions {
     pub join: Option<JoinRequest>,
     pub trust_on_first_use: bool,
     pub data_dir: PathBuf,
+    /// Unlocks (or, on first use, creates) the vault in `data_dir`.
+    pub vault_password: Zeroizing<String>,
     pub json: bool,
 }
 
@@ -148,19 +155,25 @@ fn connection_error(error: quinn::ConnectionError) -> ClientError {
     }
 }
 
-/// Connects with the pin that the options and the data directory call for, and pins
-/// the server afterwards when that was asked for.
+/// Connects with the pin that the options and the vault call for, and pins the server
+/// afterwards when that was asked for.
 pub async fn connect_pinned(options: &JoinOptions) -> Result<Connected, ClientError> {
     let server = options.link.authority();
-    let mut known = KnownServers::load(&options.data_dir)?;
-    let policy = match (options.link.fingerprint, known.get(&server)) {
+    let (data_dir, password) = (options.data_dir.clone(), options.vault_password.clone());
+    // Unlocking costs Argon2's 64 MiB and a few hundred milliseconds: keep it off the runtime.
+    let mut known = tokio::task::spawn_blocking(move || {
+        ClientStore::open_or_create(&data_dir, password.as_bytes(), KdfParams::RECOMMENDED)
+    })
+    .await
+    .map_err(|e| ClientError::Setup(format!("vault task failed: {e}")))??;
+    let policy = match (options.link.fingerprint, known.pinned(&server)) {
         (Some(given), _) => PinPolicy::Pinned(given),
         (None, Some(pinned)) => PinPolicy::Pinned(pinned),
         (None, None) if options.trust_on_first_use => PinPolicy::TrustOnFirstUse,
         (None, None) => PinPolicy::RefuseUnknown,
     };
     let connected = connect(&options.link, policy).await?;
-    if known.get(&server) != Some(connected.fingerprint) {
+    if known.pinned(&server) != Some(connected.fingerprint) {
         known.pin(&server, connected.fingerprint)?;
     }
     Ok(connected)
@@ -224,7 +237,9 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
                 Ok(datagram) => session.handle_datagram(&datagram),
                 Err(e) => break Err(fatal.take().unwrap_or_else(|| connection_error(e))),
             },
-            line = stdin.next_line() => match line {
+            // Commands wait until the server has introduced itself, so that even an
+            // empty input shows the connection.
+            line = stdin.next_line(), if session.is_ready() => match line {
                 Ok(Some(line)) => match parse_line(&line) {
                     Ok(Some(Command::Quit)) => break Ok(()),
                     Ok(Some(Command::Probe { count })) => send_probes(&mut session, &connection, count, &printer),

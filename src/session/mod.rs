@@ -184,6 +184,11 @@ impl Session {
         self.me
     }
 
+    /// Whether the server has sent everything it had to say at the start.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
     /// The channel we are in.
     pub fn channel(&self) -> Option<ChannelId> {
         self.me.and_then(|me| self.users.get(&me)).and_then(|u| u.channel)

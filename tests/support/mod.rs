@@ -110,6 +110,7 @@ impl TestClient {
 
     pub fn join_with_data(target: &str, name: &str, extra: &[&str], data_dir: &Path) -> TestClient {
         let mut child = voipc()
+            .env("VOIPC_VAULT_PASSWORD", "test vault password")
             .args(["join", target, "--name", name, "--json", "--data-dir"])
             .arg(data_dir)
             .args(extra)
