@@ -4,8 +4,8 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 # Pass recipe arguments through as they are ("$@"), so invite links keep their & and ?.
 set positional-arguments
 
-# Debian packages the build and the tests need (gcc and make build aws-lc).
-packages := "build-essential pkg-config"
+# Debian packages the build and the tests need (gcc and make build aws-lc; protoc builds libsignal).
+packages := "build-essential pkg-config protobuf-compiler"
 
 # List the recipes.
 default:

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod e2ee;
 pub mod net;
 pub mod protocol;
 pub mod relay;

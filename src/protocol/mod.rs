@@ -6,6 +6,7 @@
 //! - media: QUIC datagrams that start with a small plaintext [`MediaHeader`] the relay
 //!   reads to route them; the rest is end-to-end encrypted and never looked at.
 
+pub mod bundle;
 pub mod frame;
 pub mod link;
 pub mod media;

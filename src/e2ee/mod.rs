@@ -1,0 +1,396 @@
+//! End-to-end encryption with the Signal protocol (Signal's official libsignal code),
+//! behind our own types so that nothing else sees libsignal's.
+//!
+//! Sans-IO and synchronous: the stores are in memory ([`store::Stores`]), so libsignal's
+//! async functions finish on their first poll and are driven by [`ready`]; the caller
+//! passes the time and the randomness. Direct messages use pairwise sessions set up with
+//! PQXDH from a peer's bundle (Double Ratchet after that); channel messages use Sender
+//! Keys, distributed to each member over the pairwise sessions.
+
+pub mod store;
+
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::SystemTime;
+
+use libsignal_protocol::{
+    CiphertextMessage, DeviceId, Fingerprint, GenericSignedPreKey, IdentityKey, IdentityKeyPair, KeyPair,
+    KyberPreKeyRecord, KyberPreKeyStore, PreKeyBundle, PreKeyRecord, PreKeySignalMessage, PreKeyStore, ProtocolAddress,
+    PublicKey, SenderKeyDistributionMessage, SessionStore, SignalMessage, SignalProtocolError, SignedPreKeyRecord,
+    SignedPreKeyStore, Timestamp, kem,
+};
+use rand::{CryptoRng, Rng};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::protocol::bundle::{BundleUpload, OneTimePreKey, PeerBundle, SignedPreKey};
+pub use store::IdentityStatus;
+use store::{Identities, KyberPreKeys, PreKeys, SenderKeys, Sessions, SignedPreKeys};
+
+/// One-time EC pre-keys a client keeps published.
+pub const ONE_TIME_PRE_KEYS: usize = 100;
+/// One-time Kyber pre-keys a client keeps published (1.6 KiB each: a full set fits one
+/// 64 KiB control frame together with everything else in a bundle).
+pub const KYBER_ONE_TIME_PRE_KEYS: usize = 25;
+/// Below this many one-time keys left on the server, a client uploads more.
+pub const REPLENISH_BELOW: usize = 20;
+
+/// Signal's safety-number format: version 2, 5200 hash iterations (as the Signal apps).
+const FINGERPRINT_VERSION: u32 = 2;
+const FINGERPRINT_ITERATIONS: u32 = 5200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum E2eeError {
+    #[error("signal protocol: {0}")]
+    Signal(#[from] SignalProtocolError),
+    #[error("no pinned identity for {0}")]
+    UnknownPeer(String),
+    #[error("stored end-to-end state is unreadable: {0}")]
+    State(String),
+}
+
+type Result<T> = std::result::Result<T, E2eeError>;
+
+/// A pairwise-encrypted message: the first ones of a session carry the PQXDH pre-key
+/// material, the rest are plain Double Ratchet messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    pub pre_key: bool,
+    pub bytes: Vec<u8>,
+}
+
+/// A decrypted pairwise message and what we know of its sender's identity.
+#[derive(Debug)]
+pub struct Opened {
+    pub plaintext: Vec<u8>,
+    pub identity: IdentityStatus,
+}
+
+/// One client's Signal state.
+#[derive(Serialize, Deserialize)]
+pub struct E2ee {
+    identities: Identities,
+    sessions: Sessions,
+    pre_keys: PreKeys,
+    signed_pre_keys: SignedPreKeys,
+    kyber_pre_keys: KyberPreKeys,
+    sender_keys: SenderKeys,
+    next_pre_key_id: u32,
+    next_kyber_id: u32,
+    signed_pre_key_id: u32,
+    kyber_last_resort_id: u32,
+}
+
+/// Drives a libsignal future over our in-memory stores, which never wait.
+fn ready<T>(future: impl Future<Output = T>) -> T {
+    let mut future = pin!(future);
+    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(value) => value,
+        Poll::Pending => unreachable!("libsignal only awaits our stores, which answer at once"),
+    }
+}
+
+fn address(peer: &str) -> ProtocolAddress {
+    ProtocolAddress::new(peer.to_owned(), DeviceId::new(1).expect("1 is a valid device id"))
+}
+
+fn timestamp(now: SystemTime) -> Timestamp {
+    let millis = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    Timestamp::from_epoch_millis(u64::try_from(millis).unwrap_or(u64::MAX))
+}
+
+fn signed(id: u32, public: &[u8], signature: &[u8]) -> SignedPreKey {
+    SignedPreKey { id, public: public.to_vec(), signature: signature.to_vec() }
+}
+
+impl E2ee {
+    /// A new identity with a full set of pre-keys.
+    pub fn generate<R: Rng + CryptoRng>(rng: &mut R, now: SystemTime) -> Result<E2ee> {
+        let identity = IdentityKeyPair::generate(rng);
+        // Registration ids are 14-bit in libsignal.
+        let registration_id = rng.random_range(1..16380);
+        let mut e2ee = E2ee {
+            identities: Identities::new(&identity, registration_id),
+            sessions: Sessions::default(),
+            pre_keys: PreKeys::default(),
+            signed_pre_keys: SignedPreKeys::default(),
+            kyber_pre_keys: KyberPreKeys::default(),
+            sender_keys: SenderKeys::default(),
+            next_pre_key_id: 1,
+            next_kyber_id: 1,
+            signed_pre_key_id: 0,
+            kyber_last_resort_id: 0,
+        };
+        e2ee.rotate_signed_pre_key(rng, now)?;
+        e2ee.kyber_last_resort_id = e2ee.new_kyber_key(rng, now, false)?.id;
+        e2ee.replenish(rng, now)?;
+        Ok(e2ee)
+    }
+
+    /// Every public key to publish now.
+    pub fn bundle_upload(&self) -> Result<BundleUpload> {
+        let identity = self.identities.own()?;
+        let mut one_time = Vec::new();
+        for id in self.pre_keys.ids() {
+            let record = ready(self.pre_keys.get_pre_key(id.into()))?;
+            one_time.push(OneTimePreKey { id, public: record.public_key()?.serialize().into_vec() });
+        }
+        let kyber_one_time =
+            self.kyber_pre_keys.one_time_ids().map(|id| self.kyber_public(id)).collect::<Result<_>>()?;
+        let signed_record = ready(self.signed_pre_keys.get_signed_pre_key(self.signed_pre_key_id.into()))?;
+        Ok(BundleUpload {
+            registration_id: self.identities.registration_id(),
+            identity_key: identity.identity_key().serialize().into_vec(),
+            signed_pre_key: signed(
+                self.signed_pre_key_id,
+                &signed_record.public_key()?.serialize(),
+                &signed_record.signature()?,
+            ),
+            kyber_last_resort: self.kyber_public(self.kyber_last_resort_id)?,
+            kyber_one_time,
+            one_time,
+        })
+    }
+
+    /// Tops the one-time keys up to their full sets; returns the new ones to publish.
+    pub fn replenish<R: Rng + CryptoRng>(
+        &mut self,
+        rng: &mut R,
+        now: SystemTime,
+    ) -> Result<(Vec<OneTimePreKey>, Vec<SignedPreKey>)> {
+        let mut one_time = Vec::new();
+        while self.pre_keys.count() < ONE_TIME_PRE_KEYS {
+            let id = self.next_pre_key_id;
+            self.next_pre_key_id += 1;
+            let pair = KeyPair::generate(rng);
+            ready(self.pre_keys.save_pre_key(id.into(), &PreKeyRecord::new(id.into(), &pair)))?;
+            one_time.push(OneTimePreKey { id, public: pair.public_key.serialize().into_vec() });
+        }
+        let mut kyber = Vec::new();
+        while self.kyber_pre_keys.one_time_len() < KYBER_ONE_TIME_PRE_KEYS {
+            kyber.push(self.new_kyber_key(rng, now, true)?);
+        }
+        Ok((one_time, kyber))
+    }
+
+    /// A new signed pre-key (the old one stays usable for sessions already begun with it).
+    pub fn rotate_signed_pre_key<R: Rng + CryptoRng>(&mut self, rng: &mut R, now: SystemTime) -> Result<SignedPreKey> {
+        let identity = self.identities.own()?;
+        let pair = KeyPair::generate(rng);
+        let signature = identity
+            .private_key()
+            .calculate_signature(&pair.public_key.serialize(), rng)
+            .map_err(SignalProtocolError::from)?;
+        self.signed_pre_key_id += 1;
+        let id = self.signed_pre_key_id;
+        let record = SignedPreKeyRecord::new(id.into(), timestamp(now), &pair, &signature);
+        ready(self.signed_pre_keys.save_signed_pre_key(id.into(), &record))?;
+        Ok(signed(id, &pair.public_key.serialize(), &signature))
+    }
+
+    fn new_kyber_key<R: Rng + CryptoRng>(
+        &mut self,
+        rng: &mut R,
+        now: SystemTime,
+        one_time: bool,
+    ) -> Result<SignedPreKey> {
+        let id = self.next_kyber_id;
+        self.next_kyber_id += 1;
+        let identity = self.identities.own()?;
+        let pair = kem::KeyPair::generate(kem::KeyType::Kyber1024, rng);
+        let signature = identity
+            .private_key()
+            .calculate_signature(&pair.public_key.serialize(), rng)
+            .map_err(SignalProtocolError::from)?;
+        let record = KyberPreKeyRecord::new(id.into(), timestamp(now), &pair, &signature);
+        ready(self.kyber_pre_keys.save_kyber_pre_key(id.into(), &record))?;
+        if one_time {
+            self.kyber_pre_keys.mark_one_time(id);
+        }
+        Ok(signed(id, &pair.public_key.serialize(), &signature))
+    }
+
+    fn kyber_public(&self, id: u32) -> Result<SignedPreKey> {
+        let record = ready(self.kyber_pre_keys.get_kyber_pre_key(id.into()))?;
+        Ok(signed(id, &record.public_key()?.serialize(), &record.signature()?))
+    }
+
+    /// Our identity key, as peers pin it.
+    pub fn identity_key(&self) -> Result<Vec<u8>> {
+        Ok(self.identities.own()?.identity_key().serialize().into_vec())
+    }
+
+    /// One-time keys of each kind still unused (the server holds the same ones).
+    pub fn one_time_keys_left(&self) -> (usize, usize) {
+        (self.pre_keys.count(), self.kyber_pre_keys.one_time_len())
+    }
+
+    pub fn has_session(&self, peer: &str) -> bool {
+        ready(self.sessions.load_session(&address(peer))).is_ok_and(|s| s.is_some())
+    }
+
+    /// Sets up a pairwise session with `peer` from its bundle (PQXDH), pinning its identity.
+    pub fn start_session<R: Rng + CryptoRng>(
+        &mut self,
+        peer: &str,
+        bundle: &PeerBundle,
+        now: SystemTime,
+        rng: &mut R,
+    ) -> Result<IdentityStatus> {
+        let one_time = match &bundle.one_time {
+            Some(key) => Some((key.id.into(), PublicKey::deserialize(&key.public).map_err(SignalProtocolError::from)?)),
+            None => None,
+        };
+        let bundle = PreKeyBundle::new(
+            bundle.registration_id,
+            DeviceId::new(1).expect("1 is a valid device id"),
+            one_time,
+            bundle.signed_pre_key.id.into(),
+            PublicKey::deserialize(&bundle.signed_pre_key.public).map_err(SignalProtocolError::from)?,
+            bundle.signed_pre_key.signature.clone(),
+            bundle.kyber.id.into(),
+            kem::PublicKey::deserialize(&bundle.kyber.public)?,
+            bundle.kyber.signature.clone(),
+            IdentityKey::decode(&bundle.identity_key)?,
+        )?;
+        ready(libsignal_protocol::process_prekey_bundle(
+            &address(peer),
+            &mut self.sessions,
+            &mut self.identities,
+            &bundle,
+            now,
+            rng,
+        ))?;
+        Ok(self.identities.status(peer))
+    }
+
+    /// Encrypts for `peer` over the pairwise session.
+    pub fn encrypt<R: Rng + CryptoRng>(
+        &mut self,
+        peer: &str,
+        plaintext: &[u8],
+        now: SystemTime,
+        rng: &mut R,
+    ) -> Result<Sealed> {
+        let message = ready(libsignal_protocol::message_encrypt(
+            plaintext,
+            &address(peer),
+            &mut self.sessions,
+            &mut self.identities,
+            now,
+            rng,
+        ))?;
+        let pre_key = matches!(message, CiphertextMessage::PreKeySignalMessage(_));
+        Ok(Sealed { pre_key, bytes: message.serialize().to_vec() })
+    }
+
+    /// Decrypts a pairwise message from `peer`; a first message sets up the session.
+    pub fn decrypt<R: Rng + CryptoRng>(&mut self, peer: &str, sealed: &Sealed, rng: &mut R) -> Result<Opened> {
+        let message = if sealed.pre_key {
+            CiphertextMessage::PreKeySignalMessage(PreKeySignalMessage::try_from(&sealed.bytes[..])?)
+        } else {
+            CiphertextMessage::SignalMessage(SignalMessage::try_from(&sealed.bytes[..])?)
+        };
+        let plaintext = ready(libsignal_protocol::message_decrypt(
+            &message,
+            &address(peer),
+            &mut self.sessions,
+            &mut self.identities,
+            &mut self.pre_keys,
+            &self.signed_pre_keys,
+            &mut self.kyber_pre_keys,
+            rng,
+        ))?;
+        Ok(Opened { plaintext, identity: self.identities.status(peer) })
+    }
+
+    /// Our sender key for a channel epoch, as a distribution message to send to each
+    /// member over the pairwise sessions. A new `distribution` id is a new key: a new
+    /// epoch after someone leaves, which the leaver never receives.
+    pub fn sender_key_distribution<R: Rng + CryptoRng>(
+        &mut self,
+        me: &str,
+        distribution: Uuid,
+        rng: &mut R,
+    ) -> Result<Vec<u8>> {
+        let message = ready(libsignal_protocol::create_sender_key_distribution_message(
+            &address(me),
+            distribution,
+            &mut self.sender_keys,
+            rng,
+        ))?;
+        Ok(message.serialized().to_vec())
+    }
+
+    /// Takes a peer's sender key from its distribution message.
+    pub fn accept_sender_key(&mut self, sender: &str, distribution_message: &[u8]) -> Result<()> {
+        let message = SenderKeyDistributionMessage::try_from(distribution_message)?;
+        ready(libsignal_protocol::process_sender_key_distribution_message(
+            &address(sender),
+            &message,
+            &mut self.sender_keys,
+        ))?;
+        Ok(())
+    }
+
+    /// Encrypts a channel message under our sender key for `distribution`.
+    pub fn group_encrypt<R: Rng + CryptoRng>(
+        &mut self,
+        me: &str,
+        distribution: Uuid,
+        plaintext: &[u8],
+        rng: &mut R,
+    ) -> Result<Vec<u8>> {
+        let message = ready(libsignal_protocol::group_encrypt(
+            &mut self.sender_keys,
+            &address(me),
+            distribution,
+            plaintext,
+            rng,
+        ))?;
+        Ok(message.serialized().to_vec())
+    }
+
+    /// Decrypts a channel message from `sender`.
+    pub fn group_decrypt(&mut self, sender: &str, ciphertext: &[u8]) -> Result<Vec<u8>> {
+        Ok(ready(libsignal_protocol::group_decrypt(ciphertext, &mut self.sender_keys, &address(sender)))?)
+    }
+
+    /// The 60-digit safety number of us (`me`) and `peer`, as Signal shows it; both sides
+    /// see the same digits.
+    pub fn safety_number(&self, me: &str, peer: &str) -> Result<String> {
+        let own = self.identities.own()?;
+        let theirs = self.identities.pinned(peer).ok_or_else(|| E2eeError::UnknownPeer(peer.to_owned()))??;
+        let fingerprint = Fingerprint::new(
+            FINGERPRINT_VERSION,
+            FINGERPRINT_ITERATIONS,
+            me.as_bytes(),
+            own.identity_key(),
+            peer.as_bytes(),
+            &theirs,
+        )
+        .map_err(|e| E2eeError::State(e.to_string()))?;
+        fingerprint.display_string().map_err(|e| E2eeError::State(e.to_string()))
+    }
+
+    pub fn identity_status(&self, peer: &str) -> IdentityStatus {
+        self.identities.status(peer)
+    }
+
+    /// The user compared safety numbers and accepts `peer`'s current identity.
+    pub fn accept_identity(&mut self, peer: &str) {
+        self.identities.accept(peer);
+    }
+
+    /// The whole state, for the vault.
+    pub fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        zeroize::Zeroizing::new(postcard::to_allocvec(self).expect("maps of bytes and strings encode"))
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<E2ee> {
+        postcard::from_bytes(bytes).map_err(|e| E2eeError::State(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,234 @@
+//! Signal sessions and sender keys between simulated clients, with the server's part
+//! (handing out one bundle with one one-time key of each kind) done by hand.
+
+use std::time::{Duration, SystemTime};
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use super::*;
+use crate::protocol::MAX_FRAME_LEN;
+
+fn now() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+struct Client {
+    name: &'static str,
+    e2ee: E2ee,
+    rng: StdRng,
+}
+
+impl Client {
+    fn new(name: &'static str, seed: u64) -> Client {
+        let mut rng = StdRng::seed_from_u64(seed);
+        Client { name, e2ee: E2ee::generate(&mut rng, now()).unwrap(), rng }
+    }
+
+    /// What the server hands out for this client: the first one-time key of each kind.
+    fn fetched_bundle(&self) -> PeerBundle {
+        let upload = self.e2ee.bundle_upload().unwrap();
+        PeerBundle {
+            registration_id: upload.registration_id,
+            identity_key: upload.identity_key,
+            signed_pre_key: upload.signed_pre_key,
+            one_time: upload.one_time.into_iter().next(),
+            kyber: upload.kyber_one_time.into_iter().next().unwrap_or(upload.kyber_last_resort),
+        }
+    }
+
+    fn send(&mut self, to: &str, text: &str) -> Sealed {
+        self.e2ee.encrypt(to, text.as_bytes(), now(), &mut self.rng).unwrap()
+    }
+
+    fn receive(&mut self, from: &str, sealed: &Sealed) -> (String, IdentityStatus) {
+        let opened = self.e2ee.decrypt(from, sealed, &mut self.rng).unwrap();
+        (String::from_utf8(opened.plaintext).unwrap(), opened.identity)
+    }
+
+    fn connect(&mut self, other: &Client) -> IdentityStatus {
+        self.e2ee.start_session(other.name, &other.fetched_bundle(), now(), &mut self.rng).unwrap()
+    }
+
+    /// Our sender key for `distribution`, delivered to each of `to` over pairwise sessions.
+    fn distribute(&mut self, distribution: Uuid, to: &mut [&mut Client]) {
+        let skdm = self.e2ee.sender_key_distribution(self.name, distribution, &mut self.rng).unwrap();
+        for member in to.iter_mut() {
+            let sealed = self.e2ee.encrypt(member.name, &skdm, now(), &mut self.rng).unwrap();
+            let opened = member.e2ee.decrypt(self.name, &sealed, &mut member.rng).unwrap();
+            member.e2ee.accept_sender_key(self.name, &opened.plaintext).unwrap();
+        }
+    }
+
+    fn say(&mut self, distribution: Uuid, text: &str) -> Vec<u8> {
+        self.e2ee.group_encrypt(self.name, distribution, text.as_bytes(), &mut self.rng).unwrap()
+    }
+}
+
+#[test]
+fn direct_messages_use_pqxdh_then_the_double_ratchet() {
+    let mut alice = Client::new("alice", 1);
+    let mut bob = Client::new("bob", 2);
+    assert_eq!(bob.e2ee.one_time_keys_left(), (ONE_TIME_PRE_KEYS, KYBER_ONE_TIME_PRE_KEYS));
+    assert_eq!(alice.connect(&bob), IdentityStatus::Trusted);
+    assert!(alice.e2ee.has_session("bob"));
+
+    let first = alice.send("bob", "hello bob");
+    assert!(first.pre_key, "the first message carries the PQXDH pre-key material");
+    assert!(!first.bytes.windows(5).any(|w| w == b"hello"));
+    assert_eq!(bob.receive("alice", &first), ("hello bob".to_owned(), IdentityStatus::Trusted));
+    assert_eq!(
+        bob.e2ee.one_time_keys_left(),
+        (ONE_TIME_PRE_KEYS - 1, KYBER_ONE_TIME_PRE_KEYS - 1),
+        "one-time keys are used once"
+    );
+
+    let reply = bob.send("alice", "hi alice");
+    assert!(!reply.pre_key);
+    assert_eq!(alice.receive("bob", &reply).0, "hi alice");
+    for i in 0..5 {
+        let text = format!("message {i}");
+        let sealed = alice.send("bob", &text);
+        assert_eq!(bob.receive("alice", &sealed).0, text);
+    }
+    // A replayed message does not decrypt twice.
+    let again = alice.send("bob", "once");
+    bob.receive("alice", &again);
+    assert!(bob.e2ee.decrypt("alice", &again, &mut bob.rng).is_err());
+}
+
+#[test]
+fn a_bundle_without_one_time_keys_still_works() {
+    let mut alice = Client::new("alice", 3);
+    let mut bob = Client::new("bob", 4);
+    let upload = bob.e2ee.bundle_upload().unwrap();
+    let bundle = PeerBundle {
+        registration_id: upload.registration_id,
+        identity_key: upload.identity_key,
+        signed_pre_key: upload.signed_pre_key,
+        one_time: None,
+        kyber: upload.kyber_last_resort,
+    };
+    alice.e2ee.start_session("bob", &bundle, now(), &mut alice.rng).unwrap();
+    let sealed = alice.send("bob", "drained");
+    assert_eq!(bob.receive("alice", &sealed).0, "drained");
+    assert_eq!(
+        bob.e2ee.one_time_keys_left(),
+        (ONE_TIME_PRE_KEYS, KYBER_ONE_TIME_PRE_KEYS),
+        "the last-resort key stays"
+    );
+}
+
+#[test]
+fn the_bundle_fits_a_control_frame_and_replenishing_tops_it_up() {
+    let mut bob = Client::new("bob", 5);
+    let upload = bob.e2ee.bundle_upload().unwrap();
+    assert_eq!((upload.one_time.len(), upload.kyber_one_time.len()), (ONE_TIME_PRE_KEYS, KYBER_ONE_TIME_PRE_KEYS));
+    let encoded = postcard::to_allocvec(&upload).unwrap();
+    assert!(encoded.len() < MAX_FRAME_LEN - 1024, "{} bytes", encoded.len());
+
+    let mut alice = Client::new("alice", 6);
+    alice.connect(&bob);
+    let sealed = alice.send("bob", "x");
+    bob.receive("alice", &sealed);
+    let (one_time, kyber) = bob.e2ee.replenish(&mut bob.rng, now()).unwrap();
+    assert_eq!((one_time.len(), kyber.len()), (1, 1));
+    assert!(one_time[0].id > upload.one_time.last().unwrap().id, "ids are never reused");
+}
+
+#[test]
+fn channel_messages_use_sender_keys_and_a_leaver_cannot_read_what_follows() {
+    let mut alice = Client::new("alice", 10);
+    let mut bob = Client::new("bob", 11);
+    let mut carol = Client::new("carol", 12);
+    alice.connect(&bob);
+    alice.connect(&carol);
+    let epoch1 = Uuid::from_bytes([1; 16]);
+    alice.distribute(epoch1, &mut [&mut bob, &mut carol]);
+    let hello = alice.say(epoch1, "hello channel");
+    assert_eq!(bob.e2ee.group_decrypt("alice", &hello).unwrap(), b"hello channel");
+    assert_eq!(carol.e2ee.group_decrypt("alice", &hello).unwrap(), b"hello channel");
+
+    // Carol leaves: alice starts a new sender key and gives it to those who remain.
+    let epoch2 = Uuid::from_bytes([2; 16]);
+    alice.distribute(epoch2, &mut [&mut bob]);
+    let after = alice.say(epoch2, "carol is gone");
+    assert_eq!(bob.e2ee.group_decrypt("alice", &after).unwrap(), b"carol is gone");
+    assert!(carol.e2ee.group_decrypt("alice", &after).is_err(), "the leaver cannot read what follows");
+
+    // Dave joins later and gets only the current key: earlier ciphertext stays closed.
+    let mut dave = Client::new("dave", 13);
+    alice.connect(&dave);
+    let epoch3 = Uuid::from_bytes([3; 16]);
+    alice.distribute(epoch3, &mut [&mut bob, &mut dave]);
+    assert!(dave.e2ee.group_decrypt("alice", &hello).is_err());
+    assert!(dave.e2ee.group_decrypt("alice", &after).is_err());
+    let welcome = alice.say(epoch3, "welcome dave");
+    assert_eq!(dave.e2ee.group_decrypt("alice", &welcome).unwrap(), b"welcome dave");
+}
+
+#[test]
+fn safety_numbers_match_on_both_sides_and_a_changed_identity_is_flagged() {
+    let mut alice = Client::new("alice", 20);
+    let mut bob = Client::new("bob", 21);
+    alice.connect(&bob);
+    let sealed = alice.send("bob", "hi");
+    bob.receive("alice", &sealed);
+    let number = alice.e2ee.safety_number("alice", "bob").unwrap();
+    assert_eq!(number.len(), 60);
+    assert!(number.chars().all(|c| c.is_ascii_digit()));
+    assert_eq!(number, bob.e2ee.safety_number("bob", "alice").unwrap());
+    assert!(matches!(alice.e2ee.safety_number("alice", "nobody"), Err(E2eeError::UnknownPeer(_))));
+
+    // Bob reinstalls (or someone else takes his name): a new identity key.
+    let mut new_bob = Client::new("bob", 22);
+    assert_eq!(alice.connect(&new_bob), IdentityStatus::Changed);
+    let sealed = alice.send("bob", "is that you?");
+    assert_eq!(new_bob.receive("alice", &sealed).0, "is that you?");
+    let changed_number = alice.e2ee.safety_number("alice", "bob").unwrap();
+    assert_ne!(changed_number, number);
+    assert_eq!(alice.e2ee.identity_status("bob"), IdentityStatus::Changed);
+    alice.e2ee.accept_identity("bob");
+    assert_eq!(alice.e2ee.identity_status("bob"), IdentityStatus::Trusted);
+}
+
+#[test]
+fn state_survives_a_round_trip_through_bytes() {
+    let mut alice = Client::new("alice", 30);
+    let mut bob = Client::new("bob", 31);
+    alice.connect(&bob);
+    let sealed = alice.send("bob", "before");
+    bob.receive("alice", &sealed);
+    let epoch = Uuid::from_bytes([9; 16]);
+    alice.distribute(epoch, &mut [&mut bob]);
+
+    bob.e2ee = E2ee::from_bytes(&bob.e2ee.to_bytes()).unwrap();
+    alice.e2ee = E2ee::from_bytes(&alice.e2ee.to_bytes()).unwrap();
+    let sealed = alice.send("bob", "after");
+    assert_eq!(bob.receive("alice", &sealed).0, "after");
+    let said = alice.say(epoch, "still here");
+    assert_eq!(bob.e2ee.group_decrypt("alice", &said).unwrap(), b"still here");
+    assert!(matches!(E2ee::from_bytes(b"garbage"), Err(E2eeError::State(_))));
+}
+
+#[test]
+fn garbage_and_tampered_ciphertext_are_errors() {
+    let mut alice = Client::new("alice", 40);
+    let mut bob = Client::new("bob", 41);
+    alice.connect(&bob);
+    let mut sealed = alice.send("bob", "intact");
+    let last = sealed.bytes.len() - 1;
+    sealed.bytes[last] ^= 1;
+    assert!(bob.e2ee.decrypt("alice", &sealed, &mut bob.rng).is_err());
+
+    let mut rng = StdRng::seed_from_u64(42);
+    for len in [0, 1, 33, 200] {
+        let junk: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        for pre_key in [true, false] {
+            let sealed = Sealed { pre_key, bytes: junk.clone() };
+            assert!(bob.e2ee.decrypt("alice", &sealed, &mut bob.rng).is_err());
+        }
+        assert!(bob.e2ee.group_decrypt("alice", &junk).is_err());
+        assert!(bob.e2ee.accept_sender_key("alice", &junk).is_err());
+    }
+}
