@@ -20,7 +20,7 @@ fn relay_with(members: u64, now: Instant) -> (Relay, ConnId) {
     let mut relay = Relay::new(RelayConfig::from_server_config(&config), [1; 32]);
     for i in 1..=members {
         relay.handle_input(now, ConnId(i), Input::Connected).unwrap();
-        let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: format!("user{i}"), join: None };
+        let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: format!("user{i}"), join: None, bundle: None };
         relay.handle_input(now, ConnId(i), Input::Control(hello)).unwrap();
     }
     while relay.poll_output().is_some() {}

@@ -89,6 +89,9 @@ pub struct JoinArgs {
     /// A file holding the vault password (otherwise VOIPC_VAULT_PASSWORD; never an argument).
     #[arg(long, value_name = "FILE")]
     vault_password_file: Option<PathBuf>,
+    /// Send this message to the channel once joined.
+    #[arg(long, value_name = "TEXT")]
+    say: Option<String>,
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
@@ -268,6 +271,7 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
             trust_on_first_use: args.trust_on_first_use,
             data_dir,
             vault_password,
+            say: args.say,
             json,
         };
         client::run_headless(options).await.map_err(anyhow::Error::from)

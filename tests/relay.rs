@@ -184,7 +184,7 @@ fn alice_and_bob_in_the_lobby(server: &TestServer) -> (TestClient, TestClient) {
 }
 
 fn hello(name: &str, version: u16) -> Vec<u8> {
-    encode_frame(&ClientMsg::Hello { version, name: name.into(), join: None }).unwrap()
+    encode_frame(&ClientMsg::Hello { version, name: name.into(), join: None, bundle: None }).unwrap()
 }
 
 #[test]

@@ -14,8 +14,10 @@ use super::udp_relay::REGISTER;
 use crate::net::client::{Connected, connect};
 use crate::net::framing::read_frame;
 use crate::net::tls::PinPolicy;
-use crate::protocol::{Fingerprint, JoinRequest, MEDIA_HEADER_LEN, MediaHeader, ServerLink, ServerMsg, encode_frame};
-use crate::session::{Command, Event, Session};
+use crate::protocol::{
+    ClientMsg, Fingerprint, JoinRequest, MEDIA_HEADER_LEN, MediaHeader, PROTOCOL_VERSION, ServerLink, ServerMsg,
+    encode_frame,
+};
 
 /// Voice rate: one datagram every 20 ms.
 pub const PACKET_INTERVAL: Duration = Duration::from_millis(20);
@@ -201,34 +203,41 @@ async fn quic_member(
 ) -> anyhow::Result<(Path, Box<dyn std::any::Any + Send>)> {
     let Connected { endpoint, connection, .. } = connect(server, PinPolicy::Pinned(fingerprint)).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
+    // The bench speaks the control protocol directly: its members only need a channel,
+    // not the end-to-end chat layer of a full session.
     let create = join.is_none();
-    let mut session = Session::new(name, join, String::new());
+    let mut requests = vec![ClientMsg::Hello { version: PROTOCOL_VERSION, name: name.to_owned(), join, bundle: None }];
     if create {
-        session.command(Command::Create {
+        requests.push(ClientMsg::CreateChannel {
             name: channel.to_owned(),
             description: "voipc bench".into(),
             password: None,
             user_limit: 0,
         });
     }
-    while let Some(msg) = session.poll_transmit() {
-        send.write_all(&encode_frame(&msg)?).await?;
+    for msg in &requests {
+        send.write_all(&encode_frame(msg)?).await?;
     }
     let joined = async {
+        let mut me = None;
+        let mut channel_id = None;
         loop {
-            let msg: ServerMsg = read_frame(&mut recv).await?.context("server ended the control stream")?;
-            session.handle_message(msg)?;
-            while let Some(event) = session.poll_event() {
-                match event {
-                    Event::Joined { name, .. } if name == channel => return anyhow::Ok(()),
-                    Event::Error { code, message } => bail!("{name}: {code}: {message}"),
-                    _ => {}
+            match read_frame(&mut recv).await?.context("server ended the control stream")? {
+                ServerMsg::Welcome { session, .. } => me = Some(session),
+                ServerMsg::ChannelAdded(info) if info.name == channel => channel_id = Some(info.id),
+                ServerMsg::UserMoved { session, channel: Some(to) }
+                    if Some(session) == me && Some(to) == channel_id =>
+                {
+                    return anyhow::Ok((session, to));
                 }
+                ServerMsg::Error { code, message } => bail!("{name}: {code}: {message}"),
+                _ => {}
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), joined).await.context("joining the bench channel timed out")??;
-    let (me, channel_id) = (session.me().expect("joined, so welcomed"), session.channel().expect("joined"));
+    let (me, channel_id) = tokio::time::timeout(Duration::from_secs(10), joined)
+        .await
+        .context("joining the bench channel timed out")??;
     // Keep reading control frames so the server's queue for us never fills.
     let drain = tokio::spawn(async move { while let Ok(Some(_)) = read_frame::<ServerMsg>(&mut recv).await {} });
     let header = MediaHeader {

@@ -1,5 +1,6 @@
-//! What a client keeps between runs, in its vault (`vault` in the data directory):
-//! today the pinned server certificates.
+//! What a client keeps between runs, in its vault (`vault` in the data directory): the
+//! pinned server certificates and the end-to-end encryption state (identity, pre-keys,
+//! sessions, sender keys, pinned peer identities).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -42,6 +43,8 @@ struct Contents {
     version: u16,
     /// `host:port` → certificate fingerprint.
     pinned_servers: BTreeMap<String, [u8; 32]>,
+    /// `E2ee::to_bytes`, once created.
+    e2ee: Option<Zeroizing<Vec<u8>>>,
 }
 
 /// The client's persistent state, sealed in its vault; every change is saved at once.
@@ -81,6 +84,21 @@ impl ClientStore {
     /// Pins `server` to `fingerprint` and saves.
     pub fn pin(&mut self, server: &str, fingerprint: Fingerprint) -> Result<(), StoreError> {
         self.contents.pinned_servers.insert(server.to_owned(), fingerprint.0);
+        self.save()
+    }
+
+    /// The saved end-to-end encryption state, if any.
+    pub fn e2ee_state(&self) -> Option<&[u8]> {
+        self.contents.e2ee.as_deref().map(Vec::as_slice)
+    }
+
+    /// Replaces the end-to-end encryption state and saves.
+    pub fn save_e2ee(&mut self, state: Zeroizing<Vec<u8>>) -> Result<(), StoreError> {
+        self.contents.e2ee = Some(state);
+        self.save()
+    }
+
+    fn save(&self) -> Result<(), StoreError> {
         self.vault.save(&encode(&self.contents))?;
         Ok(())
     }

@@ -79,6 +79,15 @@ pub struct Limits {
     pub max_invite_uses: u32,
     /// Live invites per channel.
     pub max_invites_per_channel: u32,
+    /// End-to-end encrypted messages (direct and channel) per second per connection, and
+    /// the burst allowed: joining a channel sends a sender key to every member at once.
+    pub chat_messages_per_sec: u32,
+    pub chat_burst: u32,
+    /// The largest end-to-end encrypted message (a 5000-character text fits easily).
+    pub max_message_bytes: u32,
+    /// Pre-key bundle fetches per second per connection, and the burst allowed.
+    pub bundle_fetches_per_sec: u32,
+    pub bundle_fetch_burst: u32,
 }
 
 impl Default for Limits {
@@ -101,6 +110,11 @@ impl Default for Limits {
             max_invite_ttl_secs: 7 * 24 * 3600,
             max_invite_uses: 1000,
             max_invites_per_channel: 50,
+            chat_messages_per_sec: 50,
+            chat_burst: 200,
+            max_message_bytes: 32 * 1024,
+            bundle_fetches_per_sec: 5,
+            bundle_fetch_burst: 100,
         }
     }
 }
@@ -255,9 +269,16 @@ impl Limits {
             ("media_bytes_per_sec", u64::from(self.media_bytes_per_sec)),
             ("max_invite_ttl_secs", u64::from(self.max_invite_ttl_secs)),
             ("max_invite_uses", u64::from(self.max_invite_uses)),
+            ("chat_messages_per_sec", u64::from(self.chat_messages_per_sec)),
+            ("chat_burst", u64::from(self.chat_burst)),
+            ("bundle_fetches_per_sec", u64::from(self.bundle_fetches_per_sec)),
+            ("bundle_fetch_burst", u64::from(self.bundle_fetch_burst)),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("limits.{name} must be greater than 0"));
+        }
+        if !(256..=60 * 1024).contains(&self.max_message_bytes) {
+            return Err("limits.max_message_bytes must be 256 to 61440 (a message travels in one 64 KiB frame)".into());
         }
         // Names travel in control frames; keep them far below the frame cap.
         for (name, value) in [

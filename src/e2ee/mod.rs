@@ -377,6 +377,11 @@ impl E2ee {
         self.identities.status(peer)
     }
 
+    /// Whether the user accepted `peer`'s current identity after comparing safety numbers.
+    pub fn is_verified(&self, peer: &str) -> bool {
+        self.identities.is_verified(peer)
+    }
+
     /// The user compared safety numbers and accepts `peer`'s current identity.
     pub fn accept_identity(&mut self, peer: &str) {
         self.identities.accept(peer);

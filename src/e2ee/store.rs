@@ -45,6 +45,8 @@ pub struct Identities {
     peers: BTreeMap<String, Vec<u8>>,
     /// Peers whose key changed since it was pinned and who are not accepted again yet.
     changed: BTreeSet<String>,
+    /// Peers whose current key the user accepted after comparing safety numbers.
+    verified: BTreeSet<String>,
 }
 
 impl Identities {
@@ -54,6 +56,7 @@ impl Identities {
             registration_id,
             peers: BTreeMap::new(),
             changed: BTreeSet::new(),
+            verified: BTreeSet::new(),
         }
     }
 
@@ -76,6 +79,11 @@ impl Identities {
     /// The user compared safety numbers and accepts the peer's current key.
     pub fn accept(&mut self, peer: &str) {
         self.changed.remove(peer);
+        self.verified.insert(peer.to_owned());
+    }
+
+    pub fn is_verified(&self, peer: &str) -> bool {
+        self.verified.contains(peer)
     }
 }
 
@@ -94,6 +102,7 @@ impl IdentityKeyStore for Identities {
         let name = address.name().to_owned();
         let changed = self.peers.get(&name).is_some_and(|pinned| *pinned != key);
         if changed {
+            self.verified.remove(&name);
             self.changed.insert(name.clone());
         }
         self.peers.insert(name, key);

@@ -188,8 +188,10 @@ fn safety_numbers_match_on_both_sides_and_a_changed_identity_is_flagged() {
     let changed_number = alice.e2ee.safety_number("alice", "bob").unwrap();
     assert_ne!(changed_number, number);
     assert_eq!(alice.e2ee.identity_status("bob"), IdentityStatus::Changed);
+    assert!(!alice.e2ee.is_verified("bob"));
     alice.e2ee.accept_identity("bob");
     assert_eq!(alice.e2ee.identity_status("bob"), IdentityStatus::Trusted);
+    assert!(alice.e2ee.is_verified("bob"));
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::io::AsyncBufReadExt;
@@ -17,8 +17,9 @@ use super::server::{CLOSE_ERROR, CLOSE_NORMAL};
 use super::tls::{PinPolicy, PinningVerifier, client_tls};
 use crate::config::client_store::{ClientStore, StoreError};
 use crate::crypto::vault::KdfParams;
+use crate::e2ee::E2ee;
 use crate::protocol::{ErrorCode, Fingerprint, FrameError, JoinRequest, ServerLink, ServerMsg, encode_frame};
-use crate::session::{Command, Event, Session, parse_line};
+use crate::session::{Chat, Command, Event, Session, parse_line};
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,6 +86,8 @@ pub struct JoinOptions {
     pub data_dir: PathBuf,
     /// Unlocks (or, on first use, creates) the vault in `data_dir`.
     pub vault_password: Zeroizing<String>,
+    /// One channel message to send once in a channel.
+    pub say: Option<String>,
     pub json: bool,
 }
 
@@ -156,8 +159,8 @@ fn connection_error(error: quinn::ConnectionError) -> ClientError {
 }
 
 /// Connects with the pin that the options and the vault call for, and pins the server
-/// afterwards when that was asked for.
-pub async fn connect_pinned(options: &JoinOptions) -> Result<Connected, ClientError> {
+/// afterwards when that was asked for. Returns the open store too.
+pub async fn connect_pinned(options: &JoinOptions) -> Result<(Connected, ClientStore), ClientError> {
     let server = options.link.authority();
     let (data_dir, password) = (options.data_dir.clone(), options.vault_password.clone());
     // Unlocking costs Argon2's 64 MiB and a few hundred milliseconds: keep it off the runtime.
@@ -176,7 +179,7 @@ pub async fn connect_pinned(options: &JoinOptions) -> Result<Connected, ClientEr
     if known.pinned(&server) != Some(connected.fingerprint) {
         known.pin(&server, connected.fingerprint)?;
     }
-    Ok(connected)
+    Ok((connected, known))
 }
 
 /// Writes events as JSON lines or as text, one per line, flushed at once so that a
@@ -202,9 +205,15 @@ impl EventPrinter {
 /// `/quit` or the end of input.
 pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
     let printer = EventPrinter { json: options.json };
-    let Connected { endpoint, connection, fingerprint } = connect_pinned(&options).await?;
+    let (Connected { endpoint, connection, fingerprint }, mut store) = connect_pinned(&options).await?;
+    let e2ee = match store.e2ee_state() {
+        Some(state) => E2ee::from_bytes(state).map_err(|e| ClientError::Setup(e.to_string()))?,
+        None => E2ee::generate(&mut rand::rng(), SystemTime::now()).map_err(|e| ClientError::Setup(e.to_string()))?,
+    };
+    let chat = Chat::new(e2ee, rand::random(), options.link.authority());
     let (mut send, recv) = connection.open_bi().await.map_err(connection_error)?;
-    let mut session = Session::new(&options.name, options.join.clone(), options.link.invite_base(&fingerprint));
+    let mut session = Session::new(&options.name, options.join.clone(), options.link.invite_base(&fingerprint), chat);
+    let mut said = options.say.is_none();
 
     let (frames_tx, mut frames) = mpsc::channel(256);
     tokio::spawn(read_frames(recv, frames_tx));
@@ -212,8 +221,18 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
     let mut fatal: Option<ClientError> = None;
 
     let result = loop {
+        if !said && session.channel().is_some() {
+            said = true;
+            let text = options.say.clone().expect("said is false only with a message to say");
+            session.command(SystemTime::now(), Command::Say(text));
+        }
         if let Err(e) = flush(&mut session, &mut send, &printer).await {
             break Err(fatal.take().unwrap_or(e));
+        }
+        if session.take_e2ee_changed()
+            && let Err(e) = store.save_e2ee(session.e2ee().to_bytes())
+        {
+            break Err(e.into());
         }
         tokio::select! {
             frame = frames.recv() => match frame {
@@ -223,7 +242,7 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
                     {
                         fatal = Some(ClientError::Refused { code: code.as_str().to_owned(), message: message.clone() });
                     }
-                    if let Err(e) = session.handle_message(msg) {
+                    if let Err(e) = session.handle_message(SystemTime::now(), msg) {
                         break Err(ClientError::Protocol(e.to_string()));
                     }
                 }
@@ -243,7 +262,7 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
                 Ok(Some(line)) => match parse_line(&line) {
                     Ok(Some(Command::Quit)) => break Ok(()),
                     Ok(Some(Command::Probe { count })) => send_probes(&mut session, &connection, count, &printer),
-                    Ok(Some(command)) => session.command(command),
+                    Ok(Some(command)) => session.command(SystemTime::now(), command),
                     Ok(None) => {}
                     Err(e) => printer.print(&Event::local_error("bad_command", e)),
                 },

@@ -62,7 +62,7 @@ mod tests {
 
     #[test]
     fn frame_is_a_length_prefix_and_a_body() {
-        let msg = ClientMsg::Hello { version: PROTOCOL_VERSION, name: "alice".into(), join: None };
+        let msg = ClientMsg::Hello { version: PROTOCOL_VERSION, name: "alice".into(), join: None, bundle: None };
         let frame = encode_frame(&msg).unwrap();
         let prefix = *frame.first_chunk::<LEN_PREFIX>().unwrap();
         assert_eq!(body_len(prefix), Ok(frame.len() - LEN_PREFIX));
@@ -80,7 +80,7 @@ mod tests {
 
     #[test]
     fn oversized_message_is_refused_by_the_encoder() {
-        let msg = ClientMsg::Hello { version: 1, name: "x".repeat(MAX_FRAME_LEN), join: None };
+        let msg = ClientMsg::Hello { version: 1, name: "x".repeat(MAX_FRAME_LEN), join: None, bundle: None };
         assert!(matches!(encode_frame(&msg), Err(FrameError::TooLarge { .. })));
     }
 

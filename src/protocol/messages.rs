@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::bundle::{BundleUpload, OneTimePreKey, PeerBundle, SignedPreKey};
+
 /// A connected user's server-assigned id; never reused while the server runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -32,11 +34,13 @@ impl JoinRequest {
 /// What a client sends on its control stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientMsg {
-    /// Must be the first frame. `join` asks for a first channel instead of the default one.
+    /// Must be the first frame. `join` asks for a first channel instead of the default one;
+    /// `bundle` publishes the client's pre-keys before anyone can ask for them.
     Hello {
         version: u16,
         name: String,
         join: Option<JoinRequest>,
+        bundle: Option<Box<BundleUpload>>,
     },
     Join(JoinRequest),
     Leave,
@@ -51,6 +55,25 @@ pub enum ClientMsg {
     CreateInvite {
         max_uses: u32,
         ttl_secs: u32,
+    },
+    /// More one-time keys, after the server said they run low.
+    AddOneTimeKeys {
+        one_time: Vec<OneTimePreKey>,
+        kyber_one_time: Vec<SignedPreKey>,
+    },
+    /// Asks for a peer's bundle, to set up a pairwise session.
+    FetchBundle {
+        peer: SessionId,
+    },
+    /// An end-to-end encrypted message for one peer; the server passes it on unread.
+    Direct {
+        to: SessionId,
+        ciphertext: Vec<u8>,
+    },
+    /// An end-to-end encrypted message for the sender's channel.
+    Channel {
+        channel: ChannelId,
+        ciphertext: Vec<u8>,
     },
 }
 
@@ -102,6 +125,29 @@ pub enum ServerMsg {
         code: ErrorCode,
         message: String,
     },
+    Bundle {
+        peer: SessionId,
+        bundle: PeerBundle,
+    },
+    /// The server holds fewer than `REPLENISH_BELOW` of our one-time keys of a kind.
+    KeysLow {
+        one_time: u32,
+        kyber_one_time: u32,
+    },
+    Direct {
+        from: SessionId,
+        ciphertext: Vec<u8>,
+    },
+    Channel {
+        from: SessionId,
+        channel: ChannelId,
+        ciphertext: Vec<u8>,
+    },
+    /// How many online recipients a Direct or Channel message reached; nothing is stored.
+    Delivered {
+        reached: u32,
+        total: u32,
+    },
 }
 
 /// Why a request was refused. The snake_case names are stable: scripts match on them.
@@ -125,6 +171,9 @@ pub enum ErrorCode {
     InviteExpired,
     TooManyChannels,
     NotInChannel,
+    NoSuchUser,
+    NoBundle,
+    MessageTooLarge,
     InvalidRequest,
     RateLimited,
     MalformedFrame,
@@ -153,6 +202,9 @@ impl ErrorCode {
             ErrorCode::InviteExpired => "invite_expired",
             ErrorCode::TooManyChannels => "too_many_channels",
             ErrorCode::NotInChannel => "not_in_channel",
+            ErrorCode::NoSuchUser => "no_such_user",
+            ErrorCode::NoBundle => "no_bundle",
+            ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::MalformedFrame => "malformed_frame",
@@ -197,8 +249,8 @@ mod tests {
     fn every_client_message_round_trips() {
         let join =
             JoinRequest { channel: "Gaming".into(), password: Some("hunter2".into()), invite: Some("abcd".into()) };
-        round_trip(ClientMsg::Hello { version: 1, name: "alice".into(), join: Some(join.clone()) });
-        round_trip(ClientMsg::Hello { version: 7, name: "bob".into(), join: None });
+        round_trip(ClientMsg::Hello { version: 1, name: "alice".into(), join: Some(join.clone()), bundle: None });
+        round_trip(ClientMsg::Hello { version: 7, name: "bob".into(), join: None, bundle: None });
         round_trip(ClientMsg::Join(join));
         round_trip(ClientMsg::Join(JoinRequest::named("Lobby")));
         round_trip(ClientMsg::Leave);

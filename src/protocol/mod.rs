@@ -36,7 +36,12 @@ mod robustness_tests {
     fn valid_frames() -> Vec<Vec<u8>> {
         let join = JoinRequest { channel: "Staff".into(), password: Some("pw".into()), invite: Some("t".into()) };
         let client = [
-            ClientMsg::Hello { version: PROTOCOL_VERSION, name: "alice".into(), join: Some(join.clone()) },
+            ClientMsg::Hello {
+                version: PROTOCOL_VERSION,
+                name: "alice".into(),
+                join: Some(join.clone()),
+                bundle: None,
+            },
             ClientMsg::Join(join),
             ClientMsg::CreateChannel { name: "a".into(), description: "b".into(), password: None, user_limit: 3 },
             ClientMsg::CreateInvite { max_uses: 1, ttl_secs: 2 },

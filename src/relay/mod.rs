@@ -5,6 +5,7 @@
 //! and carries out what it asks for ([`Relay::poll_output`]). It never touches a socket
 //! or reads the clock, so every scenario here runs in tests on a virtual clock.
 
+pub mod keys;
 pub mod limits;
 pub mod password;
 
@@ -20,7 +21,12 @@ use crate::protocol::{
     ChannelId, ChannelInfo, ClientMsg, ErrorCode, JoinRequest, MediaHeader, MediaHeaderError, PROTOCOL_VERSION,
     ServerMsg, SessionId, UserInfo,
 };
+use keys::{BundleError, StoredBundle};
 use limits::TokenBucket;
+
+/// Within this time, a second fetch of the same user's bundle by the same requester
+/// gets no one-time keys: nobody can drain another user's one-time keys.
+const REFETCH_WINDOW: Duration = Duration::from_secs(60);
 
 /// The shell's handle for one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -149,6 +155,10 @@ struct Conn {
     /// Set until hello: the time by which it must arrive.
     hello_deadline: Option<Instant>,
     control: TokenBucket,
+    chat: TokenBucket,
+    fetches: TokenBucket,
+    /// Whose bundles this connection fetched recently, and when.
+    recent_fetches: HashMap<SessionId, Instant>,
     media_packets: TokenBucket,
     media_bytes: TokenBucket,
     password_failures: u32,
@@ -161,6 +171,7 @@ struct User {
     session: SessionId,
     name: String,
     channel: Option<ChannelId>,
+    bundle: Option<StoredBundle>,
 }
 
 enum Pending {
@@ -204,6 +215,8 @@ pub struct Relay {
     conns: HashMap<ConnId, Conn>,
     channels: BTreeMap<ChannelId, Channel>,
     invites: HashMap<String, Invite>,
+    /// Introduced users' connections, for messages addressed by session.
+    sessions: HashMap<SessionId, ConnId>,
     default_channel: Option<ChannelId>,
     next_session: u32,
     next_channel: u32,
@@ -220,6 +233,7 @@ impl Relay {
             conns: HashMap::new(),
             channels: BTreeMap::new(),
             invites: HashMap::new(),
+            sessions: HashMap::new(),
             default_channel: None,
             next_session: 1,
             next_channel: 1,
@@ -304,7 +318,12 @@ impl Relay {
             Input::PasswordChecked { matched } => self.password_checked(now, conn, matched),
             Input::PasswordHashed { hash } => self.password_hashed(now, conn, hash),
             Input::Control(msg) => {
-                if !state.control.try_take(now, 1) {
+                let bucket = match msg {
+                    ClientMsg::Direct { .. } | ClientMsg::Channel { .. } => &mut state.chat,
+                    ClientMsg::FetchBundle { .. } => &mut state.fetches,
+                    _ => &mut state.control,
+                };
+                if !bucket.try_take(now, 1) {
                     self.refuse(conn, Refusal::new(ErrorCode::RateLimited, "too many requests; slow down"));
                 } else if state.user.is_none() {
                     self.hello(now, conn, msg);
@@ -380,6 +399,9 @@ impl Relay {
                 user: None,
                 hello_deadline: Some(now + Duration::from_secs(limits.hello_timeout_secs)),
                 control: TokenBucket::new(now, limits.control_messages_per_sec, limits.control_burst),
+                chat: TokenBucket::new(now, limits.chat_messages_per_sec, limits.chat_burst),
+                fetches: TokenBucket::new(now, limits.bundle_fetches_per_sec, limits.bundle_fetch_burst),
+                recent_fetches: HashMap::new(),
                 media_packets: TokenBucket::new(now, limits.media_packets_per_sec, media_burst),
                 media_bytes: TokenBucket::new(now, limits.media_bytes_per_sec, limits.media_bytes_per_sec / 2),
                 password_failures: 0,
@@ -390,7 +412,7 @@ impl Relay {
     }
 
     fn hello(&mut self, now: Instant, conn: ConnId, msg: ClientMsg) {
-        let ClientMsg::Hello { version, name, join } = msg else {
+        let ClientMsg::Hello { version, name, join, bundle } = msg else {
             return self.close(now, conn, Refusal::new(ErrorCode::HelloRequired, "the first message must be a hello"));
         };
         if version != PROTOCOL_VERSION {
@@ -414,6 +436,10 @@ impl Relay {
                 Refusal::new(ErrorCode::ServerFull, format!("server is full ({} users)", self.users)),
             );
         }
+        let bundle = match bundle.map(|b| StoredBundle::new(*b)).transpose() {
+            Ok(bundle) => bundle,
+            Err(e) => return self.close(now, conn, bundle_refusal(e)),
+        };
         let key = name.to_lowercase();
         let taken = self.conns.values().any(|c| c.user.as_ref().is_some_and(|u| u.name.to_lowercase() == key));
         if taken {
@@ -429,7 +455,8 @@ impl Relay {
         self.users += 1;
         let state = self.conns.get_mut(&conn).expect("hello comes from a known connection");
         state.hello_deadline = None;
-        state.user = Some(User { session, name: name.clone(), channel: None });
+        state.user = Some(User { session, name: name.clone(), channel: None, bundle });
+        self.sessions.insert(session, conn);
 
         self.send(conn, ServerMsg::Welcome { session, name: name.clone(), server_version: PROTOCOL_VERSION });
         let channels: Vec<ServerMsg> =
@@ -472,7 +499,80 @@ impl Relay {
                 self.create_channel(now, conn, NewChannel { name, description, user_limit }, password)
             }
             ClientMsg::CreateInvite { max_uses, ttl_secs } => self.create_invite(now, conn, max_uses, ttl_secs),
+            ClientMsg::AddOneTimeKeys { one_time, kyber_one_time } => {
+                let bundle = self
+                    .user_mut(conn)
+                    .bundle
+                    .as_mut()
+                    .ok_or_else(|| Refusal::new(ErrorCode::NoBundle, "upload a bundle before adding keys to it"))?;
+                bundle.add(one_time, kyber_one_time).map_err(bundle_refusal)
+            }
+            ClientMsg::FetchBundle { peer } => self.fetch_bundle(now, conn, peer),
+            ClientMsg::Direct { to, ciphertext } => {
+                self.check_message_size(&ciphertext)?;
+                let target = self.conn_of(to)?;
+                let from = self.user(conn).session;
+                self.send(target, ServerMsg::Direct { from, ciphertext });
+                self.send(conn, ServerMsg::Delivered { reached: 1, total: 1 });
+                Ok(())
+            }
+            ClientMsg::Channel { channel, ciphertext } => {
+                self.check_message_size(&ciphertext)?;
+                let user = self.user(conn);
+                if user.channel != Some(channel) {
+                    return Err(Refusal::new(ErrorCode::NotInChannel, "you can only write to the channel you are in"));
+                }
+                let from = user.session;
+                let others: Vec<ConnId> =
+                    self.channels[&channel].members.iter().copied().filter(|m| *m != conn).collect();
+                for member in &others {
+                    self.send(*member, ServerMsg::Channel { from, channel, ciphertext: ciphertext.clone() });
+                }
+                let reached = others.len() as u32;
+                self.send(conn, ServerMsg::Delivered { reached, total: reached });
+                Ok(())
+            }
         }
+    }
+
+    fn check_message_size(&self, ciphertext: &[u8]) -> Result<(), Refusal> {
+        let max = self.config.limits.max_message_bytes as usize;
+        if ciphertext.len() > max {
+            return Err(Refusal::new(ErrorCode::MessageTooLarge, format!("a message may have at most {max} bytes")));
+        }
+        Ok(())
+    }
+
+    fn conn_of(&self, session: SessionId) -> Result<ConnId, Refusal> {
+        self.sessions
+            .get(&session)
+            .copied()
+            .ok_or_else(|| Refusal::new(ErrorCode::NoSuchUser, format!("no user with session {} is online", session.0)))
+    }
+
+    /// Hands out one bundle of `peer`'s, with one-time keys unless this requester took
+    /// some of `peer`'s within the last minute, and asks `peer` for more if they run low.
+    fn fetch_bundle(&mut self, now: Instant, conn: ConnId, peer: SessionId) -> Result<(), Refusal> {
+        let target = self.conn_of(peer)?;
+        let state = self.conns.get_mut(&conn).expect("requests come from known connections");
+        state.recent_fetches.retain(|_, at| now.saturating_duration_since(*at) < REFETCH_WINDOW);
+        let fresh = !state.recent_fetches.contains_key(&peer);
+        let owner = self.user_mut(target);
+        let stored = owner
+            .bundle
+            .as_mut()
+            .ok_or_else(|| Refusal::new(ErrorCode::NoBundle, format!("user {} has published no keys", peer.0)))?;
+        let bundle = stored.hand_out(fresh);
+        let low = stored.report_low();
+        if fresh {
+            let state = self.conns.get_mut(&conn).expect("requests come from known connections");
+            state.recent_fetches.insert(peer, now);
+        }
+        self.send(conn, ServerMsg::Bundle { peer, bundle });
+        if let Some((one_time, kyber_one_time)) = low {
+            self.send(target, ServerMsg::KeysLow { one_time, kyber_one_time });
+        }
+        Ok(())
     }
 
     fn join(&mut self, now: Instant, conn: ConnId, request: JoinRequest, fallback: bool) -> Result<(), Refusal> {
@@ -690,6 +790,7 @@ impl Relay {
         let Some(state) = self.conns.remove(&conn) else { return };
         let Some(user) = state.user else { return };
         self.users -= 1;
+        self.sessions.remove(&user.session);
         if let Some(channel) = user.channel.and_then(|id| self.channels.get_mut(&id)) {
             channel.members.retain(|m| *m != conn);
             if channel.members.is_empty() && channel.info.temporary {
@@ -731,6 +832,10 @@ impl Relay {
         self.conns[&conn].user.as_ref().expect("requests come from introduced users")
     }
 
+    fn user_mut(&mut self, conn: ConnId) -> &mut User {
+        self.conns.get_mut(&conn).and_then(|c| c.user.as_mut()).expect("requests come from introduced users")
+    }
+
     fn active_users(&self) -> impl Iterator<Item = (ConnId, &User)> {
         self.conns.iter().filter_map(|(id, c)| c.user.as_ref().map(|u| (*id, u)))
     }
@@ -769,6 +874,16 @@ impl Relay {
 impl User {
     fn info(&self) -> UserInfo {
         UserInfo { session: self.session, name: self.name.clone(), channel: self.channel }
+    }
+}
+
+fn bundle_refusal(error: BundleError) -> Refusal {
+    match error {
+        BundleError::TooManyKeys => Refusal::new(
+            ErrorCode::InvalidRequest,
+            format!("at most {} one-time and {} Kyber one-time keys", keys::MAX_ONE_TIME, keys::MAX_KYBER_ONE_TIME),
+        ),
+        BundleError::KeyTooLarge => Refusal::new(ErrorCode::InvalidRequest, "a key or signature is too large"),
     }
 }
 

@@ -86,7 +86,10 @@ impl Sim {
 
     fn hello(&mut self, name: &str, join: Option<JoinRequest>) -> ConnId {
         let conn = self.open();
-        self.input(conn, Input::Control(ClientMsg::Hello { version: PROTOCOL_VERSION, name: name.into(), join }));
+        self.input(
+            conn,
+            Input::Control(ClientMsg::Hello { version: PROTOCOL_VERSION, name: name.into(), join, bundle: None }),
+        );
         conn
     }
 
@@ -201,7 +204,7 @@ fn hello_can_ask_for_a_first_channel_and_falls_back_to_the_default() {
 fn bad_hellos_are_refused_and_closed() {
     let mut sim = Sim::new();
     let conn = sim.open();
-    sim.send(conn, ClientMsg::Hello { version: 99, name: "x".into(), join: None });
+    sim.send(conn, ClientMsg::Hello { version: 99, name: "x".into(), join: None, bundle: None });
     let msgs = sim.take(conn);
     assert!(matches!(&msgs[0], ServerMsg::Error { code: ErrorCode::VersionMismatch, message }
         if message.contains("version 1") && message.contains("version 99")));
@@ -254,7 +257,7 @@ fn silent_connections_time_out_and_pending_ones_are_bounded() {
     assert_eq!(sim.relay.poll_timeout(), Some(sim.now + Duration::from_secs(5)));
     sim.advance(Duration::from_secs(4));
     assert!(!sim.closed.contains_key(&a));
-    sim.send(b, ClientMsg::Hello { version: PROTOCOL_VERSION, name: "b".into(), join: None });
+    sim.send(b, ClientMsg::Hello { version: PROTOCOL_VERSION, name: "b".into(), join: None, bundle: None });
     sim.advance(Duration::from_secs(1));
     assert_eq!(sim.closed.get(&a), Some(&ErrorCode::HelloTimeout));
     assert!(!sim.closed.contains_key(&b), "b said hello in time");
@@ -582,7 +585,7 @@ fn random_traffic_keeps_the_relay_consistent() {
         let input = match rng.random_range(0..14) {
             0 => Input::Connected,
             1 => Input::Disconnected,
-            2 => Input::Control(ClientMsg::Hello { version: PROTOCOL_VERSION, name: name(), join: None }),
+            2 => Input::Control(ClientMsg::Hello { version: PROTOCOL_VERSION, name: name(), join: None, bundle: None }),
             3 | 4 => {
                 let invite = if rng.random_bool(0.3) { tokens.last().cloned() } else { None };
                 let password = rng.random_bool(0.5).then(|| if rng.random_bool(0.5) { "pw" } else { "no" }.to_owned());

@@ -28,12 +28,23 @@ pub enum Command {
     },
     /// A line of chat for the current channel.
     Say(String),
+    /// A direct message.
+    Msg {
+        to: String,
+        text: String,
+    },
+    /// Show the safety number shared with a user.
+    Safety(String),
+    /// Accept a user's identity after comparing safety numbers.
+    Verify(String),
     Quit,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
-    #[error("unknown command /{0}; try /join, /leave, /create, /invite, /channels, /probe or /quit")]
+    #[error(
+        "unknown command /{0}; try /join, /leave, /create, /invite, /msg, /safety, /verify, /channels, /probe or /quit"
+    )]
     Unknown(String),
     #[error("usage: {0}")]
     Usage(&'static str),
@@ -45,6 +56,16 @@ const JOIN_USAGE: &str = "/join NAME [PASSWORD] [--invite TOKEN]";
 const CREATE_USAGE: &str = "/create NAME [--description TEXT] [--password PW] [--limit N]";
 const INVITE_USAGE: &str = "/invite [USES] [SECONDS]";
 const PROBE_USAGE: &str = "/probe [COUNT]";
+const MSG_USAGE: &str = "/msg NAME TEXT";
+const SAFETY_USAGE: &str = "/safety NAME";
+const VERIFY_USAGE: &str = "/verify NAME";
+
+fn one_name(args: &[String], usage: &'static str) -> Result<String, ParseError> {
+    match args {
+        [name] => Ok(name.clone()),
+        _ => Err(ParseError::Usage(usage)),
+    }
+}
 
 /// Parses one typed line. Lines that do not start with `/` are chat; blank lines are nothing.
 pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
@@ -80,6 +101,22 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
             Command::Probe { count: number_at(args, 0, PROBE_USAGE)?.unwrap_or(1) }
         }
         "quit" | "exit" => Command::Quit,
+        "msg" => {
+            // The text is the rest of the line as typed, spaces and quotes included.
+            let (to, text) = rest
+                .trim_start()
+                .strip_prefix("msg")
+                .map(str::trim_start)
+                .and_then(|r| r.split_once(char::is_whitespace))
+                .ok_or(ParseError::Usage(MSG_USAGE))?;
+            let text = text.trim();
+            if text.is_empty() {
+                return Err(ParseError::Usage(MSG_USAGE));
+            }
+            Command::Msg { to: to.to_owned(), text: text.to_owned() }
+        }
+        "safety" => Command::Safety(one_name(args, SAFETY_USAGE)?),
+        "verify" => Command::Verify(one_name(args, VERIFY_USAGE)?),
         other => return Err(ParseError::Unknown(other.to_owned())),
     };
     Ok(Some(command))
@@ -195,6 +232,12 @@ mod tests {
         assert_eq!(parse("/probe 20"), Command::Probe { count: 20 });
         assert_eq!(parse("/channels"), Command::Channels);
         assert_eq!(parse("/quit"), Command::Quit);
+        assert_eq!(
+            parse("/msg bob  hi there, \"bob\" "),
+            Command::Msg { to: "bob".into(), text: "hi there, \"bob\"".into() }
+        );
+        assert_eq!(parse("/safety bob"), Command::Safety("bob".into()));
+        assert_eq!(parse("/verify bob"), Command::Verify("bob".into()));
         assert_eq!(parse("  hello there "), Command::Say("hello there".into()));
         assert_eq!(parse_line("   "), Ok(None));
     }
@@ -208,5 +251,7 @@ mod tests {
         assert_eq!(parse_line("/invite many"), Err(ParseError::Usage(INVITE_USAGE)));
         assert_eq!(parse_line(r#"/join "open"#), Err(ParseError::Quote));
         assert_eq!(parse_line("/"), Err(ParseError::Unknown(String::new())));
+        assert_eq!(parse_line("/msg bob"), Err(ParseError::Usage(MSG_USAGE)));
+        assert_eq!(parse_line("/safety"), Err(ParseError::Usage(SAFETY_USAGE)));
     }
 }

@@ -5,9 +5,11 @@
 //! [`Session::poll_transmit`] yields on the control stream, and shows what
 //! [`Session::poll_event`] yields.
 
+pub mod chat;
 pub mod command;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
@@ -15,6 +17,7 @@ use crate::protocol::{
     ChannelId, ChannelInfo, ClientMsg, JoinRequest, MediaHeader, PROTOCOL_VERSION, ServerMsg, SessionId, StreamType,
     UserInfo, percent_encode,
 };
+pub use chat::Chat;
 pub use command::{Command, ParseError, parse_line};
 
 /// A channel as a front end shows it.
@@ -84,6 +87,33 @@ pub enum Event {
         sequence: u32,
         bytes: usize,
     },
+    /// A decrypted chat message; `channel` is null for a direct message.
+    Message {
+        from: String,
+        channel: Option<String>,
+        dm: bool,
+        text: String,
+        time_ms: u64,
+        /// The sender's identity was accepted after comparing safety numbers.
+        verified: bool,
+        /// The sender's identity key differs from the one pinned earlier.
+        identity_changed: bool,
+    },
+    /// How many online recipients our last message reached.
+    Delivered {
+        reached: u32,
+        total: u32,
+    },
+    Safety {
+        user: String,
+        number: String,
+        verified: bool,
+        identity_changed: bool,
+    },
+    /// A peer's identity key is not the one pinned earlier; check the safety number.
+    IdentityChanged {
+        user: String,
+    },
     Error {
         code: String,
         message: String,
@@ -124,6 +154,21 @@ impl std::fmt::Display for Event {
                 write!(f, "* {stream:?} datagram #{sequence} from {from}: {bytes} bytes")
             }
             Event::Error { code, message } => write!(f, "! {code}: {message}"),
+            Event::Message { from, channel, text, identity_changed, .. } => {
+                let warning = if *identity_changed { " [identity changed]" } else { "" };
+                match channel {
+                    Some(channel) => write!(f, "[{channel}] <{from}>{warning} {text}"),
+                    None => write!(f, "[dm] <{from}>{warning} {text}"),
+                }
+            }
+            Event::Delivered { reached, total } => write!(f, "* delivered to {reached} of {total}"),
+            Event::Safety { user, number, verified, .. } => {
+                let state = if *verified { "verified" } else { "not verified" };
+                write!(f, "* safety number with {user} ({state}): {number}")
+            }
+            Event::IdentityChanged { user } => {
+                write!(f, "! the identity key of {user} CHANGED; compare safety numbers (/safety {user})")
+            }
         }
     }
 }
@@ -148,12 +193,13 @@ pub struct Session {
     events: VecDeque<Event>,
     transmit: VecDeque<ClientMsg>,
     probe_sequence: u32,
+    chat: Chat,
 }
 
 impl Session {
     /// A session that introduces itself as `name`, entering `join` instead of the
     /// server's default channel if given.
-    pub fn new(name: &str, join: Option<JoinRequest>, server_link: String) -> Self {
+    pub fn new(name: &str, join: Option<JoinRequest>, server_link: String, chat: Chat) -> Self {
         let mut session = Session {
             name: name.to_owned(),
             server_link,
@@ -164,8 +210,16 @@ impl Session {
             events: VecDeque::new(),
             transmit: VecDeque::new(),
             probe_sequence: 0,
+            chat,
         };
-        session.transmit.push_back(ClientMsg::Hello { version: PROTOCOL_VERSION, name: name.to_owned(), join });
+        let bundle = match session.chat.e2ee().bundle_upload() {
+            Ok(bundle) => Some(Box::new(bundle)),
+            Err(e) => {
+                session.events.push_back(Event::local_error("e2ee", e));
+                None
+            }
+        };
+        session.transmit.push_back(ClientMsg::Hello { version: PROTOCOL_VERSION, name: name.to_owned(), join, bundle });
         session
     }
 
@@ -194,7 +248,7 @@ impl Session {
         self.me.and_then(|me| self.users.get(&me)).and_then(|u| u.channel)
     }
 
-    pub fn handle_message(&mut self, msg: ServerMsg) -> Result<(), SessionError> {
+    pub fn handle_message(&mut self, now: SystemTime, msg: ServerMsg) -> Result<(), SessionError> {
         if self.me.is_none() && !matches!(msg, ServerMsg::Welcome { .. } | ServerMsg::Error { .. }) {
             return Err(SessionError::NotWelcomed(message_name(&msg)));
         }
@@ -226,11 +280,18 @@ impl Session {
             ServerMsg::UserConnected(user) => {
                 self.users.insert(user.session, user);
             }
-            ServerMsg::UserMoved { session, channel } => self.user_moved(session, channel),
+            ServerMsg::UserMoved { session, channel } => self.user_moved(now, session, channel),
             ServerMsg::UserDisconnected(session) => {
-                self.user_moved(session, None);
+                self.user_moved(now, session, None);
                 self.users.remove(&session);
             }
+            ServerMsg::Bundle { peer, bundle } => self.bundle_arrived(peer, &bundle, now),
+            ServerMsg::KeysLow { .. } => self.keys_low(now),
+            ServerMsg::Direct { from, ciphertext } => self.direct_arrived(from, &ciphertext),
+            ServerMsg::Channel { from, channel, ciphertext } => {
+                self.channel_message_arrived(from, channel, &ciphertext)
+            }
+            ServerMsg::Delivered { reached, total } => self.delivered(reached, total),
             ServerMsg::InviteCreated { token, channel, expires_in_secs, max_uses } => {
                 let name = self.channel_name(channel);
                 let link = format!("{}&channel={}&invite={token}", self.server_link, percent_encode(&name));
@@ -250,7 +311,9 @@ impl Session {
         Ok(())
     }
 
-    fn user_moved(&mut self, session: SessionId, to: Option<ChannelId>) {
+    /// Someone changed channels. When that changes who is in ours, we start a new
+    /// sender-key epoch.
+    fn user_moved(&mut self, now: SystemTime, session: SessionId, to: Option<ChannelId>) {
         let Some(user) = self.users.get_mut(&session) else { return };
         let from = std::mem::replace(&mut user.channel, to);
         if from == to {
@@ -265,20 +328,26 @@ impl Session {
                 let users = self.members(new);
                 self.events.push_back(Event::Joined { channel: new.0, name: self.channel_name(new), users });
             }
-            return;
+            return self.rekey(now);
         }
         let mine = self.channel();
+        let mut ours_changed = false;
         if let Some(old) = from.filter(|c| Some(*c) == mine) {
             self.events.push_back(Event::UserLeft { user: name.clone(), session: session.0, channel: old.0 });
+            ours_changed = true;
         }
         if let Some(new) = to.filter(|c| Some(*c) == mine) {
             self.events.push_back(Event::UserJoined { user: name, session: session.0, channel: new.0 });
+            ours_changed = true;
+        }
+        if ours_changed {
+            self.rekey(now);
         }
     }
 
     /// A typed command: requests go to the server, local ones answer at once.
     /// `Probe` and `Quit` are the shell's: it sends datagrams and ends the session.
-    pub fn command(&mut self, command: Command) {
+    pub fn command(&mut self, now: SystemTime, command: Command) {
         match command {
             Command::Join(request) => self.transmit.push_back(ClientMsg::Join(request)),
             Command::Leave => self.transmit.push_back(ClientMsg::Leave),
@@ -289,10 +358,10 @@ impl Session {
                 self.transmit.push_back(ClientMsg::CreateInvite { max_uses, ttl_secs });
             }
             Command::Channels => self.events.push_back(Event::Channels { channels: self.channel_views() }),
-            Command::Say(_) => self.events.push_back(Event::local_error(
-                "not_supported",
-                "text chat arrives with end-to-end encryption in a later version; commands start with /",
-            )),
+            Command::Say(text) => self.say(text, now),
+            Command::Msg { to, text } => self.message_user(&to, text, now),
+            Command::Safety(name) => self.safety(&name),
+            Command::Verify(name) => self.verify(&name),
             Command::Probe { .. } | Command::Quit => {}
         }
     }
@@ -328,7 +397,7 @@ impl Session {
         self.events.push_back(event);
     }
 
-    fn channel_name(&self, id: ChannelId) -> String {
+    pub(crate) fn channel_name(&self, id: ChannelId) -> String {
         self.channels.get(&id).map_or_else(|| format!("#{}", id.0), |c| c.name.clone())
     }
 
@@ -365,6 +434,11 @@ fn message_name(msg: &ServerMsg) -> &'static str {
         ServerMsg::UserDisconnected(_) => "user_disconnected",
         ServerMsg::InviteCreated { .. } => "invite_created",
         ServerMsg::Error { .. } => "error",
+        ServerMsg::Bundle { .. } => "bundle",
+        ServerMsg::KeysLow { .. } => "keys_low",
+        ServerMsg::Direct { .. } => "direct",
+        ServerMsg::Channel { .. } => "channel",
+        ServerMsg::Delivered { .. } => "delivered",
     }
 }
 
@@ -372,6 +446,13 @@ fn message_name(msg: &ServerMsg) -> &'static str {
 mod tests {
     use super::*;
     use crate::protocol::ErrorCode;
+
+    fn chat() -> Chat {
+        use rand::SeedableRng;
+        let e2ee =
+            crate::e2ee::E2ee::generate(&mut rand::rngs::StdRng::seed_from_u64(1), SystemTime::UNIX_EPOCH).unwrap();
+        Chat::new(e2ee, [0; 32], "h:1".into())
+    }
 
     fn channel(id: u32, name: &str) -> ChannelInfo {
         ChannelInfo {
@@ -389,7 +470,7 @@ mod tests {
     }
 
     fn welcomed() -> Session {
-        let mut s = Session::new("alice", None, "voipc://h:1/?fp=ab".into());
+        let mut s = Session::new("alice", None, "voipc://h:1/?fp=ab".into(), chat());
         assert!(matches!(s.poll_transmit(), Some(ClientMsg::Hello { version: PROTOCOL_VERSION, .. })));
         for msg in [
             ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: PROTOCOL_VERSION },
@@ -400,7 +481,7 @@ mod tests {
             ServerMsg::Ready,
             ServerMsg::UserMoved { session: SessionId(1), channel: Some(ChannelId(1)) },
         ] {
-            s.handle_message(msg).unwrap();
+            s.handle_message(SystemTime::UNIX_EPOCH, msg).unwrap();
         }
         s
     }
@@ -427,11 +508,19 @@ mod tests {
     fn others_entering_and_leaving_my_channel_are_reported() {
         let mut s = welcomed();
         events(&mut s);
-        s.handle_message(ServerMsg::UserConnected(user(3, "carol", None))).unwrap();
-        s.handle_message(ServerMsg::UserMoved { session: SessionId(3), channel: Some(ChannelId(2)) }).unwrap();
+        s.handle_message(SystemTime::UNIX_EPOCH, ServerMsg::UserConnected(user(3, "carol", None))).unwrap();
+        s.handle_message(
+            SystemTime::UNIX_EPOCH,
+            ServerMsg::UserMoved { session: SessionId(3), channel: Some(ChannelId(2)) },
+        )
+        .unwrap();
         assert!(events(&mut s).is_empty(), "carol is not in my channel");
-        s.handle_message(ServerMsg::UserMoved { session: SessionId(3), channel: Some(ChannelId(1)) }).unwrap();
-        s.handle_message(ServerMsg::UserDisconnected(SessionId(2))).unwrap();
+        s.handle_message(
+            SystemTime::UNIX_EPOCH,
+            ServerMsg::UserMoved { session: SessionId(3), channel: Some(ChannelId(1)) },
+        )
+        .unwrap();
+        s.handle_message(SystemTime::UNIX_EPOCH, ServerMsg::UserDisconnected(SessionId(2))).unwrap();
         assert_eq!(
             events(&mut s),
             [
@@ -439,7 +528,8 @@ mod tests {
                 Event::UserLeft { user: "bob".into(), session: 2, channel: 1 },
             ]
         );
-        s.handle_message(ServerMsg::UserMoved { session: SessionId(1), channel: None }).unwrap();
+        s.handle_message(SystemTime::UNIX_EPOCH, ServerMsg::UserMoved { session: SessionId(1), channel: None })
+            .unwrap();
         assert_eq!(events(&mut s), [Event::Left { channel: 1, name: "Lobby".into() }]);
     }
 
@@ -447,14 +537,16 @@ mod tests {
     fn invites_get_a_link_and_errors_keep_their_code() {
         let mut s = welcomed();
         events(&mut s);
-        s.handle_message(ServerMsg::InviteCreated {
-            token: "tok".into(),
-            channel: ChannelId(2),
-            expires_in_secs: 60,
-            max_uses: 2,
-        })
+        s.handle_message(
+            SystemTime::UNIX_EPOCH,
+            ServerMsg::InviteCreated { token: "tok".into(), channel: ChannelId(2), expires_in_secs: 60, max_uses: 2 },
+        )
         .unwrap();
-        s.handle_message(ServerMsg::Error { code: ErrorCode::ChannelFull, message: "full".into() }).unwrap();
+        s.handle_message(
+            SystemTime::UNIX_EPOCH,
+            ServerMsg::Error { code: ErrorCode::ChannelFull, message: "full".into() },
+        )
+        .unwrap();
         let ev = events(&mut s);
         let Event::InviteCreated { link, .. } = &ev[0] else { panic!("{ev:?}") };
         assert_eq!(link, "voipc://h:1/?fp=ab&channel=Late%20Night&invite=tok");
@@ -496,11 +588,11 @@ mod tests {
 
     #[test]
     fn a_server_that_skips_the_welcome_is_a_protocol_error() {
-        let mut s = Session::new("alice", None, String::new());
-        assert_eq!(s.handle_message(ServerMsg::Ready), Err(SessionError::NotWelcomed("ready")));
+        let mut s = Session::new("alice", None, String::new(), chat());
+        assert_eq!(s.handle_message(SystemTime::UNIX_EPOCH, ServerMsg::Ready), Err(SessionError::NotWelcomed("ready")));
         let mut s = welcomed();
         let again = ServerMsg::Welcome { session: SessionId(5), name: "x".into(), server_version: 1 };
-        assert_eq!(s.handle_message(again), Err(SessionError::SecondWelcome));
+        assert_eq!(s.handle_message(SystemTime::UNIX_EPOCH, again), Err(SessionError::SecondWelcome));
         assert!(s.probe_datagram(b"").is_some());
     }
 }
