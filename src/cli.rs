@@ -107,7 +107,9 @@ pub fn main() -> ExitCode {
     };
     init_logging(match command {
         Command::Serve(_) => "info",
-        _ => "warn",
+        // libsignal warns about every message it could not decrypt at first try, which
+        // it then may well decrypt with an older session state; our events say what failed.
+        _ => "warn,libsignal_protocol_syft=error",
     });
     let mut builder = match &command {
         Command::Serve(args) if args.threads == 1 => tokio::runtime::Builder::new_current_thread(),

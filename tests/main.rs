@@ -3,5 +3,6 @@
 
 mod support;
 
+mod chat;
 mod cli;
 mod relay;

@@ -1,0 +1,268 @@
+//! End-to-end encrypted chat between client sessions through the relay core, on a
+//! simulated network that records every byte the relay receives and sends.
+
+use std::collections::BTreeMap;
+use std::time::{Instant, SystemTime};
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use voipc::config::ServerConfig;
+use voipc::e2ee::E2ee;
+use voipc::protocol::{ServerMsg, encode_frame};
+use voipc::relay::{ConnId, Input, Output, Relay, RelayConfig};
+use voipc::session::{Chat, Event, Session};
+
+const SERVER: &str = "chat.test:9987";
+
+struct Net {
+    relay: Relay,
+    clients: BTreeMap<&'static str, (ConnId, Session)>,
+    events: BTreeMap<&'static str, Vec<Event>>,
+    /// Every frame the relay received or sent, as encoded on the wire.
+    wire: Vec<Vec<u8>>,
+    /// Channel ciphertext the relay sent, by recipient, for replaying elsewhere.
+    channel_frames: Vec<(&'static str, ServerMsg)>,
+    next_conn: u64,
+    now: Instant,
+    seed: u64,
+}
+
+impl Net {
+    fn new() -> Net {
+        let config = RelayConfig::from_server_config(&ServerConfig::default());
+        Net {
+            relay: Relay::new(config, [5; 32]),
+            clients: BTreeMap::new(),
+            events: BTreeMap::new(),
+            wire: Vec::new(),
+            channel_frames: Vec::new(),
+            next_conn: 1,
+            now: Instant::now(),
+            seed: 100,
+        }
+    }
+
+    fn connect(&mut self, name: &'static str) {
+        self.seed += 1;
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        let e2ee = E2ee::generate(&mut rng, SystemTime::now()).unwrap();
+        let mut seed = [0; 32];
+        seed[..8].copy_from_slice(&self.seed.to_le_bytes());
+        let chat = Chat::new(e2ee, seed, SERVER.into());
+        let session = Session::new(name, None, String::new(), chat);
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.relay.handle_input(self.now, conn, Input::Connected).unwrap();
+        self.clients.insert(name, (conn, session));
+        self.run();
+    }
+
+    fn disconnect(&mut self, name: &str) {
+        let (conn, _) = self.clients.remove(name).unwrap();
+        self.relay.handle_input(self.now, conn, Input::Disconnected).unwrap();
+        self.run();
+    }
+
+    fn command(&mut self, name: &str, line: &str) {
+        let command = voipc::session::parse_line(line).unwrap().unwrap();
+        self.clients.get_mut(name).unwrap().1.command(SystemTime::now(), command);
+        self.run();
+    }
+
+    /// Delivers everything in flight, in order, until the network is quiet.
+    fn run(&mut self) {
+        loop {
+            let mut moved = false;
+            for (name, (conn, session)) in &mut self.clients {
+                while let Some(msg) = session.poll_transmit() {
+                    self.wire.push(encode_frame(&msg).unwrap());
+                    self.relay.handle_input(self.now, *conn, Input::Control(msg)).unwrap();
+                    moved = true;
+                }
+                let events = self.events.entry(name).or_default();
+                events.extend(std::iter::from_fn(|| session.poll_event()));
+            }
+            while let Some(output) = self.relay.poll_output() {
+                moved = true;
+                let Output::Send { to, msg } = output else { continue };
+                self.wire.push(encode_frame(&msg).unwrap());
+                let Some((name, (_, session))) = self.clients.iter_mut().find(|(_, (c, _))| *c == to) else { continue };
+                if matches!(msg, ServerMsg::Channel { .. }) {
+                    self.channel_frames.push((name, msg.clone()));
+                }
+                session.handle_message(SystemTime::now(), msg).unwrap();
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn messages(&self, name: &str) -> Vec<(String, Option<String>, String)> {
+        self.events[name]
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message { from, channel, text, .. } => Some((from.clone(), channel.clone(), text.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn errors(&self, name: &str) -> Vec<String> {
+        self.events[name]
+            .iter()
+            .filter_map(|e| match e {
+                Event::Error { code, .. } => Some(code.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Feeds `name` a channel frame that the relay sent to someone else.
+    fn replay_to(&mut self, name: &'static str, frame: ServerMsg) {
+        let session = &mut self.clients.get_mut(name).unwrap().1;
+        session.handle_message(SystemTime::now(), frame).unwrap();
+        let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+        self.events.entry(name).or_default().extend(events);
+    }
+
+    fn last_channel_frame_for(&self, name: &str) -> ServerMsg {
+        self.channel_frames.iter().rev().find(|(to, _)| *to == name).unwrap().1.clone()
+    }
+}
+
+fn text(from: &str, channel: Option<&str>, text: &str) -> (String, Option<String>, String) {
+    (from.into(), channel.map(Into::into), text.into())
+}
+
+#[test]
+fn channel_messages_and_direct_messages_arrive_and_the_relay_sees_no_plaintext() {
+    let mut net = Net::new();
+    net.connect("alice");
+    net.connect("bob");
+    net.connect("carol");
+    net.command("alice", "good morning, Lobby");
+    net.command("bob", "/msg carol the secret word is zanzibar");
+    net.command("carol", "/msg bob got it");
+    net.command("carol", "channel reply from carol");
+
+    assert_eq!(
+        net.messages("bob"),
+        [
+            text("alice", Some("Lobby"), "good morning, Lobby"),
+            text("carol", None, "got it"),
+            text("carol", Some("Lobby"), "channel reply from carol"),
+        ]
+    );
+    assert_eq!(
+        net.messages("carol"),
+        [text("alice", Some("Lobby"), "good morning, Lobby"), text("bob", None, "the secret word is zanzibar"),]
+    );
+    assert!(net.events["alice"].iter().any(|e| *e == Event::Delivered { reached: 2, total: 2 }));
+    assert!(net.errors("alice").is_empty() && net.errors("bob").is_empty() && net.errors("carol").is_empty());
+
+    for plaintext in ["good morning", "zanzibar", "got it", "channel reply"] {
+        let needle = plaintext.as_bytes();
+        let leaked = net.wire.iter().any(|frame| frame.windows(needle.len()).any(|w| w == needle));
+        assert!(!leaked, "{plaintext:?} crossed the relay in the clear");
+    }
+    assert!(net.wire.len() > 20, "the scan saw the traffic ({} frames)", net.wire.len());
+}
+
+#[test]
+fn a_leaver_cannot_read_what_follows_and_a_newcomer_cannot_read_what_came_before() {
+    let mut net = Net::new();
+    net.connect("alice");
+    net.connect("bob");
+    net.connect("carol");
+    net.command("alice", "before carol leaves");
+    assert_eq!(net.messages("carol"), [text("alice", Some("Lobby"), "before carol leaves")]);
+    let before = net.last_channel_frame_for("bob");
+
+    net.command("carol", "/leave");
+    net.command("alice", "after carol left");
+    assert_eq!(net.messages("bob").last().unwrap(), &text("alice", Some("Lobby"), "after carol left"));
+    // Carol keeps the ciphertext she would have got, and tries.
+    let after = net.last_channel_frame_for("bob");
+    net.replay_to("carol", after);
+    assert_eq!(net.messages("carol").len(), 1, "carol read nothing new");
+    assert_eq!(net.errors("carol"), ["undecryptable"]);
+
+    net.connect("dave");
+    net.replay_to("dave", before);
+    assert!(net.messages("dave").is_empty());
+    assert_eq!(net.errors("dave"), ["undecryptable"]);
+    net.command("alice", "welcome dave");
+    assert_eq!(net.messages("dave"), [text("alice", Some("Lobby"), "welcome dave")]);
+}
+
+#[test]
+fn a_changed_identity_is_flagged_until_verified() {
+    let mut net = Net::new();
+    net.connect("alice");
+    net.connect("bob");
+    net.command("bob", "/msg alice hi, it is bob");
+    net.command("alice", "/safety bob");
+    let first = net.events["alice"].iter().find_map(|e| match e {
+        Event::Safety { number, identity_changed: false, .. } => Some(number.clone()),
+        _ => None,
+    });
+    let first = first.expect("a safety number for bob");
+
+    // "bob" comes back with another identity key (a reinstall, or an impostor).
+    net.disconnect("bob");
+    net.seed += 50;
+    net.connect("bob");
+    net.command("bob", "/msg alice trust me, it is bob");
+    let flagged = net.events["alice"]
+        .iter()
+        .any(|e| matches!(e, Event::Message { text, identity_changed: true, .. } if text == "trust me, it is bob"));
+    assert!(flagged, "{:#?}", net.events["alice"]);
+    net.command("alice", "/verify bob");
+    let verified = net.events["alice"].iter().rev().find_map(|e| match e {
+        Event::Safety { number, verified: true, identity_changed: false, .. } => Some(number.clone()),
+        _ => None,
+    });
+    assert_ne!(verified.expect("verified after /verify"), first);
+}
+
+#[test]
+fn a_message_too_long_is_refused_before_it_is_sent() {
+    let mut net = Net::new();
+    net.connect("alice");
+    net.connect("bob");
+    let frames = net.wire.len();
+    net.command("alice", &"x".repeat(5001));
+    assert_eq!(net.errors("alice"), ["message_too_long"]);
+    assert_eq!(net.wire.len(), frames, "nothing was sent");
+}
+
+#[test]
+fn three_real_clients_chat_through_a_real_server() {
+    use crate::support::{TestClient, TestServer};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let mut bob = TestClient::join(&server.invite, "bob", &[]);
+    let mut carol = TestClient::join(&server.invite, "carol", &[]);
+    bob.expect_joined("Lobby");
+    carol.expect_joined("Lobby");
+    let mut alice = TestClient::join(&server.invite, "alice", &["--say", "hello over quic"]);
+    alice.expect_joined("Lobby");
+    let delivered = alice.expect_event("delivered");
+    assert_eq!((delivered["reached"].as_u64(), delivered["total"].as_u64()), (Some(2), Some(2)));
+    for client in [&mut bob, &mut carol] {
+        let message = client.expect("alice's message", |e| e["event"] == "message" && e["from"] == "alice");
+        assert_eq!(message["text"], "hello over quic");
+        assert_eq!(message["channel"], "Lobby");
+        assert_eq!(message["identity_changed"], false);
+    }
+    bob.send("/msg carol just between us");
+    let dm = carol.expect("bob's dm", |e| e["event"] == "message" && e["from"] == "bob");
+    assert_eq!((dm["dm"].as_bool(), dm["text"].as_str()), (Some(true), Some("just between us")));
+    bob.send("/safety carol");
+    carol.send("/safety bob");
+    let from_bob = bob.expect_event("safety")["number"].as_str().unwrap().to_owned();
+    let from_carol = carol.expect_event("safety")["number"].as_str().unwrap().to_owned();
+    assert_eq!(from_bob.len(), 60);
+    assert_eq!(from_bob, from_carol, "both sides show the same safety number");
+}
