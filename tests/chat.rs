@@ -158,7 +158,7 @@ fn channel_messages_and_direct_messages_arrive_and_the_relay_sees_no_plaintext()
         net.messages("carol"),
         [text("alice", Some("Lobby"), "good morning, Lobby"), text("bob", None, "the secret word is zanzibar"),]
     );
-    assert!(net.events["alice"].iter().any(|e| *e == Event::Delivered { reached: 2, total: 2 }));
+    assert!(net.events["alice"].contains(&Event::Delivered { reached: 2, total: 2 }));
     assert!(net.errors("alice").is_empty() && net.errors("bob").is_empty() && net.errors("carol").is_empty());
 
     for plaintext in ["good morning", "zanzibar", "got it", "channel reply"] {
