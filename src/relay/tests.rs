@@ -675,3 +675,121 @@ fn check_books(relay: &Relay) {
         assert!(limit == 0 || channel.members.len() <= limit, "{} over its limit", channel.info.name);
     }
 }
+
+fn upload(one_time: u32, kyber: u32) -> Box<crate::protocol::bundle::BundleUpload> {
+    use crate::protocol::bundle::{BundleUpload, OneTimePreKey, SignedPreKey};
+    let signed = |id: u32| SignedPreKey { id, public: vec![id as u8; 33], signature: vec![7; 64] };
+    Box::new(BundleUpload {
+        registration_id: 42,
+        identity_key: vec![5; 33],
+        signed_pre_key: signed(1),
+        kyber_last_resort: signed(1000),
+        kyber_one_time: (1..=kyber).map(signed).collect(),
+        one_time: (1..=one_time).map(|id| OneTimePreKey { id, public: vec![id as u8; 33] }).collect(),
+    })
+}
+
+impl Sim {
+    fn hello_with_keys(&mut self, name: &str, one_time: u32, kyber: u32) -> ConnId {
+        let conn = self.open();
+        let hello = ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            name: name.into(),
+            join: None,
+            bundle: Some(upload(one_time, kyber)),
+        };
+        self.input(conn, Input::Control(hello));
+        conn
+    }
+
+    fn fetch(&mut self, conn: ConnId, peer: ConnId) -> crate::protocol::bundle::PeerBundle {
+        let peer = self.sessions[&peer];
+        self.send(conn, ClientMsg::FetchBundle { peer });
+        match self.take(conn).pop() {
+            Some(ServerMsg::Bundle { bundle, .. }) => bundle,
+            other => panic!("expected a bundle, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn bundles_hand_out_each_one_time_key_once_and_cannot_be_drained() {
+    let mut sim = Sim::new();
+    let bob = sim.hello_with_keys("bob", 22, 21);
+    let alice = sim.hello("alice", None);
+    let carol = sim.hello("carol", None);
+    sim.take(bob);
+    sim.take(alice);
+    sim.take(carol);
+
+    let first = sim.fetch(alice, bob);
+    assert_eq!((first.one_time.as_ref().map(|k| k.id), first.kyber.id), (Some(1), 1));
+    assert_eq!(first.registration_id, 42);
+    // Asking again at once gets no one-time keys: only the reusable ones.
+    let again = sim.fetch(alice, bob);
+    assert_eq!((again.one_time, again.kyber.id), (None, 1000));
+    let other = sim.fetch(carol, bob);
+    assert_eq!((other.one_time.map(|k| k.id), other.kyber.id), (Some(2), 2));
+    // Bob is now below 20 Kyber one-time keys and is asked for more, once.
+    assert_eq!(sim.take(bob), [ServerMsg::KeysLow { one_time: 20, kyber_one_time: 19 }]);
+    sim.advance(Duration::from_secs(61));
+    let later = sim.fetch(alice, bob);
+    assert_eq!(later.one_time.map(|k| k.id), Some(3), "after a minute the requester gets fresh keys again");
+    assert!(sim.take(bob).is_empty(), "KeysLow is not repeated until keys are added");
+
+    let more =
+        ClientMsg::AddOneTimeKeys { one_time: upload(5, 5).one_time, kyber_one_time: upload(5, 5).kyber_one_time };
+    sim.send(bob, more);
+    assert!(sim.errors(bob).is_empty());
+    sim.send(alice, ClientMsg::FetchBundle { peer: sim.sessions[&carol] });
+    assert_eq!(sim.errors(alice), [ErrorCode::NoBundle]);
+    sim.send(alice, ClientMsg::FetchBundle { peer: SessionId(999) });
+    assert_eq!(sim.errors(alice), [ErrorCode::NoSuchUser]);
+}
+
+#[test]
+fn oversized_bundles_are_refused() {
+    let mut sim = Sim::new();
+    let greedy = sim.hello_with_keys("greedy", keys::MAX_ONE_TIME as u32 + 1, 1);
+    assert_eq!(sim.errors(greedy), [ErrorCode::InvalidRequest]);
+    assert_eq!(sim.closed[&greedy], ErrorCode::InvalidRequest);
+    let bob = sim.hello_with_keys("bob", 10, 10);
+    sim.take(bob);
+    let too_many =
+        ClientMsg::AddOneTimeKeys { one_time: upload(keys::MAX_ONE_TIME as u32, 0).one_time, kyber_one_time: vec![] };
+    sim.send(bob, too_many);
+    assert_eq!(sim.errors(bob), [ErrorCode::InvalidRequest]);
+}
+
+#[test]
+fn ciphertext_is_routed_to_its_recipients_with_delivery_counts() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", None);
+    let bob = sim.hello("bob", None);
+    let carol = sim.hello("carol", None);
+    let dave = sim.hello("dave", Some(JoinRequest::named("Duo")));
+    for conn in [alice, bob, carol, dave] {
+        sim.take(conn);
+    }
+    let lobby = sim.channel_id("Lobby");
+    let (a, b) = (sim.sessions[&alice], sim.sessions[&bob]);
+
+    sim.send(alice, ClientMsg::Channel { channel: lobby, ciphertext: vec![1, 2, 3] });
+    assert_eq!(sim.take(alice), [ServerMsg::Delivered { reached: 2, total: 2 }]);
+    for member in [bob, carol] {
+        assert_eq!(sim.take(member), [ServerMsg::Channel { from: a, channel: lobby, ciphertext: vec![1, 2, 3] }]);
+    }
+    assert!(sim.take(dave).is_empty(), "nothing reaches another channel");
+    sim.send(dave, ClientMsg::Channel { channel: lobby, ciphertext: vec![9] });
+    assert_eq!(sim.errors(dave), [ErrorCode::NotInChannel]);
+
+    sim.send(bob, ClientMsg::Direct { to: a, ciphertext: vec![4, 5] });
+    assert_eq!(sim.take(alice), [ServerMsg::Direct { from: b, ciphertext: vec![4, 5] }]);
+    assert_eq!(sim.take(bob), [ServerMsg::Delivered { reached: 1, total: 1 }]);
+    sim.send(bob, ClientMsg::Direct { to: a, ciphertext: vec![0; 32 * 1024 + 1] });
+    assert_eq!(sim.errors(bob), [ErrorCode::MessageTooLarge]);
+    sim.input(alice, Input::Disconnected);
+    sim.take(bob);
+    sim.send(bob, ClientMsg::Direct { to: a, ciphertext: vec![1] });
+    assert_eq!(sim.errors(bob), [ErrorCode::NoSuchUser], "nothing is stored for users who are gone");
+}
