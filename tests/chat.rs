@@ -10,6 +10,7 @@ use voipc::config::ServerConfig;
 use voipc::e2ee::E2ee;
 use voipc::protocol::{ServerMsg, encode_frame};
 use voipc::relay::{ConnId, Input, Output, Relay, RelayConfig};
+use voipc::session::history::History;
 use voipc::session::{Chat, Event, Session};
 
 const SERVER: &str = "chat.test:9987";
@@ -48,7 +49,7 @@ impl Net {
         let e2ee = E2ee::generate(&mut rng, SystemTime::now()).unwrap();
         let mut seed = [0; 32];
         seed[..8].copy_from_slice(&self.seed.to_le_bytes());
-        let chat = Chat::new(e2ee, seed, SERVER.into());
+        let chat = Chat::new(e2ee, History::default(), seed, SERVER.into());
         let session = Session::new(name, None, String::new(), chat);
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;

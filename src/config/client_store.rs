@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 
 use crate::crypto::vault::{KdfParams, Vault, VaultError};
 use crate::protocol::Fingerprint;
+use crate::session::history::History;
 
 /// The vault's file name in a client data directory.
 pub const VAULT_FILE: &str = "vault";
@@ -45,6 +46,7 @@ struct Contents {
     pinned_servers: BTreeMap<String, [u8; 32]>,
     /// `E2ee::to_bytes`, once created.
     e2ee: Option<Zeroizing<Vec<u8>>>,
+    history: History,
 }
 
 /// The client's persistent state, sealed in its vault; every change is saved at once.
@@ -92,9 +94,14 @@ impl ClientStore {
         self.contents.e2ee.as_deref().map(Vec::as_slice)
     }
 
-    /// Replaces the end-to-end encryption state and saves.
-    pub fn save_e2ee(&mut self, state: Zeroizing<Vec<u8>>) -> Result<(), StoreError> {
-        self.contents.e2ee = Some(state);
+    pub fn history(&self) -> &History {
+        &self.contents.history
+    }
+
+    /// Replaces the end-to-end encryption state and the history, and saves.
+    pub fn save_chat(&mut self, e2ee: Zeroizing<Vec<u8>>, history: &History) -> Result<(), StoreError> {
+        self.contents.e2ee = Some(e2ee);
+        self.contents.history = history.clone();
         self.save()
     }
 
@@ -127,6 +134,15 @@ mod tests {
         assert_eq!(store.pinned("[::1]:2"), Some(Fingerprint([2; 32])));
         let wrong = ClientStore::open_or_create(&data, b"not pw", FAST).err().unwrap();
         assert_eq!(wrong.code(), "vault_wrong_password");
+        let mut store = ClientStore::open_or_create(&data, b"pw", FAST).unwrap();
+        let mut history = History::default();
+        let message = crate::session::history::StoredMessage { from: "bob".into(), text: "hi".into(), time_ms: 1 };
+        history.record("a:1#Lobby", message.clone());
+        store.save_chat(Zeroizing::new(vec![1, 2, 3]), &history).unwrap();
+        let store = ClientStore::open_or_create(&data, b"pw", FAST).unwrap();
+        assert_eq!(store.e2ee_state(), Some(&[1u8, 2, 3][..]));
+        assert_eq!(store.history().conversation("a:1#Lobby").collect::<Vec<_>>(), [&message]);
+        assert_eq!(store.pinned("a:1"), Some(Fingerprint([1; 32])), "a later save keeps the pins");
         let names: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, [VAULT_FILE], "one file per data directory, nothing in the clear beside it");
     }

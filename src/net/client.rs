@@ -210,7 +210,7 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
         Some(state) => E2ee::from_bytes(state).map_err(|e| ClientError::Setup(e.to_string()))?,
         None => E2ee::generate(&mut rand::rng(), SystemTime::now()).map_err(|e| ClientError::Setup(e.to_string()))?,
     };
-    let chat = Chat::new(e2ee, rand::random(), options.link.authority());
+    let chat = Chat::new(e2ee, store.history().clone(), rand::random(), options.link.authority());
     let (mut send, recv) = connection.open_bi().await.map_err(connection_error)?;
     let mut session = Session::new(&options.name, options.join.clone(), options.link.invite_base(&fingerprint), chat);
     let mut said = options.say.is_none();
@@ -227,23 +227,19 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
             session.command(SystemTime::now(), Command::Say(text));
         }
         if let Err(e) = flush(&mut session, &mut send, &printer).await {
+            last_words(&mut frames, &mut session, &mut fatal).await;
             break Err(fatal.take().unwrap_or(e));
         }
         if session.take_e2ee_changed()
-            && let Err(e) = store.save_e2ee(session.e2ee().to_bytes())
+            && let Err(e) = store.save_chat(session.e2ee().to_bytes(), session.history())
         {
             break Err(e.into());
         }
         tokio::select! {
             frame = frames.recv() => match frame {
                 Some(Ok(msg)) => {
-                    if let ServerMsg::Error { code, message } = &msg
-                        && code.is_fatal()
-                    {
-                        fatal = Some(ClientError::Refused { code: code.as_str().to_owned(), message: message.clone() });
-                    }
-                    if let Err(e) = session.handle_message(SystemTime::now(), msg) {
-                        break Err(ClientError::Protocol(e.to_string()));
+                    if let Err(e) = handle_frame(&mut session, msg, &mut fatal) {
+                        break Err(e);
                     }
                 }
                 Some(Err(e)) => break Err(fatal.take().unwrap_or(ClientError::Protocol(e.to_string()))),
@@ -254,7 +250,10 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
             },
             datagram = connection.read_datagram() => match datagram {
                 Ok(datagram) => session.handle_datagram(&datagram),
-                Err(e) => break Err(fatal.take().unwrap_or_else(|| connection_error(e))),
+                Err(e) => {
+                    last_words(&mut frames, &mut session, &mut fatal).await;
+                    break Err(fatal.take().unwrap_or_else(|| connection_error(e)));
+                }
             },
             // Commands wait until the server has introduced itself, so that even an
             // empty input shows the connection.
@@ -280,6 +279,30 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     result
+}
+
+/// Hands a server message to the session, remembering an error that ends the connection.
+fn handle_frame(session: &mut Session, msg: ServerMsg, fatal: &mut Option<ClientError>) -> Result<(), ClientError> {
+    if let ServerMsg::Error { code, message } = &msg
+        && code.is_fatal()
+    {
+        *fatal = Some(ClientError::Refused { code: code.as_str().to_owned(), message: message.clone() });
+    }
+    session.handle_message(SystemTime::now(), msg).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// When the connection ends, the control stream may still hold the server's reason:
+/// read what is left of it (briefly) before reporting the end.
+async fn last_words(
+    frames: &mut mpsc::Receiver<Result<ServerMsg, FrameError>>,
+    session: &mut Session,
+    fatal: &mut Option<ClientError>,
+) {
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_millis(500), frames.recv()).await {
+        if handle_frame(session, msg, fatal).is_err() {
+            return;
+        }
+    }
 }
 
 /// Sends what the session queued and prints what it has to say.

@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::history::{History, StoredMessage};
 use super::{Event, Session};
 use crate::e2ee::{E2ee, IdentityStatus, Sealed};
 use crate::protocol::bundle::PeerBundle;
@@ -64,12 +65,13 @@ pub struct Chat {
     /// sent once everyone has it, so that nobody gets one they cannot read.
     queued_channel: Vec<String>,
     sent: VecDeque<Sent>,
-    /// Whether the Signal state changed since the shell last saved it.
+    history: History,
+    /// Whether the Signal state or the history changed since the shell last saved them.
     dirty: bool,
 }
 
 impl Chat {
-    pub fn new(e2ee: E2ee, seed: [u8; 32], server: String) -> Chat {
+    pub fn new(e2ee: E2ee, history: History, seed: [u8; 32], server: String) -> Chat {
         Chat {
             e2ee,
             rng: StdRng::from_seed(seed),
@@ -80,12 +82,23 @@ impl Chat {
             queued: BTreeMap::new(),
             queued_channel: Vec::new(),
             sent: VecDeque::new(),
+            history,
             dirty: true,
         }
     }
 
     pub fn e2ee(&self) -> &E2ee {
         &self.e2ee
+    }
+
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    fn record(&mut self, conversation: &str, from: &str, text: &str, time_ms: u64) {
+        let key = format!("{}{conversation}", self.server);
+        self.history.record(&key, StoredMessage { from: from.to_owned(), text: text.to_owned(), time_ms });
+        self.dirty = true;
     }
 }
 
@@ -106,6 +119,10 @@ impl Session {
 
     pub fn e2ee(&self) -> &E2ee {
         self.chat.e2ee()
+    }
+
+    pub fn history(&self) -> &History {
+        self.chat.history()
     }
 
     /// Starts a new epoch of our sender key for the channel we are in (or ends it when
@@ -214,6 +231,10 @@ impl Session {
     }
 
     fn send_text_direct(&mut self, peer: SessionId, text: String, now: SystemTime) {
+        if let Some(peer_name) = self.users.get(&peer).map(|u| u.name.clone()) {
+            let me = self.name.clone();
+            self.chat.record(&format!("@{peer_name}"), &me, &text, millis(now));
+        }
         let payload = DirectPayload::Text { text, time_ms: millis(now) };
         self.send_direct(peer, &payload, Sent::Text, now);
     }
@@ -230,6 +251,8 @@ impl Session {
         if !self.chat.need_sender_key.is_empty() {
             return self.chat.queued_channel.push(text);
         }
+        let (conversation, my_name) = (format!("#{}", self.channel_name(channel)), self.name.clone());
+        self.chat.record(&conversation, &my_name, &text, millis(now));
         let payload = postcard::to_allocvec(&ChannelPayload { text, time_ms: millis(now) }).expect("payloads encode");
         match self.chat.e2ee.group_encrypt(&me, distribution, &payload, &mut self.chat.rng) {
             Ok(ciphertext) => {
@@ -255,6 +278,7 @@ impl Session {
         self.chat.dirty = true;
         match postcard::from_bytes::<DirectPayload>(&opened.plaintext) {
             Ok(DirectPayload::Text { text, time_ms }) => {
+                self.chat.record(&format!("@{user}"), &user, &text, time_ms);
                 let event = self.message_event(&peer, user, None, text, time_ms);
                 self.events.push_back(event);
             }
@@ -281,6 +305,7 @@ impl Session {
             Ok(ChannelPayload { text, time_ms }) => {
                 self.chat.dirty = true;
                 let name = self.channel_name(channel);
+                self.chat.record(&format!("#{name}"), &user, &text, time_ms);
                 let event = self.message_event(&peer, user, Some(name), text, time_ms);
                 self.events.push_back(event);
             }

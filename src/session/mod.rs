@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod command;
+pub mod history;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::SystemTime;
@@ -451,7 +452,7 @@ mod tests {
         use rand::SeedableRng;
         let e2ee =
             crate::e2ee::E2ee::generate(&mut rand::rngs::StdRng::seed_from_u64(1), SystemTime::UNIX_EPOCH).unwrap();
-        Chat::new(e2ee, [0; 32], "h:1".into())
+        Chat::new(e2ee, history::History::default(), [0; 32], "h:1".into())
     }
 
     fn channel(id: u32, name: &str) -> ChannelInfo {
