@@ -50,10 +50,11 @@ join *args: build
 test: setup
     cargo test --all-targets
 
-# Relay throughput and latency against a plain-UDP baseline, vault unlock time, then the micro-benchmarks.
+# Relay throughput and latency against a plain-UDP baseline, vault unlock time, chat message rates, then the micro-benchmarks.
 bench *args: build
     ./target/release/voipc bench relay "$@"
     ./target/release/voipc bench vault
+    ./target/release/voipc bench chat
     cargo bench --bench hot_paths
 
 # Formatting and clippy, warnings denied.

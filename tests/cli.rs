@@ -122,6 +122,14 @@ fn the_benches_run_end_to_end_and_report_json() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["kdf"], serde_json::json!({"m_kib": 65536, "t": 3, "p": 4}));
     assert!(report["unlock_ms"].as_f64().unwrap() > 0.0, "{report}");
+
+    let out = voipc().args(["bench", "chat", "--secs", "0.1", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["channel_members"], 20);
+    for rate in ["dm_encrypt_decrypt_per_sec", "channel_messages_per_sec", "aes_gcm_seal_open_per_sec"] {
+        assert!(report[rate].as_f64().unwrap() > 0.0, "{rate}: {report}");
+    }
 }
 
 #[test]

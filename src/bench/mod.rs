@@ -5,6 +5,7 @@
 //! voice rate, level by level, and does the same against a plain-UDP fan-out relay.
 #![allow(clippy::disallowed_methods, reason = "a benchmark measures wall-clock time")]
 
+mod chat;
 mod load;
 pub mod udp_relay;
 
@@ -32,6 +33,15 @@ pub struct BenchArgs {
 enum BenchCommand {
     /// Relay throughput and latency, against a plain-UDP fan-out relay.
     Relay(RelayArgs),
+    /// End-to-end encrypted messages per second (DMs, and a 20-member channel), against
+    /// plain AES-256-GCM sealing and opening of the same bytes.
+    Chat {
+        /// Seconds measured per case.
+        #[arg(long, default_value_t = 2.0)]
+        secs: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Vault unlock time, against opening the same vault without the key-derivation cost.
     Vault {
         /// Unlocks timed (the median is reported).
@@ -73,6 +83,10 @@ struct RelayArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchCommand::Relay(args) => relay(args).await,
+        BenchCommand::Chat { secs, json } => {
+            let window = Duration::from_secs_f64(secs.clamp(0.1, 60.0));
+            tokio::task::spawn_blocking(move || chat::run(window, json)).await.context("chat bench failed")?
+        }
         BenchCommand::Vault { rounds, json } => {
             tokio::task::spawn_blocking(move || vault(rounds.max(1), json)).await.context("vault bench failed")?
         }
