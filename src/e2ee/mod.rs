@@ -34,6 +34,9 @@ pub const ONE_TIME_PRE_KEYS: usize = 100;
 pub const KYBER_ONE_TIME_PRE_KEYS: usize = 25;
 /// Below this many one-time keys left on the server, a client uploads more.
 pub const REPLENISH_BELOW: usize = 20;
+/// A signed pre-key older than this is replaced when the client connects (Signal's
+/// clients rotate theirs every few days to weeks).
+pub const SIGNED_PRE_KEY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// Signal's safety-number format: version 2, 5200 hash iterations (as the Signal apps).
 const FINGERPRINT_VERSION: u32 = 2;
@@ -78,6 +81,8 @@ pub struct E2ee {
     next_pre_key_id: u32,
     next_kyber_id: u32,
     signed_pre_key_id: u32,
+    /// When the current signed pre-key was made (ms since the epoch).
+    signed_pre_key_made_ms: u64,
     kyber_last_resort_id: u32,
 }
 
@@ -119,6 +124,7 @@ impl E2ee {
             next_pre_key_id: 1,
             next_kyber_id: 1,
             signed_pre_key_id: 0,
+            signed_pre_key_made_ms: 0,
             kyber_last_resort_id: 0,
         };
         e2ee.rotate_signed_pre_key(rng, now)?;
@@ -185,7 +191,19 @@ impl E2ee {
         let id = self.signed_pre_key_id;
         let record = SignedPreKeyRecord::new(id.into(), timestamp(now), &pair, &signature);
         ready(self.signed_pre_keys.save_signed_pre_key(id.into(), &record))?;
+        self.signed_pre_key_made_ms = timestamp(now).epoch_millis();
         Ok(signed(id, &pair.public_key.serialize(), &signature))
+    }
+
+    /// Replaces the signed pre-key if it is older than [`SIGNED_PRE_KEY_MAX_AGE`]; the
+    /// old ones stay, for sessions that peers began with them. Whether it rotated.
+    pub fn rotate_signed_pre_key_if_due<R: Rng + CryptoRng>(&mut self, rng: &mut R, now: SystemTime) -> Result<bool> {
+        let age_ms = timestamp(now).epoch_millis().saturating_sub(self.signed_pre_key_made_ms);
+        if u128::from(age_ms) < SIGNED_PRE_KEY_MAX_AGE.as_millis() {
+            return Ok(false);
+        }
+        self.rotate_signed_pre_key(rng, now)?;
+        Ok(true)
     }
 
     fn new_kyber_key<R: Rng + CryptoRng>(

@@ -234,3 +234,20 @@ fn garbage_and_tampered_ciphertext_are_errors() {
         assert!(bob.e2ee.accept_sender_key("alice", &junk).is_err());
     }
 }
+
+#[test]
+fn the_signed_pre_key_rotates_when_due_and_old_sessions_still_start() {
+    let mut alice = Client::new("alice", 50);
+    let mut bob = Client::new("bob", 51);
+    let old_bundle = bob.fetched_bundle();
+    let day = Duration::from_secs(24 * 3600);
+    assert!(!bob.e2ee.rotate_signed_pre_key_if_due(&mut bob.rng, now() + day * 6).unwrap());
+    assert!(bob.e2ee.rotate_signed_pre_key_if_due(&mut bob.rng, now() + day * 8).unwrap());
+    let new_id = bob.e2ee.bundle_upload().unwrap().signed_pre_key.id;
+    assert_eq!(new_id, old_bundle.signed_pre_key.id + 1);
+    assert!(!bob.e2ee.rotate_signed_pre_key_if_due(&mut bob.rng, now() + day * 9).unwrap());
+    // A peer that fetched the old bundle before the rotation can still begin a session.
+    alice.e2ee.start_session("bob", &old_bundle, now(), &mut alice.rng).unwrap();
+    let sealed = alice.send("bob", "from an old bundle");
+    assert_eq!(bob.receive("alice", &sealed).0, "from an old bundle");
+}

@@ -206,10 +206,12 @@ impl EventPrinter {
 pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
     let printer = EventPrinter { json: options.json };
     let (Connected { endpoint, connection, fingerprint }, mut store) = connect_pinned(&options).await?;
-    let e2ee = match store.e2ee_state() {
+    let mut e2ee = match store.e2ee_state() {
         Some(state) => E2ee::from_bytes(state).map_err(|e| ClientError::Setup(e.to_string()))?,
         None => E2ee::generate(&mut rand::rng(), SystemTime::now()).map_err(|e| ClientError::Setup(e.to_string()))?,
     };
+    e2ee.rotate_signed_pre_key_if_due(&mut rand::rng(), SystemTime::now())
+        .map_err(|e| ClientError::Setup(e.to_string()))?;
     let chat = Chat::new(e2ee, store.history().clone(), rand::random(), options.link.authority());
     let (mut send, recv) = connection.open_bi().await.map_err(connection_error)?;
     let mut session = Session::new(&options.name, options.join.clone(), options.link.invite_base(&fingerprint), chat);
