@@ -318,17 +318,27 @@ impl Relay {
             Input::PasswordChecked { matched } => self.password_checked(now, conn, matched),
             Input::PasswordHashed { hash } => self.password_hashed(now, conn, hash),
             Input::Control(msg) => {
+                // Every message sent gets exactly one Delivered, so that the sender can
+                // match answers to messages in order; a refused one reached nobody.
+                let is_message = matches!(msg, ClientMsg::Direct { .. } | ClientMsg::Channel { .. });
                 let bucket = match msg {
                     ClientMsg::Direct { .. } | ClientMsg::Channel { .. } => &mut state.chat,
                     ClientMsg::FetchBundle { .. } => &mut state.fetches,
                     _ => &mut state.control,
                 };
-                if !bucket.try_take(now, 1) {
-                    self.refuse(conn, Refusal::new(ErrorCode::RateLimited, "too many requests; slow down"));
+                let refused = if !bucket.try_take(now, 1) {
+                    Some(Refusal::new(ErrorCode::RateLimited, "too many requests; slow down"))
                 } else if state.user.is_none() {
                     self.hello(now, conn, msg);
-                } else if let Err(refusal) = self.request(now, conn, msg) {
+                    None
+                } else {
+                    self.request(now, conn, msg).err()
+                };
+                if let Some(refusal) = refused {
                     self.refuse(conn, refusal);
+                    if is_message && self.conns.get(&conn).is_some_and(|c| c.user.is_some()) {
+                        self.send(conn, ServerMsg::Delivered { reached: 0, total: 0 });
+                    }
                 }
             }
         }

@@ -786,8 +786,11 @@ fn ciphertext_is_routed_to_its_recipients_with_delivery_counts() {
     sim.send(bob, ClientMsg::Direct { to: a, ciphertext: vec![4, 5] });
     assert_eq!(sim.take(alice), [ServerMsg::Direct { from: b, ciphertext: vec![4, 5] }]);
     assert_eq!(sim.take(bob), [ServerMsg::Delivered { reached: 1, total: 1 }]);
+    // A refused message is still answered with a Delivered (to nobody), after its error.
     sim.send(bob, ClientMsg::Direct { to: a, ciphertext: vec![0; 32 * 1024 + 1] });
-    assert_eq!(sim.errors(bob), [ErrorCode::MessageTooLarge]);
+    let refused = sim.take(bob);
+    assert!(matches!(refused[0], ServerMsg::Error { code: ErrorCode::MessageTooLarge, .. }));
+    assert_eq!(refused[1..], [ServerMsg::Delivered { reached: 0, total: 0 }]);
     sim.input(alice, Input::Disconnected);
     sim.take(bob);
     sim.send(bob, ClientMsg::Direct { to: a, ciphertext: vec![1] });
