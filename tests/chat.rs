@@ -267,3 +267,21 @@ fn three_real_clients_chat_through_a_real_server() {
     assert_eq!(from_bob.len(), 60);
     assert_eq!(from_bob, from_carol, "both sides show the same safety number");
 }
+
+#[test]
+fn a_member_without_keys_does_not_hold_up_the_channel() {
+    use voipc::protocol::{ClientMsg, PROTOCOL_VERSION};
+    let mut net = Net::new();
+    net.connect("alice");
+    // A bot that speaks the protocol but publishes no keys (like the relay bench's).
+    let bot = ConnId(999);
+    net.relay.handle_input(net.now, bot, Input::Connected).unwrap();
+    let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: "bot".into(), join: None, bundle: None };
+    net.relay.handle_input(net.now, bot, Input::Control(hello)).unwrap();
+    net.run();
+    net.connect("bob");
+    net.command("alice", "hello despite the bot");
+    assert_eq!(net.messages("bob"), [text("alice", Some("Lobby"), "hello despite the bot")]);
+    net.command("alice", "/msg bot are you there?");
+    assert!(net.errors("alice").contains(&"no_keys".to_owned()), "{:?}", net.errors("alice"));
+}

@@ -125,9 +125,10 @@ pub enum ServerMsg {
         code: ErrorCode,
         message: String,
     },
+    /// The answer to a bundle fetch: `None` when the peer has published no keys.
     Bundle {
         peer: SessionId,
-        bundle: PeerBundle,
+        bundle: Option<PeerBundle>,
     },
     /// The server holds fewer than `REPLENISH_BELOW` of our one-time keys of a kind.
     KeysLow {

@@ -567,18 +567,17 @@ impl Relay {
         let state = self.conns.get_mut(&conn).expect("requests come from known connections");
         state.recent_fetches.retain(|_, at| now.saturating_duration_since(*at) < REFETCH_WINDOW);
         let fresh = !state.recent_fetches.contains_key(&peer);
-        let owner = self.user_mut(target);
-        let stored = owner
-            .bundle
-            .as_mut()
-            .ok_or_else(|| Refusal::new(ErrorCode::NoBundle, format!("user {} has published no keys", peer.0)))?;
+        let Some(stored) = self.user_mut(target).bundle.as_mut() else {
+            self.send(conn, ServerMsg::Bundle { peer, bundle: None });
+            return Ok(());
+        };
         let bundle = stored.hand_out(fresh);
         let low = stored.report_low();
         if fresh {
             let state = self.conns.get_mut(&conn).expect("requests come from known connections");
             state.recent_fetches.insert(peer, now);
         }
-        self.send(conn, ServerMsg::Bundle { peer, bundle });
+        self.send(conn, ServerMsg::Bundle { peer, bundle: Some(bundle) });
         if let Some((one_time, kyber_one_time)) = low {
             self.send(target, ServerMsg::KeysLow { one_time, kyber_one_time });
         }

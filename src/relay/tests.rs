@@ -706,7 +706,7 @@ impl Sim {
         let peer = self.sessions[&peer];
         self.send(conn, ClientMsg::FetchBundle { peer });
         match self.take(conn).pop() {
-            Some(ServerMsg::Bundle { bundle, .. }) => bundle,
+            Some(ServerMsg::Bundle { bundle: Some(bundle), .. }) => bundle,
             other => panic!("expected a bundle, got {other:?}"),
         }
     }
@@ -741,8 +741,9 @@ fn bundles_hand_out_each_one_time_key_once_and_cannot_be_drained() {
         ClientMsg::AddOneTimeKeys { one_time: upload(5, 5).one_time, kyber_one_time: upload(5, 5).kyber_one_time };
     sim.send(bob, more);
     assert!(sim.errors(bob).is_empty());
-    sim.send(alice, ClientMsg::FetchBundle { peer: sim.sessions[&carol] });
-    assert_eq!(sim.errors(alice), [ErrorCode::NoBundle]);
+    let carol_session = sim.sessions[&carol];
+    sim.send(alice, ClientMsg::FetchBundle { peer: carol_session });
+    assert_eq!(sim.take(alice), [ServerMsg::Bundle { peer: carol_session, bundle: None }]);
     sim.send(alice, ClientMsg::FetchBundle { peer: SessionId(999) });
     assert_eq!(sim.errors(alice), [ErrorCode::NoSuchUser]);
 }

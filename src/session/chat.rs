@@ -191,10 +191,20 @@ impl Session {
         }
     }
 
-    /// A peer's bundle arrived: set up the session, then send what waited for it.
-    pub(super) fn bundle_arrived(&mut self, peer: SessionId, bundle: &PeerBundle, now: SystemTime) {
+    /// A peer's bundle arrived: set up the session, then send what waited for it. A peer
+    /// without keys cannot take part in encrypted chat: nothing waits for it any longer.
+    pub(super) fn bundle_arrived(&mut self, peer: SessionId, bundle: Option<&PeerBundle>, now: SystemTime) {
         self.chat.awaiting_bundle.remove(&peer);
         let Some(address) = self.address(peer) else { return };
+        let Some(bundle) = bundle else {
+            self.chat.need_sender_key.remove(&peer);
+            if self.chat.queued.remove(&peer).is_some() {
+                let user = self.users[&peer].name.clone();
+                self.events
+                    .push_back(Event::local_error("no_keys", format!("{user} has published no encryption keys")));
+            }
+            return self.flush_channel_queue(now);
+        };
         match self.chat.e2ee.start_session(&address, bundle, now, &mut self.chat.rng) {
             Ok(IdentityStatus::Changed) => {
                 let user = self.users[&peer].name.clone();

@@ -286,7 +286,7 @@ impl Session {
                 self.user_moved(now, session, None);
                 self.users.remove(&session);
             }
-            ServerMsg::Bundle { peer, bundle } => self.bundle_arrived(peer, &bundle, now),
+            ServerMsg::Bundle { peer, bundle } => self.bundle_arrived(peer, bundle.as_ref(), now),
             ServerMsg::KeysLow { .. } => self.keys_low(now),
             ServerMsg::Direct { from, ciphertext } => self.direct_arrived(from, &ciphertext),
             ServerMsg::Channel { from, channel, ciphertext } => {
