@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::Context;
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -11,6 +10,7 @@ use uuid::Uuid;
 
 use crate::e2ee::E2ee;
 use crate::protocol::bundle::PeerBundle;
+use crate::relay::keys::StoredBundle;
 
 /// Bytes of a typical chat message.
 const MESSAGE: &[u8; 200] = &[b'm'; 200];
@@ -28,15 +28,10 @@ fn rate(window: Duration, mut op: impl FnMut() -> anyhow::Result<()>) -> anyhow:
     Ok(count as f64 / start.elapsed().as_secs_f64())
 }
 
+/// The bundle a server would hand out first for `e2ee`.
 fn bundle_of(e2ee: &E2ee) -> anyhow::Result<PeerBundle> {
-    let upload = e2ee.bundle_upload()?;
-    Ok(PeerBundle {
-        registration_id: upload.registration_id,
-        identity_key: upload.identity_key,
-        signed_pre_key: upload.signed_pre_key,
-        one_time: upload.one_time.into_iter().next(),
-        kyber: upload.kyber_one_time.into_iter().next().context("a fresh identity has Kyber keys")?,
-    })
+    let mut stored = StoredBundle::new(e2ee.bundle_upload()?).map_err(|e| anyhow::anyhow!("bundle refused: {e:?}"))?;
+    Ok(stored.hand_out(true))
 }
 
 pub fn run(window: Duration, json: bool) -> anyhow::Result<()> {

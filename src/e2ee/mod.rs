@@ -32,8 +32,6 @@ pub const ONE_TIME_PRE_KEYS: usize = 100;
 /// One-time Kyber pre-keys a client keeps published (1.6 KiB each: a full set fits one
 /// 64 KiB control frame together with everything else in a bundle).
 pub const KYBER_ONE_TIME_PRE_KEYS: usize = 25;
-/// Below this many one-time keys left on the server, a client uploads more.
-pub const REPLENISH_BELOW: usize = 20;
 /// A signed pre-key older than this is replaced when the client connects (Signal's
 /// clients rotate theirs every few days to weeks).
 pub const SIGNED_PRE_KEY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
@@ -99,9 +97,13 @@ fn address(peer: &str) -> ProtocolAddress {
     ProtocolAddress::new(peer.to_owned(), DeviceId::new(1).expect("1 is a valid device id"))
 }
 
+/// Milliseconds since the Unix epoch (0 before it), as messages and keys carry time.
+pub fn unix_millis(now: SystemTime) -> u64 {
+    now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn timestamp(now: SystemTime) -> Timestamp {
-    let millis = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-    Timestamp::from_epoch_millis(u64::try_from(millis).unwrap_or(u64::MAX))
+    Timestamp::from_epoch_millis(unix_millis(now))
 }
 
 fn signed(id: u32, public: &[u8], signature: &[u8]) -> SignedPreKey {
@@ -231,11 +233,6 @@ impl E2ee {
     fn kyber_public(&self, id: u32) -> Result<SignedPreKey> {
         let record = ready(self.kyber_pre_keys.get_kyber_pre_key(id.into()))?;
         Ok(signed(id, &record.public_key()?.serialize(), &record.signature()?))
-    }
-
-    /// Our identity key, as peers pin it.
-    pub fn identity_key(&self) -> Result<Vec<u8>> {
-        Ok(self.identities.own()?.identity_key().serialize().into_vec())
     }
 
     /// One-time keys of each kind still unused (the server holds the same ones).

@@ -8,6 +8,7 @@ use rand::rngs::StdRng;
 
 use super::*;
 use crate::protocol::MAX_FRAME_LEN;
+use crate::relay::keys::StoredBundle;
 
 fn now() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
@@ -26,15 +27,13 @@ impl Client {
     }
 
     /// What the server hands out for this client: the first one-time key of each kind.
+    /// What the server hands out for this client: `one_time_keys` as for a first fetch.
+    fn bundle(&self, one_time_keys: bool) -> PeerBundle {
+        StoredBundle::new(self.e2ee.bundle_upload().unwrap()).unwrap().hand_out(one_time_keys)
+    }
+
     fn fetched_bundle(&self) -> PeerBundle {
-        let upload = self.e2ee.bundle_upload().unwrap();
-        PeerBundle {
-            registration_id: upload.registration_id,
-            identity_key: upload.identity_key,
-            signed_pre_key: upload.signed_pre_key,
-            one_time: upload.one_time.into_iter().next(),
-            kyber: upload.kyber_one_time.into_iter().next().unwrap_or(upload.kyber_last_resort),
-        }
+        self.bundle(true)
     }
 
     fn send(&mut self, to: &str, text: &str) -> Sealed {
@@ -101,14 +100,8 @@ fn direct_messages_use_pqxdh_then_the_double_ratchet() {
 fn a_bundle_without_one_time_keys_still_works() {
     let mut alice = Client::new("alice", 3);
     let mut bob = Client::new("bob", 4);
-    let upload = bob.e2ee.bundle_upload().unwrap();
-    let bundle = PeerBundle {
-        registration_id: upload.registration_id,
-        identity_key: upload.identity_key,
-        signed_pre_key: upload.signed_pre_key,
-        one_time: None,
-        kyber: upload.kyber_last_resort,
-    };
+    let bundle = bob.bundle(false);
+    assert!(bundle.one_time.is_none());
     alice.e2ee.start_session("bob", &bundle, now(), &mut alice.rng).unwrap();
     let sealed = alice.send("bob", "drained");
     assert_eq!(bob.receive("alice", &sealed).0, "drained");

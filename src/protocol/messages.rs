@@ -130,7 +130,7 @@ pub enum ServerMsg {
         peer: SessionId,
         bundle: Option<PeerBundle>,
     },
-    /// The server holds fewer than `REPLENISH_BELOW` of our one-time keys of a kind.
+    /// The server holds fewer than `relay::keys::LOW_WATER` of our one-time keys of a kind.
     KeysLow {
         one_time: u32,
         kyber_one_time: u32,

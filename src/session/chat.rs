@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::history::{History, StoredMessage};
 use super::{Event, Session};
-use crate::e2ee::{E2ee, IdentityStatus, Sealed};
+use crate::e2ee::{E2ee, IdentityStatus, Sealed, unix_millis};
 use crate::protocol::bundle::PeerBundle;
 use crate::protocol::{ChannelId, ClientMsg, SessionId};
 
@@ -26,10 +26,9 @@ enum DirectPayload {
         text: String,
         time_ms: u64,
     },
-    /// The sender's key for its messages in `channel` from now on.
+    /// The sender's key for its channel messages from now on (a sender-key
+    /// distribution message, which names its own epoch).
     SenderKey {
-        channel: u32,
-        distribution: [u8; 16],
         message: Vec<u8>,
     },
 }
@@ -102,17 +101,14 @@ impl Chat {
     }
 }
 
-fn millis(now: SystemTime) -> u64 {
-    now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 impl Session {
     /// The Signal address of a user on this server.
     fn address(&self, session: SessionId) -> Option<String> {
         self.users.get(&session).map(|u| format!("{}/{}", self.chat.server, u.name))
     }
 
-    /// Whether the Signal state changed since the last call; the shell then saves it.
+    /// Whether the Signal state or the history changed since the last call; the shell
+    /// then saves both.
     pub fn take_e2ee_changed(&mut self) -> bool {
         std::mem::take(&mut self.chat.dirty)
     }
@@ -156,7 +152,7 @@ impl Session {
     }
 
     fn send_sender_key(&mut self, member: SessionId, now: SystemTime) {
-        let Some((channel, distribution)) = self.chat.epoch else { return };
+        let Some((_, distribution)) = self.chat.epoch else { return };
         let (Some(me), Some(peer)) = (self.me.and_then(|me| self.address(me)), self.address(member)) else { return };
         if !self.chat.e2ee.has_session(&peer) {
             self.chat.need_sender_key.insert(member);
@@ -167,7 +163,7 @@ impl Session {
             Ok(message) => message,
             Err(e) => return self.events.push_back(Event::local_error("e2ee", e)),
         };
-        let payload = DirectPayload::SenderKey { channel: channel.0, distribution: *distribution.as_bytes(), message };
+        let payload = DirectPayload::SenderKey { message };
         self.send_direct(member, &payload, Sent::Key, now);
     }
 
@@ -243,9 +239,9 @@ impl Session {
     fn send_text_direct(&mut self, peer: SessionId, text: String, now: SystemTime) {
         if let Some(peer_name) = self.users.get(&peer).map(|u| u.name.clone()) {
             let me = self.name.clone();
-            self.chat.record(&format!("@{peer_name}"), &me, &text, millis(now));
+            self.chat.record(&format!("@{peer_name}"), &me, &text, unix_millis(now));
         }
-        let payload = DirectPayload::Text { text, time_ms: millis(now) };
+        let payload = DirectPayload::Text { text, time_ms: unix_millis(now) };
         self.send_direct(peer, &payload, Sent::Text, now);
     }
 
@@ -262,8 +258,9 @@ impl Session {
             return self.chat.queued_channel.push(text);
         }
         let (conversation, my_name) = (format!("#{}", self.channel_name(channel)), self.name.clone());
-        self.chat.record(&conversation, &my_name, &text, millis(now));
-        let payload = postcard::to_allocvec(&ChannelPayload { text, time_ms: millis(now) }).expect("payloads encode");
+        self.chat.record(&conversation, &my_name, &text, unix_millis(now));
+        let payload =
+            postcard::to_allocvec(&ChannelPayload { text, time_ms: unix_millis(now) }).expect("payloads encode");
         match self.chat.e2ee.group_encrypt(&me, distribution, &payload, &mut self.chat.rng) {
             Ok(ciphertext) => {
                 self.transmit.push_back(ClientMsg::Channel { channel, ciphertext });
@@ -292,7 +289,7 @@ impl Session {
                 let event = self.message_event(&peer, user, None, text, time_ms);
                 self.events.push_back(event);
             }
-            Ok(DirectPayload::SenderKey { message, .. }) => {
+            Ok(DirectPayload::SenderKey { message }) => {
                 if let Err(e) = self.chat.e2ee.accept_sender_key(&peer, &message) {
                     self.events.push_back(Event::local_error("undecryptable", format!("sender key from {user}: {e}")));
                 }
