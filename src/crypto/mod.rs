@@ -1,3 +1,5 @@
-//! Encryption at rest and, later, of media frames.
+//! Media frame encryption (SFrame with its replay window) and encryption at rest (the vault).
 
+pub mod replay;
+pub mod sframe;
 pub mod vault;
