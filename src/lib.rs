@@ -4,6 +4,7 @@
 //! Layout and import direction follow `DESIGN.md`: `protocol` (pure wire types) ←
 //! `relay`, `session` (sans-IO cores) ← `net` (sockets, tasks, clock) ← `cli`.
 
+pub mod audio;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::io::AsyncBufReadExt;
@@ -251,7 +251,7 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
                 }
             },
             datagram = connection.read_datagram() => match datagram {
-                Ok(datagram) => session.handle_datagram(&datagram),
+                Ok(datagram) => session.handle_datagram(Instant::now(), &datagram),
                 Err(e) => {
                     last_words(&mut frames, &mut session, &mut fatal).await;
                     break Err(fatal.take().unwrap_or_else(|| connection_error(e)));

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::history::{History, StoredMessage};
+use super::media::MediaKeyShare;
 use super::{Event, Session};
 use crate::e2ee::{E2ee, IdentityStatus, Sealed, unix_millis};
 use crate::protocol::bundle::PeerBundle;
@@ -26,10 +27,11 @@ enum DirectPayload {
         text: String,
         time_ms: u64,
     },
-    /// The sender's key for its channel messages from now on (a sender-key
-    /// distribution message, which names its own epoch).
+    /// The sender's keys from now on: for its channel messages (a sender-key
+    /// distribution message, which names its own epoch) and for its media.
     SenderKey {
         message: Vec<u8>,
+        media: MediaKeyShare,
     },
 }
 
@@ -126,11 +128,13 @@ impl Session {
     /// does not get it; after a join, the newcomer gets only this one.
     pub(super) fn rekey(&mut self, now: SystemTime) {
         self.chat.need_sender_key.clear();
-        let Some(channel) = self.channel() else {
+        let (Some(channel), Some(me)) = (self.channel(), self.me) else {
             self.chat.epoch = None;
+            self.media.clear();
             return;
         };
         self.chat.epoch = Some((channel, Uuid::from_bytes(self.chat.rng.random())));
+        self.media.start_epoch(me, channel, &mut self.chat.rng);
         let members: Vec<SessionId> = self
             .users
             .values()
@@ -152,7 +156,7 @@ impl Session {
     }
 
     fn send_sender_key(&mut self, member: SessionId, now: SystemTime) {
-        let Some((_, distribution)) = self.chat.epoch else { return };
+        let (Some((_, distribution)), Some(media)) = (self.chat.epoch, self.media.own_share()) else { return };
         let (Some(me), Some(peer)) = (self.me.and_then(|me| self.address(me)), self.address(member)) else { return };
         if !self.chat.e2ee.has_session(&peer) {
             self.chat.need_sender_key.insert(member);
@@ -163,7 +167,7 @@ impl Session {
             Ok(message) => message,
             Err(e) => return self.events.push_back(Event::local_error("e2ee", e)),
         };
-        let payload = DirectPayload::SenderKey { message };
+        let payload = DirectPayload::SenderKey { message, media };
         self.send_direct(member, &payload, Sent::Key, now);
     }
 
@@ -289,9 +293,12 @@ impl Session {
                 let event = self.message_event(&peer, user, None, text, time_ms);
                 self.events.push_back(event);
             }
-            Ok(DirectPayload::SenderKey { message }) => {
+            Ok(DirectPayload::SenderKey { message, media }) => {
                 if let Err(e) = self.chat.e2ee.accept_sender_key(&peer, &message) {
                     self.events.push_back(Event::local_error("undecryptable", format!("sender key from {user}: {e}")));
+                }
+                if let Some(channel) = self.channel() {
+                    self.media.install(from, &media, channel, &mut self.media_out);
                 }
             }
             Err(e) => self.events.push_back(Event::local_error("undecryptable", format!("from {user}: {e}"))),

@@ -8,18 +8,21 @@
 pub mod chat;
 pub mod command;
 pub mod history;
+pub mod media;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 
 use crate::protocol::{
-    ChannelId, ChannelInfo, ClientMsg, JoinRequest, MediaHeader, PROTOCOL_VERSION, ServerMsg, SessionId, StreamType,
-    UserInfo, percent_encode,
+    ChannelId, ChannelInfo, ClientMsg, JoinRequest, MEDIA_HEADER_LEN, MediaHeader, PROTOCOL_VERSION, ServerMsg,
+    SessionId, StreamType, UserInfo, percent_encode,
 };
 pub use chat::Chat;
 pub use command::{Command, ParseError, parse_line};
+use media::MediaKeys;
+pub use media::{MediaCounters, MediaFrame};
 
 /// A channel as a front end shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -195,6 +198,9 @@ pub struct Session {
     transmit: VecDeque<ClientMsg>,
     probe_sequence: u32,
     chat: Chat,
+    media: MediaKeys,
+    /// Decrypted media frames for the audio and video pipelines.
+    media_out: VecDeque<MediaFrame>,
 }
 
 impl Session {
@@ -212,6 +218,8 @@ impl Session {
             transmit: VecDeque::new(),
             probe_sequence: 0,
             chat,
+            media: MediaKeys::default(),
+            media_out: VecDeque::new(),
         };
         let bundle = match session.chat.e2ee().bundle_upload() {
             Ok(bundle) => Some(Box::new(bundle)),
@@ -334,6 +342,7 @@ impl Session {
         let mine = self.channel();
         let mut ours_changed = false;
         if let Some(old) = from.filter(|c| Some(*c) == mine) {
+            self.media.forget(session);
             self.events.push_back(Event::UserLeft { user: name.clone(), session: session.0, channel: old.0 });
             ours_changed = true;
         }
@@ -382,20 +391,60 @@ impl Session {
         Some(header.to_datagram(payload))
     }
 
-    /// A datagram the relay forwarded to us.
-    pub fn handle_datagram(&mut self, datagram: &[u8]) {
-        let event = match MediaHeader::parse(datagram) {
-            Ok((header, payload)) => Event::Datagram {
-                from: self.users.get(&header.sender).map(|u| u.name.clone()),
-                session: header.sender.0,
-                channel: header.channel.0,
-                stream: header.stream,
-                sequence: header.sequence,
-                bytes: payload.len(),
-            },
-            Err(e) => Event::local_error("bad_datagram", e),
+    /// A datagram the relay forwarded to us. Media opens into [`Session::poll_media`];
+    /// probes become events.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
+        let header = match MediaHeader::parse(datagram) {
+            Ok((header, _)) => header,
+            Err(e) => return self.events.push_back(Event::local_error("bad_datagram", e)),
         };
-        self.events.push_back(event);
+        if header.stream != StreamType::Probe {
+            self.media.handle_timeout(now);
+            let channel = self.channel().unwrap_or(ChannelId(u32::MAX));
+            return self.media.open(header, channel, datagram, &mut self.media_out);
+        }
+        self.events.push_back(Event::Datagram {
+            from: self.users.get(&header.sender).map(|u| u.name.clone()),
+            session: header.sender.0,
+            channel: header.channel.0,
+            stream: header.stream,
+            sequence: header.sequence,
+            bytes: datagram.len() - MEDIA_HEADER_LEN,
+        });
+    }
+
+    /// Time passes: media keys replaced by newer ones expire after their grace period.
+    /// The shell calls this after every control message and at least every few hundred
+    /// milliseconds.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.media.handle_timeout(now);
+    }
+
+    /// A media datagram carrying `payload` (an Opus packet, a video fragment), sealed
+    /// with our key for the current epoch; `None` when we are in no channel. A key near
+    /// its packet limit is replaced by a new epoch first.
+    pub fn media_datagram(
+        &mut self,
+        now: SystemTime,
+        stream: StreamType,
+        sequence: u32,
+        timestamp: u32,
+        payload: &[u8],
+    ) -> Option<Vec<u8>> {
+        if self.media.needs_new_key() {
+            self.rekey(now);
+        }
+        self.media.seal(self.me?, stream, sequence, timestamp, payload)
+    }
+
+    #[must_use]
+    pub fn poll_media(&mut self) -> Option<MediaFrame> {
+        self.media_out.pop_front()
+    }
+
+    /// Media datagrams sent, opened, and dropped (by reason).
+    pub fn media_counters(&self) -> MediaCounters {
+        self.media.counters()
     }
 
     pub(crate) fn channel_name(&self, id: ChannelId) -> String {
@@ -567,10 +616,11 @@ mod tests {
             (SessionId(1), ChannelId(1), 1, &b"xyz"[..])
         );
         let from_bob = MediaHeader { sender: SessionId(2), ..header }.to_datagram(b"12345");
-        s.handle_datagram(&from_bob);
-        s.handle_datagram(&[1, 2]);
+        let now = Instant::now();
+        s.handle_datagram(now, &from_bob);
+        s.handle_datagram(now, &[1, 2]);
         // A datagram can overtake the control message that announces its sender.
-        s.handle_datagram(&MediaHeader { sender: SessionId(77), ..header }.to_datagram(b""));
+        s.handle_datagram(now, &MediaHeader { sender: SessionId(77), ..header }.to_datagram(b""));
         let ev = events(&mut s);
         assert_eq!(
             ev[0],

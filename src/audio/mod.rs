@@ -1,0 +1,19 @@
+//! Voice: devices, DSP (RNNoise, the talk gate, resampling), Opus, the jitter buffer and
+//! the mixer. Everything but [`engine`] and [`device`] is sans-IO: it takes samples,
+//! packets and the time as arguments. Depends on nothing of ours but plain numbers.
+
+pub mod codec;
+pub mod device;
+pub mod dsp;
+pub mod engine;
+pub mod jitter;
+pub mod mixer;
+pub mod pipeline;
+pub mod wav;
+
+/// Voice runs at 48 kHz mono throughout.
+pub const SAMPLE_RATE: u32 = 48_000;
+/// 10 ms: what RNNoise and the gate work on.
+pub const FRAME_10MS: usize = 480;
+/// 20 ms: one Opus packet.
+pub const FRAME_20MS: usize = 960;

@@ -1,0 +1,320 @@
+//! Media keys inside the client session: our own SFrame key for the current epoch, and
+//! the key of every other member of our channel, each received over the pairwise Signal
+//! session with that member. The server never sees one.
+//!
+//! Every join and leave in our channel starts a new epoch for every sender (see
+//! `Session::rekey`), so a newcomer cannot open what was said before and a leaver cannot
+//! open what is said after. A receiver keeps a sender's previous key for
+//! [`PREVIOUS_KEY_GRACE`] for packets still in flight, and holds a few packets that
+//! arrive before the key that opens them (the key travels on the control stream, the
+//! packets as datagrams, and either may win).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::crypto::sframe::{self, Opener, Sealer, SframeError, media_kid};
+use crate::protocol::{ChannelId, MEDIA_HEADER_LEN, MediaHeader, SessionId, StreamType};
+
+/// How long a sender's previous key still opens packets after its new one arrived.
+pub const PREVIOUS_KEY_GRACE: Duration = Duration::from_secs(3);
+/// Packets held per sender while waiting for the key that opens them (half a second of
+/// voice at 50 packets a second).
+const HELD_PER_SENDER: usize = 25;
+
+/// A sender's media key for one epoch, as it travels to each member.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct MediaKeyShare {
+    pub epoch: u32,
+    pub base_key: Zeroizing<[u8; 32]>,
+}
+
+/// A decrypted media frame for the audio (or video) pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaFrame {
+    pub sender: SessionId,
+    pub stream: StreamType,
+    pub flags: u8,
+    pub sequence: u32,
+    pub timestamp: u32,
+    pub payload: Vec<u8>,
+}
+
+/// What happened to media datagrams that were not played, and how many were.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MediaCounters {
+    pub sent: u64,
+    pub opened: u64,
+    /// No key for the sender and epoch (never received, or expired).
+    pub no_key: u64,
+    /// Failed authentication: damaged, forged, or moved to another channel/sender/stream.
+    pub unauthentic: u64,
+    pub duplicate: u64,
+    pub too_old: u64,
+    /// For a channel we are not in, or from a sender not in ours.
+    pub misrouted: u64,
+}
+
+struct OwnKey {
+    channel: ChannelId,
+    share: MediaKeyShare,
+    sealer: Sealer,
+}
+
+struct PeerKey {
+    opener: Opener,
+    /// When a newer key replaced this one: `None` while current, then the instant from
+    /// which it no longer opens anything (set on the first tick after replacement).
+    retire: Retirement,
+}
+
+enum Retirement {
+    Current,
+    Replaced,
+    Until(Instant),
+}
+
+#[derive(Default)]
+pub struct MediaKeys {
+    own: Option<OwnKey>,
+    next_epoch: u32,
+    /// Per sender: its current key last, a previous one (retiring) before it.
+    peers: BTreeMap<SessionId, Vec<PeerKey>>,
+    /// Per sender: packets that arrived before their key.
+    held: BTreeMap<SessionId, VecDeque<(MediaHeader, Vec<u8>)>>,
+    counters: MediaCounters,
+}
+
+impl MediaKeys {
+    /// Starts our next epoch in `channel` with a fresh random key, and returns it for
+    /// the other members.
+    pub fn start_epoch(&mut self, me: SessionId, channel: ChannelId, rng: &mut impl Rng) -> MediaKeyShare {
+        let share = MediaKeyShare { epoch: self.next_epoch, base_key: Zeroizing::new(rng.random()) };
+        self.next_epoch = self.next_epoch.wrapping_add(1);
+        let sealer = Sealer::new(media_kid(me.0, share.epoch), share.base_key.as_slice());
+        self.own = Some(OwnKey { channel, share: share.clone(), sealer });
+        share
+    }
+
+    /// Our current key, to give to a member who did not get it yet.
+    pub fn own_share(&self) -> Option<MediaKeyShare> {
+        self.own.as_ref().map(|own| own.share.clone())
+    }
+
+    /// We left our channel: forget every key.
+    pub fn clear(&mut self) {
+        self.own = None;
+        self.peers.clear();
+        self.held.clear();
+    }
+
+    /// A member left our channel: its keys go.
+    pub fn forget(&mut self, peer: SessionId) {
+        self.peers.remove(&peer);
+        self.held.remove(&peer);
+    }
+
+    /// A member's key for a new epoch; packets held for it are opened into `out`.
+    pub fn install(
+        &mut self,
+        peer: SessionId,
+        share: &MediaKeyShare,
+        channel: ChannelId,
+        out: &mut VecDeque<MediaFrame>,
+    ) {
+        let kid = media_kid(peer.0, share.epoch);
+        let keys = self.peers.entry(peer).or_default();
+        if keys.iter().any(|k| k.opener.kid() == kid) {
+            return;
+        }
+        keys.retain(|k| matches!(k.retire, Retirement::Current));
+        for key in keys.iter_mut() {
+            key.retire = Retirement::Replaced;
+        }
+        keys.push(PeerKey { opener: Opener::new(kid, share.base_key.as_slice()), retire: Retirement::Current });
+        for (header, packet) in self.held.remove(&peer).unwrap_or_default() {
+            self.open(header, channel, &packet, out);
+        }
+    }
+
+    /// Starts the grace period of replaced keys and drops those past it.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for keys in self.peers.values_mut() {
+            for key in keys.iter_mut() {
+                if matches!(key.retire, Retirement::Replaced) {
+                    key.retire = Retirement::Until(now + PREVIOUS_KEY_GRACE);
+                }
+            }
+            keys.retain(|k| !matches!(k.retire, Retirement::Until(until) if now >= until));
+        }
+    }
+
+    /// Whether our key is close to its packet limit and a new epoch should start.
+    pub fn needs_new_key(&self) -> bool {
+        self.own.as_ref().is_some_and(|own| own.sealer.needs_new_key())
+    }
+
+    /// A datagram carrying `payload` encrypted under our current key, or `None` when we
+    /// have no key (not in a channel).
+    pub fn seal(
+        &mut self,
+        me: SessionId,
+        stream: StreamType,
+        sequence: u32,
+        timestamp: u32,
+        payload: &[u8],
+    ) -> Option<Vec<u8>> {
+        let own = self.own.as_mut()?;
+        let header = MediaHeader { stream, flags: 0, channel: own.channel, sender: me, sequence, timestamp };
+        let mut datagram = Vec::with_capacity(MEDIA_HEADER_LEN + sframe::MAX_OVERHEAD + payload.len());
+        datagram.extend_from_slice(&header.to_datagram(&[]));
+        let (metadata, _) = datagram.split_at(MEDIA_HEADER_LEN);
+        let metadata = metadata.to_vec();
+        own.sealer.seal(&metadata, payload, &mut datagram).ok()?;
+        self.counters.sent += 1;
+        Some(datagram)
+    }
+
+    /// Opens an encrypted media packet (`header` parsed from its first bytes) into `out`,
+    /// or counts why not.
+    pub fn open(&mut self, header: MediaHeader, channel: ChannelId, packet: &[u8], out: &mut VecDeque<MediaFrame>) {
+        if header.channel != channel {
+            self.counters.misrouted += 1;
+            return;
+        }
+        let Some(sframe_packet) = packet.get(MEDIA_HEADER_LEN..) else { return };
+        let Ok(kid) = sframe::peek_kid(sframe_packet) else {
+            self.counters.unauthentic += 1;
+            return;
+        };
+        if kid >> 32 != u64::from(header.sender.0) {
+            // A key id naming another sender than the header: never ours to open.
+            self.counters.unauthentic += 1;
+            return;
+        }
+        let key = self.peers.get_mut(&header.sender).and_then(|keys| keys.iter_mut().find(|k| k.opener.kid() == kid));
+        let Some(key) = key else {
+            let held = self.held.entry(header.sender).or_default();
+            if held.len() == HELD_PER_SENDER {
+                held.pop_front();
+                self.counters.no_key += 1;
+            }
+            held.push_back((header, packet.to_vec()));
+            return;
+        };
+        match key.opener.open(&packet[..MEDIA_HEADER_LEN], sframe_packet) {
+            Ok(payload) => {
+                self.counters.opened += 1;
+                out.push_back(MediaFrame {
+                    sender: header.sender,
+                    stream: header.stream,
+                    flags: header.flags,
+                    sequence: header.sequence,
+                    timestamp: header.timestamp,
+                    payload,
+                });
+            }
+            Err(SframeError::Replay(crate::crypto::replay::ReplayError::Duplicate(_))) => self.counters.duplicate += 1,
+            Err(SframeError::Replay(crate::crypto::replay::ReplayError::TooOld { .. })) => self.counters.too_old += 1,
+            Err(_) => self.counters.unauthentic += 1,
+        }
+    }
+
+    /// Packets still held for a key that never came count as unopened.
+    pub fn counters(&self) -> MediaCounters {
+        let held: usize = self.held.values().map(VecDeque::len).sum();
+        MediaCounters { no_key: self.counters.no_key + held as u64, ..self.counters }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    const ALICE: SessionId = SessionId(1);
+    const LOBBY: ChannelId = ChannelId(1);
+
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(5)
+    }
+
+    fn open(keys: &mut MediaKeys, datagram: &[u8]) -> Vec<MediaFrame> {
+        let mut out = VecDeque::new();
+        let (header, _) = MediaHeader::parse(datagram).unwrap();
+        keys.open(header, LOBBY, datagram, &mut out);
+        out.into()
+    }
+
+    #[test]
+    fn a_packet_opens_once_and_only_where_it_was_sent() {
+        let (mut alice, mut bob) = (MediaKeys::default(), MediaKeys::default());
+        let share = alice.start_epoch(ALICE, LOBBY, &mut rng());
+        bob.install(ALICE, &share, LOBBY, &mut VecDeque::new());
+        let datagram = alice.seal(ALICE, StreamType::Voice, 7, 960, b"opus").unwrap();
+        let frames = open(&mut bob, &datagram);
+        assert_eq!(frames[0].payload, b"opus");
+        assert_eq!((frames[0].sequence, frames[0].timestamp), (7, 960));
+        assert!(open(&mut bob, &datagram).is_empty(), "a replay");
+        assert_eq!(bob.counters().duplicate, 1);
+
+        // The header is the AAD: another channel, sender or stream type does not open.
+        for (offset, value) in [(1, 2u8), (7, 9), (11, 3)] {
+            let mut moved = alice.seal(ALICE, StreamType::Voice, 8, 0, b"x").unwrap();
+            moved[offset] = value;
+            let (header, _) = MediaHeader::parse(&moved).unwrap();
+            let mut out = VecDeque::new();
+            bob.install(header.sender, &share, header.channel, &mut out);
+            bob.open(header, header.channel, &moved, &mut out);
+            assert!(out.is_empty(), "byte {offset} changed and the packet still opened");
+        }
+        assert!(bob.counters().unauthentic >= 2);
+    }
+
+    #[test]
+    fn packets_before_their_key_are_held_and_opened_when_it_comes() {
+        let (mut alice, mut bob) = (MediaKeys::default(), MediaKeys::default());
+        let share = alice.start_epoch(ALICE, LOBBY, &mut rng());
+        let early = alice.seal(ALICE, StreamType::Voice, 1, 0, b"early").unwrap();
+        assert!(open(&mut bob, &early).is_empty());
+        let mut out = VecDeque::new();
+        bob.install(ALICE, &share, LOBBY, &mut out);
+        assert_eq!(out.pop_front().unwrap().payload, b"early");
+        assert_eq!(bob.counters().no_key, 0);
+    }
+
+    #[test]
+    fn the_previous_key_works_for_the_grace_period_only() {
+        let start = Instant::now();
+        let (mut alice, mut bob) = (MediaKeys::default(), MediaKeys::default());
+        let mut rng = rng();
+        let old = alice.start_epoch(ALICE, LOBBY, &mut rng);
+        bob.install(ALICE, &old, LOBBY, &mut VecDeque::new());
+        let in_flight: Vec<_> = (0..3).map(|i| alice.seal(ALICE, StreamType::Voice, i, 0, b"old").unwrap()).collect();
+        let new = alice.start_epoch(ALICE, LOBBY, &mut rng);
+        bob.install(ALICE, &new, LOBBY, &mut VecDeque::new());
+        bob.handle_timeout(start);
+        assert_eq!(open(&mut bob, &in_flight[0]).len(), 1, "still inside the grace period");
+        bob.handle_timeout(start + PREVIOUS_KEY_GRACE);
+        assert!(open(&mut bob, &in_flight[1]).is_empty(), "after the grace period");
+        let fresh = alice.seal(ALICE, StreamType::Voice, 4, 0, b"new").unwrap();
+        assert_eq!(open(&mut bob, &fresh).len(), 1);
+    }
+
+    #[test]
+    fn a_forgotten_sender_opens_nothing() {
+        let (mut alice, mut bob) = (MediaKeys::default(), MediaKeys::default());
+        let share = alice.start_epoch(ALICE, LOBBY, &mut rng());
+        bob.install(ALICE, &share, LOBBY, &mut VecDeque::new());
+        bob.forget(ALICE);
+        assert!(open(&mut bob, &alice.seal(ALICE, StreamType::Voice, 1, 0, b"x").unwrap()).is_empty());
+        let mut out = VecDeque::new();
+        let datagram = alice.seal(ALICE, StreamType::Voice, 2, 0, b"x").unwrap();
+        let (header, _) = MediaHeader::parse(&datagram).unwrap();
+        bob.open(header, ChannelId(9), &datagram, &mut out);
+        assert_eq!(bob.counters().misrouted, 1);
+    }
+}
