@@ -8,9 +8,13 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use zeroize::Zeroizing;
 
+use crate::audio::codec::EncoderSettings;
+use crate::audio::dsp::VoiceMode;
+use crate::audio::pipeline::CaptureSettings;
+use crate::audio::wav::read_voice;
 use crate::bench::{self, BenchArgs};
 use crate::config::ServerConfig;
-use crate::net::client::{self, JoinOptions};
+use crate::net::client::{self, JoinOptions, VoiceOptions};
 use crate::net::server::Server;
 use crate::net::tls::Identity;
 use crate::protocol::{Fingerprint, JoinRequest, ServerLink};
@@ -36,6 +40,8 @@ enum Command {
     Join(JoinArgs),
     /// Measure throughput and latency.
     Bench(BenchArgs),
+    /// List the sound devices (names for --input-device and --output-device).
+    Devices,
 }
 
 #[derive(Debug, Args)]
@@ -92,9 +98,66 @@ pub struct JoinArgs {
     /// Send this message to the channel once joined.
     #[arg(long, value_name = "TEXT")]
     say: Option<String>,
+    #[command(flatten)]
+    voice: VoiceArgs,
+    /// End the session after this many seconds (the end of stdin then does not).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+struct VoiceArgs {
+    /// Send this WAV file (any rate, mono or stereo) as voice once in a channel.
+    #[arg(long, value_name = "FILE.wav")]
+    play: Option<PathBuf>,
+    /// Record what this client plays (the mixed channel audio) to a 48 kHz WAV file.
+    #[arg(long, value_name = "FILE.wav")]
+    record: Option<PathBuf>,
+    /// Talk through this microphone ("default" for the system's); without it and
+    /// without --play the client only listens.
+    #[arg(long, value_name = "NAME")]
+    input_device: Option<String>,
+    /// Play through this speaker ("default" for the system's).
+    #[arg(long, value_name = "NAME")]
+    output_device: Option<String>,
+    /// When the microphone is on the air: voice-activity, push-to-talk (/talk on|off) or always-on.
+    #[arg(long, default_value = "voice-activity", value_name = "MODE")]
+    voice_mode: VoiceMode,
+    /// The level a voice must reach to open the voice-activity gate, in dBFS.
+    #[arg(long, default_value_t = -50.0, value_name = "DBFS", allow_negative_numbers = true)]
+    vad_threshold: f32,
+    /// Send the microphone without RNNoise noise suppression.
+    #[arg(long)]
+    no_denoise: bool,
+    /// Opus complexity, 0 (fastest) to 10 (best).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=10))]
+    complexity: i32,
+}
+
+impl VoiceArgs {
+    fn options(self) -> anyhow::Result<VoiceOptions> {
+        let device = |name: Option<String>| name.map(|n| (n != "default").then_some(n));
+        let play = match &self.play {
+            Some(path) => Some(std::sync::Arc::new(read_voice(path)?)),
+            None => None,
+        };
+        let capture = CaptureSettings {
+            mode: self.voice_mode,
+            threshold_dbfs: self.vad_threshold,
+            denoise: !self.no_denoise,
+            encoder: EncoderSettings { complexity: self.complexity, ..EncoderSettings::default() },
+        };
+        Ok(VoiceOptions {
+            play,
+            input_device: device(self.input_device),
+            output_device: device(self.output_device),
+            record: self.record,
+            capture,
+        })
+    }
 }
 
 /// Parses the command line, runs it and maps the outcome to an exit code.
@@ -131,6 +194,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Join(args) => runtime.block_on(join(args)),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::Devices => devices(),
     };
     // A blocking read of stdin never returns while stdin stays open; do not wait for it.
     runtime.shutdown_background();
@@ -274,6 +338,12 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
             data_dir,
             vault_password,
             say: args.say,
+            voice: args.voice.options()?,
+            duration: args
+                .duration
+                .map(std::time::Duration::try_from_secs_f64)
+                .transpose()
+                .context("--duration takes a number of seconds")?,
             json,
         };
         client::run_headless(options).await.map_err(anyhow::Error::from)
@@ -285,6 +355,20 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         println!("{line}");
     }
     result
+}
+
+fn devices() -> anyhow::Result<()> {
+    let list = crate::audio::device::list();
+    let mark = |name: &String, default: &Option<String>| if Some(name) == default.as_ref() { " (default)" } else { "" };
+    println!("input devices:");
+    for name in &list.inputs {
+        println!("  {name}{}", mark(name, &list.default_input));
+    }
+    println!("output devices:");
+    for name in &list.outputs {
+        println!("  {name}{}", mark(name, &list.default_output));
+    }
+    Ok(())
 }
 
 /// The vault password from `--vault-password-file` (its first line) or the environment.

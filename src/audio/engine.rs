@@ -40,12 +40,10 @@ pub enum Source {
 }
 
 pub struct EngineConfig {
-    pub source: Source,
     /// A playback device by name (`Some(None)`: the default one); `None`: no device.
     pub output_device: Option<Option<String>>,
     /// Where to record what this client plays.
     pub record: Option<PathBuf>,
-    pub capture: CaptureSettings,
 }
 
 /// What the engine tells the network task.
@@ -103,7 +101,11 @@ pub enum EngineError {
 }
 
 pub struct Engine {
+    events: tokio_mpsc::Sender<EngineEvent>,
     capture_control: mpsc::Sender<Control>,
+    /// The capture thread's end of `capture_control`, until it starts: controls given
+    /// before then wait in the channel.
+    capture_controls: Option<Receiver<Control>>,
     playback: SyncSender<PlaybackInput>,
     stop: Arc<AtomicBool>,
     capture_thread: Option<JoinHandle<()>>,
@@ -112,33 +114,43 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the threads; their events arrive on the returned receiver.
+    /// Starts playback (and recording); events arrive on the returned receiver.
     pub fn start(config: EngineConfig) -> Result<(Engine, tokio_mpsc::Receiver<EngineEvent>), EngineError> {
         let (events, events_rx) = tokio_mpsc::channel(EVENT_QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
         let recorder = config.record.as_deref().map(Recorder::create).transpose()?;
         let (playback, playback_rx) = mpsc::sync_channel(PLAYBACK_QUEUE);
-        let (capture_control, capture_rx) = mpsc::channel();
-        let capture_thread = match config.source {
-            Source::Nothing => None,
-            source => {
-                let mut capture = Capture::new(config.capture)?;
-                let (events, stop) = (events.clone(), stop.clone());
-                let thread = std::thread::Builder::new()
-                    .name("voipc-capture".into())
-                    .spawn(move || run_capture(source, &mut capture, &capture_rx, &events, &stop))
-                    .map_err(|e| EngineError::Thread("capture", e))?;
-                Some(thread)
-            }
-        };
         let output_device = config.output_device;
-        let stop_playback = stop.clone();
+        let (stop_playback, playback_events) = (stop.clone(), events.clone());
         let playback_thread = std::thread::Builder::new()
             .name("voipc-playback".into())
-            .spawn(move || run_playback(output_device, recorder, &playback_rx, &events, &stop_playback))
+            .spawn(move || run_playback(output_device, recorder, &playback_rx, &playback_events, &stop_playback))
             .map_err(|e| EngineError::Thread("playback", e))?;
-        let engine = Engine { capture_control, playback, stop, capture_thread, playback_thread, dropped: 0 };
+        let (capture_control, capture_controls) = mpsc::channel();
+        let engine = Engine {
+            events,
+            capture_control,
+            capture_controls: Some(capture_controls),
+            playback,
+            stop,
+            capture_thread: None,
+            playback_thread,
+            dropped: 0,
+        };
         Ok((engine, events_rx))
+    }
+
+    /// Starts sending from `source` (once; a second call does nothing).
+    pub fn start_capture(&mut self, source: Source, settings: CaptureSettings) -> Result<(), EngineError> {
+        let Some(controls) = self.capture_controls.take() else { return Ok(()) };
+        let mut capture = Capture::new(settings)?;
+        let (events, stop) = (self.events.clone(), self.stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("voipc-capture".into())
+            .spawn(move || run_capture(source, &mut capture, &controls, &events, &stop))
+            .map_err(|e| EngineError::Thread("capture", e))?;
+        self.capture_thread = Some(thread);
+        Ok(())
     }
 
     /// A decrypted voice packet for the playback.

@@ -15,10 +15,14 @@ use zeroize::Zeroizing;
 use super::framing::{ReadFrameError, read_frame};
 use super::server::{CLOSE_ERROR, CLOSE_NORMAL};
 use super::tls::{PinPolicy, PinningVerifier, client_tls};
+use crate::audio::engine::{Control, Engine, EngineConfig, EngineError, EngineEvent, Source};
+use crate::audio::pipeline::CaptureSettings;
 use crate::config::client_store::{ClientStore, StoreError};
 use crate::crypto::vault::KdfParams;
 use crate::e2ee::E2ee;
-use crate::protocol::{ErrorCode, Fingerprint, FrameError, JoinRequest, ServerLink, ServerMsg, encode_frame};
+use crate::protocol::{
+    ErrorCode, Fingerprint, FrameError, JoinRequest, ServerLink, ServerMsg, SessionId, StreamType, encode_frame,
+};
 use crate::session::{Chat, Command, Event, Session, parse_line};
 
 /// How long a connection attempt may take.
@@ -53,6 +57,8 @@ pub enum ClientError {
     Store(#[from] StoreError),
     #[error("no vault password: set VOIPC_VAULT_PASSWORD or pass --vault-password-file FILE")]
     NoVaultPassword,
+    #[error("voice: {0}")]
+    Voice(#[from] EngineError),
     #[error("{0}")]
     Setup(String),
 }
@@ -70,6 +76,7 @@ impl ClientError {
             ClientError::Protocol(_) => "protocol_error",
             ClientError::Store(e) => e.code(),
             ClientError::NoVaultPassword => "vault_password_missing",
+            ClientError::Voice(_) => "voice",
             ClientError::Setup(_) => "setup",
         }
     }
@@ -88,7 +95,22 @@ pub struct JoinOptions {
     pub vault_password: Zeroizing<String>,
     /// One channel message to send once in a channel.
     pub say: Option<String>,
+    pub voice: VoiceOptions,
+    /// End the session after this long (stdin's end then no longer ends it).
+    pub duration: Option<Duration>,
     pub json: bool,
+}
+
+/// Where a headless client's voice comes from and goes.
+#[derive(Debug, Clone, Default)]
+pub struct VoiceOptions {
+    /// A WAV file to send as voice once in a channel (`--play`), already read.
+    pub play: Option<std::sync::Arc<Vec<f32>>>,
+    /// A capture device (`Some(None)`: the default one) when nothing is played.
+    pub input_device: Option<Option<String>>,
+    pub output_device: Option<Option<String>>,
+    pub record: Option<PathBuf>,
+    pub capture: CaptureSettings,
 }
 
 /// A connected client: the QUIC connection and the fingerprint it pinned.
@@ -220,15 +242,36 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
     let (frames_tx, mut frames) = mpsc::channel(256);
     tokio::spawn(read_frames(recv, frames_tx));
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
     let mut fatal: Option<ClientError> = None;
+    let voice = &options.voice;
+    let (mut engine, mut engine_events) =
+        Engine::start(EngineConfig { output_device: voice.output_device.clone(), record: voice.record.clone() })?;
+    let mut source = match (&voice.play, &voice.input_device) {
+        (Some(samples), _) => Some(Source::Samples(samples.to_vec())),
+        (None, Some(device)) => Some(Source::Device(device.clone())),
+        (None, None) => None,
+    };
+    let end = options.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut key_timer = tokio::time::interval(Duration::from_millis(250));
 
     let result = loop {
-        if !said && session.channel().is_some() {
-            said = true;
-            let text = options.say.clone().expect("said is false only with a message to say");
-            session.command(SystemTime::now(), Command::Say(text));
+        if session.channel().is_some() {
+            if !said {
+                said = true;
+                let text = options.say.clone().expect("said is false only with a message to say");
+                session.command(SystemTime::now(), Command::Say(text));
+            }
+            if let Some(source) = source.take() {
+                engine.start_capture(source, voice.capture)?;
+            }
         }
-        if let Err(e) = flush(&mut session, &mut send, &printer).await {
+        while let Some(frame) = session.poll_media() {
+            if frame.stream == StreamType::Voice {
+                engine.play(Instant::now(), frame.sender.0, frame.sequence, frame.timestamp, frame.payload);
+            }
+        }
+        if let Err(e) = flush(&mut session, &mut send, &printer, &mut engine).await {
             last_words(&mut frames, &mut session, &mut fatal).await;
             break Err(fatal.take().unwrap_or(e));
         }
@@ -243,6 +286,7 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
                     if let Err(e) = handle_frame(&mut session, msg, &mut fatal) {
                         break Err(e);
                     }
+                    session.handle_timeout(Instant::now());
                 }
                 Some(Err(e)) => break Err(fatal.take().unwrap_or(ClientError::Protocol(e.to_string()))),
                 None => {
@@ -259,14 +303,21 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
             },
             // Commands wait until the server has introduced itself, so that even an
             // empty input shows the connection.
-            line = stdin.next_line(), if session.is_ready() => match line {
+            event = engine_events.recv() => match event {
+                Some(event) => voice_event(&mut session, &connection, event, &printer),
+                None => break Err(ClientError::Setup("the voice engine stopped".into())),
+            },
+            _ = key_timer.tick() => session.handle_timeout(Instant::now()),
+            () = sleep_until(end), if end.is_some() => break Ok(()),
+            line = stdin.next_line(), if session.is_ready() && stdin_open => match line {
                 Ok(Some(line)) => match parse_line(&line) {
                     Ok(Some(Command::Quit)) => break Ok(()),
                     Ok(Some(Command::Probe { count })) => send_probes(&mut session, &connection, count, &printer),
-                    Ok(Some(command)) => session.command(SystemTime::now(), command),
+                    Ok(Some(command)) => voice_command(&mut session, &mut engine, command, &printer),
                     Ok(None) => {}
                     Err(e) => printer.print(&Event::local_error("bad_command", e)),
                 },
+                Ok(None) if end.is_some() => stdin_open = false,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(ClientError::Setup(format!("cannot read stdin: {e}"))),
             },
@@ -274,6 +325,10 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
     };
     while let Some(event) = session.poll_event() {
         printer.print(&event);
+    }
+    match engine.finish() {
+        Ok(playback) => printer.print(&Event::VoiceStats { media: session.media_counters(), playback }),
+        Err(e) => printer.print(&Event::local_error("voice", e)),
     }
     if result.is_ok() {
         let _ = send.finish();
@@ -307,9 +362,18 @@ async fn last_words(
     }
 }
 
-/// Sends what the session queued and prints what it has to say.
-async fn flush(session: &mut Session, send: &mut quinn::SendStream, printer: &EventPrinter) -> Result<(), ClientError> {
+/// Sends what the session queued and prints what it has to say; a member who left
+/// our channel is forgotten by the playback too.
+async fn flush(
+    session: &mut Session,
+    send: &mut quinn::SendStream,
+    printer: &EventPrinter,
+    engine: &mut Engine,
+) -> Result<(), ClientError> {
     while let Some(event) = session.poll_event() {
+        if let Event::UserLeft { session, .. } = &event {
+            engine.control(Control::Forget(*session));
+        }
         printer.print(&event);
     }
     while let Some(msg) = session.poll_transmit() {
@@ -317,6 +381,56 @@ async fn flush(session: &mut Session, send: &mut quinn::SendStream, printer: &Ev
         send.write_all(&frame).await.map_err(|e| ClientError::Lost(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Waits until `end`, or forever without one.
+async fn sleep_until(end: Option<tokio::time::Instant>) {
+    match end {
+        Some(end) => tokio::time::sleep_until(end).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Seals and sends what the engine encoded; reports who talks.
+fn voice_event(session: &mut Session, connection: &quinn::Connection, event: EngineEvent, printer: &EventPrinter) {
+    match event {
+        EngineEvent::Packet(packet) => {
+            let datagram = session.media_datagram(
+                SystemTime::now(),
+                StreamType::Voice,
+                packet.sequence,
+                packet.timestamp,
+                &packet.payload,
+            );
+            if let Some(datagram) = datagram
+                && let Err(e) = connection.send_datagram(Bytes::from(datagram))
+            {
+                printer.print(&Event::local_error("datagram_failed", e));
+            }
+        }
+        EngineEvent::Talking(on) => {
+            if let Some(me) = session.me() {
+                printer.print(&session.speaking(me, on));
+            }
+        }
+        EngineEvent::Speaking(change) => printer.print(&session.speaking(SessionId(change.sender), change.speaking)),
+        EngineEvent::PlayFinished => printer.print(&Event::PlayFinished),
+        EngineEvent::Device(message) => printer.print(&Event::Device { message }),
+    }
+}
+
+/// Voice commands go to the engine, the rest to the session.
+fn voice_command(session: &mut Session, engine: &mut Engine, command: Command, printer: &EventPrinter) {
+    match command {
+        Command::Mute(on) => engine.control(Control::Mute(on)),
+        Command::Deafen(on) => engine.control(Control::Deafen(on)),
+        Command::Talk(held) => engine.control(Control::PushToTalk(held)),
+        Command::Volume { user, percent } => match session.user_session(&user) {
+            Some(sender) => engine.control(Control::Volume { sender: sender.0, percent }),
+            None => printer.print(&Event::local_error("no_such_user", format!("{user} is not online"))),
+        },
+        command => session.command(SystemTime::now(), command),
+    }
 }
 
 fn send_probes(session: &mut Session, connection: &quinn::Connection, count: u32, printer: &EventPrinter) {

@@ -37,13 +37,24 @@ pub enum Command {
     Safety(String),
     /// Accept a user's identity after comparing safety numbers.
     Verify(String),
+    /// Stop (or resume) sending voice.
+    Mute(bool),
+    /// Stop (or resume) playing voice.
+    Deafen(bool),
+    /// Hold (or release) push-to-talk.
+    Talk(bool),
+    /// A user's volume in percent (0-200), 0 muting them locally.
+    Volume {
+        user: String,
+        percent: u32,
+    },
     Quit,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
     #[error(
-        "unknown command /{0}; try /join, /leave, /create, /invite, /msg, /safety, /verify, /channels, /probe or /quit"
+        "unknown command /{0}; try /join, /leave, /create, /invite, /msg, /safety, /verify, /channels, /mute, /deafen, /talk, /volume, /probe or /quit"
     )]
     Unknown(String),
     #[error("usage: {0}")]
@@ -59,6 +70,8 @@ const PROBE_USAGE: &str = "/probe [COUNT]";
 const MSG_USAGE: &str = "/msg NAME TEXT";
 const SAFETY_USAGE: &str = "/safety NAME";
 const VERIFY_USAGE: &str = "/verify NAME";
+const VOLUME_USAGE: &str = "/volume NAME PERCENT (0-200)";
+const TALK_USAGE: &str = "/talk on|off";
 
 fn one_name(args: &[String], usage: &'static str) -> Result<String, ParseError> {
     match args {
@@ -117,6 +130,25 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
         }
         "safety" => Command::Safety(one_name(args, SAFETY_USAGE)?),
         "verify" => Command::Verify(one_name(args, VERIFY_USAGE)?),
+        "mute" | "unmute" | "deafen" | "undeafen" if !args.is_empty() => {
+            return Err(ParseError::Usage("/mute, /unmute, /deafen, /undeafen"));
+        }
+        "mute" => Command::Mute(true),
+        "unmute" => Command::Mute(false),
+        "deafen" => Command::Deafen(true),
+        "undeafen" => Command::Deafen(false),
+        "talk" => match args {
+            [on] if on == "on" => Command::Talk(true),
+            [off] if off == "off" => Command::Talk(false),
+            _ => return Err(ParseError::Usage(TALK_USAGE)),
+        },
+        "volume" => match args {
+            [user, percent] => {
+                let percent = percent.parse().ok().filter(|p| *p <= 200).ok_or(ParseError::Usage(VOLUME_USAGE))?;
+                Command::Volume { user: user.clone(), percent }
+            }
+            _ => return Err(ParseError::Usage(VOLUME_USAGE)),
+        },
         other => return Err(ParseError::Unknown(other.to_owned())),
     };
     Ok(Some(command))

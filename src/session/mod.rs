@@ -118,6 +118,23 @@ pub enum Event {
     IdentityChanged {
         user: String,
     },
+    /// Someone started or stopped talking (`user` is null when the name is not known yet).
+    Speaking {
+        user: Option<String>,
+        session: u32,
+        speaking: bool,
+    },
+    /// The `--play` file has been sent.
+    PlayFinished,
+    /// A sound device changed: what was asked for is gone or missing, and what is used.
+    Device {
+        message: String,
+    },
+    /// What happened to voice over the session, when it ends.
+    VoiceStats {
+        media: MediaCounters,
+        playback: crate::audio::pipeline::PlaybackStats,
+    },
     Error {
         code: String,
         message: String,
@@ -172,6 +189,29 @@ impl std::fmt::Display for Event {
             }
             Event::IdentityChanged { user } => {
                 write!(f, "! the identity key of {user} CHANGED; compare safety numbers (/safety {user})")
+            }
+            Event::Speaking { user, session, speaking } => {
+                let who = user.clone().unwrap_or_else(|| format!("session {session}"));
+                write!(f, "* {who} {}", if *speaking { "is talking" } else { "stopped talking" })
+            }
+            Event::PlayFinished => write!(f, "* finished playing the file"),
+            Event::Device { message } => write!(f, "* sound device: {message}"),
+            Event::VoiceStats { media, playback } => {
+                let j = &playback.jitter;
+                write!(
+                    f,
+                    "* voice: sent {}, opened {}, played {}, recovered by FEC {}, concealed {}, late {}; dropped: no key {}, \
+                     unauthentic {}, replayed {}",
+                    media.sent,
+                    media.opened,
+                    j.played,
+                    j.recovered,
+                    j.concealed,
+                    j.late,
+                    media.no_key,
+                    media.unauthentic,
+                    media.duplicate + media.too_old
+                )
             }
         }
     }
@@ -372,7 +412,12 @@ impl Session {
             Command::Msg { to, text } => self.message_user(&to, text, now),
             Command::Safety(name) => self.safety(&name),
             Command::Verify(name) => self.verify(&name),
-            Command::Probe { .. } | Command::Quit => {}
+            Command::Probe { .. }
+            | Command::Quit
+            | Command::Mute(_)
+            | Command::Deafen(_)
+            | Command::Talk(_)
+            | Command::Volume { .. } => {}
         }
     }
 
@@ -440,6 +485,16 @@ impl Session {
     #[must_use]
     pub fn poll_media(&mut self) -> Option<MediaFrame> {
         self.media_out.pop_front()
+    }
+
+    /// The event for `session` starting or stopping to talk.
+    pub fn speaking(&self, session: SessionId, speaking: bool) -> Event {
+        Event::Speaking { user: self.users.get(&session).map(|u| u.name.clone()), session: session.0, speaking }
+    }
+
+    /// The session id of an online user, by name.
+    pub fn user_session(&self, name: &str) -> Option<SessionId> {
+        self.users.values().find(|u| u.name.eq_ignore_ascii_case(name)).map(|u| u.session)
     }
 
     /// Media datagrams sent, opened, and dropped (by reason).
