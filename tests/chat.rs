@@ -15,21 +15,21 @@ use voipc::session::{Chat, Event, Session};
 
 const SERVER: &str = "chat.test:9987";
 
-struct Net {
-    relay: Relay,
-    clients: BTreeMap<&'static str, (ConnId, Session)>,
+pub(crate) struct Net {
+    pub(crate) relay: Relay,
+    pub(crate) clients: BTreeMap<&'static str, (ConnId, Session)>,
     events: BTreeMap<&'static str, Vec<Event>>,
     /// Every frame the relay received or sent, as encoded on the wire.
     wire: Vec<Vec<u8>>,
     /// Channel ciphertext the relay sent, by recipient, for replaying elsewhere.
     channel_frames: Vec<(&'static str, ServerMsg)>,
     next_conn: u64,
-    now: Instant,
+    pub(crate) now: Instant,
     seed: u64,
 }
 
 impl Net {
-    fn new() -> Net {
+    pub(crate) fn new() -> Net {
         let config = RelayConfig::from_server_config(&ServerConfig::default());
         Net {
             relay: Relay::new(config, [5; 32]),
@@ -43,7 +43,7 @@ impl Net {
         }
     }
 
-    fn connect(&mut self, name: &'static str) {
+    pub(crate) fn connect(&mut self, name: &'static str) {
         self.seed += 1;
         let mut rng = StdRng::seed_from_u64(self.seed);
         let e2ee = E2ee::generate(&mut rng, SystemTime::now()).unwrap();
@@ -58,20 +58,20 @@ impl Net {
         self.run();
     }
 
-    fn disconnect(&mut self, name: &str) {
+    pub(crate) fn disconnect(&mut self, name: &str) {
         let (conn, _) = self.clients.remove(name).unwrap();
         self.relay.handle_input(self.now, conn, Input::Disconnected).unwrap();
         self.run();
     }
 
-    fn command(&mut self, name: &str, line: &str) {
+    pub(crate) fn command(&mut self, name: &str, line: &str) {
         let command = voipc::session::parse_line(line).unwrap().unwrap();
         self.clients.get_mut(name).unwrap().1.command(SystemTime::now(), command);
         self.run();
     }
 
     /// Delivers everything in flight, in order, until the network is quiet.
-    fn run(&mut self) {
+    pub(crate) fn run(&mut self) {
         loop {
             let mut moved = false;
             for (name, (conn, session)) in &mut self.clients {

@@ -6,3 +6,4 @@ mod support;
 mod chat;
 mod cli;
 mod relay;
+mod voice;

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod jitter;
 pub mod mixer;
 pub mod pipeline;
+pub mod quality;
 pub mod wav;
 
 /// Voice runs at 48 kHz mono throughout.
