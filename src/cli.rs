@@ -37,7 +37,7 @@ enum Command {
     /// Run a relay server (QUIC on UDP port 9987 by default).
     Serve(ServeArgs),
     /// Connect as a headless client: events on stdout, commands on stdin.
-    Join(JoinArgs),
+    Join(Box<JoinArgs>),
     /// Measure throughput and latency.
     Bench(BenchArgs),
     /// List the sound devices (names for --input-device and --output-device).
@@ -192,7 +192,7 @@ pub fn main() -> ExitCode {
     };
     let result = match command {
         Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Join(args) => runtime.block_on(join(args)),
+        Command::Join(args) => runtime.block_on(join(*args)),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::Devices => devices(),
     };

@@ -4,8 +4,7 @@
 //! network handed over and sending the mix to a speaker and/or a WAV recording. Both
 //! talk to the network task over channels and never wait for it.
 
-// This is a shell: it reads the clock to pace real time, like net/.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, reason = "the engine is a shell: it reads the clock to pace real time")]
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //!
 //! Both signals are cut into 10 ms frames and reduced to their level in dB (the
 //! envelope that makes speech intelligible). The recording is aligned to the source at
-//! the lag (up to 2 s) where the envelopes agree best; the score is the Pearson
+//! the lag (up to 10 s) where the envelopes agree best; the score is the Pearson
 //! correlation of the aligned envelopes over the source's length: 1 for a perfect copy,
 //! about 0 for unrelated sound or silence. A dropout is a run of frames where the
 //! source speaks and the recording is silent.
@@ -15,7 +15,7 @@ use super::dsp::level_dbfs;
 const SPEECH_DBFS: f32 = -45.0;
 /// Frames of the recording quieter than this count as silent.
 const SILENT_DBFS: f32 = -65.0;
-const MAX_LAG_FRAMES: usize = 200;
+const MAX_LAG_FRAMES: usize = 1_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Match {

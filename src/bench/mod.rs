@@ -6,6 +6,8 @@
 #![allow(clippy::disallowed_methods, reason = "a benchmark measures wall-clock time")]
 
 mod chat;
+mod codec;
+mod impair;
 mod load;
 pub mod udp_relay;
 
@@ -19,6 +21,8 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::audio::quality::compare;
+use crate::audio::wav::read_voice;
 use crate::crypto::vault::{KdfParams, Vault};
 use crate::protocol::{Fingerprint, ServerLink};
 use load::{DATAGRAM_LEN, Group, Measured, PACKET_INTERVAL};
@@ -42,6 +46,17 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Opus and RNNoise speed, SFrame against the TLS provider's AES-256-GCM, and the
+    /// client voice pipeline's share of a core.
+    Codec {
+        /// Seconds measured per case.
+        #[arg(long, default_value_t = 1.0)]
+        secs: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// How well a recording reproduces a source (envelope correlation, longest dropout).
+    Compare { source: std::path::PathBuf, recording: std::path::PathBuf },
     /// Vault unlock time, against opening the same vault without the key-derivation cost.
     Vault {
         /// Unlocks timed (the median is reported).
@@ -49,6 +64,23 @@ enum BenchCommand {
         rounds: usize,
         #[arg(long)]
         json: bool,
+    },
+    /// A UDP forwarder that loses and delays datagrams (`just bad-network` puts it
+    /// between clients and server where the kernel has no tc netem).
+    #[command(hide = true)]
+    Impair {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+        /// Chance of loss per direction, 0-1.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Maximum added delay per direction, milliseconds.
+        #[arg(long, default_value_t = 0)]
+        jitter_ms: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// The plain-UDP baseline relay (started by `bench relay`).
     #[command(hide = true)]
@@ -86,6 +118,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Chat { secs, json } => {
             let window = Duration::from_secs_f64(secs.clamp(0.1, 60.0));
             tokio::task::spawn_blocking(move || chat::run(window, json)).await.context("chat bench failed")?
+        }
+        BenchCommand::Codec { secs, json } => {
+            let window = Duration::from_secs_f64(secs.clamp(0.1, 60.0));
+            tokio::task::spawn_blocking(move || codec::run(window, json)).await.context("codec bench failed")?
+        }
+        BenchCommand::Impair { listen, to, loss, jitter_ms, seed } => {
+            let how = impair::Impairment { loss: loss.clamp(0.0, 1.0), jitter: Duration::from_millis(jitter_ms) };
+            impair::run(listen, to, how, seed).await
+        }
+        BenchCommand::Compare { source, recording } => {
+            let (source, recording) = (read_voice(&source)?, read_voice(&recording)?);
+            println!("{}", serde_json::to_string(&compare(&source, &recording))?);
+            Ok(())
         }
         BenchCommand::Vault { rounds, json } => {
             tokio::task::spawn_blocking(move || vault(rounds.max(1), json)).await.context("vault bench failed")?

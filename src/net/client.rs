@@ -327,7 +327,10 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
         printer.print(&event);
     }
     match engine.finish() {
-        Ok(playback) => printer.print(&Event::VoiceStats { media: session.media_counters(), playback }),
+        Ok(playback) => {
+            printer
+                .print(&Event::VoiceStats { media: Box::new(session.media_counters()), playback: Box::new(playback) });
+        }
         Err(e) => printer.print(&Event::local_error("voice", e)),
     }
     if result.is_ok() {

@@ -231,6 +231,7 @@ impl MediaKeys {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, reason = "the virtual clock starts at an arbitrary real instant")]
 mod tests {
     use super::*;
     use rand::SeedableRng;
