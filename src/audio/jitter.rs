@@ -4,7 +4,8 @@
 //! It measures how much later than its timestamp each packet arrives and holds packets
 //! for about the 95th percentile of that spread plus one frame (starting at 40 ms,
 //! never above 200 ms). A missing packet becomes FEC from the next one when that is
-//! there, concealment otherwise; a buffer that grew in a burst drains by a frame a tick.
+//! there, concealment otherwise; a buffer that grew in a burst drains by a frame a tick,
+//! and one that holds packets longer than the network needs skips a frame to catch up.
 //! Timestamps and sequence numbers are extended to 64 bits before any comparison.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -26,6 +27,9 @@ const MIN_HISTORY: usize = 10;
 const IDLE_AFTER_EMPTY: u32 = 3;
 /// Packets held at most (1.28 s), whatever a sender does.
 const MAX_PACKETS: usize = 64;
+/// Played packets over which the shortest wait is taken (1 s of voice): when even that
+/// is well above the target, the buffer holds more than the network needs.
+const WAIT_HISTORY: usize = 50;
 
 /// What to play for one 20 ms tick.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +101,8 @@ pub struct JitterBuffer {
     last_seq: u64,
     /// Arrival time minus media time, in seconds since the first arrival.
     transit: VecDeque<f64>,
+    /// How long recently played packets waited in the buffer.
+    waits: VecDeque<Duration>,
     first_arrival: Option<Instant>,
     stats: JitterStats,
 }
@@ -111,6 +117,7 @@ impl Default for JitterBuffer {
             next_ts: None,
             last_seq: 0,
             transit: VecDeque::with_capacity(HISTORY),
+            waits: VecDeque::with_capacity(WAIT_HISTORY),
             first_arrival: None,
             stats: JitterStats::default(),
         }
@@ -204,6 +211,7 @@ impl JitterBuffer {
         if first == next {
             let packet = self.packets.pop_first().expect("just looked at it").1;
             self.play(packet.seq);
+            self.trim_if_slow(now.saturating_duration_since(packet.arrival));
             self.drain_if_behind();
             return Playout::Packet(packet.payload);
         }
@@ -236,9 +244,27 @@ impl JitterBuffer {
 
     /// After a burst the buffer holds more than it should: skip a frame to catch up.
     fn drain_if_behind(&mut self) {
-        if self.buffered() <= self.target_delay() + 2 * FRAME_TIME {
-            return;
+        if self.buffered() > self.target_delay() + 2 * FRAME_TIME {
+            self.skip_next();
         }
+    }
+
+    /// When every packet of the last second waited longer than the target plus half a
+    /// frame (the spurt began with the start delay, or the jitter went away), skip a
+    /// frame: the delay comes down by 20 ms.
+    fn trim_if_slow(&mut self, waited: Duration) {
+        if self.waits.len() == WAIT_HISTORY {
+            self.waits.pop_front();
+        }
+        self.waits.push_back(waited);
+        let shortest = self.waits.iter().min().copied().unwrap_or_default();
+        if self.waits.len() == WAIT_HISTORY && shortest > self.target_delay() + FRAME_TIME / 2 {
+            self.waits.clear();
+            self.skip_next();
+        }
+    }
+
+    fn skip_next(&mut self) {
         if let Some(entry) = self.packets.first_entry()
             && Some(*entry.key()) == self.next_ts
         {
@@ -318,8 +344,12 @@ mod tests {
         let mut sim = Sim::new();
         sim.send(0, 200, 0, |_| Some(MS(3)));
         sim.run(MS(4500));
-        assert_eq!(sim.played_sequence(), (0..200).collect::<Vec<_>>());
-        assert_eq!(sim.buffer.stats().concealed, 3, "only the end of the spurt, before going idle");
+        // The spurt starts 40 ms behind; after a second of 3 ms arrivals one frame is
+        // skipped and the rest play 20 ms sooner.
+        let stats = sim.buffer.stats();
+        assert_eq!((stats.played, stats.drained), (199, 1));
+        assert_eq!(sim.played_sequence(), (0..200).filter(|&i| i != 50).collect::<Vec<_>>());
+        assert_eq!(stats.concealed, 3, "only the end of the spurt, before going idle");
         assert!(sim.buffer.target_delay() <= START_DELAY);
         assert!(!sim.buffer.is_active());
     }
@@ -336,7 +366,7 @@ mod tests {
         // The tick for 50 finds nothing yet and waits (conceal, +20 ms of delay); then 50
         // and 51 are concealed, 52 recovered; plus three ticks at the end of the spurt.
         assert_eq!(stats.concealed, 3 + 3, "{stats:?}");
-        assert_eq!(stats.played, 145);
+        assert_eq!(stats.played + stats.drained, 145, "{stats:?}");
         assert_eq!(stats.late, 0);
     }
 
@@ -400,7 +430,8 @@ mod tests {
         let mut sim = Sim::new();
         sim.send(0, 100, u32::MAX - 50 * FRAME_20MS as u32 + 1, |_| Some(MS(2)));
         sim.run(MS(2500));
-        assert_eq!(sim.buffer.stats().played, 100);
+        let stats = sim.buffer.stats();
+        assert_eq!(stats.played + stats.drained, 100);
         let mut u = Unwrapper::default();
         assert_eq!(u.extend(u32::MAX), u64::from(u32::MAX));
         assert_eq!(u.extend(2), u64::from(u32::MAX) + 3);

@@ -71,6 +71,18 @@ pub fn compare(source: &[f32], recording: &[f32]) -> Match {
     Match { correlation: correlation.max(-1.0), lag_ms: lag as u32 * 10, longest_gap_ms: longest * 10 }
 }
 
+/// The lag of `recording` behind `source` in samples, to the sample: the peak of their
+/// waveform cross-correlation within 10 ms of the envelope's lag `around_ms`.
+pub fn fine_lag(source: &[f32], recording: &[f32], around_ms: u32) -> usize {
+    let centre = around_ms as usize * (FRAME_10MS / 10);
+    let len = source.len().min(recording.len().saturating_sub(centre + FRAME_10MS));
+    let score = |lag: usize| -> f32 { source[..len].iter().zip(&recording[lag..lag + len]).map(|(a, b)| a * b).sum() };
+    (centre.saturating_sub(FRAME_10MS)..=centre + FRAME_10MS)
+        .filter(|lag| lag + len <= recording.len())
+        .max_by(|a, b| score(*a).total_cmp(&score(*b)))
+        .unwrap_or(centre)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +109,9 @@ mod tests {
         let m = compare(&source, &delayed);
         assert!(m.correlation > 0.99, "{m:?}");
         assert_eq!((m.lag_ms, m.longest_gap_ms), (100, 0));
+        let mut late = vec![0.0; 4_803];
+        late.extend(&source);
+        assert_eq!(fine_lag(&source, &late, compare(&source, &late).lag_ms), 4_803);
 
         let other = compare(&source, &bursts(11, 96_000));
         assert!(other.correlation < 0.5, "{other:?}");

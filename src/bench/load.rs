@@ -105,6 +105,17 @@ impl Group {
         Ok(group)
     }
 
+    /// Each QUIC member's connection and the media header it sends with.
+    pub fn quic_members(&self) -> Vec<(quinn::Connection, MediaHeader)> {
+        self.members
+            .iter()
+            .filter_map(|m| match m {
+                Path::Quic { connection, header } => Some((connection.clone(), *header)),
+                Path::Udp { .. } => None,
+            })
+            .collect()
+    }
+
     /// `n` UDP members of the baseline relay.
     pub async fn udp(relay: SocketAddr, n: usize) -> anyhow::Result<Group> {
         let mut members = Vec::new();

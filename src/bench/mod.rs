@@ -10,6 +10,7 @@ mod codec;
 mod impair;
 mod load;
 pub mod udp_relay;
+mod voice;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -52,6 +53,15 @@ enum BenchCommand {
         /// Seconds measured per case.
         #[arg(long, default_value_t = 1.0)]
         secs: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mouth-to-ear voice latency through a loopback relay (device buffers excluded),
+    /// beside the relay's own one-way time.
+    Voice {
+        /// Times the speech sample is sent (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         #[arg(long)]
         json: bool,
     },
@@ -123,6 +133,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let window = Duration::from_secs_f64(secs.clamp(0.1, 60.0));
             tokio::task::spawn_blocking(move || codec::run(window, json)).await.context("codec bench failed")?
         }
+        BenchCommand::Voice { rounds, json } => voice::run(rounds.max(1), json).await,
         BenchCommand::Impair { listen, to, loss, jitter_ms, seed } => {
             let how = impair::Impairment { loss: loss.clamp(0.0, 1.0), jitter: Duration::from_millis(jitter_ms) };
             impair::run(listen, to, how, seed).await
