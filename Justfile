@@ -57,6 +57,7 @@ bench *args: build
     ./target/release/voipc bench vault
     ./target/release/voipc bench chat
     ./target/release/voipc bench codec
+    ./target/release/voipc bench voice
     cargo bench --bench hot_paths
 
 # Voice over a bad network: a server and two clients on a loopback-only host (a network
