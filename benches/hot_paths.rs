@@ -1,4 +1,4 @@
-//! The relay's per-datagram path and the control-frame codec, each beside a baseline
+//! The relay's per-datagram path, the control-frame codec, SFrame and the jitter buffer, each beside a baseline
 //! measured in the same run (these machines are noisy: read ratios, not absolutes).
 #![allow(clippy::disallowed_methods, reason = "benchmarks read the clock")]
 
@@ -80,5 +80,72 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route, codec);
+/// SFrame seal and open of a voice-sized and a screen-sized packet, beside aws-lc-rs's
+/// AES-256-GCM (the TLS provider's) on the same bytes.
+fn sframe(c: &mut Criterion) {
+    use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+    use voipc::crypto::sframe::{Opener, Sealer};
+    let header = [0u8; 20];
+    let mut group = c.benchmark_group("sframe");
+    for size in [160usize, 1200] {
+        let payload = vec![7u8; size];
+        let mut sealer = Sealer::new(1, &[9; 32]);
+        let mut packet = Vec::with_capacity(size + 64);
+        group.bench_function(format!("seal_open/{size}"), |b| {
+            b.iter(|| {
+                packet.clear();
+                sealer.seal(&header, black_box(&payload), &mut packet).unwrap();
+                // A fresh opener each time: the replay window refuses repeats.
+                black_box(Opener::new(1, &[9; 32]).open(&header, &packet).unwrap())
+            })
+        });
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[9; 32]).unwrap());
+        let mut buffer = Vec::with_capacity(size + 16);
+        group.bench_function(format!("baseline_aws_lc_seal_open/{size}"), |b| {
+            b.iter(|| {
+                buffer.clear();
+                buffer.extend_from_slice(black_box(&payload));
+                key.seal_in_place_append_tag(Nonce::assume_unique_for_key([1; 12]), Aad::from(&header), &mut buffer)
+                    .unwrap();
+                black_box(
+                    key.open_in_place(Nonce::assume_unique_for_key([1; 12]), Aad::from(&header), &mut buffer)
+                        .unwrap()
+                        .len(),
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
+/// One packet in and one 20 ms tick out of a jitter buffer, beside moving the same
+/// payload through a plain queue.
+fn jitter(c: &mut Criterion) {
+    use std::collections::VecDeque;
+    use std::time::Duration;
+    use voipc::audio::jitter::{JitterBuffer, Playout};
+    let start = Instant::now();
+    let payload = vec![0u8; 120];
+    let mut group = c.benchmark_group("jitter_buffer");
+    let mut buffer = JitterBuffer::default();
+    let mut n = 0u32;
+    group.bench_function("push_pop", |b| {
+        b.iter(|| {
+            let now = start + Duration::from_millis(20 * u64::from(n));
+            buffer.push(now, n, n.wrapping_mul(960), payload.clone());
+            n = n.wrapping_add(1);
+            black_box(matches!(buffer.pop(now + Duration::from_millis(45)), Playout::Packet(_)))
+        })
+    });
+    let mut queue = VecDeque::new();
+    group.bench_function("baseline_queue", |b| {
+        b.iter(|| {
+            queue.push_back(payload.clone());
+            black_box(queue.pop_front())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, route, codec, sframe, jitter);
 criterion_main!(benches);

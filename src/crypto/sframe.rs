@@ -329,6 +329,23 @@ mod tests {
     }
 
     #[test]
+    fn headers_from_random_bytes_parse_or_fail_cleanly() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut opener = Opener::new(5, &[1; 32]);
+        for _ in 0..50_000 {
+            let bytes: Vec<u8> = (0..rng.random_range(0..40)).map(|_| rng.random()).collect();
+            if let Ok((header, len)) = Header::parse(&bytes) {
+                assert!(len <= bytes.len() && len <= MAX_HEADER_LEN);
+                let mut again = Vec::new();
+                header.encode(&mut again);
+                assert!(again.len() <= len, "a minimal encoding is never longer");
+            }
+            assert!(opener.open(b"", &bytes).is_err());
+        }
+    }
+
+    #[test]
     fn a_key_stops_at_its_limit_and_asks_for_a_new_one_before() {
         let mut sealer = Sealer::with_limit(1, &[1; 32], 8);
         let mut out = Vec::new();

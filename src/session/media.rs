@@ -24,6 +24,9 @@ pub const PREVIOUS_KEY_GRACE: Duration = Duration::from_secs(3);
 /// Packets held per sender while waiting for the key that opens them (half a second of
 /// voice at 50 packets a second).
 const HELD_PER_SENDER: usize = 25;
+/// Senders whose packets may be held at once: whatever sender ids a datagram names, the
+/// memory this takes stays bounded.
+const HELD_SENDERS: usize = 32;
 
 /// A sender's media key for one epoch, as it travels to each member.
 #[derive(Clone, Serialize, Deserialize)]
@@ -197,6 +200,10 @@ impl MediaKeys {
         }
         let key = self.peers.get_mut(&header.sender).and_then(|keys| keys.iter_mut().find(|k| k.opener.kid() == kid));
         let Some(key) = key else {
+            if self.held.len() >= HELD_SENDERS && !self.held.contains_key(&header.sender) {
+                self.counters.no_key += 1;
+                return;
+            }
             let held = self.held.entry(header.sender).or_default();
             if held.len() == HELD_PER_SENDER {
                 held.pop_front();
@@ -303,6 +310,39 @@ mod tests {
         assert!(open(&mut bob, &in_flight[1]).is_empty(), "after the grace period");
         let fresh = alice.seal(ALICE, StreamType::Voice, 4, 0, b"new").unwrap();
         assert_eq!(open(&mut bob, &fresh).len(), 1);
+    }
+
+    #[test]
+    fn random_bytes_never_open_and_never_panic() {
+        use rand::Rng;
+        let mut rng = rng();
+        let (mut alice, mut bob) = (MediaKeys::default(), MediaKeys::default());
+        let share = alice.start_epoch(ALICE, LOBBY, &mut rng);
+        bob.install(ALICE, &share, LOBBY, &mut VecDeque::new());
+        let genuine = alice.seal(ALICE, StreamType::Voice, 1, 0, b"opus").unwrap();
+        let mut out = VecDeque::new();
+        for i in 0..20_000 {
+            let mut packet = if i % 2 == 0 {
+                let len = rng.random_range(0..200);
+                (0..len).map(|_| rng.random()).collect::<Vec<u8>>()
+            } else {
+                let mut p = genuine.clone();
+                let at = rng.random_range(0..p.len());
+                p[at] = rng.random();
+                p.truncate(rng.random_range(at..=p.len()));
+                p
+            };
+            // Every sender id a datagram may name: held packets stay bounded.
+            if packet.len() >= MEDIA_HEADER_LEN {
+                packet[8..12].copy_from_slice(&rng.random_range(0u32..5000).to_be_bytes());
+            }
+            if let Ok((header, _)) = MediaHeader::parse(&packet) {
+                bob.open(header, header.channel, &packet, &mut out);
+            }
+        }
+        assert!(out.iter().all(|f| f.payload == b"opus"), "only the genuine packet can open");
+        let held: usize = bob.held.values().map(VecDeque::len).sum();
+        assert!(bob.held.len() <= HELD_SENDERS && held <= HELD_SENDERS * HELD_PER_SENDER);
     }
 
     #[test]
