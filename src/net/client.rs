@@ -301,14 +301,14 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
                     break Err(fatal.take().unwrap_or_else(|| connection_error(e)));
                 }
             },
-            // Commands wait until the server has introduced itself, so that even an
-            // empty input shows the connection.
             event = engine_events.recv() => match event {
                 Some(event) => voice_event(&mut session, &connection, event, &printer),
                 None => break Err(ClientError::Setup("the voice engine stopped".into())),
             },
             _ = key_timer.tick() => session.handle_timeout(Instant::now()),
             () = sleep_until(end), if end.is_some() => break Ok(()),
+            // Commands wait until the server has introduced itself, so that even an
+            // empty input shows the connection.
             line = stdin.next_line(), if session.is_ready() && stdin_open => match line {
                 Ok(Some(line)) => match parse_line(&line) {
                     Ok(Some(Command::Quit)) => break Ok(()),
