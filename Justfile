@@ -111,3 +111,8 @@ bad-network: build
         echo "loss $loss % ($how): $("$voipc" bench compare assets/speech.wav "$dir/bob.wav")"
         grep voice_stats "$dir/bob.json"
     done
+
+# Formatting and clippy, warnings denied.
+lint:
+    cargo fmt --check
+    cargo clippy --all-targets -- -D warnings
