@@ -60,10 +60,11 @@ bench *args: build
     ./target/release/voipc bench voice
     cargo bench --bench hot_paths
 
-# Voice over a bad network: a server and two clients on a loopback-only host (a network
-# namespace) that loses and delays datagrams, at 0, 5 and 15 % end-to-end loss with up to
-# 30 ms of jitter. Uses tc netem where the kernel has it, else voipc's own UDP impairer
-# between the clients and the server. Needs root. Prints how each recording matches.
+# A server and two clients on a loopback-only host (a network namespace) that loses and
+# delays datagrams: tc netem where the kernel has it, else voipc's own UDP impairer between
+# the clients and the server. Needs root.
+
+# Voice at 0, 5 and 15 % loss with up to 30 ms of jitter: how each recording matches the speech.
 bad-network: build
     #!/usr/bin/env bash
     set -euo pipefail
