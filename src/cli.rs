@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use zeroize::Zeroizing;
 
 use crate::audio::codec::EncoderSettings;
@@ -25,7 +25,7 @@ use crate::session::Event;
 #[command(
     name = "voipc",
     version,
-    about = "Private, self-hosted voice and chat. Run a subcommand; the desktop app comes later."
+    about = "Private, self-hosted voice and chat. Without a subcommand, opens the desktop app."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -164,9 +164,7 @@ impl VoiceArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let Some(command) = cli.command else {
-        // The desktop client will open here; until it exists, show what there is.
-        let _ = Cli::command().print_help();
-        return ExitCode::SUCCESS;
+        return gui();
     };
     init_logging(match command {
         Command::Serve(_) => "info",
@@ -355,6 +353,27 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         println!("{line}");
     }
     result
+}
+
+/// `voipc` alone: the desktop client, with the runtime its network work runs on.
+fn gui() -> ExitCode {
+    init_logging("warn,libsignal_protocol_syft=error");
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = crate::gui::run(runtime.handle().clone());
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn devices() -> anyhow::Result<()> {

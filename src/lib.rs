@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod e2ee;
+pub mod gui;
 pub mod net;
 pub mod protocol;
 pub mod relay;

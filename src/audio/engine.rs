@@ -80,7 +80,12 @@ pub enum Control {
     },
     /// The sender left: drop its state.
     Forget(u32),
+    /// Play our own encoded voice back to us (the microphone test).
+    Loopback(bool),
 }
+
+/// The sender id our own voice plays under in the microphone test.
+pub const LOOPBACK_SENDER: u32 = u32::MAX;
 
 enum PlaybackInput {
     Packet { arrival: Instant, sender: u32, sequence: u32, timestamp: u32, payload: Vec<u8> },
@@ -110,6 +115,7 @@ pub struct Engine {
     capture_thread: Option<JoinHandle<()>>,
     playback_thread: JoinHandle<Result<PlaybackStats, EngineError>>,
     dropped: u64,
+    loopback: bool,
 }
 
 impl Engine {
@@ -135,6 +141,7 @@ impl Engine {
             capture_thread: None,
             playback_thread,
             dropped: 0,
+            loopback: false,
         };
         Ok((engine, events_rx))
     }
@@ -172,7 +179,13 @@ impl Engine {
             Control::Deafen(_) | Control::Volume { .. } | Control::LocalMute { .. } | Control::Forget(_) => {
                 let _ = self.playback.send(PlaybackInput::Control(control));
             }
+            Control::Loopback(on) => self.loopback = on,
         }
+    }
+
+    /// Whether our own packets should also be played to us (the microphone test).
+    pub fn loopback(&self) -> bool {
+        self.loopback
     }
 
     /// Stops both threads, completes the recording, and returns what playback counted.

@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 use super::framing::{ReadFrameError, read_frame};
 use super::server::{CLOSE_ERROR, CLOSE_NORMAL};
 use super::tls::{PinPolicy, PinningVerifier, client_tls};
-use crate::audio::engine::{Control, Engine, EngineConfig, EngineError, EngineEvent, Source};
+use crate::audio::engine::{Control, Engine, EngineConfig, EngineError, EngineEvent, LOOPBACK_SENDER, Source};
 use crate::audio::pipeline::CaptureSettings;
 use crate::config::client_store::{ClientStore, StoreError};
 use crate::crypto::vault::KdfParams;
@@ -227,6 +227,36 @@ impl EventPrinter {
 /// `/quit` or the end of input.
 pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
     let printer = EventPrinter { json: options.json };
+    let (commands_tx, commands) = mpsc::channel(64);
+    tokio::spawn(read_commands(commands_tx, options.json));
+    run_client(options, commands, &mut |event| printer.print(event)).await
+}
+
+/// Typed lines from stdin, as commands; a line that does not parse is reported at once.
+async fn read_commands(tx: mpsc::Sender<Command>, json: bool) {
+    let printer = EventPrinter { json };
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = stdin.next_line().await {
+        match parse_line(&line) {
+            Ok(Some(command)) => {
+                if tx.send(command).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => printer.print(&Event::local_error("bad_command", e)),
+        }
+    }
+}
+
+/// A client: connect, introduce ourselves, then follow the server and `commands` until
+/// `/quit`, the end of `commands`, or `--duration`. Every event goes to `emit`; the
+/// headless client prints them, the GUI draws them.
+pub async fn run_client(
+    options: JoinOptions,
+    mut commands: mpsc::Receiver<Command>,
+    emit: &mut (dyn FnMut(&Event) + Send),
+) -> Result<(), ClientError> {
     let (Connected { endpoint, connection, fingerprint }, mut store) = connect_pinned(&options).await?;
     let mut e2ee = match store.e2ee_state() {
         Some(state) => E2ee::from_bytes(state).map_err(|e| ClientError::Setup(e.to_string()))?,
@@ -241,8 +271,7 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
 
     let (frames_tx, mut frames) = mpsc::channel(256);
     tokio::spawn(read_frames(recv, frames_tx));
-    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut stdin_open = true;
+    let mut commands_open = true;
     let mut fatal: Option<ClientError> = None;
     let voice = &options.voice;
     let (mut engine, mut engine_events) =
@@ -256,22 +285,22 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
     let mut key_timer = tokio::time::interval(Duration::from_millis(250));
 
     let result = loop {
-        if session.channel().is_some() {
-            if !said {
-                said = true;
-                let text = options.say.clone().expect("said is false only with a message to say");
-                session.command(SystemTime::now(), Command::Say(text));
-            }
-            if let Some(source) = source.take() {
-                engine.start_capture(source, voice.capture)?;
-            }
+        if !said && session.channel().is_some() {
+            said = true;
+            let text = options.say.clone().expect("said is false only with a message to say");
+            session.command(SystemTime::now(), Command::Say(text));
+        }
+        // A microphone opens at once (the microphone test works outside channels); a
+        // file plays from the start once there is a channel to hear it.
+        if let Some(source) = source.take_if(|s| matches!(s, Source::Device(_)) || session.channel().is_some()) {
+            engine.start_capture(source, voice.capture)?;
         }
         while let Some(frame) = session.poll_media() {
             if frame.stream == StreamType::Voice {
                 engine.play(Instant::now(), frame.sender.0, frame.sequence, frame.timestamp, frame.payload);
             }
         }
-        if let Err(e) = flush(&mut session, &mut send, &printer, &mut engine).await {
+        if let Err(e) = flush(&mut session, &mut send, emit, &mut engine).await {
             last_words(&mut frames, &mut session, &mut fatal).await;
             break Err(fatal.take().unwrap_or(e));
         }
@@ -302,36 +331,30 @@ pub async fn run_headless(options: JoinOptions) -> Result<(), ClientError> {
                 }
             },
             event = engine_events.recv() => match event {
-                Some(event) => voice_event(&mut session, &connection, event, &printer),
+                Some(event) => voice_event(&mut session, &connection, &mut engine, event, emit),
                 None => break Err(ClientError::Setup("the voice engine stopped".into())),
             },
             _ = key_timer.tick() => session.handle_timeout(Instant::now()),
             () = sleep_until(end), if end.is_some() => break Ok(()),
             // Commands wait until the server has introduced itself, so that even an
             // empty input shows the connection.
-            line = stdin.next_line(), if session.is_ready() && stdin_open => match line {
-                Ok(Some(line)) => match parse_line(&line) {
-                    Ok(Some(Command::Quit)) => break Ok(()),
-                    Ok(Some(Command::Probe { count })) => send_probes(&mut session, &connection, count, &printer),
-                    Ok(Some(command)) => voice_command(&mut session, &mut engine, command, &printer),
-                    Ok(None) => {}
-                    Err(e) => printer.print(&Event::local_error("bad_command", e)),
-                },
-                Ok(None) if end.is_some() => stdin_open = false,
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(ClientError::Setup(format!("cannot read stdin: {e}"))),
+            command = commands.recv(), if session.is_ready() && commands_open => match command {
+                Some(Command::Quit) => break Ok(()),
+                Some(Command::Probe { count }) => send_probes(&mut session, &connection, count, emit),
+                Some(command) => voice_command(&mut session, &mut engine, command, emit),
+                None if end.is_some() => commands_open = false,
+                None => break Ok(()),
             },
         }
     };
     while let Some(event) = session.poll_event() {
-        printer.print(&event);
+        emit(&event);
     }
     match engine.finish() {
         Ok(playback) => {
-            printer
-                .print(&Event::VoiceStats { media: Box::new(session.media_counters()), playback: Box::new(playback) });
+            emit(&Event::VoiceStats { media: Box::new(session.media_counters()), playback: Box::new(playback) })
         }
-        Err(e) => printer.print(&Event::local_error("voice", e)),
+        Err(e) => emit(&Event::local_error("voice", e)),
     }
     if result.is_ok() {
         let _ = send.finish();
@@ -370,14 +393,14 @@ async fn last_words(
 async fn flush(
     session: &mut Session,
     send: &mut quinn::SendStream,
-    printer: &EventPrinter,
+    emit: &mut (dyn FnMut(&Event) + Send),
     engine: &mut Engine,
 ) -> Result<(), ClientError> {
     while let Some(event) = session.poll_event() {
         if let Event::UserLeft { session, .. } = &event {
             engine.control(Control::Forget(*session));
         }
-        printer.print(&event);
+        emit(&event);
     }
     while let Some(msg) = session.poll_transmit() {
         let frame = encode_frame(&msg).map_err(|e| ClientError::Setup(format!("cannot send: {e}")))?;
@@ -395,9 +418,19 @@ async fn sleep_until(end: Option<tokio::time::Instant>) {
 }
 
 /// Seals and sends what the engine encoded; reports who talks.
-fn voice_event(session: &mut Session, connection: &quinn::Connection, event: EngineEvent, printer: &EventPrinter) {
+fn voice_event(
+    session: &mut Session,
+    connection: &quinn::Connection,
+    engine: &mut Engine,
+    event: EngineEvent,
+    emit: &mut (dyn FnMut(&Event) + Send),
+) {
     match event {
         EngineEvent::Packet(packet) => {
+            if engine.loopback() {
+                let (sequence, timestamp, payload) = (packet.sequence, packet.timestamp, packet.payload.clone());
+                engine.play(Instant::now(), LOOPBACK_SENDER, sequence, timestamp, payload);
+            }
             let datagram = session.media_datagram(
                 SystemTime::now(),
                 StreamType::Voice,
@@ -408,43 +441,56 @@ fn voice_event(session: &mut Session, connection: &quinn::Connection, event: Eng
             if let Some(datagram) = datagram
                 && let Err(e) = connection.send_datagram(Bytes::from(datagram))
             {
-                printer.print(&Event::local_error("datagram_failed", e));
+                emit(&Event::local_error("datagram_failed", e));
             }
         }
         EngineEvent::Talking(on) => {
             if let Some(me) = session.me() {
-                printer.print(&session.speaking(me, on));
+                emit(&session.speaking(me, on));
             }
         }
-        EngineEvent::Speaking(change) => printer.print(&session.speaking(SessionId(change.sender), change.speaking)),
-        EngineEvent::PlayFinished => printer.print(&Event::PlayFinished),
-        EngineEvent::Device(message) => printer.print(&Event::Device { message }),
+        EngineEvent::Speaking(change) => emit(&session.speaking(SessionId(change.sender), change.speaking)),
+        EngineEvent::PlayFinished => emit(&Event::PlayFinished),
+        EngineEvent::Device(message) => emit(&Event::Device { message }),
     }
 }
 
 /// Voice commands go to the engine, the rest to the session.
-fn voice_command(session: &mut Session, engine: &mut Engine, command: Command, printer: &EventPrinter) {
+fn voice_command(session: &mut Session, engine: &mut Engine, command: Command, emit: &mut (dyn FnMut(&Event) + Send)) {
     match command {
         Command::Mute(on) => engine.control(Control::Mute(on)),
         Command::Deafen(on) => engine.control(Control::Deafen(on)),
         Command::Talk(held) => engine.control(Control::PushToTalk(held)),
         Command::Volume { user, percent } => match session.user_session(&user) {
             Some(sender) => engine.control(Control::Volume { sender: sender.0, percent }),
-            None => printer.print(&Event::local_error("no_such_user", format!("{user} is not online"))),
+            None => emit(&Event::local_error("no_such_user", format!("{user} is not online"))),
         },
+        Command::LocalMute { user, muted } => match session.user_session(&user) {
+            Some(sender) => engine.control(Control::LocalMute { sender: sender.0, muted }),
+            None => emit(&Event::local_error("no_such_user", format!("{user} is not online"))),
+        },
+        Command::VoiceSettings { mode, threshold_dbfs, denoise } => {
+            engine.control(Control::Mode(mode, f32::from(threshold_dbfs)));
+            engine.control(Control::Denoise(denoise));
+        }
+        Command::MicrophoneTest(on) => engine.control(Control::Loopback(on)),
         command => session.command(SystemTime::now(), command),
     }
 }
 
-fn send_probes(session: &mut Session, connection: &quinn::Connection, count: u32, printer: &EventPrinter) {
+fn send_probes(
+    session: &mut Session,
+    connection: &quinn::Connection,
+    count: u32,
+    emit: &mut (dyn FnMut(&Event) + Send),
+) {
     for i in 0..count {
         let payload = [i as u8; PROBE_PAYLOAD];
         let Some(datagram) = session.probe_datagram(&payload) else {
-            return printer
-                .print(&Event::local_error(ErrorCode::NotInChannel.as_str(), "join a channel to send media"));
+            return emit(&Event::local_error(ErrorCode::NotInChannel.as_str(), "join a channel to send media"));
         };
         if let Err(e) = connection.send_datagram(Bytes::from(datagram)) {
-            return printer.print(&Event::local_error("datagram_failed", e));
+            return emit(&Event::local_error("datagram_failed", e));
         }
     }
 }

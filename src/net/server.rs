@@ -94,6 +94,29 @@ impl Server {
         self.fingerprint
     }
 
+    /// "Host a server here" in the desktop client: a relay with the default settings on
+    /// every interface at `port`, its certificate kept in `dir` so that the pins of the
+    /// people invited hold across restarts. Returns the invite link for this machine
+    /// (127.0.0.1) and the task serving until aborted.
+    pub fn host_here(port: u16, dir: &std::path::Path) -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
+        let config = crate::config::ServerConfig::default();
+        let (identity, _) = Identity::load_or_create(dir)?;
+        let relay = Relay::new(crate::relay::RelayConfig::from_server_config(&config), rand::random());
+        let limits = &config.limits;
+        let listen = SocketAddr::from(([0, 0, 0, 0], port));
+        let hello_timeout = Duration::from_secs(limits.hello_timeout_secs);
+        let server = Server::bind(listen, identity, relay, limits.max_pending_connections, hello_timeout)?;
+        let link = crate::protocol::ServerLink {
+            host: "127.0.0.1".into(),
+            port: server.local_addr()?.port(),
+            fingerprint: Some(server.fingerprint),
+            channel: None,
+            invite: None,
+        };
+        let invite = link.invite_base(&server.fingerprint);
+        Ok((invite, tokio::spawn(server.run(std::future::pending()))))
+    }
+
     /// Serves until `shutdown` completes, then closes every connection.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let timer = tokio::spawn(run_timers(self.shared.clone()));

@@ -48,6 +48,19 @@ pub enum Command {
         user: String,
         percent: u32,
     },
+    /// Mute (or unmute) a user for us alone.
+    LocalMute {
+        user: String,
+        muted: bool,
+    },
+    /// When the microphone is on the air, and noise suppression.
+    VoiceSettings {
+        mode: crate::audio::dsp::VoiceMode,
+        threshold_dbfs: i16,
+        denoise: bool,
+    },
+    /// Play our own voice back to us (the microphone test), or stop.
+    MicrophoneTest(bool),
     Quit,
 }
 

@@ -417,7 +417,10 @@ impl Session {
             | Command::Mute(_)
             | Command::Deafen(_)
             | Command::Talk(_)
-            | Command::Volume { .. } => {}
+            | Command::Volume { .. }
+            | Command::LocalMute { .. }
+            | Command::VoiceSettings { .. }
+            | Command::MicrophoneTest(_) => {}
         }
     }
 

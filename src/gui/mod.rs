@@ -1,0 +1,483 @@
+//! The desktop client: an eframe window over the same client core as `voipc join`.
+//!
+//! The app drains the client's events at the start of a frame into a plain [`Model`],
+//! draws the [`views`] from it, and turns clicks into [`UiCommand`]s that it carries out
+//! without blocking: the vault's key derivation runs on the blocking pool, the client
+//! on the tokio runtime (its events arrive over a channel with a repaint request), so
+//! the window only repaints when something happened.
+
+pub mod model;
+pub mod settings;
+pub mod views;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+use crate::audio::device;
+use crate::audio::pipeline::CaptureSettings;
+use crate::config::client_store::{ClientStore, StoreError, VAULT_FILE};
+use crate::crypto::vault::{KdfParams, VaultError};
+use crate::e2ee::E2ee;
+use crate::net::client::{ClientError, JoinOptions, VoiceOptions, run_client};
+use crate::protocol::ServerLink;
+use crate::session::{Command, Event};
+use model::{Conversation, Model, Screen};
+use settings::Settings;
+
+/// What the views ask for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UiCommand {
+    CreateIdentity {
+        name: String,
+        password: Zeroizing<String>,
+    },
+    Unlock {
+        password: Zeroizing<String>,
+    },
+    Connect {
+        target: String,
+    },
+    /// Trust the certificate an unknown server showed, and connect.
+    Trust {
+        target: String,
+        fingerprint: String,
+    },
+    SaveServer(String),
+    /// Run a relay in this process on `port` and connect to it.
+    Host {
+        port: u16,
+    },
+    Disconnect,
+    Send {
+        to: Conversation,
+        text: String,
+    },
+    ToggleMute,
+    ToggleDeafen,
+    MicrophoneTest,
+    SaveSettings(Box<Settings>),
+    /// Anything the client core takes as it is.
+    Client(Command),
+}
+
+/// What the background work reports to the app.
+enum Update {
+    /// The vault opened, or why not (for the user).
+    Unlocked(Result<ClientStore, String>),
+    Event(Event),
+    /// The client ended: why, and for which target.
+    Ended {
+        target: String,
+        result: Result<(), ClientError>,
+    },
+    Hosting(Result<(String, tokio::task::JoinHandle<()>), String>),
+}
+
+/// Where the app keeps its files.
+pub struct Paths {
+    pub data_dir: PathBuf,
+    pub settings_file: PathBuf,
+}
+
+impl Paths {
+    pub fn default_paths() -> anyhow::Result<Paths> {
+        let dirs = directories::ProjectDirs::from("", "", "voipc")
+            .ok_or_else(|| anyhow::anyhow!("no home directory to keep client data in"))?;
+        Ok(Paths { data_dir: dirs.data_dir().to_owned(), settings_file: dirs.config_dir().join("settings.toml") })
+    }
+}
+
+pub struct App {
+    model: Model,
+    runtime: tokio::runtime::Handle,
+    paths: Paths,
+    commands: (Sender<UiCommand>, Receiver<UiCommand>),
+    updates: (Sender<Update>, Receiver<Update>),
+    ctx: egui::Context,
+    password: Option<Zeroizing<String>>,
+    /// The running client's command channel.
+    client: Option<tokio::sync::mpsc::Sender<Command>>,
+    /// The target to reconnect to after a lost connection, the attempts so far, and when
+    /// the next is due (in egui's clock, seconds).
+    reconnect: Option<(String, u32, f64)>,
+    hosted: Option<tokio::task::JoinHandle<()>>,
+    mic_test: bool,
+}
+
+impl App {
+    pub fn new(ctx: egui::Context, runtime: tokio::runtime::Handle, paths: Paths) -> App {
+        let settings = Settings::load(&paths.settings_file).unwrap_or_default();
+        let screen = if paths.data_dir.join(VAULT_FILE).exists() { Screen::Unlock } else { Screen::Setup };
+        let model = Model { screen, settings, devices: device::list(), ..Model::default() };
+        let app = App {
+            model,
+            runtime,
+            paths,
+            commands: mpsc::channel(),
+            updates: mpsc::channel(),
+            ctx,
+            password: None,
+            client: None,
+            reconnect: None,
+            hosted: None,
+            mic_test: false,
+        };
+        app.apply_look();
+        app
+    }
+
+    fn apply_look(&self) {
+        let settings = &self.model.settings;
+        self.ctx.set_theme(if settings.dark { egui::Theme::Dark } else { egui::Theme::Light });
+        self.ctx.set_zoom_factor(settings.scale.clamp(0.5, 3.0));
+    }
+
+    /// Runs `work` on the blocking pool; its result comes back as an update.
+    fn background(&self, work: impl FnOnce() -> Update + Send + 'static) {
+        let (updates, ctx) = (self.updates.0.clone(), self.ctx.clone());
+        self.runtime.spawn_blocking(move || {
+            let _ = updates.send(work());
+            ctx.request_repaint();
+        });
+    }
+
+    fn handle(&mut self, command: UiCommand) {
+        match command {
+            UiCommand::CreateIdentity { name, password } => {
+                self.model.settings.name = name;
+                self.save_settings();
+                self.unlock(password, true);
+            }
+            UiCommand::Unlock { password } => self.unlock(password, false),
+            UiCommand::Connect { target } => self.connect(target, None),
+            UiCommand::Trust { target, fingerprint } => self.connect(target, Some(fingerprint)),
+            UiCommand::SaveServer(server) => {
+                if !self.model.settings.saved_servers.contains(&server) {
+                    self.model.settings.saved_servers.push(server);
+                    self.save_settings();
+                }
+            }
+            UiCommand::Host { port } => self.host(port),
+            UiCommand::Disconnect => {
+                self.reconnect = None;
+                self.stop_client();
+                self.model.screen = Screen::Connect;
+            }
+            UiCommand::Send { to, text } => {
+                let now = crate::e2ee::unix_millis(std::time::SystemTime::now());
+                let command = match &to {
+                    Conversation::Channel(_) => Command::Say(text.clone()),
+                    Conversation::Direct(peer) => Command::Msg { to: peer.clone(), text: text.clone() },
+                };
+                self.model.sent(to, text, now);
+                self.send_to_client(command);
+            }
+            UiCommand::ToggleMute => {
+                self.model.muted = !self.model.muted;
+                self.send_to_client(Command::Mute(self.model.muted));
+            }
+            UiCommand::ToggleDeafen => {
+                self.model.deafened = !self.model.deafened;
+                self.send_to_client(Command::Deafen(self.model.deafened));
+            }
+            UiCommand::MicrophoneTest => {
+                self.mic_test = !self.mic_test;
+                self.send_to_client(Command::MicrophoneTest(self.mic_test));
+            }
+            UiCommand::SaveSettings(settings) => {
+                let voice_changed = (settings.voice_mode, settings.vad_threshold, settings.denoise)
+                    != (self.model.settings.voice_mode, self.model.settings.vad_threshold, self.model.settings.denoise);
+                self.model.settings = *settings;
+                self.save_settings();
+                self.apply_look();
+                if voice_changed {
+                    let s = &self.model.settings;
+                    let command = Command::VoiceSettings {
+                        mode: s.voice_mode,
+                        threshold_dbfs: s.vad_threshold.round() as i16,
+                        denoise: s.denoise,
+                    };
+                    self.send_to_client(command);
+                }
+            }
+            UiCommand::Client(command) => self.send_to_client(command),
+        }
+    }
+
+    fn save_settings(&mut self) {
+        if let Err(e) = self.model.settings.save(&self.paths.settings_file) {
+            self.model.error = Some(e.to_string());
+        }
+    }
+
+    /// Opens (or creates) the vault off the UI thread: Argon2 takes a quarter second.
+    fn unlock(&mut self, password: Zeroizing<String>, create_identity: bool) {
+        self.password = Some(password.clone());
+        let data_dir = self.paths.data_dir.clone();
+        self.background(move || {
+            let explain = |e: StoreError| match e {
+                StoreError::Vault(VaultError::WrongPassword) => {
+                    "Wrong password. Nothing was changed; try again.".into()
+                }
+                other => other.to_string(),
+            };
+            let opened =
+                ClientStore::open_or_create(&data_dir, password.as_bytes(), KdfParams::RECOMMENDED).map_err(explain);
+            Update::Unlocked(opened.and_then(|mut store| {
+                if create_identity && store.e2ee_state().is_none() {
+                    // The identity key pair is made now, not at the first connection.
+                    let e2ee =
+                        E2ee::generate(&mut rand::rng(), std::time::SystemTime::now()).map_err(|e| e.to_string())?;
+                    let history = store.history().clone();
+                    store.save_chat(e2ee.to_bytes(), &history).map_err(explain)?;
+                }
+                Ok(store)
+            }))
+        });
+    }
+
+    fn connect(&mut self, target: String, fingerprint: Option<String>) {
+        self.stop_client();
+        let mut link: ServerLink = match target.parse() {
+            Ok(link) => link,
+            Err(e) => {
+                self.model.error = Some(format!("{target}: {e}"));
+                return;
+            }
+        };
+        if let Some(fp) = fingerprint {
+            match fp.parse() {
+                Ok(fp) => link.fingerprint = Some(fp),
+                Err(e) => {
+                    self.model.error = Some(format!("fingerprint: {e}"));
+                    return;
+                }
+            }
+        }
+        let Some(password) = self.password.clone() else { return };
+        let settings = &self.model.settings;
+        let join = link.channel.clone().map(|channel| crate::protocol::JoinRequest {
+            channel,
+            password: None,
+            invite: link.invite.clone(),
+        });
+        let options = JoinOptions {
+            name: settings.name.clone(),
+            join,
+            trust_on_first_use: false,
+            data_dir: self.paths.data_dir.clone(),
+            vault_password: password,
+            say: None,
+            voice: VoiceOptions {
+                play: None,
+                input_device: Some(settings.input_device.clone()),
+                output_device: Some(settings.output_device.clone()),
+                record: None,
+                capture: CaptureSettings {
+                    mode: settings.voice_mode,
+                    threshold_dbfs: settings.vad_threshold,
+                    denoise: settings.denoise,
+                    ..CaptureSettings::default()
+                },
+            },
+            duration: None,
+            json: false,
+            link: link.clone(),
+        };
+        self.model.settings.used(&target);
+        self.save_settings();
+        self.model.server = link.authority();
+        self.model.screen = Screen::Connecting { server: link.authority() };
+        self.model.error = None;
+        let (commands, receiver) = tokio::sync::mpsc::channel(256);
+        self.client = Some(commands);
+        let (updates, ctx) = (self.updates.0.clone(), self.ctx.clone());
+        self.runtime.spawn(async move {
+            let (events, events_ctx) = (updates.clone(), ctx.clone());
+            let mut emit = move |event: &Event| {
+                let _ = events.send(Update::Event(event.clone()));
+                events_ctx.request_repaint();
+            };
+            let result = run_client(options, receiver, &mut emit).await;
+            let _ = updates.send(Update::Ended { target, result });
+            ctx.request_repaint();
+        });
+    }
+
+    fn send_to_client(&mut self, command: Command) {
+        if let Some(client) = &self.client
+            && client.try_send(command).is_err()
+        {
+            self.model.error = Some("the connection is busy; try again".into());
+        }
+    }
+
+    fn stop_client(&mut self) {
+        if let Some(client) = self.client.take() {
+            let _ = client.try_send(Command::Quit);
+        }
+    }
+
+    /// Starts a relay in this process and connects to it once it listens.
+    fn host(&mut self, port: u16) {
+        let dir = self.paths.data_dir.join("hosted-server");
+        let runtime = self.runtime.clone();
+        self.background(move || {
+            let _guard = runtime.enter();
+            let hosted = std::fs::create_dir_all(&dir)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| crate::net::server::Server::host_here(port, &dir));
+            Update::Hosting(hosted.map_err(|e| format!("cannot host on port {port}: {e:#}")))
+        });
+    }
+
+    fn drain_updates(&mut self) {
+        while let Ok(update) = self.updates.1.try_recv() {
+            match update {
+                Update::Unlocked(Ok(store)) => {
+                    self.model.history = store.history().clone();
+                    self.model.error = None;
+                    self.model.screen = Screen::Connect;
+                }
+                Update::Unlocked(Err(message)) => {
+                    self.password = None;
+                    self.model.error = Some(message);
+                }
+                Update::Event(event) => {
+                    self.model.apply(&event);
+                    if matches!(event, Event::Connected { .. }) {
+                        self.reconnect = None;
+                    }
+                }
+                Update::Ended { target, result } => self.ended(target, result),
+                Update::Hosting(Ok((invite, task))) => {
+                    self.hosted = Some(task);
+                    self.model.hosting = Some(invite.clone());
+                    self.connect(invite, None);
+                }
+                Update::Hosting(Err(e)) => self.model.error = Some(e),
+            }
+        }
+    }
+
+    /// The client stopped: show why, and reconnect with backoff when the line dropped.
+    fn ended(&mut self, target: String, result: Result<(), ClientError>) {
+        if self.client.as_ref().is_some_and(|c| !c.is_closed()) {
+            return; // an older client's end, after a newer one started
+        }
+        self.client = None;
+        match result {
+            Ok(()) => {}
+            Err(ClientError::UnknownCertificate { server, seen }) => {
+                self.model.screen = Screen::Trust { target, server, fingerprint: seen.to_string() };
+            }
+            Err(ClientError::CertificateChanged { server, expected, actual }) => {
+                self.model.screen =
+                    Screen::CertificateChanged { server, expected: expected.to_string(), actual: actual.to_string() };
+            }
+            Err(e @ (ClientError::Lost(_) | ClientError::Connect { .. }))
+                if self.model.me.is_some() || self.reconnect.is_some() =>
+            {
+                let attempt = self.reconnect.as_ref().map_or(0, |r| r.1) + 1;
+                let wait = Duration::from_secs((1u64 << attempt.min(5)).min(30));
+                let now = self.ctx.input(|i| i.time);
+                self.reconnect = Some((target, attempt, now + wait.as_secs_f64()));
+                self.model.screen = Screen::Reconnecting {
+                    server: self.model.server.clone(),
+                    in_secs: wait.as_secs(),
+                    reason: e.to_string(),
+                };
+            }
+            Err(e) => {
+                self.model.error = Some(e.to_string());
+                self.model.screen = Screen::Connect;
+            }
+        }
+        self.model.me = None;
+    }
+
+    fn tick_reconnect(&mut self) {
+        let Some((target, attempt, due)) = self.reconnect.clone() else { return };
+        let now = self.ctx.input(|i| i.time);
+        if now >= due {
+            self.connect(target.clone(), None);
+            // Due again only when this attempt fails (see `ended`).
+            self.reconnect = Some((target, attempt, f64::INFINITY));
+        } else if let Screen::Reconnecting { in_secs, .. } = &mut self.model.screen {
+            *in_secs = (due - now).ceil() as u64;
+            self.ctx.request_repaint_after(Duration::from_millis(500));
+        }
+    }
+
+    /// Keyboard shortcuts: Ctrl+M mutes, Ctrl+D deafens; the push-to-talk key talks.
+    fn shortcuts(&mut self, ctx: &egui::Context) {
+        if self.model.screen != Screen::Main {
+            return;
+        }
+        let (mute, deafen) = ctx.input(|i| {
+            (i.modifiers.command && i.key_pressed(egui::Key::M), i.modifiers.command && i.key_pressed(egui::Key::D))
+        });
+        if mute {
+            self.handle(UiCommand::ToggleMute);
+        }
+        if deafen {
+            self.handle(UiCommand::ToggleDeafen);
+        }
+        if self.model.settings.voice_mode == crate::audio::dsp::VoiceMode::PushToTalk
+            && let Some(key) = egui::Key::from_name(&self.model.settings.push_to_talk_key)
+        {
+            let typing = ctx.memory(|m| m.focused().is_some());
+            let (pressed, released) = ctx.input(|i| (i.key_pressed(key), i.key_released(key)));
+            if pressed && !typing {
+                self.send_to_client(Command::Talk(true));
+            }
+            if released {
+                self.send_to_client(Command::Talk(false));
+            }
+        }
+    }
+}
+
+impl eframe::App for App {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        self.drain_updates();
+        self.tick_reconnect();
+        self.shortcuts(ctx);
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        views::window(ui, &mut self.model, &self.commands.0);
+        while let Ok(command) = self.commands.1.try_recv() {
+            self.handle(command);
+        }
+    }
+
+    fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
+        self.stop_client();
+        if let Some(task) = self.hosted.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Opens the window; returns when it is closed.
+pub fn run(runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
+    let paths = Paths::default_paths()?;
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default().with_title("VoIPC").with_inner_size([1000.0, 680.0]),
+        renderer: eframe::Renderer::Glow,
+        ..eframe::NativeOptions::default()
+    };
+    eframe::run_native(
+        "VoIPC",
+        options,
+        Box::new(move |cc| Ok(Box::new(App::new(cc.egui_ctx.clone(), runtime, paths)))),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
+}

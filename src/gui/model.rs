@@ -1,0 +1,408 @@
+//! What the window shows, as plain data: the client core's events fold into it, the
+//! views draw from it. Only the drafts (text being typed) are edited by the views.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::audio::device::DeviceList;
+use crate::session::history::History;
+use crate::session::{ChannelView, Event};
+
+use super::settings::Settings;
+
+/// Which screen is up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Screen {
+    /// First start: no vault yet. Choose a name and a vault password.
+    #[default]
+    Setup,
+    /// The vault exists: its password opens it.
+    Unlock,
+    /// Where to connect.
+    Connect,
+    Connecting {
+        server: String,
+    },
+    /// An unknown server: its certificate's fingerprint, to check and trust (or not).
+    Trust {
+        target: String,
+        server: String,
+        fingerprint: String,
+    },
+    /// A pinned server presented another certificate: a full stop.
+    CertificateChanged {
+        server: String,
+        expected: String,
+        actual: String,
+    },
+    /// The connection dropped; the next attempt is due in `in_secs`.
+    Reconnecting {
+        server: String,
+        in_secs: u64,
+        reason: String,
+    },
+    /// Connected: channels, chat, voice.
+    Main,
+}
+
+/// A chat pane: a channel's (by name) or a direct conversation (by the peer's name).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Conversation {
+    Channel(String),
+    Direct(String),
+}
+
+impl Conversation {
+    /// The vault's key for this conversation on `server` (as the client core records it).
+    pub fn history_key(&self, server: &str) -> String {
+        match self {
+            Conversation::Channel(name) => format!("{server}#{name}"),
+            Conversation::Direct(peer) => format!("{server}@{peer}"),
+        }
+    }
+
+    pub fn title(&self) -> String {
+        match self {
+            Conversation::Channel(name) => format!("# {name}"),
+            Conversation::Direct(peer) => format!("@ {peer}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub from: String,
+    pub text: String,
+    pub time_ms: u64,
+    pub mine: bool,
+    /// For our own lines: how many online recipients it reached, of how many.
+    pub delivered: Option<(u32, u32)>,
+    pub identity_changed: bool,
+}
+
+/// The text being typed, by the views.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Drafts {
+    pub name: String,
+    pub password: String,
+    pub password_again: String,
+    pub address: String,
+    pub message: String,
+    /// A password for the channel being joined.
+    pub channel_password: Option<(String, String)>,
+    pub new_channel: Option<NewChannel>,
+    pub host_port: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewChannel {
+    pub name: String,
+    pub description: String,
+    pub password: String,
+    pub user_limit: String,
+}
+
+/// A safety number on show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Safety {
+    pub user: String,
+    pub number: String,
+    pub verified: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    pub screen: Screen,
+    pub settings: Settings,
+    pub drafts: Drafts,
+    /// Our name on the server.
+    pub me: Option<String>,
+    pub server: String,
+    pub channels: Vec<ChannelView>,
+    pub my_channel: Option<u32>,
+    pub speaking: BTreeSet<String>,
+    pub muted: bool,
+    pub deafened: bool,
+    pub conversations: BTreeMap<Conversation, Vec<Line>>,
+    pub unread: BTreeMap<Conversation, u32>,
+    pub selected: Option<Conversation>,
+    pub identity_changed: BTreeSet<String>,
+    pub verified: BTreeSet<String>,
+    pub safety: Option<Safety>,
+    /// Per-user volume in percent, and users muted locally.
+    pub volumes: BTreeMap<String, u32>,
+    pub locally_muted: BTreeSet<String>,
+    pub invite: Option<String>,
+    /// The last error, shown until dismissed.
+    pub error: Option<String>,
+    pub history: History,
+    pub devices: DeviceList,
+    pub show_settings: bool,
+    /// A server hosted in this process: its invite link.
+    pub hosting: Option<String>,
+}
+
+impl Model {
+    /// Folds one event of the client core into the model.
+    pub fn apply(&mut self, event: &Event) {
+        match event {
+            Event::Connected { name, .. } => {
+                self.me = Some(name.clone());
+                self.screen = Screen::Main;
+            }
+            Event::Channels { channels } => {
+                self.channels = channels.clone();
+                let me = self.me.clone().unwrap_or_default();
+                self.my_channel = channels.iter().find(|c| c.users.contains(&me)).map(|c| c.id);
+            }
+            Event::Joined { channel, name, users } => {
+                self.my_channel = Some(*channel);
+                if let Some(view) = self.channels.iter_mut().find(|c| c.id == *channel) {
+                    view.users = users.clone();
+                }
+                self.open(Conversation::Channel(name.clone()));
+                self.select(Conversation::Channel(name.clone()));
+            }
+            Event::Left { channel, .. } => {
+                if self.my_channel == Some(*channel) {
+                    self.my_channel = None;
+                }
+                let me = self.me.clone().unwrap_or_default();
+                if let Some(view) = self.channels.iter_mut().find(|c| c.id == *channel) {
+                    view.users.retain(|u| *u != me);
+                }
+            }
+            Event::UserJoined { user, channel, .. } => {
+                if let Some(view) = self.channels.iter_mut().find(|c| c.id == *channel)
+                    && !view.users.contains(user)
+                {
+                    view.users.push(user.clone());
+                }
+            }
+            Event::UserLeft { user, channel, .. } => {
+                if let Some(view) = self.channels.iter_mut().find(|c| c.id == *channel) {
+                    view.users.retain(|u| u != user);
+                }
+                self.speaking.remove(user);
+            }
+            Event::ChannelCreated { channel } => {
+                self.channels.retain(|c| c.id != channel.id);
+                self.channels.push(channel.clone());
+            }
+            Event::ChannelRemoved { channel, .. } => self.channels.retain(|c| c.id != *channel),
+            Event::InviteCreated { link, .. } => self.invite = Some(link.clone()),
+            Event::Message { from, channel, text, time_ms, identity_changed, .. } => {
+                let conversation = match channel {
+                    Some(name) => Conversation::Channel(name.clone()),
+                    None => Conversation::Direct(from.clone()),
+                };
+                self.open(conversation.clone());
+                let line = Line {
+                    from: from.clone(),
+                    text: text.clone(),
+                    time_ms: *time_ms,
+                    mine: false,
+                    delivered: None,
+                    identity_changed: *identity_changed,
+                };
+                self.conversations.entry(conversation.clone()).or_default().push(line);
+                if self.selected.as_ref() != Some(&conversation) {
+                    *self.unread.entry(conversation).or_default() += 1;
+                }
+            }
+            Event::Delivered { reached, total } => {
+                let line = self
+                    .conversations
+                    .values_mut()
+                    .flat_map(|lines| lines.iter_mut())
+                    .filter(|l| l.mine && l.delivered.is_none())
+                    .min_by_key(|l| l.time_ms);
+                if let Some(line) = line {
+                    line.delivered = Some((*reached, *total));
+                }
+            }
+            Event::Safety { user, number, verified, .. } => {
+                if *verified {
+                    self.verified.insert(user.clone());
+                    self.identity_changed.remove(user);
+                }
+                self.safety = Some(Safety { user: user.clone(), number: number.clone(), verified: *verified });
+            }
+            Event::IdentityChanged { user } => {
+                self.identity_changed.insert(user.clone());
+                self.verified.remove(user);
+            }
+            Event::Speaking { user: Some(user), speaking, .. } => {
+                if *speaking {
+                    self.speaking.insert(user.clone());
+                } else {
+                    self.speaking.remove(user);
+                }
+            }
+            Event::Error { code, message } => self.error = Some(format!("{code}: {message}")),
+            Event::Device { message } => self.error = Some(format!("sound device: {message}")),
+            Event::Speaking { user: None, .. }
+            | Event::Datagram { .. }
+            | Event::PlayFinished
+            | Event::VoiceStats { .. } => {}
+        }
+    }
+
+    /// Our own line, shown as sent (the client core records it in the vault itself).
+    pub fn sent(&mut self, conversation: Conversation, text: String, time_ms: u64) {
+        self.open(conversation.clone());
+        let from = self.me.clone().unwrap_or_default();
+        let line = Line { from, text, time_ms, mine: true, delivered: None, identity_changed: false };
+        self.conversations.entry(conversation).or_default().push(line);
+    }
+
+    pub fn select(&mut self, conversation: Conversation) {
+        self.unread.remove(&conversation);
+        self.selected = Some(conversation);
+    }
+
+    /// A conversation's pane, filled from the vault's history the first time.
+    fn open(&mut self, conversation: Conversation) {
+        if self.conversations.contains_key(&conversation) {
+            return;
+        }
+        let me = self.me.clone().unwrap_or_default();
+        let lines = self
+            .history
+            .conversation(&conversation.history_key(&self.server))
+            .map(|m| Line {
+                mine: m.from == me,
+                from: m.from.clone(),
+                text: m.text.clone(),
+                time_ms: m.time_ms,
+                delivered: None,
+                identity_changed: false,
+            })
+            .collect();
+        self.conversations.insert(conversation, lines);
+    }
+
+    pub fn my_channel_view(&self) -> Option<&ChannelView> {
+        self.my_channel.and_then(|id| self.channels.iter().find(|c| c.id == id))
+    }
+
+    /// A model with a server, two channels, people and a conversation: for the view
+    /// tests and for looking at the views.
+    pub fn fixture() -> Model {
+        let channel = |id: u32, name: &str, users: &[&str], has_password: bool| ChannelView {
+            id,
+            name: name.into(),
+            description: String::new(),
+            has_password,
+            user_limit: if has_password { 5 } else { 0 },
+            temporary: false,
+            users: users.iter().map(|u| u.to_string()).collect(),
+        };
+        let mut model = Model {
+            screen: Screen::Main,
+            me: Some("alice".into()),
+            server: "voice.example.org:9987".into(),
+            channels: vec![channel(1, "Lobby", &["alice", "bob"], false), channel(2, "Staff", &["carol"], true)],
+            my_channel: Some(1),
+            ..Model::default()
+        };
+        model.speaking.insert("bob".into());
+        model.apply(&Event::Message {
+            from: "bob".into(),
+            channel: Some("Lobby".into()),
+            dm: false,
+            text: "hello everyone".into(),
+            time_ms: 1_700_000_000_000,
+            verified: false,
+            identity_changed: false,
+        });
+        model.select(Conversation::Channel("Lobby".into()));
+        model
+    }
+}
+
+/// Seconds since the epoch in milliseconds, shown as HH:MM (UTC).
+pub fn clock(time_ms: u64) -> String {
+    let minutes = time_ms / 60_000;
+    format!("{:02}:{:02}", (minutes / 60) % 24, minutes % 60)
+}
+
+/// How hard a vault password is to guess, roughly: length and the kinds of characters.
+pub fn password_strength(password: &str) -> (&'static str, f32) {
+    let kinds = [
+        password.chars().any(|c| c.is_ascii_lowercase()),
+        password.chars().any(|c| c.is_ascii_uppercase()),
+        password.chars().any(|c| c.is_ascii_digit()),
+        password.chars().any(|c| !c.is_ascii_alphanumeric()),
+    ]
+    .iter()
+    .filter(|k| **k)
+    .count();
+    let alphabet: f32 = [0.0, 26.0, 52.0, 62.0, 94.0][kinds];
+    let bits = password.chars().count() as f32 * f32::log2(alphabet.max(1.0));
+    match bits {
+        b if b < 40.0 => ("weak", b / 100.0),
+        b if b < 70.0 => ("fair", b / 100.0),
+        b => ("strong", (b / 100.0).min(1.0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_fold_into_the_model() {
+        let mut model = Model::fixture();
+        model.apply(&Event::Message {
+            from: "carol".into(),
+            channel: None,
+            dm: true,
+            text: "psst".into(),
+            time_ms: 1,
+            verified: false,
+            identity_changed: true,
+        });
+        let dm = Conversation::Direct("carol".into());
+        assert_eq!(model.unread.get(&dm), Some(&1), "not the selected pane: unread");
+        assert!(model.conversations[&dm][0].identity_changed);
+        model.sent(Conversation::Channel("Lobby".into()), "hi".into(), 2);
+        model.apply(&Event::Delivered { reached: 1, total: 1 });
+        assert_eq!(model.conversations[&Conversation::Channel("Lobby".into())].last().unwrap().delivered, Some((1, 1)));
+        model.apply(&Event::UserLeft { user: "bob".into(), session: 2, channel: 1 });
+        assert_eq!(model.channels[0].users, ["alice"]);
+        assert!(!model.speaking.contains("bob"));
+        model.apply(&Event::IdentityChanged { user: "carol".into() });
+        model.apply(&Event::Safety {
+            user: "carol".into(),
+            number: "1".repeat(60),
+            verified: true,
+            identity_changed: false,
+        });
+        assert!(model.verified.contains("carol") && !model.identity_changed.contains("carol"));
+    }
+
+    #[test]
+    fn history_fills_a_pane_the_first_time() {
+        let mut model = Model { me: Some("alice".into()), server: "h:1".into(), ..Model::default() };
+        let stored = |from: &str, text: &str| crate::session::history::StoredMessage {
+            from: from.into(),
+            text: text.into(),
+            time_ms: 5,
+        };
+        model.history.record("h:1#Lobby", stored("bob", "earlier"));
+        model.history.record("h:1#Lobby", stored("alice", "mine"));
+        model.apply(&Event::Joined { channel: 1, name: "Lobby".into(), users: vec!["alice".into()] });
+        let lines = &model.conversations[&Conversation::Channel("Lobby".into())];
+        assert_eq!(
+            lines.iter().map(|l| (l.text.as_str(), l.mine)).collect::<Vec<_>>(),
+            [("earlier", false), ("mine", true)]
+        );
+    }
+
+    #[test]
+    fn password_hints() {
+        assert_eq!(password_strength("abc").0, "weak");
+        assert_eq!(password_strength("correct horse battery").0, "strong");
+        assert_eq!(password_strength("Tr0ub4dor").0, "fair");
+    }
+}

@@ -1,0 +1,112 @@
+//! The desktop client's settings: not secret, so a plain TOML file in the config
+//! directory, replaced atomically.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::audio::dsp::VoiceMode;
+use crate::config::files::write_private_atomic;
+
+/// Servers remembered as recent, newest first.
+pub const MAX_RECENT: usize = 8;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// The display name chosen at first start.
+    pub name: String,
+    pub dark: bool,
+    /// UI scale (1.0 = the platform's).
+    pub scale: f32,
+    /// Sound devices by name; `None` is the system default.
+    pub input_device: Option<String>,
+    pub output_device: Option<String>,
+    pub voice_mode: VoiceMode,
+    /// The voice-activity threshold in dBFS.
+    pub vad_threshold: f32,
+    pub denoise: bool,
+    /// The push-to-talk key (in-window), by egui's key name.
+    pub push_to_talk_key: String,
+    /// Server addresses or invite links the user saved.
+    pub saved_servers: Vec<String>,
+    pub recent_servers: Vec<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            name: String::new(),
+            dark: true,
+            scale: 1.0,
+            input_device: None,
+            output_device: None,
+            voice_mode: VoiceMode::VoiceActivity,
+            vad_threshold: -50.0,
+            denoise: true,
+            push_to_talk_key: "Space".into(),
+            saved_servers: Vec::new(),
+            recent_servers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not valid settings: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("cannot save {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+impl Settings {
+    /// The settings in `path`, or the defaults when there is no file yet.
+    pub fn load(path: &Path) -> Result<Settings, SettingsError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|source| SettingsError::Parse { path: path.to_owned(), source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
+            Err(source) => Err(SettingsError::Read { path: path.to_owned(), source }),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), SettingsError> {
+        let write = |source| SettingsError::Write { path: path.to_owned(), source };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(write)?;
+        }
+        let text = toml::to_string_pretty(self).expect("settings are plain values");
+        write_private_atomic(path, text.as_bytes()).map_err(write)
+    }
+
+    /// Remembers `server` as the most recent one.
+    pub fn used(&mut self, server: &str) {
+        self.recent_servers.retain(|s| s != server);
+        self.recent_servers.insert(0, server.to_owned());
+        self.recent_servers.truncate(MAX_RECENT);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_round_trip_and_recent_servers_stay_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("voipc/settings.toml");
+        assert_eq!(Settings::load(&path).unwrap(), Settings::default());
+        let mut settings = Settings { name: "alice".into(), dark: false, scale: 1.25, ..Settings::default() };
+        for i in 0..12 {
+            settings.used(&format!("host{i}:9987"));
+        }
+        settings.used("host3:9987");
+        assert_eq!(settings.recent_servers.len(), MAX_RECENT);
+        assert_eq!(settings.recent_servers[0], "host3:9987");
+        settings.save(&path).unwrap();
+        assert_eq!(Settings::load(&path).unwrap(), settings);
+        std::fs::write(&path, "scale = \"big\"").unwrap();
+        assert!(matches!(Settings::load(&path), Err(SettingsError::Parse { .. })));
+    }
+}

@@ -1,0 +1,252 @@
+//! Every view driven like a user would: find a widget by its label, click or type,
+//! and check the command the view sent (egui_kittest, no display, no GPU).
+
+use std::sync::mpsc::{Receiver, channel};
+
+use egui_kittest::Harness;
+use egui_kittest::kittest::{NodeT, Queryable};
+
+use super::model::{Conversation, Model, Screen};
+use super::{UiCommand, views};
+use crate::protocol::JoinRequest;
+use crate::session::{ChannelView, Command, Event};
+
+/// A harness showing `view` over `model`, and the commands it sends.
+fn harness<'a>(
+    model: Model,
+    view: fn(&mut egui::Ui, &mut Model, &std::sync::mpsc::Sender<UiCommand>),
+) -> (Harness<'a, Model>, Receiver<UiCommand>) {
+    let (tx, rx) = channel();
+    let mut harness = Harness::builder()
+        .with_size(egui::vec2(1000.0, 700.0))
+        .build_ui_state(move |ui, model: &mut Model| view(ui, model, &tx), model);
+    harness.run();
+    (harness, rx)
+}
+
+/// Clicks into the field labelled `label` and types `text`.
+fn type_into(h: &mut Harness<'_, Model>, label: &str, text: &str) {
+    h.get_by_label(label).click();
+    h.run();
+    h.get_by_label(label).type_text(text);
+    h.run();
+}
+
+/// Joins a channel the way the tests can: its context menu's "Join channel" (a mouse
+/// double-clicks the row; kittest's synthetic clicks do not count as one).
+fn join_from_menu(h: &mut Harness<'_, Model>, label: &str) {
+    h.get_by_label(label).click_secondary();
+    h.run();
+    h.get_by_label("Join channel").click();
+    h.run();
+}
+
+fn sent(rx: &Receiver<UiCommand>) -> Vec<UiCommand> {
+    rx.try_iter().collect()
+}
+
+#[test]
+fn first_start_creates_an_identity_with_a_matching_password() {
+    let (mut h, rx) = harness(Model::default(), views::setup);
+    type_into(&mut h, "Display name", "alice");
+    type_into(&mut h, "Vault password", "correct horse battery");
+    type_into(&mut h, "Repeat the password", "correct horse battry");
+    assert!(h.query_by_label("The passwords differ.").is_some());
+    h.state_mut().drafts.password_again = "correct horse battery".into();
+    h.run();
+    assert!(h.query_by_label_contains("password strength: strong").is_some());
+    h.get_by_label("Create identity").click();
+    h.run();
+    let commands = sent(&rx);
+    assert!(
+        matches!(&commands[..], [UiCommand::CreateIdentity { name, password }] if name == "alice" && password.as_str() == "correct horse battery"),
+        "{commands:?}"
+    );
+}
+
+#[test]
+fn unlock_sends_the_password_and_shows_a_wrong_one() {
+    let model = Model {
+        screen: Screen::Unlock,
+        error: Some("Wrong password. Nothing was changed; try again.".into()),
+        ..Model::default()
+    };
+    let (mut h, rx) = harness(model, views::unlock);
+    assert!(h.query_by_label("Wrong password. Nothing was changed; try again.").is_some());
+    type_into(&mut h, "Vault password", "secret");
+    h.get_by_label("Unlock").click();
+    h.run();
+    assert!(matches!(&sent(&rx)[..], [UiCommand::Unlock { password }] if password.as_str() == "secret"));
+}
+
+#[test]
+fn connect_takes_an_address_a_saved_server_or_hosts_one() {
+    let mut model = Model { screen: Screen::Connect, ..Model::default() };
+    model.settings.saved_servers.push("voice.example.org:9987".into());
+    let (mut h, rx) = harness(model, views::connect);
+    type_into(&mut h, "Server", "127.0.0.1:9987");
+    h.get_by_label("Connect").click();
+    h.run();
+    h.get_by_label("Connect to voice.example.org:9987").click();
+    h.run();
+    h.get_by_label("Host and connect").click();
+    h.run();
+    assert_eq!(
+        sent(&rx),
+        [
+            UiCommand::Connect { target: "127.0.0.1:9987".into() },
+            UiCommand::Connect { target: "voice.example.org:9987".into() },
+            UiCommand::Host { port: 9987 },
+        ]
+    );
+}
+
+#[test]
+fn an_unknown_server_asks_and_a_changed_certificate_only_goes_back() {
+    let fingerprint = "ab".repeat(32);
+    let (tx, rx) = channel();
+    let fp = fingerprint.clone();
+    let mut h = Harness::new_ui(move |ui| views::trust(ui, "h:1", "h:1", &fp, &tx));
+    h.run();
+    assert!(h.query_by_label_contains("abab abab").is_some(), "the fingerprint in groups");
+    h.get_by_label("They match: trust and connect").click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::Trust { target: "h:1".into(), fingerprint: fingerprint.clone() }]);
+
+    let (tx, rx) = channel();
+    let (expected, actual) = ("11".repeat(32), "22".repeat(32));
+    let mut h = Harness::new_ui(move |ui| views::certificate_changed(ui, "h:1", &expected, &actual, &tx));
+    h.run();
+    assert!(h.query_by_label_contains("1111 1111").is_some() && h.query_by_label_contains("2222 2222").is_some());
+    // No way past: the only button goes back.
+    let buttons: Vec<String> =
+        h.get_all_by_role(egui::accesskit::Role::Button).filter_map(|b| b.accesskit_node().label()).collect();
+    assert_eq!(buttons, ["Back"]);
+    h.get_by_label("Back").click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::Disconnect]);
+}
+
+#[test]
+fn channels_join_and_ask_for_a_password() {
+    let mut model = Model::fixture();
+    model.channels.push(ChannelView {
+        id: 3,
+        name: "Games".into(),
+        description: String::new(),
+        has_password: false,
+        user_limit: 0,
+        temporary: true,
+        users: vec![],
+    });
+    let (mut h, rx) = harness(model, views::channels);
+    assert!(h.query_by_label("Lobby  (2)").is_some());
+    assert!(h.query_by_label("Staff [password]  (1/5)").is_some(), "user count against the limit");
+    assert!(h.query_by_label("•  bob").is_some(), "bob is speaking");
+    join_from_menu(&mut h, "Games  (0)");
+    assert_eq!(sent(&rx), [UiCommand::Client(Command::Join(JoinRequest::named("Games")))]);
+
+    join_from_menu(&mut h, "Staff [password]  (1/5)");
+    assert!(sent(&rx).is_empty(), "a password comes first");
+    h.state_mut().drafts.channel_password.as_mut().unwrap().1 = "pw".into();
+    h.run();
+    h.get_by_label("Join with password").click();
+    h.run();
+    let join = JoinRequest { channel: "Staff".into(), password: Some("pw".into()), invite: None };
+    assert_eq!(sent(&rx), [UiCommand::Client(Command::Join(join))]);
+
+    h.get_by_label("Invite").click();
+    h.run();
+    assert!(matches!(&sent(&rx)[..], [UiCommand::Client(Command::Invite { .. })]));
+}
+
+#[test]
+fn a_users_menu_sets_volume_mutes_and_shows_the_safety_number() {
+    let (mut h, rx) = harness(Model::fixture(), views::channels);
+    h.get_by_label("•  bob").click_secondary();
+    h.run();
+    h.get_by_label("Mute for me").click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::Client(Command::LocalMute { user: "bob".into(), muted: true })]);
+    h.get_by_label("•  bob [muted for you]").click_secondary();
+    h.run();
+    h.get_by_label("Safety number").click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::Client(Command::Safety("bob".into()))]);
+}
+
+#[test]
+fn chat_sends_counts_characters_and_marks_encryption() {
+    let (mut h, rx) = harness(Model::fixture(), views::chat);
+    assert!(h.query_by_label_contains("End-to-end encrypted").is_some());
+    assert!(h.query_by_label("hello everyone").is_some());
+    type_into(&mut h, "Message", "hi bob");
+    assert!(h.query_by_label("6/5000").is_some());
+    h.get_by_label("Send").click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::Send { to: Conversation::Channel("Lobby".into()), text: "hi bob".into() }]);
+    // Unread counts on other panes, and the warning for a changed identity.
+    h.state_mut().apply(&Event::Message {
+        from: "carol".into(),
+        channel: None,
+        dm: true,
+        text: "psst".into(),
+        time_ms: 0,
+        verified: false,
+        identity_changed: true,
+    });
+    h.state_mut().apply(&Event::IdentityChanged { user: "carol".into() });
+    h.run();
+    h.get_by_label("@ carol (1)").click();
+    h.run();
+    assert!(h.query_by_label_contains("carol's identity key changed").is_some());
+    h.state_mut().drafts.message = "x".repeat(5001);
+    h.run();
+    assert!(h.query_by_label("5001/5000").is_some());
+}
+
+#[test]
+fn the_voice_bar_mutes_deafens_and_changes_the_mode() {
+    let (mut h, rx) = harness(Model::fixture(), views::voice_bar);
+    h.get_by_label("Mute").click();
+    h.run();
+    h.get_by_label("Deafen").click();
+    h.run();
+    h.get_by_label("Noise suppression").click();
+    h.run();
+    let commands = sent(&rx);
+    assert_eq!(commands[..2], [UiCommand::ToggleMute, UiCommand::ToggleDeafen]);
+    assert!(matches!(&commands[2], UiCommand::SaveSettings(s) if !s.denoise));
+}
+
+#[test]
+fn settings_change_the_theme_and_test_the_microphone() {
+    let (tx, rx) = channel();
+    let mut model = Model::fixture();
+    model.show_settings = true;
+    let mut h = Harness::new_ui_state(move |ui, model: &mut Model| views::settings(ui.ctx(), model, &tx), model);
+    h.run();
+    h.get_by_label("Light").click();
+    h.run();
+    h.get_by_label("Test microphone (plays you back)").click();
+    h.run();
+    let commands = sent(&rx);
+    assert!(matches!(&commands[0], UiCommand::SaveSettings(s) if !s.dark));
+    assert!(commands.contains(&UiCommand::MicrophoneTest));
+}
+
+#[test]
+fn the_safety_number_can_be_marked_verified() {
+    let mut model = Model::fixture();
+    model.apply(&Event::Safety {
+        user: "bob".into(),
+        number: "12345".repeat(12),
+        verified: false,
+        identity_changed: false,
+    });
+    let (mut h, rx) = harness(model, views::chat);
+    assert!(h.query_by_label_contains("12345 12345 12345 12345").is_some());
+    h.get_by_label("Mark as verified").click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::Client(Command::Verify("bob".into()))]);
+}

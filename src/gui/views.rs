@@ -1,0 +1,587 @@
+//! The views: functions of the model that turn clicks into [`UiCommand`]s. They edit
+//! nothing but the drafts (text being typed) and never block.
+
+use std::sync::mpsc::Sender;
+
+use egui::{Color32, RichText, Ui};
+
+use super::UiCommand;
+use super::model::{Conversation, Model, NewChannel, Screen, clock, password_strength};
+use crate::audio::dsp::VoiceMode;
+use crate::session::chat::MAX_TEXT_CHARS;
+use crate::session::{ChannelView, Command};
+
+const SPEAKING: Color32 = Color32::from_rgb(67, 181, 129);
+const WARNING: Color32 = Color32::from_rgb(240, 71, 71);
+
+fn send(tx: &Sender<UiCommand>, command: UiCommand) {
+    // The receiver lives as long as the app; a send can only fail while it shuts down.
+    let _ = tx.send(command);
+}
+
+fn client(tx: &Sender<UiCommand>, command: Command) {
+    send(tx, UiCommand::Client(command));
+}
+
+/// The whole window for the current screen.
+pub fn window(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
+    match model.screen.clone() {
+        Screen::Setup => centered(ui, |ui| setup(ui, model, tx)),
+        Screen::Unlock => centered(ui, |ui| unlock(ui, model, tx)),
+        Screen::Connect => centered(ui, |ui| connect(ui, model, tx)),
+        Screen::Connecting { server } => centered(ui, |ui| {
+            ui.spinner();
+            ui.label(format!("Connecting to {server}..."));
+        }),
+        Screen::Reconnecting { server, in_secs, reason } => centered(ui, |ui| {
+            ui.heading(format!("Connection to {server} lost"));
+            ui.label(reason);
+            ui.label(format!("Reconnecting in {in_secs} s..."));
+            if ui.button("Cancel").clicked() {
+                send(tx, UiCommand::Disconnect);
+            }
+        }),
+        Screen::Trust { target, server, fingerprint } => {
+            centered(ui, |ui| trust(ui, &target, &server, &fingerprint, tx))
+        }
+        Screen::CertificateChanged { server, expected, actual } => {
+            centered(ui, |ui| certificate_changed(ui, &server, &expected, &actual, tx));
+        }
+        Screen::Main => main(ui, model, tx),
+    }
+    if model.show_settings {
+        settings(ui.ctx(), model, tx);
+    }
+}
+
+/// A text field with its label in front, which also names it for screen readers.
+fn labelled(ui: &mut Ui, label: &str, edit: egui::TextEdit<'_>) -> egui::Response {
+    ui.horizontal(|ui| {
+        let label = ui.label(label);
+        ui.add(edit).labelled_by(label.id)
+    })
+    .inner
+}
+
+fn centered(ui: &mut Ui, add: impl FnOnce(&mut Ui)) {
+    egui::CentralPanel::default().show(ui, |ui| {
+        ui.vertical_centered(|ui| {
+            ui.add_space(ui.available_height() / 6.0);
+            ui.set_max_width(460.0);
+            add(ui);
+        });
+    });
+}
+
+/// First start: a display name and the vault password that protects this device's keys.
+pub fn setup(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
+    ui.heading("Welcome to VoIPC");
+    ui.label("Your identity lives only on this device, in a vault locked by a password.");
+    ui.add_space(12.0);
+    let drafts = &mut model.drafts;
+    labelled(ui, "Display name", egui::TextEdit::singleline(&mut drafts.name));
+    labelled(ui, "Vault password", egui::TextEdit::singleline(&mut drafts.password).password(true));
+    labelled(ui, "Repeat the password", egui::TextEdit::singleline(&mut drafts.password_again).password(true));
+    let (hint, strength) = password_strength(&drafts.password);
+    ui.add(egui::ProgressBar::new(strength).text(format!("password strength: {hint}")));
+    let ready =
+        !drafts.name.trim().is_empty() && !drafts.password.is_empty() && drafts.password == drafts.password_again;
+    if !drafts.password_again.is_empty() && drafts.password != drafts.password_again {
+        ui.colored_label(WARNING, "The passwords differ.");
+    }
+    if ui.add_enabled(ready, egui::Button::new("Create identity")).clicked() {
+        let name = drafts.name.trim().to_owned();
+        let password = std::mem::take(&mut drafts.password).into();
+        drafts.password_again.clear();
+        send(tx, UiCommand::CreateIdentity { name, password });
+    }
+    error_line(ui, model);
+}
+
+/// Later starts: the vault password.
+pub fn unlock(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
+    ui.heading(format!("Welcome back, {}", model.settings.name));
+    ui.label("Unlock your vault to use your identity.");
+    let response =
+        labelled(ui, "Vault password", egui::TextEdit::singleline(&mut model.drafts.password).password(true));
+    let enter = response.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+    if ui.button("Unlock").clicked() || enter {
+        let password = std::mem::take(&mut model.drafts.password).into();
+        send(tx, UiCommand::Unlock { password });
+    }
+    error_line(ui, model);
+}
+
+/// Where to connect: an address or invite link, saved and recent servers, or host one.
+pub fn connect(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
+    ui.heading("Connect to a server");
+    let response = labelled(
+        ui,
+        "Server",
+        egui::TextEdit::singleline(&mut model.drafts.address).hint_text("host:port or a voipc:// invite link"),
+    );
+    let enter = response.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+    let address = model.drafts.address.trim().to_owned();
+    ui.horizontal(|ui| {
+        if ui.add_enabled(!address.is_empty(), egui::Button::new("Connect")).clicked() || (enter && !address.is_empty())
+        {
+            send(tx, UiCommand::Connect { target: address.clone() });
+        }
+        if ui.add_enabled(!address.is_empty(), egui::Button::new("Save server")).clicked() {
+            send(tx, UiCommand::SaveServer(address.clone()));
+        }
+    });
+    for (title, servers) in
+        [("Saved servers", &model.settings.saved_servers), ("Recent servers", &model.settings.recent_servers)]
+    {
+        if servers.is_empty() {
+            continue;
+        }
+        ui.separator();
+        ui.label(RichText::new(title).strong());
+        for server in servers {
+            ui.horizontal(|ui| {
+                ui.label(shorten(server));
+                if ui.button(format!("Connect to {}", shorten(server))).clicked() {
+                    send(tx, UiCommand::Connect { target: server.clone() });
+                }
+            });
+        }
+    }
+    ui.separator();
+    ui.label(RichText::new("Host a server here").strong());
+    ui.horizontal(|ui| {
+        let label = ui.label("UDP port");
+        ui.add(egui::TextEdit::singleline(&mut model.drafts.host_port).hint_text("9987").desired_width(60.0))
+            .labelled_by(label.id);
+        let port = if model.drafts.host_port.trim().is_empty() {
+            Some(9987)
+        } else {
+            model.drafts.host_port.trim().parse().ok()
+        };
+        if ui.add_enabled(port.is_some(), egui::Button::new("Host and connect")).clicked() {
+            send(tx, UiCommand::Host { port: port.unwrap_or(9987) });
+        }
+    });
+    error_line(ui, model);
+}
+
+/// An invite link without its query shown in full is unreadable: keep its host.
+fn shorten(server: &str) -> String {
+    match server.split_once("/?") {
+        Some((host, _)) => format!("{host} (invite)"),
+        None => server.to_owned(),
+    }
+}
+
+/// An unknown server: show the fingerprint, let the user check it.
+pub fn trust(ui: &mut Ui, target: &str, server: &str, fingerprint: &str, tx: &Sender<UiCommand>) {
+    ui.heading("Unknown server");
+    ui.label(format!("{server} presents a certificate this device has not seen. Its fingerprint is:"));
+    ui.add_space(6.0);
+    ui.code(fingerprint_lines(fingerprint));
+    ui.add_space(6.0);
+    ui.label("Compare it with the one the server's operator gave you. Connect only if they match.");
+    ui.horizontal(|ui| {
+        if ui.button("They match: trust and connect").clicked() {
+            send(tx, UiCommand::Trust { target: target.to_owned(), fingerprint: fingerprint.to_owned() });
+        }
+        if ui.button("Cancel").clicked() {
+            send(tx, UiCommand::Disconnect);
+        }
+    });
+}
+
+/// A pinned server changed its certificate: stop, show both, offer no way past.
+pub fn certificate_changed(ui: &mut Ui, server: &str, expected: &str, actual: &str, tx: &Sender<UiCommand>) {
+    ui.heading(RichText::new("STOP: the server's certificate has CHANGED").color(WARNING));
+    ui.label(format!(
+        "{server} presented a different certificate from the one pinned on this device. This can be an attack on \
+         your connection. VoIPC did not connect."
+    ));
+    ui.add_space(6.0);
+    ui.label("Pinned:");
+    ui.code(fingerprint_lines(expected));
+    ui.label("Presented now:");
+    ui.code(fingerprint_lines(actual));
+    ui.add_space(6.0);
+    ui.label(
+        "If the operator really replaced the certificate, ask them for the new invite link (it carries the new \
+         fingerprint) and connect with that.",
+    );
+    if ui.button("Back").clicked() {
+        send(tx, UiCommand::Disconnect);
+    }
+}
+
+/// 64 hex digits in groups of four, two lines.
+fn fingerprint_lines(fingerprint: &str) -> String {
+    let groups: Vec<&str> = fingerprint.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap_or("")).collect();
+    groups.chunks(8).map(|line| line.join(" ")).collect::<Vec<_>>().join("\n")
+}
+
+fn error_line(ui: &mut Ui, model: &mut Model) {
+    if let Some(error) = model.error.clone() {
+        ui.horizontal(|ui| {
+            ui.colored_label(WARNING, error);
+            if ui.small_button("Dismiss").clicked() {
+                model.error = None;
+            }
+        });
+    }
+}
+
+/// Connected: the channel list and voice controls on the left, the chat on the right.
+pub fn main(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
+    egui::Panel::top("top").show(ui, |ui| top_bar(ui, model, tx));
+    egui::Panel::left("channels").resizable(true).default_size(260.0).show(ui, |ui| {
+        egui::Panel::bottom("voice").show(ui, |ui| voice_bar(ui, model, tx));
+        egui::ScrollArea::vertical().show(ui, |ui| channels(ui, model, tx));
+    });
+    egui::CentralPanel::default().show(ui, |ui| chat(ui, model, tx));
+}
+
+fn top_bar(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
+    ui.horizontal(|ui| {
+        ui.label(RichText::new(format!("Connected to {}", model.server)).color(SPEAKING));
+        if let Some(me) = &model.me {
+            ui.label(format!("as {me}"));
+        }
+        if let Some(link) = &model.hosting
+            && ui.button("Copy this server's invite").clicked()
+        {
+            ui.ctx().copy_text(link.clone());
+        }
+        ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+            if ui.button("Disconnect").clicked() {
+                send(tx, UiCommand::Disconnect);
+            }
+            if ui.button("Settings").clicked() {
+                model.show_settings = true;
+            }
+        });
+    });
+    error_line(ui, model);
+}
+
+/// Channels with their users: double-click to join, right-click a user for more.
+pub fn channels(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
+    let list = model.channels.clone();
+    for channel in &list {
+        let here = model.my_channel == Some(channel.id);
+        let limit = if channel.user_limit > 0 { format!("/{}", channel.user_limit) } else { String::new() };
+        let lock = if channel.has_password { " [password]" } else { "" };
+        let title = format!("{}{lock}  ({}{limit})", channel.name, channel.users.len());
+        let response = ui.selectable_label(here, RichText::new(title).strong());
+        if response.double_clicked() && !here {
+            join(channel, model, tx);
+        }
+        let hint = if channel.description.is_empty() { "Double-click to join" } else { &channel.description };
+        response.on_hover_text(hint).context_menu(|ui| {
+            if ui.add_enabled(!here, egui::Button::new("Join channel")).clicked() {
+                join(channel, model, tx);
+                ui.close();
+            }
+        });
+        for user in &channel.users {
+            user_row(ui, model, user, tx);
+        }
+    }
+    if let Some((channel, password)) = &mut model.drafts.channel_password {
+        let mut close = false;
+        ui.separator();
+        labelled(ui, &format!("Password for {channel}"), egui::TextEdit::singleline(password).password(true));
+        ui.horizontal(|ui| {
+            if ui.button("Join with password").clicked() {
+                client(
+                    tx,
+                    Command::Join(crate::protocol::JoinRequest {
+                        channel: channel.clone(),
+                        password: Some(password.clone()),
+                        invite: None,
+                    }),
+                );
+                close = true;
+            }
+            close |= ui.button("Cancel").clicked();
+        });
+        if close {
+            model.drafts.channel_password = None;
+        }
+    }
+    ui.separator();
+    ui.horizontal(|ui| {
+        if ui.button("New channel").clicked() {
+            model.drafts.new_channel = Some(NewChannel::default());
+        }
+        if model.my_channel.is_some() && ui.button("Invite").clicked() {
+            client(tx, Command::Invite { max_uses: 5, ttl_secs: 24 * 3600 });
+        }
+    });
+    if let Some(link) = model.invite.clone() {
+        ui.horizontal(|ui| {
+            ui.label("Invite ready");
+            if ui.button("Copy invite link").clicked() {
+                ui.ctx().copy_text(link);
+            }
+        });
+    }
+    new_channel(ui, model, tx);
+}
+
+fn join(channel: &ChannelView, model: &mut Model, tx: &Sender<UiCommand>) {
+    if channel.has_password {
+        model.drafts.channel_password = Some((channel.name.clone(), String::new()));
+    } else {
+        client(tx, Command::Join(crate::protocol::JoinRequest::named(&channel.name)));
+    }
+}
+
+fn user_row(ui: &mut Ui, model: &mut Model, user: &str, tx: &Sender<UiCommand>) {
+    let speaking = model.speaking.contains(user);
+    let me = model.me.as_deref() == Some(user);
+    let mut label = format!("{}  {user}", if speaking { "•" } else { " " });
+    for (shown, badge) in [
+        (me && model.muted, " [muted]"),
+        (me && model.deafened, " [deafened]"),
+        (model.verified.contains(user), " [verified]"),
+        (model.identity_changed.contains(user), " [identity changed]"),
+        (model.locally_muted.contains(user), " [muted for you]"),
+    ] {
+        if shown {
+            label.push_str(badge);
+        }
+    }
+    let text = if speaking { RichText::new(label).color(SPEAKING) } else { RichText::new(label) };
+    let response = ui.horizontal(|ui| {
+        ui.add_space(12.0);
+        ui.add(egui::Label::new(text).sense(egui::Sense::click()))
+    });
+    if me {
+        return;
+    }
+    response.inner.on_hover_text("Right-click for volume, mute, messages and the safety number").context_menu(|ui| {
+        ui.label(RichText::new(user).strong());
+        let mut volume = model.volumes.get(user).copied().unwrap_or(100);
+        if ui.add(egui::Slider::new(&mut volume, 0..=200).suffix(" %").text("volume")).changed() {
+            model.volumes.insert(user.to_owned(), volume);
+            client(tx, Command::Volume { user: user.to_owned(), percent: volume });
+        }
+        let mut muted = model.locally_muted.contains(user);
+        if ui.checkbox(&mut muted, "Mute for me").changed() {
+            if muted {
+                model.locally_muted.insert(user.to_owned());
+            } else {
+                model.locally_muted.remove(user);
+            }
+            client(tx, Command::LocalMute { user: user.to_owned(), muted });
+        }
+        if ui.button("Message").clicked() {
+            model.conversations.entry(Conversation::Direct(user.to_owned())).or_default();
+            model.select(Conversation::Direct(user.to_owned()));
+            ui.close();
+        }
+        if ui.button("Safety number").clicked() {
+            client(tx, Command::Safety(user.to_owned()));
+            ui.close();
+        }
+    });
+}
+
+fn new_channel(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
+    let Some(draft) = &mut model.drafts.new_channel else { return };
+    let mut close = false;
+    ui.group(|ui| {
+        ui.label(RichText::new("New channel").strong());
+        labelled(ui, "Name", egui::TextEdit::singleline(&mut draft.name));
+        labelled(ui, "Description", egui::TextEdit::singleline(&mut draft.description));
+        labelled(
+            ui,
+            "Channel password",
+            egui::TextEdit::singleline(&mut draft.password).password(true).hint_text("optional"),
+        );
+        labelled(ui, "User limit", egui::TextEdit::singleline(&mut draft.user_limit).hint_text("0 = none"));
+        let limit = if draft.user_limit.trim().is_empty() { Some(0) } else { draft.user_limit.trim().parse().ok() };
+        ui.horizontal(|ui| {
+            let ready = !draft.name.trim().is_empty() && limit.is_some();
+            if ui.add_enabled(ready, egui::Button::new("Create")).clicked() {
+                client(
+                    tx,
+                    Command::Create {
+                        name: draft.name.trim().to_owned(),
+                        description: draft.description.trim().to_owned(),
+                        password: (!draft.password.is_empty()).then(|| draft.password.clone()),
+                        user_limit: limit.unwrap_or(0),
+                    },
+                );
+                close = true;
+            }
+            close |= ui.button("Cancel").clicked();
+        });
+    });
+    if close {
+        model.drafts.new_channel = None;
+    }
+}
+
+/// Mute, deafen, the voice mode and its threshold, noise suppression.
+pub fn voice_bar(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
+    ui.horizontal(|ui| {
+        let mute = if model.muted { "Unmute" } else { "Mute" };
+        if ui.selectable_label(model.muted, mute).on_hover_text("Ctrl+M").clicked() {
+            send(tx, UiCommand::ToggleMute);
+        }
+        let deafen = if model.deafened { "Undeafen" } else { "Deafen" };
+        if ui.selectable_label(model.deafened, deafen).on_hover_text("Ctrl+D").clicked() {
+            send(tx, UiCommand::ToggleDeafen);
+        }
+    });
+    let mut settings = model.settings.clone();
+    egui::ComboBox::from_label("mode").selected_text(mode_name(settings.voice_mode)).show_ui(ui, |ui| {
+        for mode in [VoiceMode::VoiceActivity, VoiceMode::PushToTalk, VoiceMode::AlwaysOn] {
+            ui.selectable_value(&mut settings.voice_mode, mode, mode_name(mode));
+        }
+    });
+    if settings.voice_mode == VoiceMode::VoiceActivity {
+        ui.add(egui::Slider::new(&mut settings.vad_threshold, -80.0..=-10.0).suffix(" dBFS").text("threshold"));
+    }
+    if settings.voice_mode == VoiceMode::PushToTalk {
+        ui.label(format!("Hold {} to talk (in this window)", settings.push_to_talk_key));
+    }
+    ui.checkbox(&mut settings.denoise, "Noise suppression");
+    if settings != model.settings {
+        send(tx, UiCommand::SaveSettings(Box::new(settings)));
+    }
+}
+
+fn mode_name(mode: VoiceMode) -> &'static str {
+    match mode {
+        VoiceMode::VoiceActivity => "Voice activity",
+        VoiceMode::PushToTalk => "Push to talk",
+        VoiceMode::AlwaysOn => "Always on",
+    }
+}
+
+/// The conversation tabs, the selected conversation and the line being typed.
+pub fn chat(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
+    ui.horizontal_wrapped(|ui| {
+        for conversation in model.conversations.keys().cloned().collect::<Vec<_>>() {
+            let unread = model.unread.get(&conversation).copied().unwrap_or(0);
+            let title = if unread > 0 { format!("{} ({unread})", conversation.title()) } else { conversation.title() };
+            if ui.selectable_label(model.selected.as_ref() == Some(&conversation), title).clicked() {
+                model.select(conversation);
+            }
+        }
+    });
+    ui.separator();
+    let Some(selected) = model.selected.clone() else {
+        ui.label("Join a channel to talk and chat.");
+        return;
+    };
+    ui.label(RichText::new("End-to-end encrypted: only the people in this conversation can read it.").small());
+    if let Conversation::Direct(peer) = &selected
+        && model.identity_changed.contains(peer)
+    {
+        ui.colored_label(
+            WARNING,
+            format!("{peer}'s identity key changed. Compare safety numbers before trusting them."),
+        );
+    }
+    let composer_height = 64.0;
+    egui::ScrollArea::vertical()
+        .max_height(ui.available_height() - composer_height)
+        .stick_to_bottom(true)
+        .auto_shrink([false, false])
+        .show(ui, |ui| {
+            for line in model.conversations.get(&selected).into_iter().flatten() {
+                ui.horizontal_wrapped(|ui| {
+                    ui.label(RichText::new(clock(line.time_ms)).weak().monospace());
+                    ui.label(RichText::new(&line.from).strong());
+                    if line.identity_changed {
+                        ui.colored_label(WARNING, "[identity changed]");
+                    }
+                    ui.label(&line.text);
+                    if let Some((reached, total)) = line.delivered {
+                        ui.label(RichText::new(format!("delivered {reached}/{total}")).weak().small());
+                    }
+                });
+            }
+        });
+    ui.separator();
+    let count = model.drafts.message.chars().count();
+    ui.horizontal(|ui| {
+        let label = ui.label("Message");
+        let response = ui
+            .add(
+                egui::TextEdit::singleline(&mut model.drafts.message)
+                    .hint_text(selected.title())
+                    .desired_width(ui.available_width() - 140.0),
+            )
+            .labelled_by(label.id);
+        let counter = RichText::new(format!("{count}/{MAX_TEXT_CHARS}")).small();
+        ui.label(if count > MAX_TEXT_CHARS { counter.color(WARNING) } else { counter.weak() });
+        let enter = response.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+        let ready = count > 0 && count <= MAX_TEXT_CHARS;
+        if (ui.add_enabled(ready, egui::Button::new("Send")).clicked() || enter) && ready {
+            let text = std::mem::take(&mut model.drafts.message);
+            send(tx, UiCommand::Send { to: selected.clone(), text });
+        }
+    });
+    safety(ui, model, tx);
+}
+
+fn safety(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
+    let Some(safety) = model.safety.clone() else { return };
+    let mut open = true;
+    egui::Window::new(format!("Safety number with {}", safety.user)).open(&mut open).show(ui.ctx(), |ui| {
+        ui.label("Compare these digits with theirs, in person or on a call. If they match, nobody is in between.");
+        let digits: Vec<&str> =
+            safety.number.as_bytes().chunks(5).map(|c| std::str::from_utf8(c).unwrap_or("")).collect();
+        ui.code(digits.chunks(4).map(|row| row.join(" ")).collect::<Vec<_>>().join("\n"));
+        if safety.verified {
+            ui.label(RichText::new("Verified").color(SPEAKING));
+        } else if ui.button("Mark as verified").clicked() {
+            client(tx, Command::Verify(safety.user.clone()));
+        }
+    });
+    if !open {
+        model.safety = None;
+    }
+}
+
+/// Devices, theme and scale; they persist in the settings file.
+pub fn settings(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand>) {
+    let mut settings = model.settings.clone();
+    let mut open = true;
+    egui::Window::new("Settings").open(&mut open).show(ctx, |ui| {
+        device_choice(ui, "Microphone", &model.devices.inputs, &mut settings.input_device);
+        device_choice(ui, "Speaker", &model.devices.outputs, &mut settings.output_device);
+        if ui.button("Test microphone (plays you back)").clicked() {
+            send(tx, UiCommand::MicrophoneTest);
+        }
+        ui.separator();
+        ui.horizontal(|ui| {
+            ui.label("Theme");
+            ui.selectable_value(&mut settings.dark, true, "Dark");
+            ui.selectable_value(&mut settings.dark, false, "Light");
+        });
+        ui.add(egui::Slider::new(&mut settings.scale, 0.75..=2.0).text("UI scale"));
+        labelled(ui, "Push-to-talk key", egui::TextEdit::singleline(&mut settings.push_to_talk_key));
+    });
+    model.show_settings = open;
+    if settings != model.settings {
+        send(tx, UiCommand::SaveSettings(Box::new(settings)));
+    }
+}
+
+fn device_choice(ui: &mut Ui, label: &str, devices: &[String], chosen: &mut Option<String>) {
+    egui::ComboBox::from_label(label).selected_text(chosen.clone().unwrap_or_else(|| "System default".into())).show_ui(
+        ui,
+        |ui| {
+            ui.selectable_value(chosen, None, "System default");
+            for device in devices {
+                ui.selectable_value(chosen, Some(device.clone()), device);
+            }
+        },
+    );
+}
