@@ -117,3 +117,69 @@ bad-network: build
 lint:
     cargo fmt --check
     cargo clippy --all-targets -- -D warnings
+
+# Installs Xvfb, xdotool, ImageMagick and Mesa first; clicks at fixed spots of the
+# 1000x680 window, so a layout change means new coordinates here.
+
+# The GUI under Xvfb with headless clients talking: PNGs of the main screens in target/screenshots.
+screenshots: build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    gui_packages="xvfb xdotool imagemagick libgl1-mesa-dri libegl1"
+    missing=""
+    for p in $gui_packages; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+    done
+    if [ -n "$missing" ]; then
+        sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+    fi
+    out="$PWD/target/screenshots"
+    work=$(mktemp -d)
+    rm -rf "$out"; mkdir -p "$out"
+    voipc="$PWD/target/release/voipc"
+    pids=()
+    trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+    export DISPLAY=:77 HOME="$work/home" VOIPC_VAULT_PASSWORD=screenshots
+    mkdir -p "$HOME"
+    Xvfb :77 -screen 0 1000x680x24 >/dev/null 2>&1 & pids+=($!)
+    port=29987
+    "$voipc" serve --listen 127.0.0.1:$port --ephemeral-cert --json > "$work/server.json" 2>/dev/null & server=$!; pids+=($server)
+    sleep 1
+    invite=$(python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['invite'])" "$work/server.json")
+    join() { "$voipc" join "$invite" --data-dir "$work/$1" --name "$@" --duration 120 < /dev/null > "$work/$1.out" 2>&1 & pids+=($!); }
+    join bob
+    join carol
+    "$voipc" > "$work/gui.log" 2>&1 & pids+=($!)
+    sleep 3
+    window=$(xdotool search --name VoIPC | head -1)
+    xdotool windowfocus --sync "$window"
+    at() { xdotool mousemove "$1" "$2" click 1; sleep 0.3; }
+    shot() { sleep "${2:-1}"; import -window root "$out/$1.png"; echo "wrote $out/$1.png"; }
+    # First start: name, vault password twice, create.
+    at 540 182; xdotool type --delay 20 alice
+    at 540 205; xdotool type --delay 20 "correct horse battery staple"
+    at 540 228; xdotool type --delay 20 "correct horse battery staple"
+    shot first-start 0.5
+    at 500 274
+    # Connect: the address without a fingerprint, so the unknown-server prompt shows.
+    sleep 2; at 455 152; xdotool type --delay 10 "127.0.0.1:$port"
+    shot connect 0.5
+    at 302 175
+    shot unknown-server 3
+    at 365 248
+    sleep 3
+    join dave --say "hello alice, welcome to the lobby"
+    sleep 3
+    at 590 629; xdotool type --delay 10 "hi dave, hearing you fine"; xdotool key Return
+    join erin --play assets/speech.wav
+    shot channel-with-chat 4
+    at 871 12
+    shot settings 1
+    at 338 33
+    # The server comes back with another certificate: the client refuses it.
+    kill "$server"
+    sleep 1
+    "$voipc" serve --listen 127.0.0.1:$port --ephemeral-cert --json > /dev/null 2>&1 & pids+=($!)
+    shot certificate-changed 6

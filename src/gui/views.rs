@@ -63,6 +63,13 @@ fn labelled(ui: &mut Ui, label: &str, edit: egui::TextEdit<'_>) -> egui::Respons
     .inner
 }
 
+/// A labelled text field as one row of a grid.
+fn grid_field(ui: &mut Ui, label: &str, edit: egui::TextEdit<'_>) {
+    let label = ui.label(label);
+    ui.add(edit).labelled_by(label.id);
+    ui.end_row();
+}
+
 fn centered(ui: &mut Ui, add: impl FnOnce(&mut Ui)) {
     egui::CentralPanel::default().show(ui, |ui| {
         ui.vertical_centered(|ui| {
@@ -79,11 +86,15 @@ pub fn setup(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     ui.label("Your identity lives only on this device, in a vault locked by a password.");
     ui.add_space(12.0);
     let drafts = &mut model.drafts;
-    labelled(ui, "Display name", egui::TextEdit::singleline(&mut drafts.name));
-    labelled(ui, "Vault password", egui::TextEdit::singleline(&mut drafts.password).password(true));
-    labelled(ui, "Repeat the password", egui::TextEdit::singleline(&mut drafts.password_again).password(true));
-    let (hint, strength) = password_strength(&drafts.password);
-    ui.add(egui::ProgressBar::new(strength).text(format!("password strength: {hint}")));
+    egui::Grid::new("setup").num_columns(2).show(ui, |ui| {
+        grid_field(ui, "Display name", egui::TextEdit::singleline(&mut drafts.name));
+        grid_field(ui, "Vault password", egui::TextEdit::singleline(&mut drafts.password).password(true));
+        grid_field(ui, "Repeat the password", egui::TextEdit::singleline(&mut drafts.password_again).password(true));
+    });
+    if !drafts.password.is_empty() {
+        let (hint, strength) = password_strength(&drafts.password);
+        ui.add(egui::ProgressBar::new(strength).text(format!("password strength: {hint}")));
+    }
     let ready =
         !drafts.name.trim().is_empty() && !drafts.password.is_empty() && drafts.password == drafts.password_again;
     if !drafts.password_again.is_empty() && drafts.password != drafts.password_again {
@@ -234,7 +245,7 @@ fn error_line(ui: &mut Ui, model: &mut Model) {
 /// Connected: the channel list and voice controls on the left, the chat on the right.
 pub fn main(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     egui::Panel::top("top").show(ui, |ui| top_bar(ui, model, tx));
-    egui::Panel::left("channels").resizable(true).default_size(260.0).show(ui, |ui| {
+    egui::Panel::left("channels").resizable(true).default_size(300.0).show(ui, |ui| {
         egui::Panel::bottom("voice").show(ui, |ui| voice_bar(ui, model, tx));
         egui::ScrollArea::vertical().show(ui, |ui| channels(ui, model, tx));
     });
