@@ -250,3 +250,72 @@ fn the_safety_number_can_be_marked_verified() {
     h.run();
     assert_eq!(sent(&rx), [UiCommand::Client(Command::Verify("bob".into()))]);
 }
+
+/// Waits (up to 20 s) until the app's model satisfies `done`, draining its updates.
+fn wait_for(app: &mut super::App, what: &str, done: impl Fn(&Model) -> bool) {
+    let deadline = std::time::Duration::from_secs(20);
+    let start = std::time::SystemTime::now();
+    loop {
+        app.drain_updates();
+        if done(&app.model) {
+            return;
+        }
+        assert!(
+            start.elapsed().unwrap_or_default() < deadline,
+            "waited for {what}; the model: {:#?}",
+            app.model.screen
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn app_in(dir: &std::path::Path, runtime: &tokio::runtime::Runtime) -> super::App {
+    let paths = super::Paths { data_dir: dir.join("data"), settings_file: dir.join("settings.toml") };
+    super::App::new(egui::Context::default(), runtime.handle().clone(), paths)
+}
+
+/// The real client core and a relay in this process: create an identity, connect, talk
+/// to a second client; then a later start unlocks the vault (and refuses a wrong password).
+#[test]
+fn unlock_connect_join_and_chat_with_a_second_client() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (invite, _relay) = {
+        let _guard = runtime.enter();
+        crate::net::server::Server::host_here(0, dirs[2].path()).unwrap()
+    };
+    let password = || zeroize::Zeroizing::new("correct horse battery".to_owned());
+    let mut apps = Vec::new();
+    for (dir, name) in dirs[..2].iter().zip(["alice", "bob"]) {
+        let mut app = app_in(dir.path(), &runtime);
+        assert_eq!(app.model.screen, Screen::Setup);
+        app.handle(UiCommand::CreateIdentity { name: name.into(), password: password() });
+        wait_for(&mut app, "the vault", |m| m.screen == Screen::Connect);
+        app.handle(UiCommand::Connect { target: invite.clone() });
+        wait_for(&mut app, "joining the Lobby", |m| m.screen == Screen::Main && m.my_channel.is_some());
+        apps.push(app);
+    }
+    let [alice, bob] = &mut apps[..] else { unreachable!() };
+    wait_for(alice, "bob in the Lobby", |m| m.my_channel_view().is_some_and(|c| c.users.len() == 2));
+    let lobby = Conversation::Channel("Lobby".into());
+    alice.handle(UiCommand::Send { to: lobby.clone(), text: "hello bob".into() });
+    wait_for(bob, "alice's message", |m| {
+        m.conversations
+            .get(&lobby)
+            .is_some_and(|lines| lines.iter().any(|l| l.from == "alice" && l.text == "hello bob"))
+    });
+    wait_for(alice, "the delivery count", |m| m.conversations[&lobby].iter().any(|l| l.delivered == Some((1, 1))));
+    alice.handle(UiCommand::Disconnect);
+    drop(apps);
+
+    // A later start: the vault is there, so it asks for the password.
+    let mut again = app_in(dirs[0].path(), &runtime);
+    assert_eq!((again.model.screen.clone(), again.model.settings.name.as_str()), (Screen::Unlock, "alice"));
+    again.handle(UiCommand::Unlock { password: zeroize::Zeroizing::new("wrong".to_owned()) });
+    wait_for(&mut again, "the refusal", |m| m.error.as_deref().is_some_and(|e| e.starts_with("Wrong password")));
+    again.handle(UiCommand::Unlock { password: password() });
+    wait_for(&mut again, "the vault", |m| m.screen == Screen::Connect);
+    let server = invite.parse::<crate::protocol::ServerLink>().unwrap().authority();
+    let kept: Vec<_> = again.model.history.conversation(&lobby.history_key(&server)).map(|m| m.text.clone()).collect();
+    assert_eq!(kept, ["hello bob"], "the vault kept the conversation");
+}
