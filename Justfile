@@ -35,8 +35,8 @@ setup:
 build: setup
     cargo build --release
 
-# Build and run voipc; with no arguments it hosts a server (`just run join voipc://...` connects).
-run *args='serve': build
+# Build and run voipc: with no arguments the desktop app (`just run serve` hosts a server).
+run *args: build
     ./target/release/voipc "$@"
 
 # Host a server (arguments go to `voipc serve`, e.g. --config server.toml).

@@ -108,6 +108,9 @@ pub struct App {
     reconnect: Option<(String, u32, f64)>,
     hosted: Option<tokio::task::JoinHandle<()>>,
     mic_test: bool,
+    /// With `VOIPC_FRAME_STATS` set: frames drawn and the time spent drawing them, logged
+    /// every 100 frames.
+    frame_stats: Option<(u32, Duration)>,
 }
 
 impl App {
@@ -127,6 +130,7 @@ impl App {
             reconnect: None,
             hosted: None,
             mic_test: false,
+            frame_stats: std::env::var_os("VOIPC_FRAME_STATS").map(|_| (0, Duration::ZERO)),
         };
         app.apply_look();
         app
@@ -451,10 +455,20 @@ impl eframe::App for App {
         self.shortcuts(ctx);
     }
 
+    #[allow(clippy::disallowed_methods, reason = "the frame statistics time the drawing")]
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        let started = std::time::Instant::now();
         views::window(ui, &mut self.model, &self.commands.0);
         while let Ok(command) = self.commands.1.try_recv() {
             self.handle(command);
+        }
+        if let Some((frames, spent)) = &mut self.frame_stats {
+            *frames += 1;
+            *spent += started.elapsed();
+            if *frames == 100 {
+                tracing::warn!(mean_ms = spent.as_secs_f64() * 10.0, "100 frames drawn");
+                (*frames, *spent) = (0, Duration::ZERO);
+            }
         }
     }
 
