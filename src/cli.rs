@@ -342,6 +342,7 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
                 .map(std::time::Duration::try_from_secs_f64)
                 .transpose()
                 .context("--duration takes a number of seconds")?,
+            health: false,
             json,
         };
         client::run_headless(options).await.map_err(anyhow::Error::from)

@@ -276,6 +276,28 @@ impl JitterBuffer {
     }
 }
 
+/// The interarrival jitter of a stream (RFC 3550 section 6.4.1): how much the spacing of
+/// arrivals differs from the spacing of their timestamps, smoothed over about 16 packets.
+#[derive(Debug, Default, Clone)]
+pub struct InterarrivalJitter {
+    last: Option<(Instant, u32)>,
+    jitter_secs: f64,
+}
+
+impl InterarrivalJitter {
+    pub fn update(&mut self, arrival: Instant, timestamp: u32) {
+        if let Some((last_arrival, last_timestamp)) = self.last.replace((arrival, timestamp)) {
+            let arrived = arrival.saturating_duration_since(last_arrival).as_secs_f64();
+            let stamped = f64::from(timestamp.wrapping_sub(last_timestamp) as i32) / f64::from(SAMPLE_RATE);
+            self.jitter_secs += ((arrived - stamped).abs() - self.jitter_secs) / 16.0;
+        }
+    }
+
+    pub fn jitter(&self) -> Duration {
+        Duration::from_secs_f64(self.jitter_secs.max(0.0))
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::disallowed_methods, reason = "the virtual clock starts at an arbitrary real instant")]
 mod tests {
@@ -423,6 +445,21 @@ mod tests {
         let stats = sim.buffer.stats();
         assert_eq!((stats.lost, stats.played), (0, 100));
         assert_eq!(sim.played_sequence(), (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn interarrival_jitter_follows_the_spread_of_arrivals() {
+        let start = Instant::now();
+        let mut steady = InterarrivalJitter::default();
+        let mut shaky = InterarrivalJitter::default();
+        for i in 0..200u32 {
+            steady.update(start + FRAME_TIME * i, i * FRAME_20MS as u32);
+            let wobble = if i % 2 == 0 { MS(0) } else { MS(10) };
+            shaky.update(start + FRAME_TIME * i + wobble, i * FRAME_20MS as u32);
+        }
+        assert!(steady.jitter() < MS(1));
+        assert!((steady.jitter().as_secs_f64() - 0.0).abs() < 1e-6);
+        assert!(shaky.jitter() > MS(9) && shaky.jitter() < MS(11), "{:?}", shaky.jitter());
     }
 
     #[test]

@@ -291,6 +291,7 @@ impl App {
                 },
             },
             duration: None,
+            health: true,
             json: false,
             link: link.clone(),
         };

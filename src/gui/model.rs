@@ -1,7 +1,7 @@
 //! What the window shows, as plain data: the client core's events fold into it, the
 //! views draw from it. Only the drafts (text being typed) are edited by the views.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::audio::device::DeviceList;
 use crate::session::history::History;
@@ -139,6 +139,21 @@ pub struct Model {
     pub show_settings: bool,
     /// A server hosted in this process: its invite link.
     pub hosting: Option<String>,
+    /// The connection's health, a sample a second, newest last.
+    pub health: VecDeque<Health>,
+}
+
+/// Seconds of connection health kept for the plots.
+pub const HEALTH_HISTORY: usize = 60;
+
+/// One second of connection health.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Health {
+    pub rtt_ms: f32,
+    pub loss_percent: f32,
+    pub jitter_ms: f32,
+    /// Both directions.
+    pub kbps: f32,
 }
 
 impl Model {
@@ -237,6 +252,17 @@ impl Model {
                 } else {
                     self.speaking.remove(user);
                 }
+            }
+            Event::Health { rtt_ms, loss_percent, jitter_ms, kbps_up, kbps_down } => {
+                if self.health.len() == HEALTH_HISTORY {
+                    self.health.pop_front();
+                }
+                self.health.push_back(Health {
+                    rtt_ms: *rtt_ms,
+                    loss_percent: *loss_percent,
+                    jitter_ms: *jitter_ms,
+                    kbps: kbps_up + kbps_down,
+                });
             }
             Event::Error { code, message } => self.error = Some(format!("{code}: {message}")),
             Event::Device { message } => self.error = Some(format!("sound device: {message}")),

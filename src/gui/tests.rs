@@ -319,3 +319,22 @@ fn unlock_connect_join_and_chat_with_a_second_client() {
     let kept: Vec<_> = again.model.history.conversation(&lobby.history_key(&server)).map(|m| m.text.clone()).collect();
     assert_eq!(kept, ["hello bob"], "the vault kept the conversation");
 }
+
+#[test]
+fn connection_health_shows_the_latest_figures() {
+    let mut model = Model::fixture();
+    for second in 0..5 {
+        model.apply(&Event::Health {
+            rtt_ms: 10.0 + second as f32,
+            loss_percent: 0.5,
+            jitter_ms: 3.25,
+            kbps_up: 50.0,
+            kbps_down: 100.0,
+        });
+    }
+    let (h, _rx) = harness(model, |ui, model, _| views::health(ui, model));
+    assert!(h.query_by_label("ping 14 ms").is_some());
+    assert!(h.query_by_label("loss 0.5 %").is_some());
+    assert!(h.query_by_label("jitter 3.2 ms").is_some());
+    assert!(h.query_by_label("150 kbit/s").is_some());
+}

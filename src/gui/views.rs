@@ -246,7 +246,11 @@ fn error_line(ui: &mut Ui, model: &mut Model) {
 pub fn main(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     egui::Panel::top("top").show(ui, |ui| top_bar(ui, model, tx));
     egui::Panel::left("channels").resizable(true).default_size(300.0).show(ui, |ui| {
-        egui::Panel::bottom("voice").show(ui, |ui| voice_bar(ui, model, tx));
+        egui::Panel::bottom("voice").show(ui, |ui| {
+            health(ui, model);
+            ui.separator();
+            voice_bar(ui, model, tx)
+        });
         egui::ScrollArea::vertical().show(ui, |ui| channels(ui, model, tx));
     });
     egui::CentralPanel::default().show(ui, |ui| chat(ui, model, tx));
@@ -433,6 +437,46 @@ fn new_channel(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     if close {
         model.drafts.new_channel = None;
     }
+}
+
+/// One figure of a health sample.
+type HealthValue = fn(&super::model::Health) -> f32;
+
+/// Connection health: the latest figures, each over a small plot of the last minute.
+pub fn health(ui: &mut Ui, model: &Model) {
+    egui::CollapsingHeader::new("Connection").default_open(true).show(ui, |ui| {
+        let Some(latest) = model.health.back() else {
+            ui.label("measuring...");
+            return;
+        };
+        let series: [(&str, String, HealthValue); 4] = [
+            ("ping", format!("ping {:.0} ms", latest.rtt_ms), |h| h.rtt_ms),
+            ("loss", format!("loss {:.1} %", latest.loss_percent), |h| h.loss_percent),
+            ("jitter", format!("jitter {:.1} ms", latest.jitter_ms), |h| h.jitter_ms),
+            ("bitrate", format!("{:.0} kbit/s", latest.kbps), |h| h.kbps),
+        ];
+        egui::Grid::new("health").num_columns(2).show(ui, |ui| {
+            for (id, label, value) in series {
+                ui.label(label);
+                let points: Vec<[f64; 2]> =
+                    model.health.iter().enumerate().map(|(i, h)| [i as f64, f64::from(value(h))]).collect();
+                egui_plot::Plot::new(id)
+                    .height(28.0)
+                    .width(120.0)
+                    .show_axes(false)
+                    .show_grid(false)
+                    .allow_zoom(false)
+                    .allow_drag(false)
+                    .allow_scroll(false)
+                    .allow_boxed_zoom(false)
+                    .show_x(false)
+                    .show_y(false)
+                    .include_y(0.0)
+                    .show(ui, |plot| plot.line(egui_plot::Line::new(id, points)));
+                ui.end_row();
+            }
+        });
+    });
 }
 
 /// Mute, deafen, the voice mode and its threshold, noise suppression.

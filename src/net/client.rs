@@ -16,6 +16,7 @@ use super::framing::{ReadFrameError, read_frame};
 use super::server::{CLOSE_ERROR, CLOSE_NORMAL};
 use super::tls::{PinPolicy, PinningVerifier, client_tls};
 use crate::audio::engine::{Control, Engine, EngineConfig, EngineError, EngineEvent, LOOPBACK_SENDER, Source};
+use crate::audio::jitter::InterarrivalJitter;
 use crate::audio::pipeline::CaptureSettings;
 use crate::config::client_store::{ClientStore, StoreError};
 use crate::crypto::vault::KdfParams;
@@ -98,6 +99,8 @@ pub struct JoinOptions {
     pub voice: VoiceOptions,
     /// End the session after this long (stdin's end then no longer ends it).
     pub duration: Option<Duration>,
+    /// Report the connection's health every second (`health` events).
+    pub health: bool,
     pub json: bool,
 }
 
@@ -283,6 +286,8 @@ pub async fn run_client(
     };
     let end = options.duration.map(|d| tokio::time::Instant::now() + d);
     let mut key_timer = tokio::time::interval(Duration::from_millis(250));
+    let mut health = Health::new(&connection);
+    let mut health_timer = tokio::time::interval(Duration::from_secs(1));
 
     let result = loop {
         if !said && session.channel().is_some() {
@@ -297,7 +302,9 @@ pub async fn run_client(
         }
         while let Some(frame) = session.poll_media() {
             if frame.stream == StreamType::Voice {
-                engine.play(Instant::now(), frame.sender.0, frame.sequence, frame.timestamp, frame.payload);
+                let now = Instant::now();
+                health.jitter.update(now, frame.timestamp);
+                engine.play(now, frame.sender.0, frame.sequence, frame.timestamp, frame.payload);
             }
         }
         if let Err(e) = flush(&mut session, &mut send, emit, &mut engine).await {
@@ -335,6 +342,7 @@ pub async fn run_client(
                 None => break Err(ClientError::Setup("the voice engine stopped".into())),
             },
             _ = key_timer.tick() => session.handle_timeout(Instant::now()),
+            _ = health_timer.tick(), if options.health => emit(&health.sample(&connection)),
             () = sleep_until(end), if end.is_some() => break Ok(()),
             // Commands wait until the server has introduced itself, so that even an
             // empty input shows the connection.
@@ -407,6 +415,34 @@ async fn flush(
         send.write_all(&frame).await.map_err(|e| ClientError::Lost(e.to_string()))?;
     }
     Ok(())
+}
+
+/// What the connection did since the last health sample.
+struct Health {
+    last: quinn::ConnectionStats,
+    jitter: InterarrivalJitter,
+}
+
+impl Health {
+    fn new(connection: &quinn::Connection) -> Health {
+        Health { last: connection.stats(), jitter: InterarrivalJitter::default() }
+    }
+
+    /// The health over the last interval (the timer's second).
+    fn sample(&mut self, connection: &quinn::Connection) -> Event {
+        let now = connection.stats();
+        let last = std::mem::replace(&mut self.last, now);
+        let sent = now.path.sent_packets.saturating_sub(last.path.sent_packets);
+        let lost = now.path.lost_packets.saturating_sub(last.path.lost_packets);
+        let kbits = |bytes: u64| bytes as f32 * 8.0 / 1000.0;
+        Event::Health {
+            rtt_ms: connection.rtt().as_secs_f32() * 1000.0,
+            loss_percent: if sent == 0 { 0.0 } else { lost as f32 * 100.0 / sent as f32 },
+            jitter_ms: self.jitter.jitter().as_secs_f32() * 1000.0,
+            kbps_up: kbits(now.udp_tx.bytes.saturating_sub(last.udp_tx.bytes)),
+            kbps_down: kbits(now.udp_rx.bytes.saturating_sub(last.udp_rx.bytes)),
+        }
+    }
 }
 
 /// Waits until `end`, or forever without one.

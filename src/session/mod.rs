@@ -38,7 +38,7 @@ pub struct ChannelView {
 
 /// What happened, for a front end. The headless client prints each as one JSON line,
 /// `{"event":"joined",...}`; the names are stable.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     Connected {
@@ -130,6 +130,16 @@ pub enum Event {
     Device {
         message: String,
     },
+    /// Connection health, every second (for the desktop app's plots).
+    Health {
+        rtt_ms: f32,
+        /// Packets the connection lost, of those sent in the last second, in percent.
+        loss_percent: f32,
+        /// Interarrival jitter of the voice we receive.
+        jitter_ms: f32,
+        kbps_up: f32,
+        kbps_down: f32,
+    },
     /// What happened to voice over the session, when it ends.
     VoiceStats {
         media: Box<MediaCounters>,
@@ -195,6 +205,11 @@ impl std::fmt::Display for Event {
                 write!(f, "* {who} {}", if *speaking { "is talking" } else { "stopped talking" })
             }
             Event::PlayFinished => write!(f, "* finished playing the file"),
+            Event::Health { rtt_ms, loss_percent, jitter_ms, kbps_up, kbps_down } => write!(
+                f,
+                "* ping {rtt_ms:.0} ms, loss {loss_percent:.1} %, jitter {jitter_ms:.1} ms, up {kbps_up:.0} kbit/s, down \
+                 {kbps_down:.0} kbit/s"
+            ),
             Event::Device { message } => write!(f, "* sound device: {message}"),
             Event::VoiceStats { media, playback } => {
                 let j = &playback.jitter;
