@@ -3,13 +3,21 @@
 use crate::support::{TestClient, TestServer, voipc};
 
 #[test]
-fn bare_voipc_prints_help() {
-    let out = voipc().output().unwrap();
+fn help_lists_the_subcommands() {
+    let out = voipc().arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for subcommand in ["serve", "join", "bench"] {
+    for subcommand in ["serve", "join", "bench", "devices"] {
         assert!(help.contains(subcommand), "{help}");
     }
+}
+
+#[test]
+fn bare_voipc_opens_the_app_or_says_why_it_cannot() {
+    let out = voipc().env_remove("DISPLAY").env_remove("WAYLAND_DISPLAY").output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("cannot open the window") && stderr.contains("DISPLAY"), "{stderr}");
 }
 
 #[test]
