@@ -58,6 +58,32 @@ pub enum EngineEvent {
     PlayFinished,
     /// A device vanished, or the one asked for was not there: what we use instead.
     Device(String),
+    /// The microphone's level in dBFS (the loudest 10 ms of the last 100 ms), when it
+    /// moved by a decibel or more.
+    Level(f32),
+}
+
+/// Turns 10 ms levels into a meter reading every 100 ms, and only when it moved.
+#[derive(Default)]
+struct LevelMeter {
+    frames: u32,
+    peak: f32,
+    shown: f32,
+}
+
+impl LevelMeter {
+    fn push(&mut self, level_dbfs: f32) -> Option<f32> {
+        self.peak = if self.frames == 0 { level_dbfs } else { self.peak.max(level_dbfs) };
+        self.frames += 1;
+        if self.frames < 10 {
+            return None;
+        }
+        self.frames = 0;
+        ((self.peak - self.shown).abs() >= 1.0).then(|| {
+            self.shown = self.peak;
+            self.peak
+        })
+    }
 }
 
 /// What the user changes while talking.
@@ -223,6 +249,7 @@ fn run_capture(
     events: &tokio_mpsc::Sender<EngineEvent>,
     stop: &AtomicBool,
 ) {
+    let mut meter = LevelMeter::default();
     let mut push = |frame: &[f32; FRAME_10MS]| {
         while let Ok(control) = controls.try_recv() {
             match control {
@@ -243,6 +270,9 @@ fn run_capture(
                 }
                 if let Some(talking) = report.talking {
                     send_event(events, EngineEvent::Talking(talking));
+                }
+                if let Some(level) = meter.push(report.level_dbfs) {
+                    send_event(events, EngineEvent::Level(level));
                 }
             }
             Err(e) => tracing::warn!(error = %e, "voice encoder failed"),
@@ -437,5 +467,23 @@ impl Speaker {
                 self.device.health.xruns.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LevelMeter;
+
+    #[test]
+    fn the_meter_reads_the_peak_of_100_ms_and_only_when_it_moved() {
+        let mut meter = LevelMeter::default();
+        let mut readings = Vec::new();
+        for level in [-30.0, -30.4, -60.0, -20.0] {
+            for frame in 0..10 {
+                // The loudest 10 ms counts, wherever it falls.
+                readings.extend(meter.push(if frame == 3 { level } else { level - 15.0 }));
+            }
+        }
+        assert_eq!(readings, [-30.0, -60.0, -20.0]);
     }
 }

@@ -141,6 +141,8 @@ pub struct Model {
     pub hosting: Option<String>,
     /// The connection's health, a sample a second, newest last.
     pub health: VecDeque<Health>,
+    /// The microphone's level in dBFS, once it has been heard.
+    pub input_level: Option<f32>,
 }
 
 /// Seconds of connection health kept for the plots.
@@ -264,6 +266,7 @@ impl Model {
                     kbps: kbps_up + kbps_down,
                 });
             }
+            Event::InputLevel { dbfs } => self.input_level = Some(*dbfs),
             Event::Error { code, message } => self.error = Some(format!("{code}: {message}")),
             Event::Device { message } => self.error = Some(format!("sound device: {message}")),
             Event::Speaking { user: None, .. }

@@ -499,6 +499,7 @@ pub fn voice_bar(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     });
     if settings.voice_mode == VoiceMode::VoiceActivity {
         ui.add(egui::Slider::new(&mut settings.vad_threshold, -80.0..=-10.0).suffix(" dBFS").text("threshold"));
+        level_meter(ui, model.input_level, settings.vad_threshold);
     }
     if settings.voice_mode == VoiceMode::PushToTalk {
         ui.label(format!("Hold {} to talk (in this window)", settings.push_to_talk_key));
@@ -507,6 +508,26 @@ pub fn voice_bar(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     if settings != model.settings {
         send(tx, UiCommand::SaveSettings(Box::new(settings)));
     }
+}
+
+/// The microphone's level as a bar from -80 to -10 dBFS, with the threshold as a line
+/// across it: green above the threshold (the gate opens), grey below.
+fn level_meter(ui: &mut Ui, level: Option<f32>, threshold: f32) {
+    let fraction = |dbfs: f32| ((dbfs + 80.0) / 70.0).clamp(0.0, 1.0);
+    let (rect, response) =
+        ui.allocate_exact_size(egui::vec2(ui.available_width().min(220.0), 8.0), egui::Sense::hover());
+    let painter = ui.painter_at(rect);
+    painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
+    if let Some(level) = level {
+        let colour = if level >= threshold { SPEAKING } else { ui.visuals().weak_text_color() };
+        let mut filled = rect;
+        filled.set_width(rect.width() * fraction(level));
+        painter.rect_filled(filled, 2.0, colour);
+    }
+    let x = rect.left() + rect.width() * fraction(threshold);
+    painter.vline(x, rect.y_range(), egui::Stroke::new(2.0, WARNING));
+    let text = level.map_or_else(|| "no input yet".to_owned(), |l| format!("input {l:.0} dBFS"));
+    response.on_hover_text(text);
 }
 
 fn mode_name(mode: VoiceMode) -> &'static str {

@@ -99,7 +99,8 @@ pub struct JoinOptions {
     pub voice: VoiceOptions,
     /// End the session after this long (stdin's end then no longer ends it).
     pub duration: Option<Duration>,
-    /// Report the connection's health every second (`health` events).
+    /// Report the connection's health every second and the microphone's level (`health`
+    /// and `input_level` events), for the desktop app.
     pub health: bool,
     pub json: bool,
 }
@@ -338,7 +339,7 @@ pub async fn run_client(
                 }
             },
             event = engine_events.recv() => match event {
-                Some(event) => voice_event(&mut session, &connection, &mut engine, event, emit),
+                Some(event) => voice_event(&mut session, &connection, &mut engine, options.health, event, emit),
                 None => break Err(ClientError::Setup("the voice engine stopped".into())),
             },
             _ = key_timer.tick() => session.handle_timeout(Instant::now()),
@@ -454,10 +455,12 @@ async fn sleep_until(end: Option<tokio::time::Instant>) {
 }
 
 /// Seals and sends what the engine encoded; reports who talks.
+/// `meter`: whether to pass the microphone level on (the desktop app's meter).
 fn voice_event(
     session: &mut Session,
     connection: &quinn::Connection,
     engine: &mut Engine,
+    meter: bool,
     event: EngineEvent,
     emit: &mut (dyn FnMut(&Event) + Send),
 ) {
@@ -488,6 +491,11 @@ fn voice_event(
         EngineEvent::Speaking(change) => emit(&session.speaking(SessionId(change.sender), change.speaking)),
         EngineEvent::PlayFinished => emit(&Event::PlayFinished),
         EngineEvent::Device(message) => emit(&Event::Device { message }),
+        EngineEvent::Level(dbfs) => {
+            if meter {
+                emit(&Event::InputLevel { dbfs });
+            }
+        }
     }
 }
 

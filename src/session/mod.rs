@@ -130,6 +130,10 @@ pub enum Event {
     Device {
         message: String,
     },
+    /// The microphone's level in dBFS, when it moved (for the desktop app's meter).
+    InputLevel {
+        dbfs: f32,
+    },
     /// Connection health, every second (for the desktop app's plots).
     Health {
         rtt_ms: f32,
@@ -205,6 +209,7 @@ impl std::fmt::Display for Event {
                 write!(f, "* {who} {}", if *speaking { "is talking" } else { "stopped talking" })
             }
             Event::PlayFinished => write!(f, "* finished playing the file"),
+            Event::InputLevel { dbfs } => write!(f, "* microphone at {dbfs:.0} dBFS"),
             Event::Health { rtt_ms, loss_percent, jitter_ms, kbps_up, kbps_down } => write!(
                 f,
                 "* ping {rtt_ms:.0} ms, loss {loss_percent:.1} %, jitter {jitter_ms:.1} ms, up {kbps_up:.0} kbit/s, down \
