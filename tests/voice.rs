@@ -204,3 +204,27 @@ fn voice_crosses_a_real_server_and_stays_in_its_channel() {
     let silence = compare(&speech(), &read_voice(&elsewhere).unwrap());
     assert!(silence.correlation < 0.2, "{silence:?}");
 }
+
+#[test]
+fn muting_and_deafening_are_shown_to_everyone_including_newcomers() {
+    use crate::support::{TestClient, TestServer};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let mut alice = TestClient::join(&server.invite, "alice", &[]);
+    alice.expect_joined("Lobby");
+    let mut bob = TestClient::join(&server.invite, "bob", &[]);
+    bob.expect_joined("Lobby");
+    bob.send("/mute");
+    let seen = alice.expect("bob muted", |e| e["event"] == "voice_state" && e["user"] == "bob");
+    assert_eq!((seen["muted"].as_bool(), seen["deafened"].as_bool()), (Some(true), Some(false)));
+    bob.send("/deafen");
+    let seen = alice.expect("bob deafened", |e| e["event"] == "voice_state" && e["deafened"] == true);
+    assert_eq!(seen["muted"], true);
+    let mut carol = TestClient::join(&server.invite, "carol", &[]);
+    let seen = carol.expect("bob's state at the start", |e| e["event"] == "voice_state" && e["user"] == "bob");
+    assert_eq!((seen["muted"].as_bool(), seen["deafened"].as_bool()), (Some(true), Some(true)));
+    bob.send("/undeafen");
+    bob.send("/unmute");
+    let seen = carol.expect("bob back", |e| e["event"] == "voice_state" && e["muted"] == false);
+    assert_eq!(seen["deafened"], false);
+}

@@ -120,6 +120,9 @@ pub struct Model {
     pub channels: Vec<ChannelView>,
     pub my_channel: Option<u32>,
     pub speaking: BTreeSet<String>,
+    /// Others who muted or deafened themselves (ourselves too, as the server echoes it).
+    pub muted_users: BTreeSet<String>,
+    pub deafened_users: BTreeSet<String>,
     pub muted: bool,
     pub deafened: bool,
     pub conversations: BTreeMap<Conversation, Vec<Line>>,
@@ -267,6 +270,15 @@ impl Model {
                 });
             }
             Event::InputLevel { dbfs } => self.input_level = Some(*dbfs),
+            Event::VoiceState { user, muted, deafened, .. } => {
+                for (set, on) in [(&mut self.muted_users, *muted), (&mut self.deafened_users, *deafened)] {
+                    if on {
+                        set.insert(user.clone());
+                    } else {
+                        set.remove(user);
+                    }
+                }
+            }
             Event::Error { code, message } => self.error = Some(format!("{code}: {message}")),
             Event::Device { message } => self.error = Some(format!("sound device: {message}")),
             Event::Speaking { user: None, .. }

@@ -357,8 +357,8 @@ fn user_row(ui: &mut Ui, model: &mut Model, user: &str, tx: &Sender<UiCommand>) 
     let me = model.me.as_deref() == Some(user);
     let mut label = format!("{}  {user}", if speaking { "•" } else { " " });
     for (shown, badge) in [
-        (me && model.muted, " [muted]"),
-        (me && model.deafened, " [deafened]"),
+        ((me && model.muted) || model.muted_users.contains(user), " [muted]"),
+        ((me && model.deafened) || model.deafened_users.contains(user), " [deafened]"),
         (model.verified.contains(user), " [verified]"),
         (model.identity_changed.contains(user), " [identity changed]"),
         (model.locally_muted.contains(user), " [muted for you]"),

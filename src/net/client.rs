@@ -502,8 +502,14 @@ fn voice_event(
 /// Voice commands go to the engine, the rest to the session.
 fn voice_command(session: &mut Session, engine: &mut Engine, command: Command, emit: &mut (dyn FnMut(&Event) + Send)) {
     match command {
-        Command::Mute(on) => engine.control(Control::Mute(on)),
-        Command::Deafen(on) => engine.control(Control::Deafen(on)),
+        Command::Mute(on) => {
+            engine.control(Control::Mute(on));
+            session.command(SystemTime::now(), command);
+        }
+        Command::Deafen(on) => {
+            engine.control(Control::Deafen(on));
+            session.command(SystemTime::now(), command);
+        }
         Command::Talk(held) => engine.control(Control::PushToTalk(held)),
         Command::Volume { user, percent } => match session.user_session(&user) {
             Some(sender) => engine.control(Control::Volume { sender: sender.0, percent }),

@@ -56,6 +56,8 @@ pub enum ClientMsg {
         max_uses: u32,
         ttl_secs: u32,
     },
+    /// The sender muted or deafened itself (or stopped): shown to everyone.
+    SetVoiceState(VoiceState),
     /// More one-time keys, after the server said they run low.
     AddOneTimeKeys {
         one_time: Vec<OneTimePreKey>,
@@ -94,6 +96,14 @@ pub struct UserInfo {
     pub session: SessionId,
     pub name: String,
     pub channel: Option<ChannelId>,
+    pub voice: VoiceState,
+}
+
+/// Whether a user has muted their microphone or deafened themselves, for others to see.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoiceState {
+    pub muted: bool,
+    pub deafened: bool,
 }
 
 /// What the server sends on a client's control stream.
@@ -110,6 +120,11 @@ pub enum ServerMsg {
     ChannelAdded(ChannelInfo),
     ChannelRemoved(ChannelId),
     UserConnected(UserInfo),
+    /// A user's mute and deafen state changed.
+    VoiceState {
+        session: SessionId,
+        voice: VoiceState,
+    },
     UserMoved {
         session: SessionId,
         channel: Option<ChannelId>,
@@ -262,6 +277,7 @@ mod tests {
             user_limit: 5,
         });
         round_trip(ClientMsg::CreateInvite { max_uses: 3, ttl_secs: 600 });
+        round_trip(ClientMsg::SetVoiceState(VoiceState { muted: true, deafened: false }));
     }
 
     #[test]
@@ -274,13 +290,15 @@ mod tests {
             user_limit: 10,
             temporary: false,
         };
-        let user = UserInfo { session: SessionId(9), name: "bob".into(), channel: Some(ChannelId(3)) };
+        let voice = VoiceState { muted: false, deafened: true };
+        let user = UserInfo { session: SessionId(9), name: "bob".into(), channel: Some(ChannelId(3)), voice };
         round_trip(ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: 1 });
         round_trip(ServerMsg::Ready);
         round_trip(ServerMsg::ChannelAdded(channel));
         round_trip(ServerMsg::ChannelRemoved(ChannelId(3)));
         round_trip(ServerMsg::UserConnected(user));
         round_trip(ServerMsg::UserMoved { session: SessionId(9), channel: None });
+        round_trip(ServerMsg::VoiceState { session: SessionId(9), voice: VoiceState { muted: true, deafened: true } });
         round_trip(ServerMsg::UserDisconnected(SessionId(9)));
         round_trip(ServerMsg::InviteCreated {
             token: "t".into(),

@@ -48,7 +48,12 @@ mod robustness_tests {
         ];
         let server = [
             ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: PROTOCOL_VERSION },
-            ServerMsg::UserConnected(UserInfo { session: SessionId(2), name: "b".into(), channel: Some(ChannelId(1)) }),
+            ServerMsg::UserConnected(UserInfo {
+                session: SessionId(2),
+                name: "b".into(),
+                channel: Some(ChannelId(1)),
+                voice: Default::default(),
+            }),
             ServerMsg::Error { code: ErrorCode::ChannelFull, message: "full".into() },
         ];
         let mut frames: Vec<Vec<u8>> = client.iter().map(|m| encode_frame(m).unwrap()).collect();

@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 use crate::config::{Limits, ServerConfig};
 use crate::protocol::{
     ChannelId, ChannelInfo, ClientMsg, ErrorCode, JoinRequest, MediaHeader, MediaHeaderError, PROTOCOL_VERSION,
-    ServerMsg, SessionId, UserInfo,
+    ServerMsg, SessionId, UserInfo, VoiceState,
 };
 use keys::{BundleError, StoredBundle};
 use limits::TokenBucket;
@@ -171,6 +171,7 @@ struct User {
     session: SessionId,
     name: String,
     channel: Option<ChannelId>,
+    voice: VoiceState,
     bundle: Option<StoredBundle>,
 }
 
@@ -465,7 +466,7 @@ impl Relay {
         self.users += 1;
         let state = self.conns.get_mut(&conn).expect("hello comes from a known connection");
         state.hello_deadline = None;
-        state.user = Some(User { session, name: name.clone(), channel: None, bundle });
+        state.user = Some(User { session, name: name.clone(), channel: None, voice: VoiceState::default(), bundle });
         self.sessions.insert(session, conn);
 
         self.send(conn, ServerMsg::Welcome { session, name: name.clone(), server_version: PROTOCOL_VERSION });
@@ -476,7 +477,8 @@ impl Relay {
             self.send(conn, msg);
         }
         self.send(conn, ServerMsg::Ready);
-        self.broadcast_except(conn, ServerMsg::UserConnected(UserInfo { session, name, channel: None }));
+        let info = UserInfo { session, name, channel: None, voice: VoiceState::default() };
+        self.broadcast_except(conn, ServerMsg::UserConnected(info));
 
         match join {
             Some(request) => {
@@ -509,6 +511,15 @@ impl Relay {
                 self.create_channel(now, conn, NewChannel { name, description, user_limit }, password)
             }
             ClientMsg::CreateInvite { max_uses, ttl_secs } => self.create_invite(now, conn, max_uses, ttl_secs),
+            ClientMsg::SetVoiceState(voice) => {
+                let user = self.user_mut(conn);
+                if user.voice != voice {
+                    user.voice = voice;
+                    let session = user.session;
+                    self.broadcast(ServerMsg::VoiceState { session, voice });
+                }
+                Ok(())
+            }
             ClientMsg::AddOneTimeKeys { one_time, kyber_one_time } => {
                 let bundle = self
                     .user_mut(conn)
@@ -882,7 +893,7 @@ impl Relay {
 
 impl User {
     fn info(&self) -> UserInfo {
-        UserInfo { session: self.session, name: self.name.clone(), channel: self.channel }
+        UserInfo { session: self.session, name: self.name.clone(), channel: self.channel, voice: self.voice }
     }
 }
 

@@ -179,7 +179,12 @@ fn hello_gets_welcome_channels_users_then_lands_in_the_default_channel() {
     assert_eq!(
         seen_by_alice,
         [
-            ServerMsg::UserConnected(UserInfo { session: bob_session, name: "bob".into(), channel: None }),
+            ServerMsg::UserConnected(UserInfo {
+                session: bob_session,
+                name: "bob".into(),
+                channel: None,
+                voice: Default::default(),
+            }),
             ServerMsg::UserMoved { session: bob_session, channel: Some(lobby) },
         ]
     );

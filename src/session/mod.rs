@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::protocol::{
     ChannelId, ChannelInfo, ClientMsg, JoinRequest, MEDIA_HEADER_LEN, MediaHeader, PROTOCOL_VERSION, ServerMsg,
-    SessionId, StreamType, UserInfo, percent_encode,
+    SessionId, StreamType, UserInfo, VoiceState, percent_encode,
 };
 pub use chat::Chat;
 pub use command::{Command, ParseError, parse_line};
@@ -118,6 +118,13 @@ pub enum Event {
     IdentityChanged {
         user: String,
     },
+    /// A user muted or deafened themselves, or stopped.
+    VoiceState {
+        user: String,
+        session: u32,
+        muted: bool,
+        deafened: bool,
+    },
     /// Someone started or stopped talking (`user` is null when the name is not known yet).
     Speaking {
         user: Option<String>,
@@ -209,6 +216,14 @@ impl std::fmt::Display for Event {
                 write!(f, "* {who} {}", if *speaking { "is talking" } else { "stopped talking" })
             }
             Event::PlayFinished => write!(f, "* finished playing the file"),
+            Event::VoiceState { user, muted, deafened, .. } => {
+                let state = match (muted, deafened) {
+                    (_, true) => "deafened",
+                    (true, false) => "muted",
+                    (false, false) => "unmuted",
+                };
+                write!(f, "* {user} is {state}")
+            }
             Event::InputLevel { dbfs } => write!(f, "* microphone at {dbfs:.0} dBFS"),
             Event::Health { rtt_ms, loss_percent, jitter_ms, kbps_up, kbps_down } => write!(
                 f,
@@ -261,6 +276,8 @@ pub struct Session {
     media: MediaKeys,
     /// Decrypted media frames for the audio and video pipelines.
     media_out: VecDeque<MediaFrame>,
+    /// Our own mute and deafen state, as last told to the server.
+    voice: VoiceState,
 }
 
 impl Session {
@@ -280,6 +297,7 @@ impl Session {
             chat,
             media: MediaKeys::default(),
             media_out: VecDeque::new(),
+            voice: VoiceState::default(),
         };
         let bundle = match session.chat.e2ee().bundle_upload() {
             Ok(bundle) => Some(Box::new(bundle)),
@@ -333,6 +351,20 @@ impl Session {
             ServerMsg::Ready => {
                 self.ready = true;
                 self.events.push_back(Event::Channels { channels: self.channel_views() });
+                let voices: Vec<Event> = self
+                    .users
+                    .values()
+                    .filter(|u| u.voice != VoiceState::default())
+                    .map(|u| voice_event(u.session, &u.name, u.voice))
+                    .collect();
+                self.events.extend(voices);
+            }
+            ServerMsg::VoiceState { session, voice } => {
+                if let Some(user) = self.users.get_mut(&session) {
+                    user.voice = voice;
+                    let event = voice_event(session, &user.name, voice);
+                    self.events.push_back(event);
+                }
             }
             ServerMsg::ChannelAdded(info) => {
                 let id = info.id;
@@ -432,15 +464,23 @@ impl Session {
             Command::Msg { to, text } => self.message_user(&to, text, now),
             Command::Safety(name) => self.safety(&name),
             Command::Verify(name) => self.verify(&name),
+            Command::Mute(muted) => self.set_voice_state(VoiceState { muted, ..self.voice }),
+            Command::Deafen(deafened) => self.set_voice_state(VoiceState { deafened, ..self.voice }),
             Command::Probe { .. }
             | Command::Quit
-            | Command::Mute(_)
-            | Command::Deafen(_)
             | Command::Talk(_)
             | Command::Volume { .. }
             | Command::LocalMute { .. }
             | Command::VoiceSettings { .. }
             | Command::MicrophoneTest(_) => {}
+        }
+    }
+
+    /// Tells everyone we muted or deafened ourselves (the shell stops the sound itself).
+    fn set_voice_state(&mut self, voice: VoiceState) {
+        if voice != self.voice {
+            self.voice = voice;
+            self.transmit.push_back(ClientMsg::SetVoiceState(voice));
         }
     }
 
@@ -551,6 +591,10 @@ impl Session {
     }
 }
 
+fn voice_event(session: SessionId, name: &str, voice: VoiceState) -> Event {
+    Event::VoiceState { user: name.to_owned(), session: session.0, muted: voice.muted, deafened: voice.deafened }
+}
+
 fn message_name(msg: &ServerMsg) -> &'static str {
     match msg {
         ServerMsg::Welcome { .. } => "welcome",
@@ -559,6 +603,7 @@ fn message_name(msg: &ServerMsg) -> &'static str {
         ServerMsg::ChannelRemoved(_) => "channel_removed",
         ServerMsg::UserConnected(_) => "user_connected",
         ServerMsg::UserMoved { .. } => "user_moved",
+        ServerMsg::VoiceState { .. } => "voice_state",
         ServerMsg::UserDisconnected(_) => "user_disconnected",
         ServerMsg::InviteCreated { .. } => "invite_created",
         ServerMsg::Error { .. } => "error",
@@ -595,7 +640,12 @@ mod tests {
     }
 
     fn user(id: u32, name: &str, channel: Option<u32>) -> UserInfo {
-        UserInfo { session: SessionId(id), name: name.into(), channel: channel.map(ChannelId) }
+        UserInfo {
+            session: SessionId(id),
+            name: name.into(),
+            channel: channel.map(ChannelId),
+            voice: Default::default(),
+        }
     }
 
     fn welcomed() -> Session {
