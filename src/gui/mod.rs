@@ -77,6 +77,8 @@ enum Update {
         result: Result<(), ClientError>,
     },
     Hosting(Result<(String, tokio::task::JoinHandle<()>), String>),
+    /// The global push-to-talk key went down or up.
+    GlobalPushToTalk(bool),
 }
 
 /// Where the app keeps its files.
@@ -108,6 +110,8 @@ pub struct App {
     reconnect: Option<(String, u32, f64)>,
     hosted: Option<tokio::task::JoinHandle<()>>,
     mic_test: bool,
+    /// The system-wide push-to-talk key, while one is registered.
+    global_key: Option<(global_hotkey::GlobalHotKeyManager, global_hotkey::hotkey::HotKey)>,
     /// With `VOIPC_FRAME_STATS` set: frames drawn and the time spent drawing them, logged
     /// every 100 frames.
     frame_stats: Option<(u32, Duration)>,
@@ -130,10 +134,42 @@ impl App {
             reconnect: None,
             hosted: None,
             mic_test: false,
+            global_key: None,
             frame_stats: std::env::var_os("VOIPC_FRAME_STATS").map(|_| (0, Duration::ZERO)),
         };
         app.apply_look();
+        let (updates, ctx) = (app.updates.0.clone(), app.ctx.clone());
+        // The key's events come from global-hotkey's own thread; one handler per process.
+        global_hotkey::GlobalHotKeyEvent::set_event_handler(Some(move |event: global_hotkey::GlobalHotKeyEvent| {
+            let held = event.state == global_hotkey::HotKeyState::Pressed;
+            if updates.send(Update::GlobalPushToTalk(held)).is_ok() {
+                ctx.request_repaint();
+            }
+        }));
+        let mut app = app;
+        app.sync_global_key();
         app
+    }
+
+    /// Registers the push-to-talk key system-wide when the settings ask for it, and
+    /// releases it when they no longer do.
+    fn sync_global_key(&mut self) {
+        let settings = &self.model.settings;
+        let wanted = (settings.global_push_to_talk && settings.voice_mode == crate::audio::dsp::VoiceMode::PushToTalk)
+            .then(|| settings.push_to_talk_key.parse::<global_hotkey::hotkey::HotKey>());
+        if let Some((manager, key)) = self.global_key.take() {
+            let _ = manager.unregister(key);
+        }
+        match wanted {
+            None => {}
+            Some(Err(e)) => self.model.error = Some(format!("push-to-talk key: {e}")),
+            Some(Ok(key)) => {
+                match global_hotkey::GlobalHotKeyManager::new().and_then(|m| m.register(key).map(|()| m)) {
+                    Ok(manager) => self.global_key = Some((manager, key)),
+                    Err(e) => self.model.error = Some(format!("cannot take the push-to-talk key system-wide: {e}")),
+                }
+            }
+        }
     }
 
     fn apply_look(&self) {
@@ -197,9 +233,18 @@ impl App {
             UiCommand::SaveSettings(settings) => {
                 let voice_changed = (settings.voice_mode, settings.vad_threshold, settings.denoise)
                     != (self.model.settings.voice_mode, self.model.settings.vad_threshold, self.model.settings.denoise);
+                let key_changed = (&settings.push_to_talk_key, settings.global_push_to_talk, settings.voice_mode)
+                    != (
+                        &self.model.settings.push_to_talk_key,
+                        self.model.settings.global_push_to_talk,
+                        self.model.settings.voice_mode,
+                    );
                 self.model.settings = *settings;
                 self.save_settings();
                 self.apply_look();
+                if key_changed {
+                    self.sync_global_key();
+                }
                 if voice_changed {
                     let s = &self.model.settings;
                     let command = Command::VoiceSettings {
@@ -367,6 +412,10 @@ impl App {
                     self.connect(invite, None);
                 }
                 Update::Hosting(Err(e)) => self.model.error = Some(e),
+                Update::GlobalPushToTalk(held) => {
+                    tracing::info!(held, "push-to-talk key (system-wide)");
+                    self.send_to_client(Command::Talk(held));
+                }
             }
         }
     }
@@ -434,7 +483,9 @@ impl App {
         if deafen {
             self.handle(UiCommand::ToggleDeafen);
         }
+        // The system-wide key, when registered, reports itself; this is the in-window one.
         if self.model.settings.voice_mode == crate::audio::dsp::VoiceMode::PushToTalk
+            && self.global_key.is_none()
             && let Some(key) = egui::Key::from_name(&self.model.settings.push_to_talk_key)
         {
             let typing = ctx.memory(|m| m.focused().is_some());

@@ -26,8 +26,11 @@ pub struct Settings {
     /// The voice-activity threshold in dBFS.
     pub vad_threshold: f32,
     pub denoise: bool,
-    /// The push-to-talk key (in-window), by egui's key name.
+    /// The push-to-talk key, by name ("Space", "F13", "A").
     pub push_to_talk_key: String,
+    /// Whether the push-to-talk key works in every window (X11, Windows, macOS): it is then
+    /// grabbed system-wide, so choose a key you do not type with.
+    pub global_push_to_talk: bool,
     /// Server addresses or invite links the user saved.
     pub saved_servers: Vec<String>,
     pub recent_servers: Vec<String>,
@@ -45,6 +48,7 @@ impl Default for Settings {
             vad_threshold: -50.0,
             denoise: true,
             push_to_talk_key: "Space".into(),
+            global_push_to_talk: false,
             saved_servers: Vec::new(),
             recent_servers: Vec::new(),
         }

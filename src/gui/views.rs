@@ -643,6 +643,7 @@ pub fn settings(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand>) 
         });
         ui.add(egui::Slider::new(&mut settings.scale, 0.75..=2.0).text("UI scale"));
         labelled(ui, "Push-to-talk key", egui::TextEdit::singleline(&mut settings.push_to_talk_key));
+        ui.checkbox(&mut settings.global_push_to_talk, "Push-to-talk in every window (takes the key from other apps)");
     });
     model.show_settings = open;
     if settings != model.settings {
