@@ -49,9 +49,11 @@ pub enum UiCommand {
         fingerprint: String,
     },
     SaveServer(String),
-    /// Run a relay in this process on `port` and connect to it.
+    /// Run a relay in this process on `port` and connect to it; the invite link to share
+    /// names `public` (this computer's address for the others) when given.
     Host {
         port: u16,
+        public: Option<String>,
     },
     Disconnect,
     Send {
@@ -76,7 +78,8 @@ enum Update {
         target: String,
         result: Result<(), ClientError>,
     },
-    Hosting(Result<(String, tokio::task::JoinHandle<()>), String>),
+    /// The hosted relay: the link to connect over loopback, the link to share, its task.
+    Hosting(Result<(String, String, tokio::task::JoinHandle<()>), String>),
     /// The global push-to-talk key went down or up.
     GlobalPushToTalk(bool),
 }
@@ -203,7 +206,7 @@ impl App {
                     self.save_settings();
                 }
             }
-            UiCommand::Host { port } => self.host(port),
+            UiCommand::Host { port, public } => self.host(port, public),
             UiCommand::Disconnect => {
                 self.reconnect = None;
                 self.stop_client();
@@ -375,7 +378,7 @@ impl App {
     }
 
     /// Starts a relay in this process and connects to it once it listens.
-    fn host(&mut self, port: u16) {
+    fn host(&mut self, port: u16, public: Option<String>) {
         let dir = self.paths.data_dir.join("hosted-server");
         let runtime = self.runtime.clone();
         self.background(move || {
@@ -383,6 +386,11 @@ impl App {
             let hosted = std::fs::create_dir_all(&dir)
                 .map_err(anyhow::Error::from)
                 .and_then(|()| crate::net::server::Server::host_here(port, &dir));
+            let hosted = hosted.map(|(invite, task)| {
+                // We connect over loopback; the others need the address they can reach.
+                let share = public.map_or_else(|| invite.clone(), |host| invite.replacen("127.0.0.1", &host, 1));
+                (invite, share, task)
+            });
             Update::Hosting(hosted.map_err(|e| format!("cannot host on port {port}: {e:#}")))
         });
     }
@@ -406,9 +414,9 @@ impl App {
                     }
                 }
                 Update::Ended { target, result } => self.ended(target, result),
-                Update::Hosting(Ok((invite, task))) => {
+                Update::Hosting(Ok((invite, share, task))) => {
                     self.hosted = Some(task);
-                    self.model.hosting = Some(invite.clone());
+                    self.model.hosting = Some(share);
                     self.connect(invite, None);
                 }
                 Update::Hosting(Err(e)) => self.model.error = Some(e),

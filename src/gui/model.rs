@@ -91,6 +91,8 @@ pub struct Drafts {
     pub channel_password: Option<(String, String)>,
     pub new_channel: Option<NewChannel>,
     pub host_port: String,
+    /// The host name or address the hosted server's invite link names.
+    pub host_address: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

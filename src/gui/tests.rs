@@ -89,6 +89,7 @@ fn connect_takes_an_address_a_saved_server_or_hosts_one() {
     h.run();
     h.get_by_label("Connect to voice.example.org:9987").click();
     h.run();
+    type_into(&mut h, "Address others reach this computer at", "voice.example.org");
     h.get_by_label("Host and connect").click();
     h.run();
     assert_eq!(
@@ -96,7 +97,7 @@ fn connect_takes_an_address_a_saved_server_or_hosts_one() {
         [
             UiCommand::Connect { target: "127.0.0.1:9987".into() },
             UiCommand::Connect { target: "voice.example.org:9987".into() },
-            UiCommand::Host { port: 9987 },
+            UiCommand::Host { port: 9987, public: Some("voice.example.org".into()) },
         ]
     );
 }

@@ -171,9 +171,17 @@ pub fn connect(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
             model.drafts.host_port.trim().parse().ok()
         };
         if ui.add_enabled(port.is_some(), egui::Button::new("Host and connect")).clicked() {
-            send(tx, UiCommand::Host { port: port.unwrap_or(9987) });
+            let public = model.drafts.host_address.trim();
+            let public = (!public.is_empty()).then(|| public.to_owned());
+            send(tx, UiCommand::Host { port: port.unwrap_or(9987), public });
         }
     });
+    labelled(
+        ui,
+        "Address others reach this computer at",
+        egui::TextEdit::singleline(&mut model.drafts.host_address)
+            .hint_text("for the invite link, e.g. voice.example.org"),
+    );
     error_line(ui, model);
 }
 
