@@ -122,10 +122,14 @@ pub struct App {
 
 impl App {
     pub fn new(ctx: egui::Context, runtime: tokio::runtime::Handle, paths: Paths) -> App {
-        let settings = Settings::load(&paths.settings_file).unwrap_or_default();
+        // A settings file that does not parse is reported, and the defaults used.
+        let (settings, error) = match Settings::load(&paths.settings_file) {
+            Ok(settings) => (settings, None),
+            Err(e) => (Settings::default(), Some(e.to_string())),
+        };
         let screen = if paths.data_dir.join(VAULT_FILE).exists() { Screen::Unlock } else { Screen::Setup };
-        let model = Model { screen, settings, devices: device::list(), ..Model::default() };
-        let app = App {
+        let model = Model { screen, settings, error, devices: device::list(), ..Model::default() };
+        let mut app = App {
             model,
             runtime,
             paths,
@@ -149,7 +153,6 @@ impl App {
                 ctx.request_repaint();
             }
         }));
-        let mut app = app;
         app.sync_global_key();
         app
     }
