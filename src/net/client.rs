@@ -304,7 +304,7 @@ pub async fn run_client(
         while let Some(frame) = session.poll_media() {
             if frame.stream == StreamType::Voice {
                 let now = Instant::now();
-                health.jitter.update(now, frame.timestamp);
+                health.voice(frame.sender.0, now, frame.timestamp);
                 engine.play(now, frame.sender.0, frame.sequence, frame.timestamp, frame.payload);
             }
         }
@@ -421,25 +421,36 @@ async fn flush(
 /// What the connection did since the last health sample.
 struct Health {
     last: quinn::ConnectionStats,
-    jitter: InterarrivalJitter,
+    /// Per sender: interleaved timestamps of several senders say nothing about jitter.
+    jitter: std::collections::HashMap<u32, (InterarrivalJitter, bool)>,
 }
 
 impl Health {
     fn new(connection: &quinn::Connection) -> Health {
-        Health { last: connection.stats(), jitter: InterarrivalJitter::default() }
+        Health { last: connection.stats(), jitter: std::collections::HashMap::new() }
     }
 
-    /// The health over the last interval (the timer's second).
+    /// A voice packet from `sender` arrived.
+    fn voice(&mut self, sender: u32, arrival: Instant, timestamp: u32) {
+        let (meter, heard) = self.jitter.entry(sender).or_default();
+        meter.update(arrival, timestamp);
+        *heard = true;
+    }
+
+    /// The health over the last interval (the timer's second): the jitter is the worst of
+    /// the senders heard in it; the others are forgotten.
     fn sample(&mut self, connection: &quinn::Connection) -> Event {
         let now = connection.stats();
         let last = std::mem::replace(&mut self.last, now);
         let sent = now.path.sent_packets.saturating_sub(last.path.sent_packets);
         let lost = now.path.lost_packets.saturating_sub(last.path.lost_packets);
         let kbits = |bytes: u64| bytes as f32 * 8.0 / 1000.0;
+        self.jitter.retain(|_, (_, heard)| std::mem::take(heard));
+        let jitter = self.jitter.values().map(|(meter, _)| meter.jitter()).max().unwrap_or_default();
         Event::Health {
             rtt_ms: connection.rtt().as_secs_f32() * 1000.0,
             loss_percent: if sent == 0 { 0.0 } else { lost as f32 * 100.0 / sent as f32 },
-            jitter_ms: self.jitter.jitter().as_secs_f32() * 1000.0,
+            jitter_ms: jitter.as_secs_f32() * 1000.0,
             kbps_up: kbits(now.udp_tx.bytes.saturating_sub(last.udp_tx.bytes)),
             kbps_down: kbits(now.udp_rx.bytes.saturating_sub(last.udp_rx.bytes)),
         }
