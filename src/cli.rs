@@ -162,19 +162,16 @@ impl VoiceArgs {
 
 /// Parses the command line, runs it and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let Some(command) = cli.command else {
-        return gui();
-    };
+    let command = Cli::parse().command;
     init_logging(match command {
-        Command::Serve(_) => "info",
+        Some(Command::Serve(_)) => "info",
         // libsignal warns about every message it could not decrypt at first try, which
         // it then may well decrypt with an older session state; our events say what failed.
         _ => "warn,libsignal_protocol_syft=error",
     });
     let mut builder = match &command {
-        Command::Serve(args) if args.threads == 1 => tokio::runtime::Builder::new_current_thread(),
-        Command::Serve(args) => {
+        Some(Command::Serve(args)) if args.threads == 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(Command::Serve(args)) => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             builder.worker_threads(usize::from(args.threads));
             builder
@@ -189,10 +186,12 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Join(args) => runtime.block_on(join(*args)),
-        Command::Bench(args) => runtime.block_on(bench::run(args)),
-        Command::Devices => devices(),
+        // No subcommand: the desktop app, its network work on this runtime.
+        None => crate::gui::run(runtime.handle().clone()),
+        Some(Command::Serve(args)) => runtime.block_on(serve(args)),
+        Some(Command::Join(args)) => runtime.block_on(join(*args)),
+        Some(Command::Bench(args)) => runtime.block_on(bench::run(args)),
+        Some(Command::Devices) => devices(),
     };
     // A blocking read of stdin never returns while stdin stays open; do not wait for it.
     runtime.shutdown_background();
@@ -354,27 +353,6 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         println!("{line}");
     }
     result
-}
-
-/// `voipc` alone: the desktop client, with the runtime its network work runs on.
-fn gui() -> ExitCode {
-    init_logging("warn,libsignal_protocol_syft=error");
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = crate::gui::run(runtime.handle().clone());
-    runtime.shutdown_background();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 fn devices() -> anyhow::Result<()> {

@@ -73,7 +73,7 @@ fn pick(
 
 /// The config to open with: 48 kHz mono if the device can, else its default.
 fn config(device: &cpal::Device, input: bool) -> Result<cpal::StreamConfig, DeviceError> {
-    let open = |e: cpal::Error| DeviceError::Open { device: device.to_string(), reason: e.to_string() };
+    let open = |e: cpal::Error| open_error(device, e);
     let default = if input { device.default_input_config() } else { device.default_output_config() }.map_err(open)?;
     let mut config = default.config();
     let channels = config.channels;
@@ -90,6 +90,23 @@ fn config(device: &cpal::Device, input: bool) -> Result<cpal::StreamConfig, Devi
 
 fn offers_48k(range: &cpal::SupportedStreamConfigRange, channels: u16) -> bool {
     range.min_sample_rate() <= 48_000 && range.max_sample_rate() >= 48_000 && range.channels() == channels
+}
+
+fn open_error(device: &cpal::Device, error: impl std::fmt::Display) -> DeviceError {
+    DeviceError::Open { device: device.to_string(), reason: error.to_string() }
+}
+
+/// Starts a built stream and hands back the device with its end of the ring.
+fn started<R>(
+    device: &cpal::Device,
+    stream: cpal::Stream,
+    ring: R,
+    rate: u32,
+    fell_back: bool,
+    health: Arc<DeviceHealth>,
+) -> Result<OpenDevice<R>, DeviceError> {
+    stream.play().map_err(|e| open_error(device, e))?;
+    Ok(OpenDevice { _stream: stream, ring, rate, name: device.to_string(), fell_back, health })
 }
 
 /// Opens the microphone called `wanted` (or the default one): its first channel flows
@@ -118,16 +135,8 @@ pub fn open_input(wanted: Option<&str>) -> Result<OpenDevice<rtrb::Consumer<f32>
             move |_| failed.failed.store(true, Ordering::Relaxed),
             None,
         )
-        .map_err(|e| DeviceError::Open { device: device.to_string(), reason: e.to_string() })?;
-    stream.play().map_err(|e| DeviceError::Open { device: device.to_string(), reason: e.to_string() })?;
-    Ok(OpenDevice {
-        _stream: stream,
-        ring: consumer,
-        rate: config.sample_rate,
-        name: device.to_string(),
-        fell_back,
-        health,
-    })
+        .map_err(|e| open_error(&device, e))?;
+    started(&device, stream, consumer, config.sample_rate, fell_back, health)
 }
 
 /// Opens the speaker called `wanted` (or the default one): the ring's samples go to
@@ -158,14 +167,6 @@ pub fn open_output(wanted: Option<&str>) -> Result<OpenDevice<rtrb::Producer<f32
             move |_| failed.failed.store(true, Ordering::Relaxed),
             None,
         )
-        .map_err(|e| DeviceError::Open { device: device.to_string(), reason: e.to_string() })?;
-    stream.play().map_err(|e| DeviceError::Open { device: device.to_string(), reason: e.to_string() })?;
-    Ok(OpenDevice {
-        _stream: stream,
-        ring: producer,
-        rate: config.sample_rate,
-        name: device.to_string(),
-        fell_back,
-        health,
-    })
+        .map_err(|e| open_error(&device, e))?;
+    started(&device, stream, producer, config.sample_rate, fell_back, health)
 }

@@ -172,10 +172,10 @@ impl MediaKeys {
     ) -> Option<Vec<u8>> {
         let own = self.own.as_mut()?;
         let header = MediaHeader { stream, flags: 0, channel: own.channel, sender: me, sequence, timestamp };
+        let mut metadata = [0; MEDIA_HEADER_LEN];
+        header.write(&mut metadata);
         let mut datagram = Vec::with_capacity(MEDIA_HEADER_LEN + sframe::MAX_OVERHEAD + payload.len());
-        datagram.extend_from_slice(&header.to_datagram(&[]));
-        let (metadata, _) = datagram.split_at(MEDIA_HEADER_LEN);
-        let metadata = metadata.to_vec();
+        datagram.extend_from_slice(&metadata);
         own.sealer.seal(&metadata, payload, &mut datagram).ok()?;
         self.counters.sent += 1;
         Some(datagram)
