@@ -10,7 +10,7 @@ use voipc::config::ServerConfig;
 use voipc::protocol::{
     ChannelId, ClientMsg, JoinRequest, MediaHeader, PROTOCOL_VERSION, SessionId, StreamType, decode_frame, encode_frame,
 };
-use voipc::relay::{ConnId, Input, Relay, RelayConfig};
+use voipc::relay::{ConnId, Input, Relay, RelayConfig, Source};
 
 /// A relay with `members` users in the Lobby; returns it and the first user's id.
 fn relay_with(members: u64, now: Instant) -> (Relay, ConnId) {
@@ -19,7 +19,7 @@ fn relay_with(members: u64, now: Instant) -> (Relay, ConnId) {
     config.limits.media_bytes_per_sec = u32::MAX / 2;
     let mut relay = Relay::new(RelayConfig::from_server_config(&config), [1; 32]);
     for i in 1..=members {
-        relay.handle_input(now, ConnId(i), Input::Connected).unwrap();
+        relay.handle_input(now, ConnId(i), Input::Connected { source: Source::of([127, 0, 0, 1].into()) }).unwrap();
         let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: format!("user{i}"), join: None, bundle: None };
         relay.handle_input(now, ConnId(i), Input::Control(hello)).unwrap();
     }

@@ -83,7 +83,8 @@ pub struct JoinArgs {
     /// An invite token for that channel.
     #[arg(long, value_name = "TOKEN")]
     invite: Option<String>,
-    /// The server certificate's SHA-256 fingerprint, as the server printed it.
+    /// The server certificate's SHA-256 fingerprint, as the server printed it. It replaces
+    /// a pin stored for the server (a link's fingerprint never does).
     #[arg(long, value_name = "FP", conflicts_with = "trust_on_first_use")]
     fingerprint: Option<Fingerprint>,
     /// Accept and pin an unknown server certificate without checking it.
@@ -315,10 +316,7 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
 async fn join(args: JoinArgs) -> anyhow::Result<()> {
     let json = args.json;
     let result = async {
-        let mut link: ServerLink = args.target.parse()?;
-        if let Some(fp) = args.fingerprint {
-            link.fingerprint = Some(fp);
-        }
+        let link: ServerLink = args.target.parse()?;
         let channel = args.channel.or(link.channel.clone());
         let invite = args.invite.or(link.invite.clone());
         let join = channel.map(|channel| JoinRequest { channel, password: args.password, invite });
@@ -329,6 +327,7 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         let vault_password = vault_password(args.vault_password_file.as_deref())?;
         let options = JoinOptions {
             link,
+            replace_pin: args.fingerprint,
             name: args.name,
             join,
             trust_on_first_use: args.trust_on_first_use,

@@ -8,8 +8,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use voipc::config::ServerConfig;
 use voipc::e2ee::E2ee;
-use voipc::protocol::{ServerMsg, encode_frame};
-use voipc::relay::{ConnId, Input, Output, Relay, RelayConfig};
+use voipc::protocol::{ClientMsg, ServerMsg, SessionId, encode_frame};
+use voipc::relay::{ConnId, Input, Output, Relay, RelayConfig, Source};
 use voipc::session::history::History;
 use voipc::session::{Chat, Event, Session};
 
@@ -23,6 +23,10 @@ pub(crate) struct Net {
     wire: Vec<Vec<u8>>,
     /// Channel ciphertext the relay sent, by recipient, for replaying elsewhere.
     channel_frames: Vec<(&'static str, ServerMsg)>,
+    /// Every message a client sent, by sender, as the relay received it.
+    pub(crate) sent: Vec<(&'static str, ClientMsg)>,
+    /// A hostile relay's part: this bundle instead of the real one for that session.
+    swap_bundle: Option<(SessionId, voipc::protocol::bundle::PeerBundle)>,
     next_conn: u64,
     pub(crate) now: Instant,
     seed: u64,
@@ -37,6 +41,8 @@ impl Net {
             events: BTreeMap::new(),
             wire: Vec::new(),
             channel_frames: Vec::new(),
+            sent: Vec::new(),
+            swap_bundle: None,
             next_conn: 1,
             now: Instant::now(),
             seed: 100,
@@ -44,6 +50,10 @@ impl Net {
     }
 
     pub(crate) fn connect(&mut self, name: &'static str) {
+        self.connect_from(name, [127, 0, 0, 1].into());
+    }
+
+    pub(crate) fn connect_from(&mut self, name: &'static str, source: std::net::IpAddr) {
         self.seed += 1;
         let mut rng = StdRng::seed_from_u64(self.seed);
         let e2ee = E2ee::generate(&mut rng, SystemTime::now()).unwrap();
@@ -53,7 +63,7 @@ impl Net {
         let session = Session::new(name, None, String::new(), chat);
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
-        self.relay.handle_input(self.now, conn, Input::Connected).unwrap();
+        self.relay.handle_input(self.now, conn, Input::Connected { source: Source::of(source) }).unwrap();
         self.clients.insert(name, (conn, session));
         self.run();
     }
@@ -77,6 +87,7 @@ impl Net {
             for (name, (conn, session)) in &mut self.clients {
                 while let Some(msg) = session.poll_transmit() {
                     self.wire.push(encode_frame(&msg).unwrap());
+                    self.sent.push((name, msg.clone()));
                     self.relay.handle_input(self.now, *conn, Input::Control(msg)).unwrap();
                     moved = true;
                 }
@@ -85,7 +96,12 @@ impl Net {
             }
             while let Some(output) = self.relay.poll_output() {
                 moved = true;
-                let Output::Send { to, msg } = output else { continue };
+                let Output::Send { to, mut msg } = output else { continue };
+                if let (ServerMsg::Bundle { peer, bundle }, Some((swapped, fake))) = (&mut msg, &self.swap_bundle)
+                    && peer == swapped
+                {
+                    *bundle = Some(fake.clone());
+                }
                 self.wire.push(encode_frame(&msg).unwrap());
                 let Some((name, (_, session))) = self.clients.iter_mut().find(|(_, (c, _))| *c == to) else { continue };
                 if matches!(msg, ServerMsg::Channel { .. }) {
@@ -119,12 +135,30 @@ impl Net {
             .collect()
     }
 
-    /// Feeds `name` a channel frame that the relay sent to someone else.
+    /// Feeds `name` a frame as the relay would send it: one it sent someone else, or one
+    /// a hostile relay made up.
     fn replay_to(&mut self, name: &'static str, frame: ServerMsg) {
         let session = &mut self.clients.get_mut(name).unwrap().1;
         session.handle_message(SystemTime::now(), frame).unwrap();
         let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
         self.events.entry(name).or_default().extend(events);
+    }
+
+    fn session_of(&self, name: &str) -> SessionId {
+        self.clients[name].1.me().unwrap()
+    }
+
+    /// The pairwise ciphertexts `from` sent to `to`'s session since the `since`th message.
+    fn directs(&self, from: &str, to: SessionId, since: usize) -> Vec<Vec<u8>> {
+        self.sent[since..]
+            .iter()
+            .filter_map(|(sender, msg)| match msg {
+                ClientMsg::Direct { to: peer, ciphertext } if *sender == from && *peer == to => {
+                    Some(ciphertext.clone())
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     fn last_channel_frame_for(&self, name: &str) -> ServerMsg {
@@ -228,6 +262,104 @@ fn a_changed_identity_is_flagged_until_verified() {
 }
 
 #[test]
+fn a_relay_that_swaps_in_its_own_key_for_bob_is_sent_nothing() {
+    use voipc::e2ee::Sealed;
+    use voipc::relay::keys::StoredBundle;
+    let mut net = Net::new();
+    net.connect("alice");
+    net.connect("bob");
+    net.connect("carol");
+    net.command("alice", "hello both");
+    assert_eq!(net.messages("bob"), [text("alice", Some("Lobby"), "hello both")], "bob is pinned now");
+    let (alice, bob) = (format!("{SERVER}/alice"), net.session_of("bob"));
+
+    // The relay holds alice's bundle: it opens a session with her under its own identity
+    // key and sends her a message "from bob"; from now on it also answers her fetches of
+    // bob's bundle with its own.
+    let mut rng = StdRng::seed_from_u64(666);
+    let mut mallory = E2ee::generate(&mut rng, SystemTime::now()).unwrap();
+    let upload = net.clients["alice"].1.e2ee().bundle_upload().unwrap();
+    let bundle = StoredBundle::new(upload).unwrap().hand_out(true);
+    mallory.start_session(&alice, &bundle, SystemTime::now(), &mut rng).unwrap();
+    let text_payload = postcard::to_allocvec(&(0u8, "it is me, bob, on a new phone", 1u64)).unwrap();
+    let sealed = mallory.encrypt(&alice, &text_payload, SystemTime::now(), &mut rng).unwrap();
+    let ciphertext = postcard::to_allocvec(&sealed).unwrap();
+    net.replay_to("alice", ServerMsg::Direct { from: bob, ciphertext });
+    net.swap_bundle = Some((bob, StoredBundle::new(mallory.bundle_upload().unwrap()).unwrap().hand_out(true)));
+    let flagged = net.events["alice"].iter().any(|e| matches!(e, Event::Message { identity_changed: true, .. }));
+    assert!(flagged, "what the new key says is read, flagged: {:#?}", net.events["alice"]);
+    assert!(net.events["alice"].contains(&Event::IdentityChanged { user: "bob".into() }));
+
+    // Someone joins: alice starts a new epoch and hands out her keys; she writes to bob.
+    let since = net.sent.len();
+    net.connect("dave");
+    net.command("alice", "/msg bob what did we eat yesterday?");
+    net.command("alice", "after the swap");
+    let sent = net.directs("alice", bob, since);
+    for ciphertext in &sent {
+        let sealed: Sealed = postcard::from_bytes(ciphertext).unwrap();
+        assert!(mallory.decrypt(&alice, &sealed, &mut rng).is_err(), "the relay opened what alice sent to bob");
+    }
+    // Only the pinned key's session is used: the real bob, still online and still using
+    // it, reads her; so does everyone else in the channel.
+    assert!(net.messages("bob").contains(&text("alice", None, "what did we eat yesterday?")));
+    for member in ["bob", "carol", "dave"] {
+        assert_eq!(net.messages(member).last(), Some(&text("alice", Some("Lobby"), "after the swap")), "{member}");
+    }
+
+    // Alice accepts the new key (she should have compared the safety number first): now,
+    // and only now, the key the relay offers gets her keys.
+    let since = net.sent.len();
+    net.command("alice", "/verify bob");
+    let opened = net
+        .directs("alice", bob, since)
+        .iter()
+        .filter(|c| mallory.decrypt(&alice, &postcard::from_bytes(c).unwrap(), &mut rng).is_ok())
+        .count();
+    assert!(opened >= 1, "after acceptance the new key is encrypted to");
+}
+
+#[test]
+fn sybils_that_drain_bobs_one_time_keys_make_him_upload_new_ones() {
+    use voipc::e2ee::{KYBER_ONE_TIME_PRE_KEYS, ONE_TIME_PRE_KEYS};
+    let mut net = Net::new();
+    net.connect("bob");
+    // Reconnecting from one address gets bob's one-time keys once, whatever the identity.
+    for i in 0..5 {
+        let name: &'static str = Box::leak(format!("sybil{i}").into_boxed_str());
+        net.connect_from(name, [10, 0, 0, 1].into());
+        net.command(name, "/msg bob hi");
+        net.disconnect(name);
+    }
+    let added = |net: &Net| {
+        net.sent
+            .iter()
+            .filter_map(|(who, msg)| match msg {
+                ClientMsg::AddOneTimeKeys { one_time, kyber_one_time } if *who == "bob" => {
+                    Some((one_time.len(), kyber_one_time.len()))
+                }
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(added(&net).is_empty(), "one key went, no reason to top up");
+    // An address per sybil drains the pool below its low-water mark: the server tells bob
+    // how many it holds and bob makes up the difference, though his own store is full.
+    for i in 0..30u8 {
+        let name: &'static str = Box::leak(format!("far{i}").into_boxed_str());
+        net.connect_from(name, [10, 1, 0, i].into());
+        net.command(name, "/msg bob hi");
+        net.disconnect(name);
+    }
+    // The Kyber pool (25) passes below 20 first: the server then holds 94 and 19 of bob's
+    // keys; after the first time, every 6 fetches.
+    let top_ups = added(&net);
+    assert_eq!(top_ups.len(), 5, "{top_ups:?}");
+    assert!(top_ups.iter().all(|&n| n == (ONE_TIME_PRE_KEYS - 94, KYBER_ONE_TIME_PRE_KEYS - 19)), "{top_ups:?}");
+    assert!(net.errors("bob").is_empty(), "{:?}", net.errors("bob"));
+}
+
+#[test]
 fn a_message_too_long_is_refused_before_it_is_sent() {
     let mut net = Net::new();
     net.connect("alice");
@@ -275,7 +407,7 @@ fn a_member_without_keys_does_not_hold_up_the_channel() {
     net.connect("alice");
     // A bot that speaks the protocol but publishes no keys (like the relay bench's).
     let bot = ConnId(999);
-    net.relay.handle_input(net.now, bot, Input::Connected).unwrap();
+    net.relay.handle_input(net.now, bot, Input::Connected { source: Source::of([127, 0, 0, 1].into()) }).unwrap();
     let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: "bot".into(), join: None, bundle: None };
     net.relay.handle_input(net.now, bot, Input::Control(hello)).unwrap();
     net.run();

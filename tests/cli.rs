@@ -76,12 +76,24 @@ fn a_pinned_server_whose_certificate_changed_is_refused() {
         assert!(message.contains(&old_fp) && message.contains(&second.fingerprint), "{message}");
         assert!(!alice.wait().success());
     }
+    // A crafted invite naming the new certificate does not replace the pin either.
+    let crafted = format!("voipc://{addr}/?fp={}", second.fingerprint);
+    let mut alice = TestClient::join_with_data(&crafted, "alice", &[], data.path());
+    let error = alice.expect_error("certificate_changed");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains(&old_fp) && message.contains(&second.fingerprint), "{message}");
+    assert!(!alice.wait().success());
     // The operator confirmed the new certificate: giving it explicitly replaces the pin.
     let mut alice = TestClient::join_with_data(&addr, "alice", &["--fingerprint", &second.fingerprint], data.path());
     alice.expect_joined("Lobby");
     assert!(alice.quit().success());
     let mut again = TestClient::join_with_data(&addr, "alice", &[], data.path());
     again.expect_joined("Lobby");
+    assert!(again.quit().success());
+    // Now the old server's invite is the one that does not match the pin.
+    let stale = format!("voipc://{addr}/?fp={old_fp}");
+    let mut alice = TestClient::join_with_data(&stale, "alice", &[], data.path());
+    alice.expect_error("certificate_changed");
 }
 
 #[test]

@@ -55,6 +55,25 @@ fn a_taken_name_is_refused_with_a_clear_error() {
 }
 
 #[test]
+fn an_invisible_channel_name_is_refused_and_the_session_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let mut alice = TestClient::join(&server.invite, "alice", &[]);
+    alice.expect_joined("Lobby");
+    // A zero-width space would make a channel look like another one.
+    alice.send("/create Lob\u{200b}by");
+    let error = alice.expect_error("name_invalid");
+    assert!(error["message"].as_str().unwrap().contains("U+200B"), "{error}");
+    alice.send("/create Den");
+    alice.expect_joined("Den");
+    // The refusal was not the end of the session: when the server goes, that is why.
+    assert!(server.stop().success());
+    assert!(!alice.wait().success());
+    let last = alice.seen_events("error").last().map(|e| e["code"].clone());
+    assert_eq!(last, Some("connection_lost".into()), "{:#?}", alice.seen);
+}
+
+#[test]
 fn password_channel_refuses_a_wrong_password_and_admits_an_invite() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), Some(TWO_CHANNELS));

@@ -78,6 +78,28 @@ fn speak_over(loss: f64, jitter: Duration, seed: u64) -> (Match, JitterStats, u6
     (compare(&source, &recording), playback.stats().jitter, recoverable)
 }
 
+#[test]
+fn voice_datagrams_have_one_size_while_the_gate_is_open() {
+    // RFC 6562: with variable bitrate, packet lengths follow the sounds spoken.
+    let source = speech();
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut alice = MediaKeys::default();
+    alice.start_epoch(ALICE, LOBBY, &mut rng);
+    let mut capture = Capture::new(CaptureSettings::default()).unwrap();
+    let mut sizes = std::collections::BTreeMap::<usize, u32>::new();
+    for chunk in source.chunks(FRAME_10MS) {
+        let mut frame = [0.0; FRAME_10MS];
+        frame[..chunk.len()].copy_from_slice(chunk);
+        let Some(packet) = capture.push_10ms(&frame).unwrap().packet else { continue };
+        let datagram =
+            alice.seal(ALICE, StreamType::Voice, packet.sequence, packet.timestamp, &packet.payload).unwrap();
+        *sizes.entry(datagram.len()).or_default() += 1;
+    }
+    let packets: u32 = sizes.values().sum();
+    assert!(packets > 150, "the speech was sent ({packets} packets)");
+    assert!(sizes.len() <= 2, "datagram lengths while talking: {sizes:?}");
+}
+
 /// The figures for the README's bad-network table come from this test's output
 /// (`cargo test --test main voice -- --nocapture`).
 #[test]

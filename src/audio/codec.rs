@@ -1,4 +1,7 @@
-//! Opus for voice: 20 ms mono frames at 48 kHz, in-band FEC with a loss hint, DTX.
+//! Opus for voice: 20 ms mono frames at 48 kHz, in-band FEC with a loss hint, at a
+//! constant bitrate: every packet of a talk spurt has the same size, so that whoever sees
+//! packet lengths (the relay included) cannot tell sounds apart by them (RFC 6562). No
+//! DTX either: inside a spurt, silence is sent at the same size as speech.
 
 use super::{FRAME_20MS, SAMPLE_RATE};
 
@@ -17,12 +20,11 @@ pub struct EncoderSettings {
     pub complexity: i32,
     /// The loss the encoder plans its in-band FEC for, in percent. FEC needs it above 0.
     pub loss_hint_percent: i32,
-    pub dtx: bool,
 }
 
 impl Default for EncoderSettings {
     fn default() -> Self {
-        EncoderSettings { bitrate: 48_000, complexity: 10, loss_hint_percent: 10, dtx: true }
+        EncoderSettings { bitrate: 48_000, complexity: 10, loss_hint_percent: 10 }
     }
 }
 
@@ -38,12 +40,13 @@ impl VoiceEncoder {
         encoder.set_complexity(settings.complexity)?;
         encoder.set_inband_fec(true)?;
         encoder.set_packet_loss_perc(settings.loss_hint_percent.max(1))?;
-        encoder.set_dtx(settings.dtx)?;
+        encoder.set_vbr(false)?;
+        encoder.set_dtx(false)?;
         encoder.set_signal(opus::Signal::Voice)?;
         Ok(VoiceEncoder { encoder, packet: Box::new([0; MAX_PACKET]) })
     }
 
-    /// Encodes 20 ms. A packet of 2 bytes or fewer is DTX: nothing worth sending.
+    /// Encodes 20 ms into a packet of the constant size the bitrate gives.
     pub fn encode(&mut self, pcm: &[f32; FRAME_20MS]) -> Result<&[u8], CodecError> {
         let len = self.encoder.encode_float(pcm, &mut self.packet[..])?;
         Ok(&self.packet[..len])
@@ -53,11 +56,6 @@ impl VoiceEncoder {
     pub fn set_loss_hint(&mut self, percent: i32) -> Result<(), CodecError> {
         Ok(self.encoder.set_packet_loss_perc(percent.clamp(1, 100))?)
     }
-}
-
-/// Whether an encoded packet is a DTX frame (silence the decoder fills in itself).
-pub fn is_dtx(packet: &[u8]) -> bool {
-    packet.len() <= 2
 }
 
 pub struct VoiceDecoder {

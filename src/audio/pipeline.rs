@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::codec::{CodecError, EncoderSettings, VoiceDecoder, VoiceEncoder, is_dtx};
+use super::codec::{CodecError, EncoderSettings, VoiceDecoder, VoiceEncoder};
 use super::dsp::{Denoiser, Gate, VoiceMode, level_dbfs};
 use super::jitter::{JitterBuffer, JitterStats, Playout};
 use super::mixer::Mixer;
@@ -116,18 +116,12 @@ impl Capture {
             return Ok(report);
         }
         self.second_half = false;
-        let mut sent = false;
-        if std::mem::take(&mut self.open_in_frame) {
+        let sent = std::mem::take(&mut self.open_in_frame);
+        if sent {
             let payload = self.encoder.encode(&self.frame)?;
-            if !is_dtx(payload) {
-                report.packet = Some(EncodedVoice {
-                    sequence: self.sequence,
-                    timestamp: self.timestamp,
-                    payload: payload.to_vec(),
-                });
-                self.sequence = self.sequence.wrapping_add(1);
-                sent = true;
-            }
+            report.packet =
+                Some(EncodedVoice { sequence: self.sequence, timestamp: self.timestamp, payload: payload.to_vec() });
+            self.sequence = self.sequence.wrapping_add(1);
         }
         self.timestamp = self.timestamp.wrapping_add(FRAME_20MS as u32);
         if sent != self.talking {

@@ -227,8 +227,10 @@ impl ServerConfig {
     fn check_channel(&self, channel: &ChannelConfig) -> Result<(), String> {
         let limits = &self.limits;
         let len = channel.name.chars().count();
-        if channel.name.trim().is_empty() {
-            return Err("channel name is empty".into());
+        match crate::protocol::check_visible(&channel.name) {
+            Err(crate::protocol::NameError::Empty) => return Err("channel name is empty".into()),
+            Err(e) => return Err(format!("channel name {:?}: {e}", channel.name)),
+            Ok(()) => {}
         }
         if len > limits.max_channel_name_len as usize {
             return Err(format!(
@@ -247,7 +249,8 @@ impl ServerConfig {
                 channel.name, limits.max_password_len
             ));
         }
-        if self.channels.iter().any(|c| c.name.eq_ignore_ascii_case(&channel.name)) {
+        let key = crate::protocol::canonical_name(&channel.name);
+        if self.channels.iter().any(|c| crate::protocol::canonical_name(&c.name) == key) {
             return Err(format!("channel {:?} is listed twice", channel.name));
         }
         Ok(())
@@ -380,6 +383,11 @@ user_limit = 4
 
         let err = parse("[[channels]]\nname = \"a\"\n[[channels]]\nname = \"A\"\n").unwrap_err().to_string();
         assert!(err.contains("listed twice"), "{err}");
+        // The same folding as the relay's (Unicode, not ASCII), so the relay never sees two.
+        let err = parse("[[channels]]\nname = \"Stra\u{df}e\"\n[[channels]]\nname = \"STRASSE\"\n").unwrap_err();
+        assert!(err.to_string().contains("listed twice"), "{err}");
+        let err = parse("[[channels]]\nname = \"Lob\u{200b}by\"\n").unwrap_err().to_string();
+        assert!(err.contains("U+200B"), "{err}");
 
         let err = parse("[limits]\nmax_channels = 0\n").unwrap_err().to_string();
         assert!(err.contains("limits.max_channels must be greater than 0"), "{err}");

@@ -360,32 +360,4 @@ mod tests {
         }
         assert_eq!(sealer.seal(b"", b"x", &mut out), Err(SframeError::KeyExhausted));
     }
-
-    /// Nonce uniqueness across senders, epochs and restarts: every (key, nonce) pair that
-    /// ever seals a packet is new. A restart draws a fresh random base key, so even the
-    /// same sender and epoch numbers give a different key.
-    #[test]
-    fn no_key_and_nonce_pair_repeats() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut seen = std::collections::HashSet::new();
-        for _restart in 0..4 {
-            for sender in [1u32, 2, u32::MAX] {
-                for epoch in [0u32, 1, 2] {
-                    let base: [u8; 32] = rng.random();
-                    let mut sealer = Sealer::new(media_kid(sender, epoch), &base);
-                    let (key, salt) = derive_key_salt(sealer.kid(), &base);
-                    for _ in 0..rng.random_range(1..300) {
-                        let mut packet = Vec::new();
-                        sealer.seal(b"", b"", &mut packet).unwrap();
-                        let (header, _) = Header::parse(&packet).unwrap();
-                        assert_eq!(header.kid, media_kid(sender, epoch));
-                        let nonce = Key { kid: 0, cipher: Aes256Gcm::new_from_slice(key.as_slice()).unwrap(), salt }
-                            .nonce(header.ctr);
-                        assert!(seen.insert((*key, nonce)), "a nonce repeated under one key");
-                    }
-                }
-            }
-        }
-    }
 }

@@ -32,6 +32,11 @@ pub const ONE_TIME_PRE_KEYS: usize = 100;
 /// One-time Kyber pre-keys a client keeps published (1.6 KiB each: a full set fits one
 /// 64 KiB control frame together with everything else in a bundle).
 pub const KYBER_ONE_TIME_PRE_KEYS: usize = 25;
+/// One-time keys of each kind kept at most. Keys the server handed out stay until a peer
+/// uses them, or until this many newer ones push them out (the oldest go first): a peer
+/// uses the key it fetched within seconds, so only keys that nobody will use are lost.
+const MAX_KEPT_ONE_TIME: usize = 2 * ONE_TIME_PRE_KEYS;
+const MAX_KEPT_KYBER_ONE_TIME: usize = 2 * KYBER_ONE_TIME_PRE_KEYS;
 /// A signed pre-key older than this is replaced when the client connects (Signal's
 /// clients rotate theirs every few days to weeks).
 pub const SIGNED_PRE_KEY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
@@ -46,6 +51,8 @@ pub enum E2eeError {
     Signal(#[from] SignalProtocolError),
     #[error("no pinned identity for {0}")]
     UnknownPeer(String),
+    #[error("the identity key of {0} changed and is not accepted: nothing is encrypted to it")]
+    UntrustedIdentity(String),
     #[error("stored end-to-end state is unreadable: {0}")]
     State(String),
 }
@@ -131,20 +138,25 @@ impl E2ee {
         };
         e2ee.rotate_signed_pre_key(rng, now)?;
         e2ee.kyber_last_resort_id = e2ee.new_kyber_key(rng, now, false)?.id;
-        e2ee.replenish(rng, now)?;
+        e2ee.replenish(rng, now, (0, 0))?;
         Ok(e2ee)
     }
 
-    /// Every public key to publish now.
+    /// Every public key to publish now: the newest full set of one-time keys of each kind.
     pub fn bundle_upload(&self) -> Result<BundleUpload> {
         let identity = self.identities.own()?;
         let mut one_time = Vec::new();
-        for id in self.pre_keys.ids() {
+        for id in self.pre_keys.ids().rev().take(ONE_TIME_PRE_KEYS) {
             let record = ready(self.pre_keys.get_pre_key(id.into()))?;
             one_time.push(OneTimePreKey { id, public: record.public_key()?.serialize().into_vec() });
         }
-        let kyber_one_time =
-            self.kyber_pre_keys.one_time_ids().map(|id| self.kyber_public(id)).collect::<Result<_>>()?;
+        let kyber_one_time = self
+            .kyber_pre_keys
+            .one_time_ids()
+            .rev()
+            .take(KYBER_ONE_TIME_PRE_KEYS)
+            .map(|id| self.kyber_public(id))
+            .collect::<Result<_>>()?;
         let signed_record = ready(self.signed_pre_keys.get_signed_pre_key(self.signed_pre_key_id.into()))?;
         Ok(BundleUpload {
             registration_id: self.identities.registration_id(),
@@ -160,14 +172,17 @@ impl E2ee {
         })
     }
 
-    /// Tops the one-time keys up to their full sets; returns the new ones to publish.
+    /// New one-time keys to bring the server's pool back to full sets, when it holds
+    /// `published` (EC, Kyber) of ours: the server's count, not ours, since the keys it
+    /// handed out are still here until a peer uses them. Returns the new ones to publish.
     pub fn replenish<R: Rng + CryptoRng>(
         &mut self,
         rng: &mut R,
         now: SystemTime,
+        published: (usize, usize),
     ) -> Result<(Vec<OneTimePreKey>, Vec<SignedPreKey>)> {
         let mut one_time = Vec::new();
-        while self.pre_keys.count() < ONE_TIME_PRE_KEYS {
+        for _ in published.0..ONE_TIME_PRE_KEYS {
             let id = self.next_pre_key_id;
             self.next_pre_key_id += 1;
             let pair = KeyPair::generate(rng);
@@ -175,9 +190,11 @@ impl E2ee {
             one_time.push(OneTimePreKey { id, public: pair.public_key.serialize().into_vec() });
         }
         let mut kyber = Vec::new();
-        while self.kyber_pre_keys.one_time_len() < KYBER_ONE_TIME_PRE_KEYS {
+        for _ in published.1..KYBER_ONE_TIME_PRE_KEYS {
             kyber.push(self.new_kyber_key(rng, now, true)?);
         }
+        self.pre_keys.keep_newest(MAX_KEPT_ONE_TIME);
+        self.kyber_pre_keys.keep_newest_one_time(MAX_KEPT_KYBER_ONE_TIME);
         Ok((one_time, kyber))
     }
 
@@ -240,11 +257,18 @@ impl E2ee {
         (self.pre_keys.count(), self.kyber_pre_keys.one_time_len())
     }
 
+    /// Whether we can encrypt to `peer`: a session with its pinned identity key (a session
+    /// begun by a changed key, or one older than the key the user accepted, is none).
     pub fn has_session(&self, peer: &str) -> bool {
-        ready(self.sessions.load_session(&address(peer))).is_ok_and(|s| s.is_some())
+        let Ok(Some(session)) = ready(self.sessions.load_session(&address(peer))) else { return false };
+        let pinned = self.identities.pinned(peer).and_then(|key| key.ok()).map(|key| key.serialize());
+        matches!((session.remote_identity_key_bytes(), pinned), (Ok(Some(remote)), Some(pinned)) if *remote == *pinned)
     }
 
-    /// Sets up a pairwise session with `peer` from its bundle (PQXDH), pinning its identity.
+    /// Sets up a pairwise session with `peer` from its bundle (PQXDH), pinning its identity
+    /// on first use. A bundle whose identity key differs from the pinned one starts no
+    /// session: its key is kept as pending and `Changed` is returned, so that nothing is
+    /// encrypted to it until the user accepts it.
     pub fn start_session<R: Rng + CryptoRng>(
         &mut self,
         peer: &str,
@@ -256,6 +280,10 @@ impl E2ee {
             Some(key) => Some((key.id.into(), PublicKey::deserialize(&key.public).map_err(SignalProtocolError::from)?)),
             None => None,
         };
+        let identity = IdentityKey::decode(&bundle.identity_key)?;
+        if self.identities.pinned(peer).is_some() && self.identities.see(peer, &identity) {
+            return Ok(IdentityStatus::Changed);
+        }
         let bundle = PreKeyBundle::new(
             bundle.registration_id,
             DeviceId::new(1).expect("1 is a valid device id"),
@@ -266,7 +294,7 @@ impl E2ee {
             bundle.kyber.id.into(),
             kem::PublicKey::deserialize(&bundle.kyber.public)?,
             bundle.kyber.signature.clone(),
-            IdentityKey::decode(&bundle.identity_key)?,
+            identity,
         )?;
         ready(libsignal_protocol::process_prekey_bundle(
             &address(peer),
@@ -294,7 +322,11 @@ impl E2ee {
             &mut self.identities,
             now,
             rng,
-        ))?;
+        ))
+        .map_err(|e| match e {
+            SignalProtocolError::UntrustedIdentity(_) => E2eeError::UntrustedIdentity(peer.to_owned()),
+            other => other.into(),
+        })?;
         let pre_key = matches!(message, CiphertextMessage::PreKeySignalMessage(_));
         Ok(Sealed { pre_key, bytes: message.serialize().to_vec() })
     }
@@ -372,10 +404,11 @@ impl E2ee {
     }
 
     /// The 60-digit safety number of us (`me`) and `peer`, as Signal shows it; both sides
-    /// see the same digits.
+    /// see the same digits. For a peer whose key changed, the number of the new key: the
+    /// one to compare before accepting it.
     pub fn safety_number(&self, me: &str, peer: &str) -> Result<String> {
         let own = self.identities.own()?;
-        let theirs = self.identities.pinned(peer).ok_or_else(|| E2eeError::UnknownPeer(peer.to_owned()))??;
+        let theirs = self.identities.newest(peer).ok_or_else(|| E2eeError::UnknownPeer(peer.to_owned()))??;
         let fingerprint = Fingerprint::new(
             FINGERPRINT_VERSION,
             FINGERPRINT_ITERATIONS,
@@ -397,7 +430,8 @@ impl E2ee {
         self.identities.is_verified(peer)
     }
 
-    /// The user compared safety numbers and accepts `peer`'s current identity.
+    /// The user compared safety numbers and accepts `peer`'s newest identity key: from now
+    /// on it is pinned, and the one we encrypt to.
     pub fn accept_identity(&mut self, peer: &str) {
         self.identities.accept(peer);
     }

@@ -2,9 +2,11 @@
 //! can be sealed in the vault and restored. One struct per store trait, because
 //! libsignal borrows several stores mutably at once.
 //!
-//! Identities are trusted on first use and pinned: a peer whose identity key changes is
-//! still let through (the conversation goes on) but recorded as changed until the user
-//! accepts the new key, which [`Identities::status`] reports.
+//! Identities are trusted on first use and pinned. A key that differs from the pinned one
+//! is kept aside as pending: what it sends is still read (and flagged), but libsignal
+//! refuses to encrypt anything to it, or to start a session with it, until the user
+//! compared safety numbers and accepted it ([`Identities::accept`]). So a relay that
+//! hands out another key under a known name learns nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -41,10 +43,10 @@ pub struct Identities {
     /// `IdentityKeyPair::serialize`.
     own: Zeroizing<Vec<u8>>,
     registration_id: u32,
-    /// Peer address → pinned identity key.
+    /// Peer address → pinned identity key: the one we encrypt to.
     peers: BTreeMap<String, Vec<u8>>,
-    /// Peers whose key changed since it was pinned and who are not accepted again yet.
-    changed: BTreeSet<String>,
+    /// Peer address → a key seen since that differs from the pinned one, not accepted yet.
+    pending: BTreeMap<String, Vec<u8>>,
     /// Peers whose current key the user accepted after comparing safety numbers.
     verified: BTreeSet<String>,
 }
@@ -55,7 +57,7 @@ impl Identities {
             own: Zeroizing::new(own.serialize().into_vec()),
             registration_id,
             peers: BTreeMap::new(),
-            changed: BTreeSet::new(),
+            pending: BTreeMap::new(),
             verified: BTreeSet::new(),
         }
     }
@@ -68,17 +70,44 @@ impl Identities {
         self.registration_id
     }
 
+    /// The key pinned for `peer`, the one we encrypt to.
     pub fn pinned(&self, peer: &str) -> Option<Result<IdentityKey>> {
         self.peers.get(peer).map(|key| IdentityKey::decode(key))
     }
 
-    pub fn status(&self, peer: &str) -> IdentityStatus {
-        if self.changed.contains(peer) { IdentityStatus::Changed } else { IdentityStatus::Trusted }
+    /// The newest key seen for `peer`: the pending one if its key changed, else the
+    /// pinned one. Its safety number is the one to compare before accepting.
+    pub fn newest(&self, peer: &str) -> Option<Result<IdentityKey>> {
+        self.pending.get(peer).or_else(|| self.peers.get(peer)).map(|key| IdentityKey::decode(key))
     }
 
-    /// The user compared safety numbers and accepts the peer's current key.
+    pub fn status(&self, peer: &str) -> IdentityStatus {
+        if self.pending.contains_key(peer) { IdentityStatus::Changed } else { IdentityStatus::Trusted }
+    }
+
+    /// Pins `key` for `peer` if it has none (first use); a different key from the pinned
+    /// one becomes pending. Whether the key differs from the pinned one.
+    pub fn see(&mut self, peer: &str, key: &IdentityKey) -> bool {
+        let key = key.serialize().into_vec();
+        match self.peers.get(peer) {
+            None => {
+                self.peers.insert(peer.to_owned(), key);
+                false
+            }
+            Some(pinned) if *pinned == key => false,
+            Some(_) => {
+                self.verified.remove(peer);
+                self.pending.insert(peer.to_owned(), key);
+                true
+            }
+        }
+    }
+
+    /// The user compared safety numbers and accepts the peer's newest key: it is pinned.
     pub fn accept(&mut self, peer: &str) {
-        self.changed.remove(peer);
+        if let Some(key) = self.pending.remove(peer) {
+            self.peers.insert(peer.to_owned(), key);
+        }
         self.verified.insert(peer.to_owned());
     }
 
@@ -98,26 +127,21 @@ impl IdentityKeyStore for Identities {
     }
 
     async fn save_identity(&mut self, address: &ProtocolAddress, identity: &IdentityKey) -> Result<IdentityChange> {
-        let key = identity.serialize().into_vec();
-        let name = address.name().to_owned();
-        let changed = self.peers.get(&name).is_some_and(|pinned| *pinned != key);
-        if changed {
-            self.verified.remove(&name);
-            self.changed.insert(name.clone());
-        }
-        self.peers.insert(name, key);
-        Ok(IdentityChange::from_changed(changed))
+        Ok(IdentityChange::from_changed(self.see(address.name(), identity)))
     }
 
     async fn is_trusted_identity(
         &self,
-        _address: &ProtocolAddress,
-        _identity: &IdentityKey,
-        _direction: Direction,
+        address: &ProtocolAddress,
+        identity: &IdentityKey,
+        direction: Direction,
     ) -> Result<bool> {
-        // Trust on first use; a changed key is let through and flagged (see save_identity),
-        // so that the user decides with the safety number in front of them.
-        Ok(true)
+        // Trust on first use. A key other than the pinned one may be read from (what it
+        // says is flagged as from a changed identity), never encrypted to.
+        Ok(match self.peers.get(address.name()) {
+            None => true,
+            Some(pinned) => *pinned == identity.serialize().as_ref() || direction == Direction::Receiving,
+        })
     }
 
     async fn get_identity(&self, address: &ProtocolAddress) -> Result<Option<IdentityKey>> {
@@ -146,12 +170,19 @@ impl SessionStore for Sessions {
 pub struct PreKeys(BTreeMap<u32, Zeroizing<Vec<u8>>>);
 
 impl PreKeys {
-    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+    pub fn ids(&self) -> impl DoubleEndedIterator<Item = u32> + '_ {
         self.0.keys().copied()
     }
 
     pub fn count(&self) -> usize {
         self.0.len()
+    }
+
+    /// Drops the oldest keys beyond `max` (ids grow, so the lowest are the oldest).
+    pub fn keep_newest(&mut self, max: usize) {
+        while self.0.len() > max {
+            self.0.pop_first();
+        }
     }
 }
 
@@ -200,12 +231,21 @@ impl KyberPreKeys {
         self.one_time.insert(id);
     }
 
-    pub fn one_time_ids(&self) -> impl Iterator<Item = u32> + '_ {
+    pub fn one_time_ids(&self) -> impl DoubleEndedIterator<Item = u32> + '_ {
         self.one_time.iter().copied()
     }
 
     pub fn one_time_len(&self) -> usize {
         self.one_time.len()
+    }
+
+    /// Drops the oldest one-time keys beyond `max`; the last-resort key stays.
+    pub fn keep_newest_one_time(&mut self, max: usize) {
+        while self.one_time.len() > max {
+            if let Some(id) = self.one_time.pop_first() {
+                self.records.remove(&id);
+            }
+        }
     }
 }
 

@@ -124,9 +124,29 @@ fn the_bundle_fits_a_control_frame_and_replenishing_tops_it_up() {
     alice.connect(&bob);
     let sealed = alice.send("bob", "x");
     bob.receive("alice", &sealed);
-    let (one_time, kyber) = bob.e2ee.replenish(&mut bob.rng, now()).unwrap();
-    assert_eq!((one_time.len(), kyber.len()), (1, 1));
-    assert!(one_time[0].id > upload.one_time.last().unwrap().id, "ids are never reused");
+    // The server says how many of ours it holds: the keys it handed out are made anew,
+    // even though bob still has them (a peer may yet use one).
+    let old_max = upload.one_time.iter().map(|k| k.id).max().unwrap();
+    let (one_time, kyber) = bob.e2ee.replenish(&mut bob.rng, now(), (ONE_TIME_PRE_KEYS - 30, 3)).unwrap();
+    assert_eq!((one_time.len(), kyber.len()), (30, KYBER_ONE_TIME_PRE_KEYS - 3));
+    assert!(one_time[0].id > old_max, "ids are never reused");
+    // A bundle handed out before (the server's second: alice used the first) still opens
+    // a session.
+    let mut carol = Client::new("carol", 7);
+    let mut stored = StoredBundle::new(upload).unwrap();
+    stored.hand_out(true);
+    let early = stored.hand_out(true);
+    carol.e2ee.start_session("bob", &early, now(), &mut carol.rng).unwrap();
+    let sealed = carol.send("bob", "late but fine");
+    assert_eq!(bob.receive("carol", &sealed).0, "late but fine");
+    // What bob keeps is bounded (the oldest unused keys go), and he publishes the newest.
+    for _ in 0..10 {
+        bob.e2ee.replenish(&mut bob.rng, now(), (0, 0)).unwrap();
+    }
+    assert_eq!(bob.e2ee.one_time_keys_left(), (2 * ONE_TIME_PRE_KEYS, 2 * KYBER_ONE_TIME_PRE_KEYS));
+    let newest = bob.e2ee.bundle_upload().unwrap();
+    assert_eq!((newest.one_time.len(), newest.kyber_one_time.len()), (ONE_TIME_PRE_KEYS, KYBER_ONE_TIME_PRE_KEYS));
+    assert!(newest.one_time.iter().all(|k| k.id > old_max + 30));
 }
 
 #[test]
@@ -173,18 +193,43 @@ fn safety_numbers_match_on_both_sides_and_a_changed_identity_is_flagged() {
     assert_eq!(number, bob.e2ee.safety_number("bob", "alice").unwrap());
     assert!(matches!(alice.e2ee.safety_number("alice", "nobody"), Err(E2eeError::UnknownPeer(_))));
 
-    // Bob reinstalls (or someone else takes his name): a new identity key.
+    // Bob reinstalls, or a relay hands out someone else's key under his name.
     let mut new_bob = Client::new("bob", 22);
     assert_eq!(alice.connect(&new_bob), IdentityStatus::Changed);
-    let sealed = alice.send("bob", "is that you?");
-    assert_eq!(new_bob.receive("alice", &sealed).0, "is that you?");
+    assert!(alice.e2ee.has_session("bob"), "the session with the pinned key stays; none with the new one");
     let changed_number = alice.e2ee.safety_number("alice", "bob").unwrap();
-    assert_ne!(changed_number, number);
+    assert_ne!(changed_number, number, "the number to compare is the new key's");
     assert_eq!(alice.e2ee.identity_status("bob"), IdentityStatus::Changed);
     assert!(!alice.e2ee.is_verified("bob"));
+    // Whatever alice encrypts for "bob" now is for the pinned key: the new one opens nothing.
+    let sealed = alice.send("bob", "still for the old bob");
+    assert!(new_bob.e2ee.decrypt("alice", &sealed, &mut new_bob.rng).is_err());
+
+    // The new key speaks first: it is read, flagged, and still not encrypted to.
+    let carol = Client::new("carol", 23);
+    let mut new_carol = Client::new("carol", 24);
+    alice.connect(&carol);
+    new_carol.connect(&alice);
+    let sealed = new_carol.send("alice", "it is me, carol");
+    assert_eq!(alice.receive("carol", &sealed), ("it is me, carol".into(), IdentityStatus::Changed));
+    assert!(!alice.e2ee.has_session("carol"));
+    assert!(matches!(
+        alice.e2ee.encrypt("carol", b"secret", now(), &mut alice.rng),
+        Err(E2eeError::UntrustedIdentity(_))
+    ));
+
+    // Accepted after comparing: the new key is pinned and sessions start with it.
     alice.e2ee.accept_identity("bob");
     assert_eq!(alice.e2ee.identity_status("bob"), IdentityStatus::Trusted);
     assert!(alice.e2ee.is_verified("bob"));
+    assert_eq!(alice.e2ee.safety_number("alice", "bob").unwrap(), changed_number);
+    assert_eq!(alice.connect(&new_bob), IdentityStatus::Trusted);
+    let sealed = alice.send("bob", "is that you?");
+    assert_eq!(new_bob.receive("alice", &sealed).0, "is that you?");
+    alice.e2ee.accept_identity("carol");
+    assert!(alice.e2ee.has_session("carol"), "the session the accepted key began");
+    let sealed = alice.send("carol", "welcome back");
+    assert_eq!(new_carol.receive("alice", &sealed).0, "welcome back");
 }
 
 #[test]

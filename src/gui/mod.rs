@@ -48,6 +48,12 @@ pub enum UiCommand {
         target: String,
         fingerprint: String,
     },
+    /// Replace the pinned certificate of the server behind `target` with `fingerprint`
+    /// (the one it presents now), after the user typed its beginning on the stop screen.
+    ReplacePin {
+        target: String,
+        fingerprint: String,
+    },
     SaveServer(String),
     /// Run a relay in this process on `port` and connect to it; the invite link to share
     /// names `public` (this computer's address for the others) when given.
@@ -66,6 +72,16 @@ pub enum UiCommand {
     SaveSettings(Box<Settings>),
     /// Anything the client core takes as it is.
     Client(Command),
+}
+
+/// Which certificate a connection accepts.
+enum Pin {
+    /// The one pinned in the vault (or the link's, for a server not pinned yet).
+    Stored,
+    /// An unknown server's, which the user checked.
+    Trust(String),
+    /// This one, in place of the pinned one: the user confirmed the change.
+    Replace(String),
 }
 
 /// What the background work reports to the app.
@@ -201,13 +217,12 @@ impl App {
                 self.unlock(password, true);
             }
             UiCommand::Unlock { password } => self.unlock(password, false),
-            UiCommand::Connect { target } => self.connect(target, None),
-            UiCommand::Trust { target, fingerprint } => self.connect(target, Some(fingerprint)),
+            UiCommand::Connect { target } => self.connect(target, Pin::Stored),
+            UiCommand::Trust { target, fingerprint } => self.connect(target, Pin::Trust(fingerprint)),
+            UiCommand::ReplacePin { target, fingerprint } => self.connect(target, Pin::Replace(fingerprint)),
             UiCommand::SaveServer(server) => {
-                if !self.model.settings.saved_servers.contains(&server) {
-                    self.model.settings.saved_servers.push(server);
-                    self.save_settings();
-                }
+                self.model.settings.save_server(&server);
+                self.save_settings();
             }
             UiCommand::Host { port, public } => self.host(port, public),
             UiCommand::Disconnect => {
@@ -297,7 +312,7 @@ impl App {
         });
     }
 
-    fn connect(&mut self, target: String, fingerprint: Option<String>) {
+    fn connect(&mut self, target: String, pin: Pin) {
         self.stop_client();
         let mut link: ServerLink = match target.parse() {
             Ok(link) => link,
@@ -306,8 +321,10 @@ impl App {
                 return;
             }
         };
-        if let Some(fp) = fingerprint {
+        let mut replace_pin = None;
+        if let Pin::Trust(fp) | Pin::Replace(fp) = &pin {
             match fp.parse() {
+                Ok(fp) if matches!(pin, Pin::Replace(_)) => replace_pin = Some(fp),
                 Ok(fp) => link.fingerprint = Some(fp),
                 Err(e) => {
                     self.model.error = Some(format!("fingerprint: {e}"));
@@ -323,6 +340,7 @@ impl App {
             invite: link.invite.clone(),
         });
         let options = JoinOptions {
+            replace_pin,
             name: settings.name.clone(),
             join,
             trust_on_first_use: false,
@@ -420,7 +438,7 @@ impl App {
                 Update::Hosting(Ok((invite, share, task))) => {
                     self.hosted = Some(task);
                     self.model.hosting = Some(share);
-                    self.connect(invite, None);
+                    self.connect(invite, Pin::Stored);
                 }
                 Update::Hosting(Err(e)) => self.model.error = Some(e),
                 Update::GlobalPushToTalk(held) => {
@@ -443,8 +461,12 @@ impl App {
                 self.model.screen = Screen::Trust { target, server, fingerprint: seen.to_string() };
             }
             Err(ClientError::CertificateChanged { server, expected, actual }) => {
-                self.model.screen =
-                    Screen::CertificateChanged { server, expected: expected.to_string(), actual: actual.to_string() };
+                self.model.screen = Screen::CertificateChanged {
+                    target,
+                    server,
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                };
             }
             Err(e @ (ClientError::Lost(_) | ClientError::Connect { .. }))
                 if self.model.me.is_some() || self.reconnect.is_some() =>
@@ -471,7 +493,7 @@ impl App {
         let Some((target, attempt, due)) = self.reconnect.clone() else { return };
         let now = self.ctx.input(|i| i.time);
         if now >= due {
-            self.connect(target.clone(), None);
+            self.connect(target.clone(), Pin::Stored);
             // Due again only when this attempt fails (see `ended`).
             self.reconnect = Some((target, attempt, f64::INFINITY));
         } else if let Screen::Reconnecting { in_secs, .. } = &mut self.model.screen {

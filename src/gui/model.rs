@@ -28,8 +28,10 @@ pub enum Screen {
         server: String,
         fingerprint: String,
     },
-    /// A pinned server presented another certificate: a full stop.
+    /// A pinned server presented another certificate (or a link named another one): a
+    /// full stop, past which only the deliberate replace step goes.
     CertificateChanged {
+        target: String,
         server: String,
         expected: String,
         actual: String,
@@ -93,6 +95,8 @@ pub struct Drafts {
     pub host_port: String,
     /// The host name or address the hosted server's invite link names.
     pub host_address: String,
+    /// On the certificate-changed screen: the beginning of the new fingerprint, typed.
+    pub replace_confirmation: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -109,6 +113,8 @@ pub struct Safety {
     pub user: String,
     pub number: String,
     pub verified: bool,
+    /// The number is for a new identity key, not accepted yet.
+    pub identity_changed: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -242,12 +248,17 @@ impl Model {
                     line.delivered = Some((*reached, *total));
                 }
             }
-            Event::Safety { user, number, verified, .. } => {
+            Event::Safety { user, number, verified, identity_changed } => {
                 if *verified {
                     self.verified.insert(user.clone());
                     self.identity_changed.remove(user);
                 }
-                self.safety = Some(Safety { user: user.clone(), number: number.clone(), verified: *verified });
+                self.safety = Some(Safety {
+                    user: user.clone(),
+                    number: number.clone(),
+                    verified: *verified,
+                    identity_changed: *identity_changed,
+                });
             }
             Event::IdentityChanged { user } => {
                 self.identity_changed.insert(user.clone());

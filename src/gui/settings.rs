@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audio::dsp::VoiceMode;
 use crate::config::files::write_private_atomic;
+use crate::protocol::ServerLink;
 
 /// Servers remembered as recent, newest first.
 pub const MAX_RECENT: usize = 8;
@@ -31,7 +32,8 @@ pub struct Settings {
     /// Whether the push-to-talk key works in every window (X11, Windows, macOS): it is then
     /// grabbed system-wide, so choose a key you do not type with.
     pub global_push_to_talk: bool,
-    /// Server addresses or invite links the user saved.
+    /// Servers the user saved, and the recent ones: `host:port` only. A link's fingerprint
+    /// never pins from here (the vault holds the pins) and its invite token is a secret.
     pub saved_servers: Vec<String>,
     pub recent_servers: Vec<String>,
 }
@@ -69,7 +71,16 @@ impl Settings {
     /// The settings in `path`, or the defaults when there is no file yet.
     pub fn load(path: &Path) -> Result<Settings, SettingsError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).map_err(|source| SettingsError::Parse { path: path.to_owned(), source }),
+            Ok(text) => {
+                let mut settings: Settings =
+                    toml::from_str(&text).map_err(|source| SettingsError::Parse { path: path.to_owned(), source })?;
+                // Older files kept whole invite links: keep only where they point.
+                for list in [&mut settings.saved_servers, &mut settings.recent_servers] {
+                    let mut seen = std::collections::BTreeSet::new();
+                    *list = list.iter().map(|s| remembered(s)).filter(|s| seen.insert(s.clone())).collect();
+                }
+                Ok(settings)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
             Err(source) => Err(SettingsError::Read { path: path.to_owned(), source }),
         }
@@ -84,12 +95,27 @@ impl Settings {
         write_private_atomic(path, text.as_bytes()).map_err(write)
     }
 
-    /// Remembers `server` as the most recent one.
-    pub fn used(&mut self, server: &str) {
-        self.recent_servers.retain(|s| s != server);
-        self.recent_servers.insert(0, server.to_owned());
+    /// Remembers `target` (an address or an invite link) as the most recent server.
+    pub fn used(&mut self, target: &str) {
+        let server = remembered(target);
+        self.recent_servers.retain(|s| *s != server);
+        self.recent_servers.insert(0, server);
         self.recent_servers.truncate(MAX_RECENT);
     }
+
+    /// Saves `target` (an address or an invite link) among the saved servers.
+    pub fn save_server(&mut self, target: &str) {
+        let server = remembered(target);
+        if !self.saved_servers.contains(&server) {
+            self.saved_servers.push(server);
+        }
+    }
+}
+
+/// What is remembered of a server the user connected to: its `host:port`, without the
+/// link's fingerprint, channel or invite token.
+fn remembered(target: &str) -> String {
+    target.parse::<ServerLink>().map_or_else(|_| target.to_owned(), |link| link.authority())
 }
 
 #[cfg(test)]
@@ -110,6 +136,19 @@ mod tests {
         assert_eq!(settings.recent_servers[0], "host3:9987");
         settings.save(&path).unwrap();
         assert_eq!(Settings::load(&path).unwrap(), settings);
+        // An invite link is remembered as its address: no fingerprint, no token.
+        let fp = "ab".repeat(32);
+        settings.used(&format!("voipc://host3:9987/?fp={fp}&channel=Den&invite=secret"));
+        settings.save_server(&format!("voipc://saved.example:1/?fp={fp}&invite=secret"));
+        assert_eq!(settings.recent_servers[0], "host3:9987");
+        assert_eq!(settings.recent_servers.len(), MAX_RECENT, "the same server once");
+        assert_eq!(settings.saved_servers, ["saved.example:1"]);
+        settings.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("secret") && !text.contains(&fp), "{text}");
+        // A file an older version wrote with whole links is cleaned when read.
+        std::fs::write(&path, format!("recent_servers = [\"voipc://a:1/?fp={fp}&invite=secret\", \"a:1\"]")).unwrap();
+        assert_eq!(Settings::load(&path).unwrap().recent_servers, ["a:1"]);
         std::fs::write(&path, "scale = \"big\"").unwrap();
         assert!(matches!(Settings::load(&path), Err(SettingsError::Parse { .. })));
     }

@@ -4,7 +4,7 @@
 use std::sync::mpsc::{Receiver, channel};
 
 use egui_kittest::Harness;
-use egui_kittest::kittest::{NodeT, Queryable};
+use egui_kittest::kittest::Queryable;
 
 use super::model::{Conversation, Model, Screen};
 use super::{UiCommand, views};
@@ -103,7 +103,7 @@ fn connect_takes_an_address_a_saved_server_or_hosts_one() {
 }
 
 #[test]
-fn an_unknown_server_asks_and_a_changed_certificate_only_goes_back() {
+fn an_unknown_server_asks_and_a_changed_certificate_stops_until_replaced_deliberately() {
     let fingerprint = "ab".repeat(32);
     let (tx, rx) = channel();
     let fp = fingerprint.clone();
@@ -114,18 +114,37 @@ fn an_unknown_server_asks_and_a_changed_certificate_only_goes_back() {
     h.run();
     assert_eq!(sent(&rx), [UiCommand::Trust { target: "h:1".into(), fingerprint: fingerprint.clone() }]);
 
-    let (tx, rx) = channel();
-    let (expected, actual) = ("11".repeat(32), "22".repeat(32));
-    let mut h = Harness::new_ui(move |ui| views::certificate_changed(ui, "h:1", &expected, &actual, &tx));
-    h.run();
-    assert!(h.query_by_label_contains("1111 1111").is_some() && h.query_by_label_contains("2222 2222").is_some());
-    // No way past: the only button goes back.
-    let buttons: Vec<String> =
-        h.get_all_by_role(egui::accesskit::Role::Button).filter_map(|b| b.accesskit_node().label()).collect();
-    assert_eq!(buttons, ["Back"]);
+    let (expected, actual) = ("11".repeat(32), "2a".repeat(32));
+    let model = Model {
+        screen: Screen::CertificateChanged {
+            target: "h:1".into(),
+            server: "h:1".into(),
+            expected: expected.clone(),
+            actual: actual.clone(),
+        },
+        ..Model::default()
+    };
+    let (mut h, rx) = harness(model, views::window);
+    assert!(h.query_by_label_contains("1111 1111").is_some() && h.query_by_label_contains("2a2a 2a2a").is_some());
     h.get_by_label("Back").click();
     h.run();
     assert_eq!(sent(&rx), [UiCommand::Disconnect]);
+    // Replacing the pin is a deliberate step: open it, type the new fingerprint's start.
+    h.get_by_label("Replace the pinned certificate").click();
+    h.run();
+    let replace = "Replace the pinned certificate and connect";
+    for wrong in ["", "2a2a", "11111111", "2a2a2a2b"] {
+        h.state_mut().drafts.replace_confirmation = wrong.into();
+        h.run();
+        h.get_by_label(replace).click();
+        h.run();
+        assert_eq!(sent(&rx), [], "{wrong:?} does not confirm");
+    }
+    h.state_mut().drafts.replace_confirmation = "2A:2A:2A:2A".into();
+    h.run();
+    h.get_by_label(replace).click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::ReplacePin { target: "h:1".into(), fingerprint: actual }]);
 }
 
 #[test]

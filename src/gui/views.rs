@@ -44,8 +44,8 @@ pub fn window(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
         Screen::Trust { target, server, fingerprint } => {
             centered(ui, |ui| trust(ui, &target, &server, &fingerprint, tx))
         }
-        Screen::CertificateChanged { server, expected, actual } => {
-            centered(ui, |ui| certificate_changed(ui, &server, &expected, &actual, tx));
+        Screen::CertificateChanged { target, server, expected, actual } => {
+            centered(ui, |ui| certificate_changed(ui, model, &target, &server, &expected, &actual, tx));
         }
         Screen::Main => main(ui, model, tx),
     }
@@ -211,26 +211,57 @@ pub fn trust(ui: &mut Ui, target: &str, server: &str, fingerprint: &str, tx: &Se
     });
 }
 
-/// A pinned server changed its certificate: stop, show both, offer no way past.
-pub fn certificate_changed(ui: &mut Ui, server: &str, expected: &str, actual: &str, tx: &Sender<UiCommand>) {
+/// How many characters of the new fingerprint the user types to replace a pin.
+pub const REPLACE_CONFIRMATION_CHARS: usize = 8;
+
+/// A pinned server changed its certificate (or a link named another one): stop, show
+/// both. The only way past is deliberate: the user types the beginning of the new
+/// fingerprint, as the operator gave it to them, and replaces the pin.
+pub fn certificate_changed(
+    ui: &mut Ui,
+    model: &mut Model,
+    target: &str,
+    server: &str,
+    expected: &str,
+    actual: &str,
+    tx: &Sender<UiCommand>,
+) {
     ui.heading(RichText::new("STOP: the server's certificate has CHANGED").color(WARNING));
     ui.label(format!(
-        "{server} presented a different certificate from the one pinned on this device. This can be an attack on \
-         your connection. VoIPC did not connect."
+        "{server} presented (or the link you used named) a different certificate from the one pinned on this \
+         device. This can be an attack on your connection. VoIPC did not connect."
     ));
     ui.add_space(6.0);
     ui.label("Pinned:");
     ui.code(fingerprint_lines(expected));
-    ui.label("Presented now:");
+    ui.label("New:");
     ui.code(fingerprint_lines(actual));
     ui.add_space(6.0);
-    ui.label(
-        "If the operator really replaced the certificate, ask them for the new invite link (it carries the new \
-         fingerprint) and connect with that.",
-    );
     if ui.button("Back").clicked() {
+        model.drafts.replace_confirmation.clear();
         send(tx, UiCommand::Disconnect);
     }
+    ui.add_space(12.0);
+    ui.collapsing("Replace the pinned certificate", |ui| {
+        ui.label(format!(
+            "Only if the server's operator told you they replaced the certificate and gave you its new \
+             fingerprint. Type the first {REPLACE_CONFIRMATION_CHARS} characters of the new fingerprint as they \
+             gave it to you:"
+        ));
+        labelled(
+            ui,
+            "New fingerprint begins with",
+            egui::TextEdit::singleline(&mut model.drafts.replace_confirmation).desired_width(100.0),
+        );
+        let typed: String =
+            model.drafts.replace_confirmation.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
+        let confirmed = typed.len() == REPLACE_CONFIRMATION_CHARS
+            && actual.get(..REPLACE_CONFIRMATION_CHARS).is_some_and(|start| start.eq_ignore_ascii_case(&typed));
+        if ui.add_enabled(confirmed, egui::Button::new("Replace the pinned certificate and connect")).clicked() {
+            model.drafts.replace_confirmation.clear();
+            send(tx, UiCommand::ReplacePin { target: target.to_owned(), fingerprint: actual.to_owned() });
+        }
+    });
 }
 
 /// 64 hex digits in groups of four, two lines.
@@ -368,7 +399,7 @@ fn user_row(ui: &mut Ui, model: &mut Model, user: &str, tx: &Sender<UiCommand>) 
         ((me && model.muted) || model.muted_users.contains(user), " [muted]"),
         ((me && model.deafened) || model.deafened_users.contains(user), " [deafened]"),
         (model.verified.contains(user), " [verified]"),
-        (model.identity_changed.contains(user), " [identity changed]"),
+        (model.identity_changed.contains(user), " [identity changed: not receiving your messages or voice]"),
         (model.locally_muted.contains(user), " [muted for you]"),
     ] {
         if shown {
@@ -568,7 +599,10 @@ pub fn chat(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     {
         ui.colored_label(
             WARNING,
-            format!("{peer}'s identity key changed. Compare safety numbers before trusting them."),
+            format!(
+                "{peer}'s identity key changed: they receive none of your messages or voice until you compare \
+                 safety numbers and accept the new identity."
+            ),
         );
     }
     let composer_height = 64.0;
@@ -622,9 +656,17 @@ fn safety(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
         let digits: Vec<&str> =
             safety.number.as_bytes().chunks(5).map(|c| std::str::from_utf8(c).unwrap_or("")).collect();
         ui.code(digits.chunks(4).map(|row| row.join(" ")).collect::<Vec<_>>().join("\n"));
+        if safety.identity_changed {
+            ui.colored_label(
+                WARNING,
+                "These are the digits of their NEW identity key. Until you accept it, they receive none of your \
+                 messages or voice.",
+            );
+        }
+        let accept = if safety.identity_changed { "Accept new identity" } else { "Mark as verified" };
         if safety.verified {
             ui.label(RichText::new("Verified").color(SPEAKING));
-        } else if ui.button("Mark as verified").clicked() {
+        } else if ui.button(accept).clicked() {
             client(tx, Command::Verify(safety.user.clone()));
         }
     });

@@ -86,8 +86,12 @@ impl ClientError {
 /// How `voipc join` was asked to connect.
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
-    /// Where, with the fingerprint from `--fingerprint` or the link.
+    /// Where, with the fingerprint the link carried (if any): it pins a server this
+    /// device has not pinned yet, and never replaces a pin.
     pub link: ServerLink,
+    /// A fingerprint given explicitly (`--fingerprint`, or the desktop app's "replace the
+    /// pinned certificate" step): the only thing that replaces a stored pin.
+    pub replace_pin: Option<Fingerprint>,
     pub name: String,
     pub join: Option<JoinRequest>,
     pub trust_on_first_use: bool,
@@ -195,17 +199,28 @@ pub async fn connect_pinned(options: &JoinOptions) -> Result<(Connected, ClientS
     })
     .await
     .map_err(|e| ClientError::Setup(format!("vault task failed: {e}")))??;
-    let policy = match (options.link.fingerprint, known.pinned(&server)) {
-        (Some(given), _) => PinPolicy::Pinned(given),
-        (None, Some(pinned)) => PinPolicy::Pinned(pinned),
-        (None, None) if options.trust_on_first_use => PinPolicy::TrustOnFirstUse,
-        (None, None) => PinPolicy::RefuseUnknown,
-    };
+    let policy = pin_policy(&server, options, known.pinned(&server))?;
     let connected = connect(&options.link, policy).await?;
     if known.pinned(&server) != Some(connected.fingerprint) {
         known.pin(&server, connected.fingerprint)?;
     }
     Ok((connected, known))
+}
+
+/// How to check the server's certificate: an explicit fingerprint first; then the stored
+/// pin, which a link's different fingerprint does not replace (a crafted invite for a
+/// server the user trusts stops as a changed certificate would); then the link's; then
+/// trust on first use if asked for.
+fn pin_policy(server: &str, options: &JoinOptions, stored: Option<Fingerprint>) -> Result<PinPolicy, ClientError> {
+    Ok(match (options.replace_pin, stored, options.link.fingerprint) {
+        (Some(explicit), _, _) => PinPolicy::Pinned(explicit),
+        (None, Some(expected), Some(actual)) if expected != actual => {
+            return Err(ClientError::CertificateChanged { server: server.to_owned(), expected, actual });
+        }
+        (None, Some(pinned), _) | (None, None, Some(pinned)) => PinPolicy::Pinned(pinned),
+        (None, None, None) if options.trust_on_first_use => PinPolicy::TrustOnFirstUse,
+        (None, None, None) => PinPolicy::RefuseUnknown,
+    })
 }
 
 /// Writes events as JSON lines or as text, one per line, flushed at once so that a
@@ -376,7 +391,7 @@ pub async fn run_client(
 /// Hands a server message to the session, remembering an error that ends the connection.
 fn handle_frame(session: &mut Session, msg: ServerMsg, fatal: &mut Option<ClientError>) -> Result<(), ClientError> {
     if let ServerMsg::Error { code, message } = &msg
-        && code.is_fatal()
+        && code.closes_connection(session.me().is_some())
     {
         *fatal = Some(ClientError::Refused { code: code.as_str().to_owned(), message: message.clone() });
     }

@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::framing::{ReadFrameError, read_frame};
 use super::tls::{Identity, server_tls};
 use crate::protocol::{ClientMsg, ErrorCode, Fingerprint, FrameError, ServerMsg, encode_frame};
-use crate::relay::{ConnId, Input, Output, Relay, password};
+use crate::relay::{ConnId, Input, Output, Relay, Source, password};
 
 /// Control frames queued for one slow client before it is disconnected.
 const CONTROL_QUEUE: usize = 1024;
@@ -165,7 +165,7 @@ impl Shared {
             let id = ConnId(state.next_conn);
             state.next_conn += 1;
             state.conns.insert(id, ConnHandle { connection: connection.clone(), control: tx });
-            self.input(&mut state, id, Input::Connected);
+            self.input(&mut state, id, Input::Connected { source: Source::of(connection.remote_address().ip()) });
             id
         };
         let span = info_span!("conn", id = id.0, remote = %connection.remote_address());

@@ -66,9 +66,13 @@ impl Identity {
     }
 
     /// The identity stored in `dir`, generated and stored there (mode 0600) on first use.
+    /// The key is written first and the certificate last, each atomically: a certificate
+    /// on disk means both are complete. A key without a certificate is what a crash during
+    /// the first start leaves; no client can have pinned a certificate never written, so
+    /// a new pair replaces it.
     pub fn load_or_create(dir: &Path) -> anyhow::Result<(Identity, Option<PathBuf>)> {
         let (cert, key) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
-        if cert.exists() || key.exists() {
+        if cert.exists() {
             return Ok((Identity::load(&cert, &key)?, None));
         }
         let (identity, cert_pem, key_pem) = Identity::generate()?;
@@ -242,5 +246,19 @@ mod tests {
             let mode = std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn a_first_start_cut_short_after_the_key_starts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // The key is written first; a crash before the certificate leaves only the key.
+        std::fs::write(dir.path().join(KEY_FILE), "-----BEGIN PRIVATE KEY-----\ncut sh").unwrap();
+        let (first, created) = Identity::load_or_create(dir.path()).unwrap();
+        assert!(created.is_some(), "a new pair");
+        let (again, _) = Identity::load_or_create(dir.path()).unwrap();
+        assert_eq!(first.fingerprint(), again.fingerprint());
+        // A certificate without its key is the operator's to mend: refused, not replaced.
+        std::fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
+        assert!(Identity::load_or_create(dir.path()).is_err());
     }
 }

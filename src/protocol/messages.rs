@@ -228,20 +228,23 @@ impl ErrorCode {
         }
     }
 
-    /// Errors after which the server closes the connection.
-    pub fn is_fatal(self) -> bool {
-        matches!(
-            self,
+    /// Whether the server closes the connection after this error: before the welcome
+    /// (`welcomed` false) a refused hello does; afterwards only a frame it cannot read. A
+    /// name refused once welcomed is a channel's, and the session goes on.
+    pub fn closes_connection(self, welcomed: bool) -> bool {
+        match self {
+            ErrorCode::MalformedFrame | ErrorCode::FrameTooLarge => true,
             ErrorCode::VersionMismatch
-                | ErrorCode::HelloRequired
-                | ErrorCode::HelloTimeout
-                | ErrorCode::ServerFull
-                | ErrorCode::ServerBusy
-                | ErrorCode::NameTaken
-                | ErrorCode::NameInvalid
-                | ErrorCode::MalformedFrame
-                | ErrorCode::FrameTooLarge
-        )
+            | ErrorCode::HelloRequired
+            | ErrorCode::HelloTimeout
+            | ErrorCode::ServerFull
+            | ErrorCode::ServerBusy
+            | ErrorCode::NameTaken
+            | ErrorCode::NameInvalid
+            | ErrorCode::NameTooLong
+            | ErrorCode::InvalidRequest => !welcomed,
+            _ => false,
+        }
     }
 }
 
@@ -261,27 +264,123 @@ mod tests {
         assert_eq!(decode_frame::<T>(&frame[LEN_PREFIX..]).unwrap(), msg);
     }
 
-    #[test]
-    fn every_client_message_round_trips() {
-        let join =
-            JoinRequest { channel: "Gaming".into(), password: Some("hunter2".into()), invite: Some("abcd".into()) };
-        round_trip(ClientMsg::Hello { version: 1, name: "alice".into(), join: Some(join.clone()), bundle: None });
-        round_trip(ClientMsg::Hello { version: 7, name: "bob".into(), join: None, bundle: None });
-        round_trip(ClientMsg::Join(join));
-        round_trip(ClientMsg::Join(JoinRequest::named("Lobby")));
-        round_trip(ClientMsg::Leave);
-        round_trip(ClientMsg::CreateChannel {
-            name: "Raid".into(),
-            description: "tonight".into(),
-            password: None,
-            user_limit: 5,
-        });
-        round_trip(ClientMsg::CreateInvite { max_uses: 3, ttl_secs: 600 });
-        round_trip(ClientMsg::SetVoiceState(VoiceState { muted: true, deafened: false }));
+    /// Which variant a message is. Exhaustive on purpose: a new variant does not compile
+    /// until it has a number here, and the tests below then fail until it has a sample.
+    fn client_variant(msg: &ClientMsg) -> usize {
+        match msg {
+            ClientMsg::Hello { .. } => 0,
+            ClientMsg::Join(_) => 1,
+            ClientMsg::Leave => 2,
+            ClientMsg::CreateChannel { .. } => 3,
+            ClientMsg::CreateInvite { .. } => 4,
+            ClientMsg::SetVoiceState(_) => 5,
+            ClientMsg::AddOneTimeKeys { .. } => 6,
+            ClientMsg::FetchBundle { .. } => 7,
+            ClientMsg::Direct { .. } => 8,
+            ClientMsg::Channel { .. } => 9,
+        }
+    }
+    const CLIENT_VARIANTS: usize = 10;
+
+    fn server_variant(msg: &ServerMsg) -> usize {
+        match msg {
+            ServerMsg::Welcome { .. } => 0,
+            ServerMsg::Ready => 1,
+            ServerMsg::ChannelAdded(_) => 2,
+            ServerMsg::ChannelRemoved(_) => 3,
+            ServerMsg::UserConnected(_) => 4,
+            ServerMsg::VoiceState { .. } => 5,
+            ServerMsg::UserMoved { .. } => 6,
+            ServerMsg::UserDisconnected(_) => 7,
+            ServerMsg::InviteCreated { .. } => 8,
+            ServerMsg::Error { .. } => 9,
+            ServerMsg::Bundle { .. } => 10,
+            ServerMsg::KeysLow { .. } => 11,
+            ServerMsg::Direct { .. } => 12,
+            ServerMsg::Channel { .. } => 13,
+            ServerMsg::Delivered { .. } => 14,
+        }
+    }
+    const SERVER_VARIANTS: usize = 15;
+
+    fn error_variant(code: ErrorCode) -> usize {
+        match code {
+            ErrorCode::VersionMismatch => 0,
+            ErrorCode::HelloRequired => 1,
+            ErrorCode::HelloTimeout => 2,
+            ErrorCode::ServerFull => 3,
+            ErrorCode::ServerBusy => 4,
+            ErrorCode::NameTaken => 5,
+            ErrorCode::NameInvalid => 6,
+            ErrorCode::NameTooLong => 7,
+            ErrorCode::NoSuchChannel => 8,
+            ErrorCode::ChannelExists => 9,
+            ErrorCode::ChannelFull => 10,
+            ErrorCode::PasswordRequired => 11,
+            ErrorCode::WrongPassword => 12,
+            ErrorCode::TooManyAttempts => 13,
+            ErrorCode::InviteInvalid => 14,
+            ErrorCode::InviteExpired => 15,
+            ErrorCode::TooManyChannels => 16,
+            ErrorCode::NotInChannel => 17,
+            ErrorCode::NoSuchUser => 18,
+            ErrorCode::NoBundle => 19,
+            ErrorCode::MessageTooLarge => 20,
+            ErrorCode::InvalidRequest => 21,
+            ErrorCode::RateLimited => 22,
+            ErrorCode::MalformedFrame => 23,
+            ErrorCode::FrameTooLarge => 24,
+        }
+    }
+    const ERROR_VARIANTS: usize = 25;
+
+    /// Asserts that `samples` hold every variant (by `variant`) at least once.
+    fn covers_every_variant<T>(samples: &[T], variant: impl Fn(&T) -> usize, count: usize) {
+        let seen: std::collections::BTreeSet<usize> = samples.iter().map(variant).collect();
+        let missing: Vec<usize> = (0..count).filter(|v| !seen.contains(v)).collect();
+        assert!(missing.is_empty(), "no sample of variants {missing:?}");
     }
 
-    #[test]
-    fn every_server_message_round_trips() {
+    fn signed(id: u32) -> SignedPreKey {
+        SignedPreKey { id, public: vec![1; 33], signature: vec![2; 64] }
+    }
+
+    fn client_samples() -> Vec<ClientMsg> {
+        let join =
+            JoinRequest { channel: "Gaming".into(), password: Some("hunter2".into()), invite: Some("abcd".into()) };
+        let bundle = BundleUpload {
+            registration_id: 7,
+            identity_key: vec![5; 33],
+            signed_pre_key: signed(1),
+            kyber_last_resort: signed(2),
+            kyber_one_time: vec![signed(3)],
+            one_time: vec![OneTimePreKey { id: 4, public: vec![6; 33] }],
+        };
+        vec![
+            ClientMsg::Hello { version: 1, name: "alice".into(), join: Some(join.clone()), bundle: None },
+            ClientMsg::Hello { version: 7, name: "bob".into(), join: None, bundle: Some(Box::new(bundle)) },
+            ClientMsg::Join(join),
+            ClientMsg::Join(JoinRequest::named("Lobby")),
+            ClientMsg::Leave,
+            ClientMsg::CreateChannel {
+                name: "Raid".into(),
+                description: "tonight".into(),
+                password: None,
+                user_limit: 5,
+            },
+            ClientMsg::CreateInvite { max_uses: 3, ttl_secs: 600 },
+            ClientMsg::SetVoiceState(VoiceState { muted: true, deafened: false }),
+            ClientMsg::AddOneTimeKeys {
+                one_time: vec![OneTimePreKey { id: 9, public: vec![3; 33] }],
+                kyber_one_time: vec![signed(10)],
+            },
+            ClientMsg::FetchBundle { peer: SessionId(4) },
+            ClientMsg::Direct { to: SessionId(4), ciphertext: vec![1, 2, 3] },
+            ClientMsg::Channel { channel: ChannelId(2), ciphertext: vec![] },
+        ]
+    }
+
+    fn server_samples() -> Vec<ServerMsg> {
         let channel = ChannelInfo {
             id: ChannelId(3),
             name: "Lobby".into(),
@@ -292,21 +391,45 @@ mod tests {
         };
         let voice = VoiceState { muted: false, deafened: true };
         let user = UserInfo { session: SessionId(9), name: "bob".into(), channel: Some(ChannelId(3)), voice };
-        round_trip(ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: 1 });
-        round_trip(ServerMsg::Ready);
-        round_trip(ServerMsg::ChannelAdded(channel));
-        round_trip(ServerMsg::ChannelRemoved(ChannelId(3)));
-        round_trip(ServerMsg::UserConnected(user));
-        round_trip(ServerMsg::UserMoved { session: SessionId(9), channel: None });
-        round_trip(ServerMsg::VoiceState { session: SessionId(9), voice: VoiceState { muted: true, deafened: true } });
-        round_trip(ServerMsg::UserDisconnected(SessionId(9)));
-        round_trip(ServerMsg::InviteCreated {
-            token: "t".into(),
-            channel: ChannelId(3),
-            expires_in_secs: 60,
-            max_uses: 1,
-        });
-        round_trip(ServerMsg::Error { code: ErrorCode::WrongPassword, message: "no".into() });
+        let bundle = PeerBundle {
+            registration_id: 7,
+            identity_key: vec![5; 33],
+            signed_pre_key: signed(1),
+            one_time: Some(OneTimePreKey { id: 4, public: vec![6; 33] }),
+            kyber: signed(3),
+        };
+        vec![
+            ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: 1 },
+            ServerMsg::Ready,
+            ServerMsg::ChannelAdded(channel),
+            ServerMsg::ChannelRemoved(ChannelId(3)),
+            ServerMsg::UserConnected(user),
+            ServerMsg::UserMoved { session: SessionId(9), channel: None },
+            ServerMsg::VoiceState { session: SessionId(9), voice: VoiceState { muted: true, deafened: true } },
+            ServerMsg::UserDisconnected(SessionId(9)),
+            ServerMsg::InviteCreated { token: "t".into(), channel: ChannelId(3), expires_in_secs: 60, max_uses: 1 },
+            ServerMsg::Error { code: ErrorCode::WrongPassword, message: "no".into() },
+            ServerMsg::Bundle { peer: SessionId(2), bundle: Some(bundle) },
+            ServerMsg::Bundle { peer: SessionId(2), bundle: None },
+            ServerMsg::KeysLow { one_time: 19, kyber_one_time: 3 },
+            ServerMsg::Direct { from: SessionId(2), ciphertext: vec![9; 40] },
+            ServerMsg::Channel { from: SessionId(2), channel: ChannelId(3), ciphertext: vec![8; 40] },
+            ServerMsg::Delivered { reached: 2, total: 3 },
+        ]
+    }
+
+    #[test]
+    fn every_client_message_round_trips() {
+        let samples = client_samples();
+        covers_every_variant(&samples, client_variant, CLIENT_VARIANTS);
+        samples.into_iter().for_each(round_trip);
+    }
+
+    #[test]
+    fn every_server_message_round_trips() {
+        let samples = server_samples();
+        covers_every_variant(&samples, server_variant, SERVER_VARIANTS);
+        samples.into_iter().for_each(round_trip);
     }
 
     #[test]
@@ -331,11 +454,18 @@ mod tests {
             ErrorCode::InviteExpired,
             ErrorCode::TooManyChannels,
             ErrorCode::NotInChannel,
+            ErrorCode::NoSuchUser,
+            ErrorCode::NoBundle,
+            ErrorCode::MessageTooLarge,
             ErrorCode::InvalidRequest,
             ErrorCode::RateLimited,
             ErrorCode::MalformedFrame,
             ErrorCode::FrameTooLarge,
         ];
+        covers_every_variant(&all, |c| error_variant(*c), ERROR_VARIANTS);
+        for code in all {
+            round_trip(code);
+        }
         let names: HashSet<_> = all.iter().map(|c| c.as_str()).collect();
         assert_eq!(names.len(), all.len());
         round_trip(all.to_vec());

@@ -11,11 +11,13 @@ pub mod frame;
 pub mod link;
 pub mod media;
 mod messages;
+pub mod names;
 
 pub use frame::{FrameError, MAX_FRAME_LEN, decode_frame, encode_frame};
 pub use link::{Fingerprint, LinkError, ServerLink, percent_encode};
 pub use media::{MEDIA_HEADER_LEN, MediaHeader, MediaHeaderError, StreamType};
 pub use messages::*;
+pub use names::{NameError, canonical_name, check_visible};
 
 /// The version a hello carries; peers with another version are refused with both named.
 pub const PROTOCOL_VERSION: u16 = 1;

@@ -95,6 +95,12 @@ impl StoredBundle {
         }
     }
 
+    /// The SHA-256 of the owner's identity key: who this is, across connections.
+    pub fn identity_hash(&self) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(&self.identity_key).into()
+    }
+
     /// Counts left, if they ran low and the owner has not been told yet.
     pub fn report_low(&mut self) -> Option<(u32, u32)> {
         let low = self.one_time.len() < LOW_WATER || self.kyber_one_time.len() < LOW_WATER;

@@ -19,14 +19,45 @@ use zeroize::Zeroizing;
 use crate::config::{Limits, ServerConfig};
 use crate::protocol::{
     ChannelId, ChannelInfo, ClientMsg, ErrorCode, JoinRequest, MediaHeader, MediaHeaderError, PROTOCOL_VERSION,
-    ServerMsg, SessionId, UserInfo, VoiceState,
+    ServerMsg, SessionId, UserInfo, VoiceState, canonical_name, check_visible,
 };
 use keys::{BundleError, StoredBundle};
 use limits::TokenBucket;
 
-/// Within this time, a second fetch of the same user's bundle by the same requester
-/// gets no one-time keys: nobody can drain another user's one-time keys.
+/// Within this time, a second fetch of the same identity's bundle by the same requester
+/// (the same identity key, or the same source address, whatever its connections) gets no
+/// one-time keys, only the reusable ones: draining a user's one-time keys takes a source
+/// address per key.
 const REFETCH_WINDOW: Duration = Duration::from_secs(60);
+/// The most (requester, target) one-time key hand-outs remembered; when full, fetches
+/// get the reusable keys only until old entries expire.
+const MAX_KEY_FETCH_RECORDS: usize = 100_000;
+
+/// Where a connection comes from, as per-source limits count it: an IPv4 address, or the
+/// /64 of an IPv6 address (one subscriber's usual allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Source(std::net::IpAddr);
+
+impl Source {
+    pub fn of(ip: std::net::IpAddr) -> Source {
+        use std::net::{IpAddr, Ipv6Addr};
+        match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source(IpAddr::V4(v4)),
+                None => Source(IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1)))),
+            },
+            v4 => Source(v4),
+        }
+    }
+}
+
+/// Who took one of a user's one-time keys, for [`REFETCH_WINDOW`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Requester {
+    /// The SHA-256 of the requester's identity key.
+    Identity([u8; 32]),
+    Source(Source),
+}
 
 /// The shell's handle for one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,7 +102,9 @@ impl RelayConfig {
 #[derive(Debug)]
 pub enum Input {
     /// A new connection, not yet introduced.
-    Connected,
+    Connected {
+        source: Source,
+    },
     Control(ClientMsg),
     /// The control stream carried something that is not a message
     /// (`MalformedFrame` or `FrameTooLarge`); the connection is closed.
@@ -157,8 +190,7 @@ struct Conn {
     control: TokenBucket,
     chat: TokenBucket,
     fetches: TokenBucket,
-    /// Whose bundles this connection fetched recently, and when.
-    recent_fetches: HashMap<SessionId, Instant>,
+    source: Source,
     media_packets: TokenBucket,
     media_bytes: TokenBucket,
     password_failures: u32,
@@ -225,6 +257,9 @@ pub struct Relay {
     outputs: VecDeque<Output>,
     rng: StdRng,
     stats: RelayStats,
+    /// Who took one-time keys of which identity (the SHA-256 of its key), and when:
+    /// outlives connections, so reconnecting does not renew a requester's budget.
+    key_fetches: HashMap<(Requester, [u8; 32]), Instant>,
 }
 
 impl Relay {
@@ -242,6 +277,7 @@ impl Relay {
             outputs: VecDeque::new(),
             rng: StdRng::from_seed(seed),
             stats: RelayStats::default(),
+            key_fetches: HashMap::new(),
             config,
         };
         for permanent in relay.config.channels.clone() {
@@ -298,13 +334,14 @@ impl Relay {
             self.remove_channel(id);
         }
         self.invites.retain(|_, invite| invite.expires_at > now);
+        self.key_fetches.retain(|_, at| now.saturating_duration_since(*at) < REFETCH_WINDOW);
     }
 
     pub fn handle_input(&mut self, now: Instant, conn: ConnId, input: Input) -> Result<(), RelayError> {
         let Some(state) = self.conns.get_mut(&conn) else {
             return match input {
-                Input::Connected => {
-                    self.connect(now, conn);
+                Input::Connected { source } => {
+                    self.connect(now, conn, source);
                     Ok(())
                 }
                 // A connection the relay already closed can still report its end or a late answer.
@@ -313,7 +350,7 @@ impl Relay {
             };
         };
         match input {
-            Input::Connected => return Err(RelayError::DuplicateConnection(conn)),
+            Input::Connected { .. } => return Err(RelayError::DuplicateConnection(conn)),
             Input::Disconnected => self.disconnect(now, conn),
             Input::BadFrame { code, detail } => self.close(now, conn, Refusal(code, detail)),
             Input::PasswordChecked { matched } => self.password_checked(now, conn, matched),
@@ -395,7 +432,7 @@ impl Relay {
         Ok(header.channel)
     }
 
-    fn connect(&mut self, now: Instant, conn: ConnId) {
+    fn connect(&mut self, now: Instant, conn: ConnId, source: Source) {
         let limits = &self.config.limits;
         let pending = self.conns.values().filter(|c| c.user.is_none()).count();
         if pending >= limits.max_pending_connections as usize {
@@ -412,7 +449,7 @@ impl Relay {
                 control: TokenBucket::new(now, limits.control_messages_per_sec, limits.control_burst),
                 chat: TokenBucket::new(now, limits.chat_messages_per_sec, limits.chat_burst),
                 fetches: TokenBucket::new(now, limits.bundle_fetches_per_sec, limits.bundle_fetch_burst),
-                recent_fetches: HashMap::new(),
+                source,
                 media_packets: TokenBucket::new(now, limits.media_packets_per_sec, media_burst),
                 media_bytes: TokenBucket::new(now, limits.media_bytes_per_sec, limits.media_bytes_per_sec / 2),
                 password_failures: 0,
@@ -451,8 +488,8 @@ impl Relay {
             Ok(bundle) => bundle,
             Err(e) => return self.close(now, conn, bundle_refusal(e)),
         };
-        let key = name.to_lowercase();
-        let taken = self.conns.values().any(|c| c.user.as_ref().is_some_and(|u| u.name.to_lowercase() == key));
+        let key = canonical_name(&name);
+        let taken = self.conns.values().any(|c| c.user.as_ref().is_some_and(|u| canonical_name(&u.name) == key));
         if taken {
             return self.close(
                 now,
@@ -571,22 +608,32 @@ impl Relay {
             .ok_or_else(|| Refusal::new(ErrorCode::NoSuchUser, format!("no user with session {} is online", session.0)))
     }
 
-    /// Hands out one bundle of `peer`'s, with one-time keys unless this requester took
-    /// some of `peer`'s within the last minute, and asks `peer` for more if they run low.
+    /// Hands out one bundle of `peer`'s, with one-time keys unless this requester (by
+    /// identity key or by source address) took some of the same identity's within the
+    /// window, and asks `peer` for more if they run low.
     fn fetch_bundle(&mut self, now: Instant, conn: ConnId, peer: SessionId) -> Result<(), Refusal> {
         let target = self.conn_of(peer)?;
-        let state = self.conns.get_mut(&conn).expect("requests come from known connections");
-        state.recent_fetches.retain(|_, at| now.saturating_duration_since(*at) < REFETCH_WINDOW);
-        let fresh = !state.recent_fetches.contains_key(&peer);
+        let state = &self.conns[&conn];
+        let mut requesters = vec![Requester::Source(state.source)];
+        if let Some(bundle) = state.user.as_ref().and_then(|u| u.bundle.as_ref()) {
+            requesters.push(Requester::Identity(bundle.identity_hash()));
+        }
         let Some(stored) = self.user_mut(target).bundle.as_mut() else {
             self.send(conn, ServerMsg::Bundle { peer, bundle: None });
             return Ok(());
         };
+        let whose = stored.identity_hash();
+        if self.key_fetches.len() >= MAX_KEY_FETCH_RECORDS {
+            self.key_fetches.retain(|_, at| now.saturating_duration_since(*at) < REFETCH_WINDOW);
+        }
+        let recent = |at: &Instant| now.saturating_duration_since(*at) < REFETCH_WINDOW;
+        let fresh = self.key_fetches.len() + requesters.len() <= MAX_KEY_FETCH_RECORDS
+            && requesters.iter().all(|r| !self.key_fetches.get(&(*r, whose)).is_some_and(recent));
+        let stored = self.user_mut(target).bundle.as_mut().expect("checked above");
         let bundle = stored.hand_out(fresh);
         let low = stored.report_low();
         if fresh {
-            let state = self.conns.get_mut(&conn).expect("requests come from known connections");
-            state.recent_fetches.insert(peer, now);
+            self.key_fetches.extend(requesters.into_iter().map(|r| ((r, whose), now)));
         }
         self.send(conn, ServerMsg::Bundle { peer, bundle: Some(bundle) });
         if let Some((one_time, kyber_one_time)) = low {
@@ -844,8 +891,8 @@ impl Relay {
     }
 
     fn find_channel(&self, name: &str) -> Option<ChannelId> {
-        let key = name.trim().to_lowercase();
-        self.channels.values().find(|c| c.info.name.to_lowercase() == key).map(|c| c.info.id)
+        let key = canonical_name(name);
+        self.channels.values().find(|c| canonical_name(&c.info.name) == key).map(|c| c.info.id)
     }
 
     fn user(&self, conn: ConnId) -> &User {
@@ -911,11 +958,11 @@ fn error_msg(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
     ServerMsg::Error { code, message: message.into() }
 }
 
-/// A user or channel name: 1 to `max` characters after trimming, no control characters.
+/// A user or channel name: 1 to `max` characters after trimming, nothing invisible.
 fn check_name(name: &str, max: u32, what: &str) -> Result<(), Refusal> {
     let trimmed = name.trim();
-    if trimmed.is_empty() || trimmed.chars().any(char::is_control) {
-        return Err(Refusal::new(ErrorCode::NameInvalid, format!("a {what} must be visible text")));
+    if let Err(e) = check_visible(trimmed) {
+        return Err(Refusal::new(ErrorCode::NameInvalid, format!("a {what} must be visible text: {e}")));
     }
     let len = trimmed.chars().count();
     if len > max as usize {

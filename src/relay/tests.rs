@@ -5,6 +5,8 @@ use super::*;
 use crate::config::ChannelConfig;
 use crate::protocol::{MediaHeader, StreamType};
 
+const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 /// A relay plus the messages each connection has received, with the shell's password
 /// work done inline.
 struct Sim {
@@ -78,9 +80,13 @@ impl Sim {
     }
 
     fn open(&mut self) -> ConnId {
+        self.open_from(LOCAL)
+    }
+
+    fn open_from(&mut self, source: std::net::IpAddr) -> ConnId {
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
-        self.input(conn, Input::Connected);
+        self.input(conn, Input::Connected { source: Source::of(source) });
         conn
     }
 
@@ -586,19 +592,20 @@ fn random_traffic_keeps_the_relay_consistent() {
     let mut tokens: Vec<String> = Vec::new();
     for _ in 0..20_000 {
         let conn = ConnId(rng.random_range(1..=6));
-        let name = || names[rand::random_range(0..names.len())].to_owned();
+        // Drawn from the seeded generator, so that a failure replays exactly.
+        let name = names[rng.random_range(0..names.len())].to_owned();
         let input = match rng.random_range(0..14) {
-            0 => Input::Connected,
+            0 => Input::Connected { source: Source::of(LOCAL) },
             1 => Input::Disconnected,
-            2 => Input::Control(ClientMsg::Hello { version: PROTOCOL_VERSION, name: name(), join: None, bundle: None }),
+            2 => Input::Control(ClientMsg::Hello { version: PROTOCOL_VERSION, name, join: None, bundle: None }),
             3 | 4 => {
                 let invite = if rng.random_bool(0.3) { tokens.last().cloned() } else { None };
                 let password = rng.random_bool(0.5).then(|| if rng.random_bool(0.5) { "pw" } else { "no" }.to_owned());
-                Input::Control(ClientMsg::Join(JoinRequest { channel: name(), password, invite }))
+                Input::Control(ClientMsg::Join(JoinRequest { channel: name, password, invite }))
             }
             5 => Input::Control(ClientMsg::Leave),
             6 => Input::Control(ClientMsg::CreateChannel {
-                name: name(),
+                name,
                 description: String::new(),
                 password: rng.random_bool(0.3).then(|| "pw".to_owned()),
                 user_limit: rng.random_range(0..3),
@@ -682,11 +689,16 @@ fn check_books(relay: &Relay) {
 }
 
 fn upload(one_time: u32, kyber: u32) -> Box<crate::protocol::bundle::BundleUpload> {
+    upload_for(5, one_time, kyber)
+}
+
+/// Keys of the identity `identity` (its key's bytes are all that value).
+fn upload_for(identity: u8, one_time: u32, kyber: u32) -> Box<crate::protocol::bundle::BundleUpload> {
     use crate::protocol::bundle::{BundleUpload, OneTimePreKey, SignedPreKey};
     let signed = |id: u32| SignedPreKey { id, public: vec![id as u8; 33], signature: vec![7; 64] };
     Box::new(BundleUpload {
         registration_id: 42,
-        identity_key: vec![5; 33],
+        identity_key: vec![identity; 33],
         signed_pre_key: signed(1),
         kyber_last_resort: signed(1000),
         kyber_one_time: (1..=kyber).map(signed).collect(),
@@ -696,12 +708,17 @@ fn upload(one_time: u32, kyber: u32) -> Box<crate::protocol::bundle::BundleUploa
 
 impl Sim {
     fn hello_with_keys(&mut self, name: &str, one_time: u32, kyber: u32) -> ConnId {
-        let conn = self.open();
+        self.hello_as(name, 5, LOCAL, one_time, kyber)
+    }
+
+    /// `name` with the keys of `identity`, connecting from `source`.
+    fn hello_as(&mut self, name: &str, identity: u8, source: std::net::IpAddr, one_time: u32, kyber: u32) -> ConnId {
+        let conn = self.open_from(source);
         let hello = ClientMsg::Hello {
             version: PROTOCOL_VERSION,
             name: name.into(),
             join: None,
-            bundle: Some(upload(one_time, kyber)),
+            bundle: Some(upload_for(identity, one_time, kyber)),
         };
         self.input(conn, Input::Control(hello));
         conn
@@ -722,7 +739,10 @@ fn bundles_hand_out_each_one_time_key_once_and_cannot_be_drained() {
     let mut sim = Sim::new();
     let bob = sim.hello_with_keys("bob", 22, 21);
     let alice = sim.hello("alice", None);
-    let carol = sim.hello("carol", None);
+    // Carol comes from elsewhere: one-time keys are budgeted per source address too.
+    let carol = sim.open_from(std::net::Ipv4Addr::new(192, 0, 2, 7).into());
+    let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: "carol".into(), join: None, bundle: None };
+    sim.send(carol, hello);
     sim.take(bob);
     sim.take(alice);
     sim.take(carol);
@@ -751,6 +771,42 @@ fn bundles_hand_out_each_one_time_key_once_and_cannot_be_drained() {
     assert_eq!(sim.take(alice), [ServerMsg::Bundle { peer: carol_session, bundle: None }]);
     sim.send(alice, ClientMsg::FetchBundle { peer: SessionId(999) });
     assert_eq!(sim.errors(alice), [ErrorCode::NoSuchUser]);
+}
+
+#[test]
+fn reconnecting_sybils_get_one_one_time_key_per_source_and_per_identity() {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut sim = Sim::new();
+    let bob = sim.hello_as("bob", 1, LOCAL, 40, 40);
+    sim.take(bob);
+    let drain = |sim: &mut Sim, tries: u8, who: &dyn Fn(u8) -> (u8, IpAddr)| {
+        let mut handed = 0;
+        for i in 0..tries {
+            let (identity, source) = who(i);
+            let sybil = sim.hello_as(&format!("sybil{i}"), identity, source, 0, 0);
+            let bundle = sim.fetch(sybil, bob);
+            handed += usize::from(bundle.one_time.is_some());
+            if bundle.one_time.is_none() {
+                assert_eq!(bundle.kyber.id, 1000, "the Kyber last-resort key instead of a one-time one");
+            }
+            sim.input(sybil, Input::Disconnected);
+        }
+        handed
+    };
+    // One address, a new connection and a new identity key every time.
+    assert_eq!(drain(&mut sim, 30, &|i| (100 + i, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)))), 1);
+    // One identity key, hopping addresses.
+    assert_eq!(drain(&mut sim, 30, &|i| (2, IpAddr::V4(Ipv4Addr::new(10, 1, 0, i)))), 1);
+    // One IPv6 /64, many addresses in it (and identities).
+    let v6 = |i: u8| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 0, 0, 0, u16::from(i)));
+    assert_eq!(drain(&mut sim, 30, &|i| (150 + i, v6(i))), 1);
+    // A minute later each of them may take one again.
+    sim.advance(REFETCH_WINDOW);
+    assert_eq!(drain(&mut sim, 5, &|i| (100 + i, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)))), 1);
+    // An address and an identity per key does take them all: then the reusable keys are
+    // handed out, and bob is told how few the server holds.
+    assert_eq!(drain(&mut sim, 60, &|i| (200 - i, IpAddr::V4(Ipv4Addr::new(10, 2, 0, i)))), 36);
+    assert!(sim.take(bob).contains(&ServerMsg::KeysLow { one_time: 19, kyber_one_time: 19 }));
 }
 
 #[test]

@@ -13,12 +13,14 @@ use uuid::Uuid;
 use super::history::{History, StoredMessage};
 use super::media::MediaKeyShare;
 use super::{Event, Session};
-use crate::e2ee::{E2ee, IdentityStatus, Sealed, unix_millis};
+use crate::e2ee::{E2ee, E2eeError, IdentityStatus, Sealed, unix_millis};
 use crate::protocol::bundle::PeerBundle;
 use crate::protocol::{ChannelId, ClientMsg, SessionId};
 
 /// The longest chat message, in characters.
 pub const MAX_TEXT_CHARS: usize = 5000;
+/// Direct messages kept for one peer while its session cannot be used yet.
+const MAX_QUEUED_PER_PEER: usize = 100;
 
 /// What travels inside a pairwise-encrypted message.
 #[derive(Serialize, Deserialize)]
@@ -61,6 +63,10 @@ pub struct Chat {
     /// Members who still need our current sender key (waiting for their bundle).
     need_sender_key: BTreeSet<SessionId>,
     awaiting_bundle: BTreeSet<SessionId>,
+    /// Members whose identity key changed and who the user has not accepted again: they
+    /// get nothing from us (no sender key, no media key, no direct message).
+    withheld: BTreeSet<SessionId>,
+    /// Direct messages waiting for a session (a bundle, or the user's acceptance).
     queued: BTreeMap<SessionId, Vec<String>>,
     /// Channel messages written while some member still waits for our sender key:
     /// sent once everyone has it, so that nobody gets one they cannot read.
@@ -80,6 +86,7 @@ impl Chat {
             epoch: None,
             need_sender_key: BTreeSet::new(),
             awaiting_bundle: BTreeSet::new(),
+            withheld: BTreeSet::new(),
             queued: BTreeMap::new(),
             queued_channel: Vec::new(),
             sent: VecDeque::new(),
@@ -156,6 +163,9 @@ impl Session {
     }
 
     fn send_sender_key(&mut self, member: SessionId, now: SystemTime) {
+        if self.chat.withheld.contains(&member) {
+            return;
+        }
         let (Some((_, distribution)), Some(media)) = (self.chat.epoch, self.media.own_share()) else { return };
         let (Some(me), Some(peer)) = (self.me.and_then(|me| self.address(me)), self.address(member)) else { return };
         if !self.chat.e2ee.has_session(&peer) {
@@ -187,7 +197,20 @@ impl Session {
                 self.chat.sent.push_back(kind);
                 self.chat.dirty = true;
             }
+            Err(E2eeError::UntrustedIdentity(_)) => self.withhold(to),
             Err(e) => self.events.push_back(Event::local_error("e2ee", e)),
+        }
+    }
+
+    /// `peer`'s identity key changed: send it nothing until the user accepts the new key,
+    /// and let the channel go on without it.
+    fn withhold(&mut self, peer: SessionId) {
+        if !self.chat.withheld.insert(peer) {
+            return;
+        }
+        self.chat.need_sender_key.remove(&peer);
+        if let Some(user) = self.users.get(&peer).map(|u| u.name.clone()) {
+            self.events.push_back(Event::IdentityChanged { user });
         }
     }
 
@@ -207,8 +230,9 @@ impl Session {
         };
         match self.chat.e2ee.start_session(&address, bundle, now, &mut self.chat.rng) {
             Ok(IdentityStatus::Changed) => {
-                let user = self.users[&peer].name.clone();
-                self.events.push_back(Event::IdentityChanged { user });
+                self.chat.dirty = true;
+                self.withhold(peer);
+                return self.flush_channel_queue(now);
             }
             Ok(IdentityStatus::Trusted) => {}
             Err(e) => return self.events.push_back(Event::local_error("e2ee", e)),
@@ -233,11 +257,27 @@ impl Session {
         };
         let has_session = self.address(peer).is_some_and(|a| self.chat.e2ee.has_session(&a));
         if has_session {
-            self.send_text_direct(peer, text, now);
-        } else {
-            self.chat.queued.entry(peer).or_default().push(text);
-            self.fetch_bundle(peer);
+            return self.send_text_direct(peer, text, now);
         }
+        let queue = self.chat.queued.entry(peer).or_default();
+        if queue.len() >= MAX_QUEUED_PER_PEER {
+            return self.events.push_back(Event::local_error(
+                "queue_full",
+                format!("{MAX_QUEUED_PER_PEER} messages to {name} are waiting already; this one was not sent"),
+            ));
+        }
+        queue.push(text);
+        if self.chat.withheld.contains(&peer) {
+            let user = self.users[&peer].name.clone();
+            return self.events.push_back(Event::local_error(
+                "identity_changed",
+                format!(
+                    "{user}'s identity key changed: your message waits until you compare safety numbers (/safety \
+                     {user}) and accept the new key (/verify {user})"
+                ),
+            ));
+        }
+        self.fetch_bundle(peer);
     }
 
     fn send_text_direct(&mut self, peer: SessionId, text: String, now: SystemTime) {
@@ -275,7 +315,7 @@ impl Session {
         }
     }
 
-    pub(super) fn direct_arrived(&mut self, from: SessionId, ciphertext: &[u8]) {
+    pub(super) fn direct_arrived(&mut self, from: SessionId, ciphertext: &[u8], now: SystemTime) {
         let (Some(peer), Some(user)) = (self.address(from), self.users.get(&from).map(|u| u.name.clone())) else {
             return self.events.push_back(Event::local_error("undecryptable", "a message from an unknown sender"));
         };
@@ -287,6 +327,15 @@ impl Session {
             Err(e) => return self.events.push_back(Event::local_error("undecryptable", format!("from {user}: {e}"))),
         };
         self.chat.dirty = true;
+        if self.chat.e2ee.has_session(&peer) {
+            // It came under the pinned key: whoever holds that is still there, so what we
+            // held back from this member goes to that key again.
+            if self.chat.withheld.remove(&from) && self.users.get(&from).and_then(|u| u.channel) == self.channel() {
+                self.send_sender_key(from, now);
+            }
+        } else if opened.identity == IdentityStatus::Changed {
+            self.withhold(from);
+        }
         match postcard::from_bytes::<DirectPayload>(&opened.plaintext) {
             Ok(DirectPayload::Text { text, time_ms }) => {
                 self.chat.record(&format!("@{user}"), &user, &text, time_ms);
@@ -346,8 +395,11 @@ impl Session {
         }
     }
 
-    pub(super) fn keys_low(&mut self, now: SystemTime) {
-        match self.chat.e2ee.replenish(&mut self.chat.rng, now) {
+    /// The server holds only `published` of our one-time keys (EC, Kyber): make and
+    /// upload enough new ones to fill its pool again.
+    pub(super) fn keys_low(&mut self, now: SystemTime, published: (u32, u32)) {
+        let published = (published.0 as usize, published.1 as usize);
+        match self.chat.e2ee.replenish(&mut self.chat.rng, now, published) {
             Ok((one_time, kyber_one_time)) => {
                 self.chat.dirty = true;
                 self.transmit.push_back(ClientMsg::AddOneTimeKeys { one_time, kyber_one_time });
@@ -380,14 +432,25 @@ impl Session {
     }
 
     /// `/verify NAME`: the user compared the safety number and accepts the identity.
-    pub(super) fn verify(&mut self, name: &str) {
+    pub(super) fn verify(&mut self, name: &str, now: SystemTime) {
         let Some(user) = self.users.values().find(|u| u.name.eq_ignore_ascii_case(name)).map(|u| u.session) else {
             return self.events.push_back(Event::local_error("no_such_user", format!("{name} is not online")));
         };
-        if let Some(peer) = self.address(user) {
-            self.chat.e2ee.accept_identity(&peer);
-            self.chat.dirty = true;
-            self.safety(name);
+        let Some(peer) = self.address(user) else { return };
+        self.chat.e2ee.accept_identity(&peer);
+        self.chat.dirty = true;
+        self.safety(name);
+        // What was withheld goes now, under a session with the accepted key.
+        self.chat.withheld.remove(&user);
+        if self.chat.e2ee.has_session(&peer) {
+            for text in self.chat.queued.remove(&user).unwrap_or_default() {
+                self.send_text_direct(user, text, now);
+            }
+        } else if self.chat.queued.contains_key(&user) {
+            self.fetch_bundle(user);
+        }
+        if self.channel().is_some() && self.users.get(&user).and_then(|u| u.channel) == self.channel() {
+            self.send_sender_key(user, now);
         }
     }
 }

@@ -114,7 +114,8 @@ pub enum Event {
         verified: bool,
         identity_changed: bool,
     },
-    /// A peer's identity key is not the one pinned earlier; check the safety number.
+    /// A peer's identity key is not the one pinned earlier: it receives nothing from us
+    /// until the user compares the safety number and accepts the new key.
     IdentityChanged {
         user: String,
     },
@@ -208,9 +209,11 @@ impl std::fmt::Display for Event {
                 let state = if *verified { "verified" } else { "not verified" };
                 write!(f, "* safety number with {user} ({state}): {number}")
             }
-            Event::IdentityChanged { user } => {
-                write!(f, "! the identity key of {user} CHANGED; compare safety numbers (/safety {user})")
-            }
+            Event::IdentityChanged { user } => write!(
+                f,
+                "! the identity key of {user} CHANGED: they receive none of your messages or voice until you compare \
+                 safety numbers (/safety {user}) and accept the new key (/verify {user})"
+            ),
             Event::Speaking { user, session, speaking } => {
                 let who = user.clone().unwrap_or_else(|| format!("session {session}"));
                 write!(f, "* {who} {}", if *speaking { "is talking" } else { "stopped talking" })
@@ -387,8 +390,8 @@ impl Session {
                 self.users.remove(&session);
             }
             ServerMsg::Bundle { peer, bundle } => self.bundle_arrived(peer, bundle.as_ref(), now),
-            ServerMsg::KeysLow { .. } => self.keys_low(now),
-            ServerMsg::Direct { from, ciphertext } => self.direct_arrived(from, &ciphertext),
+            ServerMsg::KeysLow { one_time, kyber_one_time } => self.keys_low(now, (one_time, kyber_one_time)),
+            ServerMsg::Direct { from, ciphertext } => self.direct_arrived(from, &ciphertext, now),
             ServerMsg::Channel { from, channel, ciphertext } => {
                 self.channel_message_arrived(from, channel, &ciphertext)
             }
@@ -463,7 +466,7 @@ impl Session {
             Command::Say(text) => self.say(text, now),
             Command::Msg { to, text } => self.message_user(&to, text, now),
             Command::Safety(name) => self.safety(&name),
-            Command::Verify(name) => self.verify(&name),
+            Command::Verify(name) => self.verify(&name, now),
             Command::Mute(muted) => self.set_voice_state(VoiceState { muted, ..self.voice }),
             Command::Deafen(deafened) => self.set_voice_state(VoiceState { deafened, ..self.voice }),
             Command::Probe { .. }
