@@ -2,7 +2,7 @@
 //! simulated network that records every byte the relay receives and sends.
 
 use std::collections::BTreeMap;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -11,7 +11,7 @@ use voipc::e2ee::E2ee;
 use voipc::protocol::{ClientMsg, ServerMsg, SessionId, encode_frame};
 use voipc::relay::{ConnId, Input, Output, Relay, RelayConfig, Source};
 use voipc::session::history::History;
-use voipc::session::{Chat, Event, Session};
+use voipc::session::{Chat, Event, REKEY_INTERVAL, Session};
 
 const SERVER: &str = "chat.test:9987";
 
@@ -25,6 +25,8 @@ pub(crate) struct Net {
     channel_frames: Vec<(&'static str, ServerMsg)>,
     /// Every message a client sent, by sender, as the relay received it.
     pub(crate) sent: Vec<(&'static str, ClientMsg)>,
+    /// What the relay sent to connections that are not sessions (bots), by connection.
+    bot_inbox: BTreeMap<ConnId, Vec<ServerMsg>>,
     /// A hostile relay's part: this bundle instead of the real one for that session.
     swap_bundle: Option<(SessionId, voipc::protocol::bundle::PeerBundle)>,
     next_conn: u64,
@@ -43,6 +45,7 @@ impl Net {
             channel_frames: Vec::new(),
             sent: Vec::new(),
             swap_bundle: None,
+            bot_inbox: BTreeMap::new(),
             next_conn: 1,
             now: Instant::now(),
             seed: 100,
@@ -60,23 +63,63 @@ impl Net {
         let mut seed = [0; 32];
         seed[..8].copy_from_slice(&self.seed.to_le_bytes());
         let chat = Chat::new(e2ee, History::default(), seed, SERVER.into());
-        let session = Session::new(name, None, String::new(), chat);
+        let session = Session::new(name, None, String::new(), chat, self.now, SystemTime::now());
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
         self.relay.handle_input(self.now, conn, Input::Connected { source: Source::of(source) }).unwrap();
         self.clients.insert(name, (conn, session));
         self.run();
+        // People arrive a moment apart: the new epochs their arrival calls for start.
+        self.advance(REKEY_INTERVAL);
+    }
+
+    /// A member that publishes `e2ee`'s keys and only listens: what it receives stays in
+    /// [`Net::bot_inbox`].
+    fn connect_bot(&mut self, name: &str, e2ee: &E2ee) -> ConnId {
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        let source = Source::of(std::net::Ipv4Addr::new(10, 9, (conn.0 / 250) as u8, (conn.0 % 250) as u8).into());
+        self.relay.handle_input(self.now, conn, Input::Connected { source }).unwrap();
+        let bundle = Some(Box::new(e2ee.bundle_upload().unwrap()));
+        let hello =
+            ClientMsg::Hello { version: voipc::protocol::PROTOCOL_VERSION, name: name.into(), join: None, bundle };
+        self.relay.handle_input(self.now, conn, Input::Control(hello)).unwrap();
+        self.run();
+        conn
     }
 
     pub(crate) fn disconnect(&mut self, name: &str) {
         let (conn, _) = self.clients.remove(name).unwrap();
         self.relay.handle_input(self.now, conn, Input::Disconnected).unwrap();
         self.run();
+        self.advance(REKEY_INTERVAL);
+    }
+
+    /// Lets `by` pass on the virtual clock, running every session's and the relay's
+    /// timers as they fall due.
+    pub(crate) fn advance(&mut self, by: Duration) {
+        let end = self.now + by;
+        loop {
+            let sessions = self.clients.values().filter_map(|(_, s)| s.poll_timeout());
+            let next = sessions.chain(self.relay.poll_timeout()).min().filter(|t| *t <= end);
+            let Some(next) = next else { break };
+            self.now = self.now.max(next);
+            for (_, session) in self.clients.values_mut() {
+                if session.poll_timeout().is_some_and(|t| t <= self.now) {
+                    session.handle_timeout(self.now);
+                }
+            }
+            if self.relay.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.relay.handle_timeout(self.now);
+            }
+            self.run();
+        }
+        self.now = end;
     }
 
     pub(crate) fn command(&mut self, name: &str, line: &str) {
         let command = voipc::session::parse_line(line).unwrap().unwrap();
-        self.clients.get_mut(name).unwrap().1.command(SystemTime::now(), command);
+        self.clients.get_mut(name).unwrap().1.command(self.now, command);
         self.run();
     }
 
@@ -103,11 +146,14 @@ impl Net {
                     *bundle = Some(fake.clone());
                 }
                 self.wire.push(encode_frame(&msg).unwrap());
-                let Some((name, (_, session))) = self.clients.iter_mut().find(|(_, (c, _))| *c == to) else { continue };
+                let Some((name, (_, session))) = self.clients.iter_mut().find(|(_, (c, _))| *c == to) else {
+                    self.bot_inbox.entry(to).or_default().push(msg);
+                    continue;
+                };
                 if matches!(msg, ServerMsg::Channel { .. }) {
                     self.channel_frames.push((name, msg.clone()));
                 }
-                session.handle_message(SystemTime::now(), msg).unwrap();
+                session.handle_message(self.now, msg).unwrap();
             }
             if !moved {
                 return;
@@ -138,8 +184,9 @@ impl Net {
     /// Feeds `name` a frame as the relay would send it: one it sent someone else, or one
     /// a hostile relay made up.
     fn replay_to(&mut self, name: &'static str, frame: ServerMsg) {
+        let now = self.now;
         let session = &mut self.clients.get_mut(name).unwrap().1;
-        session.handle_message(SystemTime::now(), frame).unwrap();
+        session.handle_message(now, frame).unwrap();
         let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
         self.events.entry(name).or_default().extend(events);
     }
@@ -357,6 +404,47 @@ fn sybils_that_drain_bobs_one_time_keys_make_him_upload_new_ones() {
     assert_eq!(top_ups.len(), 5, "{top_ups:?}");
     assert!(top_ups.iter().all(|&n| n == (ONE_TIME_PRE_KEYS - 94, KYBER_ONE_TIME_PRE_KEYS - 19)), "{top_ups:?}");
     assert!(net.errors("bob").is_empty(), "{:?}", net.errors("bob"));
+}
+
+#[test]
+fn a_newcomer_to_a_channel_of_150_gets_its_key_to_every_member() {
+    let config = ServerConfig { max_users: 200, ..ServerConfig::default() };
+    let mut net = Net::new();
+    net.relay = Relay::new(RelayConfig::from_server_config(&config), [5; 32]);
+    let mut rng = StdRng::seed_from_u64(150);
+    let bots: Vec<(ConnId, String, E2ee)> = (0..149)
+        .map(|i| {
+            let e2ee = E2ee::generate(&mut rng, SystemTime::now()).unwrap();
+            let name = format!("member{i}");
+            (net.connect_bot(&name, &e2ee), name, e2ee)
+        })
+        .collect();
+    // Alice needs 149 bundles; the server hands out 100 at once and 5 a second after
+    // that, refusing the rest: she asks again until she has them all.
+    net.connect("alice");
+    net.command("alice", "hello, all 149 of you");
+    let waiting = net.events["alice"].iter().find_map(|e| match e {
+        Event::WaitingForKeys { members, .. } => Some(members.len()),
+        _ => None,
+    });
+    assert!(waiting.is_some_and(|n| n > 0), "the message waits, and says for whom: {waiting:?}");
+    net.advance(Duration::from_secs(60));
+    assert!(net.events["alice"].contains(&Event::Delivered { reached: 149, total: 149 }), "{:?}", net.errors("alice"));
+    let alice = format!("{SERVER}/alice");
+    for (conn, name, mut e2ee) in bots {
+        let inbox = net.bot_inbox.remove(&conn).unwrap_or_default();
+        let keys = inbox.iter().filter(|m| matches!(m, ServerMsg::Direct { .. })).count();
+        assert_eq!(keys, 1, "{name} got alice's key once");
+        let ServerMsg::Direct { ciphertext, .. } =
+            inbox.iter().find(|m| matches!(m, ServerMsg::Direct { .. })).unwrap()
+        else {
+            unreachable!()
+        };
+        let sealed: voipc::e2ee::Sealed = postcard::from_bytes(ciphertext).unwrap();
+        e2ee.decrypt(&alice, &sealed, &mut rng).unwrap_or_else(|e| panic!("{name} cannot open alice's key: {e}"));
+        let channel = inbox.iter().filter(|m| matches!(m, ServerMsg::Channel { .. })).count();
+        assert_eq!(channel, 1, "{name} got the message");
+    }
 }
 
 #[test]

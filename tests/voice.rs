@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -12,7 +12,7 @@ use voipc::audio::pipeline::{Capture, CaptureSettings, Playback};
 use voipc::audio::quality::{Match, compare};
 use voipc::audio::wav::read_voice;
 use voipc::audio::{FRAME_10MS, FRAME_20MS};
-use voipc::protocol::{ChannelId, MediaHeader, SessionId, StreamType};
+use voipc::protocol::{ChannelId, ClientMsg, MediaHeader, SessionId, StreamType};
 use voipc::session::media::MediaKeys;
 
 use crate::chat::Net;
@@ -148,8 +148,9 @@ fn forward(net: &mut Net, from: &str, datagram: &[u8]) -> Vec<(&'static str, usi
 }
 
 fn voice_from(net: &mut Net, name: &str, sequence: u32) -> Vec<u8> {
+    let now = net.now;
     let session = &mut net.clients.get_mut(name).unwrap().1;
-    session.media_datagram(SystemTime::now(), StreamType::Voice, sequence, sequence * 960, b"opus frame").unwrap()
+    session.media_datagram(now, StreamType::Voice, sequence, sequence * 960, b"opus frame").unwrap()
 }
 
 #[test]
@@ -249,4 +250,43 @@ fn muting_and_deafening_are_shown_to_everyone_including_newcomers() {
     bob.send("/unmute");
     let seen = carol.expect("bob back", |e| e["event"] == "voice_state" && e["muted"] == false);
     assert_eq!(seen["deafened"], false);
+}
+
+#[test]
+fn a_member_churning_at_the_control_rate_does_not_silence_the_channel() {
+    let mut net = Net::new();
+    net.connect("alice");
+    net.connect("bob");
+    let listeners: Vec<&'static str> = (0..20).map(|i| &*Box::leak(format!("listener{i}").into_boxed_str())).collect();
+    for name in &listeners {
+        net.connect(name);
+    }
+    net.connect("mallory");
+    // Mallory leaves and comes back as fast as the server lets anyone send requests
+    // (20 a second), for 5 s, while alice and bob talk (a packet each every 20 ms).
+    let tick = Duration::from_millis(20);
+    let mut in_lobby = true;
+    for n in 0..250u32 {
+        for talker in ["alice", "bob"] {
+            let datagram = voice_from(&mut net, talker, n + 1);
+            forward(&mut net, talker, &datagram);
+        }
+        let line = if in_lobby { "/leave" } else { "/join Lobby" };
+        net.command("mallory", line);
+        in_lobby = !in_lobby;
+        net.advance(tick / 2);
+        net.command("mallory", if in_lobby { "/leave" } else { "/join Lobby" });
+        in_lobby = !in_lobby;
+        net.advance(tick / 2);
+    }
+    net.advance(Duration::from_secs(1));
+    let counters = |name: &str| net.clients[name].1.media_counters();
+    for (talker, listener) in [("alice", "bob"), ("bob", "alice")] {
+        let (sent, opened) = (counters(talker).sent, counters(listener).opened);
+        assert_eq!(sent, 250);
+        assert!(opened * 100 >= sent * 95, "{listener} opened {opened} of {talker}'s {sent}: {:?}", counters(listener));
+    }
+    // Keys went out at most once a second per member, not once per join or leave.
+    let keys = net.sent.iter().filter(|(who, m)| *who == "alice" && matches!(m, ClientMsg::Direct { .. })).count();
+    assert!(keys < 30 * 15, "alice sent {keys} pairwise messages");
 }

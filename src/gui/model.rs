@@ -138,6 +138,8 @@ pub struct Model {
     pub selected: Option<Conversation>,
     pub identity_changed: BTreeSet<String>,
     pub verified: BTreeSet<String>,
+    /// Our channel message waits for these members' keys (empty: for a new epoch).
+    pub waiting_for_keys: Option<Vec<String>>,
     pub safety: Option<Safety>,
     /// Per-user volume in percent, and users muted locally.
     pub volumes: BTreeMap<String, u32>,
@@ -237,7 +239,9 @@ impl Model {
                     *self.unread.entry(conversation).or_default() += 1;
                 }
             }
+            Event::WaitingForKeys { members, .. } => self.waiting_for_keys = Some(members.clone()),
             Event::Delivered { reached, total } => {
+                self.waiting_for_keys = None;
                 let line = self
                     .conversations
                     .values_mut()

@@ -594,6 +594,14 @@ pub fn chat(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
         return;
     };
     ui.label(RichText::new("End-to-end encrypted: only the people in this conversation can read it.").small());
+    if let (Conversation::Channel(_), Some(members)) = (&selected, &model.waiting_for_keys) {
+        let text = if members.is_empty() {
+            "Your message waits for the channel's new key (someone joined or left).".to_owned()
+        } else {
+            format!("Your message waits for keys from {} members: {}", members.len(), members.join(", "))
+        };
+        ui.label(RichText::new(text).italics());
+    }
     if let Conversation::Direct(peer) = &selected
         && model.identity_changed.contains(peer)
     {

@@ -285,7 +285,9 @@ pub async fn run_client(
         .map_err(|e| ClientError::Setup(e.to_string()))?;
     let chat = Chat::new(e2ee, store.history().clone(), rand::random(), options.link.authority());
     let (mut send, recv) = connection.open_bi().await.map_err(connection_error)?;
-    let mut session = Session::new(&options.name, options.join.clone(), options.link.invite_base(&fingerprint), chat);
+    let invite_base = options.link.invite_base(&fingerprint);
+    let mut session =
+        Session::new(&options.name, options.join.clone(), invite_base, chat, Instant::now(), SystemTime::now());
     let mut said = options.say.is_none();
 
     let (frames_tx, mut frames) = mpsc::channel(256);
@@ -301,7 +303,6 @@ pub async fn run_client(
         (None, None) => None,
     };
     let end = options.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut key_timer = tokio::time::interval(Duration::from_millis(250));
     let mut health = Health::new(&connection);
     let mut health_timer = tokio::time::interval(Duration::from_secs(1));
 
@@ -309,7 +310,7 @@ pub async fn run_client(
         if !said && session.channel().is_some() {
             said = true;
             let text = options.say.clone().expect("said is false only with a message to say");
-            session.command(SystemTime::now(), Command::Say(text));
+            session.command(Instant::now(), Command::Say(text));
         }
         // A microphone opens at once (the microphone test works outside channels); a
         // file plays from the start once there is a channel to hear it.
@@ -338,7 +339,6 @@ pub async fn run_client(
                     if let Err(e) = handle_frame(&mut session, msg, &mut fatal) {
                         break Err(e);
                     }
-                    session.handle_timeout(Instant::now());
                 }
                 Some(Err(e)) => break Err(fatal.take().unwrap_or(ClientError::Protocol(e.to_string()))),
                 None => {
@@ -357,7 +357,9 @@ pub async fn run_client(
                 Some(event) => voice_event(&mut session, &connection, &mut engine, options.health, event, emit),
                 None => break Err(ClientError::Setup("the voice engine stopped".into())),
             },
-            _ = key_timer.tick() => session.handle_timeout(Instant::now()),
+            () = sleep_until(session.poll_timeout().map(tokio::time::Instant::from_std)) => {
+                session.handle_timeout(Instant::now());
+            }
             _ = health_timer.tick(), if options.health => emit(&health.sample(&connection)),
             () = sleep_until(end), if end.is_some() => break Ok(()),
             // Commands wait until the server has introduced itself, so that even an
@@ -395,7 +397,7 @@ fn handle_frame(session: &mut Session, msg: ServerMsg, fatal: &mut Option<Client
     {
         *fatal = Some(ClientError::Refused { code: code.as_str().to_owned(), message: message.clone() });
     }
-    session.handle_message(SystemTime::now(), msg).map_err(|e| ClientError::Protocol(e.to_string()))
+    session.handle_message(Instant::now(), msg).map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
 /// When the connection ends, the control stream may still hold the server's reason:
@@ -497,7 +499,7 @@ fn voice_event(
                 engine.play(Instant::now(), LOOPBACK_SENDER, sequence, timestamp, payload);
             }
             let datagram = session.media_datagram(
-                SystemTime::now(),
+                Instant::now(),
                 StreamType::Voice,
                 packet.sequence,
                 packet.timestamp,
@@ -530,11 +532,11 @@ fn voice_command(session: &mut Session, engine: &mut Engine, command: Command, e
     match command {
         Command::Mute(on) => {
             engine.control(Control::Mute(on));
-            session.command(SystemTime::now(), command);
+            session.command(Instant::now(), command);
         }
         Command::Deafen(on) => {
             engine.control(Control::Deafen(on));
-            session.command(SystemTime::now(), command);
+            session.command(Instant::now(), command);
         }
         Command::Talk(held) => engine.control(Control::PushToTalk(held)),
         Command::Volume { user, percent } => match session.user_session(&user) {
@@ -550,7 +552,7 @@ fn voice_command(session: &mut Session, engine: &mut Engine, command: Command, e
             engine.control(Control::Denoise(denoise));
         }
         Command::MicrophoneTest(on) => engine.control(Control::Loopback(on)),
-        command => session.command(SystemTime::now(), command),
+        command => session.command(Instant::now(), command),
     }
 }
 

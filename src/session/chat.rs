@@ -3,12 +3,13 @@
 //! sees is ciphertext plus routing (to a session, to a channel).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::SystemTime;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use zeroize::Zeroizing;
 
 use super::history::{History, StoredMessage};
 use super::media::MediaKeyShare;
@@ -21,6 +22,30 @@ use crate::protocol::{ChannelId, ClientMsg, SessionId};
 pub const MAX_TEXT_CHARS: usize = 5000;
 /// Direct messages kept for one peer while its session cannot be used yet.
 const MAX_QUEUED_PER_PEER: usize = 100;
+/// Channel messages kept while members wait for our key.
+const MAX_QUEUED_CHANNEL: usize = 100;
+/// Joins and leaves in our channel start at most one new epoch of our keys per this
+/// long, however many arrive: the rest wait for the next (and chat waits with them).
+pub const REKEY_INTERVAL: Duration = Duration::from_secs(1);
+/// A bundle fetch unanswered this long (the server refused it) is asked again, each
+/// time waiting twice as long.
+const BUNDLE_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Tries of a bundle fetch or a key delivery before the member is reported as unreachable.
+const MAX_TRIES: u32 = 6;
+
+/// The wait before try `attempt` (from 1) of something the server refused: 1 s doubling
+/// to 16 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1 << attempt.saturating_sub(1).min(4))
+}
+
+/// Something to do again unless it succeeds first.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    due: Instant,
+    /// Tries made so far.
+    attempt: u32,
+}
 
 /// What travels inside a pairwise-encrypted message.
 #[derive(Serialize, Deserialize)]
@@ -48,8 +73,9 @@ struct ChannelPayload {
 enum Sent {
     /// A message the user wrote: report how many it reached.
     Text,
-    /// Key material: nothing to report.
-    Key,
+    /// Our sender and media key for `distribution`, to `to`, on try `attempt`: retried
+    /// if the server refused it.
+    Key { to: SessionId, distribution: Uuid, attempt: u32 },
 }
 
 /// The client's end-to-end encryption state within one server session.
@@ -60,17 +86,25 @@ pub struct Chat {
     server: String,
     /// Our current sender key: the channel and its epoch.
     epoch: Option<(ChannelId, Uuid)>,
+    /// When our current epoch started, and when the next is due (a join or leave in our
+    /// channel came within [`REKEY_INTERVAL`] of the last one).
+    last_rekey: Option<Instant>,
+    rekey_due: Option<Instant>,
     /// Members who still need our current sender key (waiting for their bundle).
     need_sender_key: BTreeSet<SessionId>,
-    awaiting_bundle: BTreeSet<SessionId>,
+    /// Bundle fetches under way: when to ask again, unanswered.
+    awaiting_bundle: BTreeMap<SessionId, Retry>,
+    /// Key deliveries the server refused: when to send again, and the tries so far.
+    key_retries: BTreeMap<SessionId, Retry>,
     /// Members whose identity key changed and who the user has not accepted again: they
     /// get nothing from us (no sender key, no media key, no direct message).
     withheld: BTreeSet<SessionId>,
     /// Direct messages waiting for a session (a bundle, or the user's acceptance).
     queued: BTreeMap<SessionId, Vec<String>>,
-    /// Channel messages written while some member still waits for our sender key:
-    /// sent once everyone has it, so that nobody gets one they cannot read.
-    queued_channel: Vec<String>,
+    /// Channel messages written while some member still waits for our sender key (or a
+    /// new epoch is due), with the channel they were written in: sent once everyone
+    /// there has the key, so that nobody gets one they cannot read.
+    queued_channel: Vec<(ChannelId, String)>,
     sent: VecDeque<Sent>,
     history: History,
     /// Whether the Signal state or the history changed since the shell last saved them.
@@ -84,8 +118,11 @@ impl Chat {
             rng: StdRng::from_seed(seed),
             server,
             epoch: None,
+            last_rekey: None,
+            rekey_due: None,
             need_sender_key: BTreeSet::new(),
-            awaiting_bundle: BTreeSet::new(),
+            awaiting_bundle: BTreeMap::new(),
+            key_retries: BTreeMap::new(),
             withheld: BTreeSet::new(),
             queued: BTreeMap::new(),
             queued_channel: Vec::new(),
@@ -130,15 +167,30 @@ impl Session {
         self.chat.history()
     }
 
+    /// Someone joined or left our channel: a new epoch now, or when the last is
+    /// [`REKEY_INTERVAL`] old. Until then our voice goes under the current key (a leaver
+    /// with a hostile relay could hear up to that long more) and our chat waits.
+    pub(super) fn request_rekey(&mut self, now: Instant) {
+        match self.chat.last_rekey {
+            Some(last) if now < last + REKEY_INTERVAL => {
+                self.chat.rekey_due.get_or_insert(last + REKEY_INTERVAL);
+            }
+            _ => self.rekey(now),
+        }
+    }
+
     /// Starts a new epoch of our sender key for the channel we are in (or ends it when
     /// we are in none) and gives it to every other member: after a leave, the leaver
     /// does not get it; after a join, the newcomer gets only this one.
-    pub(super) fn rekey(&mut self, now: SystemTime) {
+    pub(super) fn rekey(&mut self, now: Instant) {
         self.chat.need_sender_key.clear();
+        self.chat.key_retries.clear();
+        self.chat.rekey_due = None;
+        self.chat.last_rekey = Some(now);
         let (Some(channel), Some(me)) = (self.channel(), self.me) else {
             self.chat.epoch = None;
             self.media.clear();
-            return;
+            return self.flush_channel_queue(now);
         };
         self.chat.epoch = Some((channel, Uuid::from_bytes(self.chat.rng.random())));
         self.media.start_epoch(me, channel, &mut self.chat.rng);
@@ -149,20 +201,37 @@ impl Session {
             .map(|u| u.session)
             .collect();
         for member in members {
-            self.send_sender_key(member, now);
+            self.send_sender_key(member, now, 1);
         }
         self.flush_channel_queue(now);
     }
 
-    fn flush_channel_queue(&mut self, now: SystemTime) {
-        if self.chat.need_sender_key.is_empty() {
-            for text in std::mem::take(&mut self.chat.queued_channel) {
+    /// Sends the channel messages that waited, once every member has our key; those
+    /// written in a channel we have left since are dropped, and said so.
+    fn flush_channel_queue(&mut self, now: Instant) {
+        if !self.chat.need_sender_key.is_empty() || self.chat.rekey_due.is_some() {
+            return;
+        }
+        let current = self.chat.epoch.map(|(channel, _)| channel);
+        for (channel, text) in std::mem::take(&mut self.chat.queued_channel) {
+            if Some(channel) == current {
                 self.say(text, now);
+            } else {
+                let name = self.channel_name(channel);
+                self.events.push_back(Event::local_error(
+                    "not_sent",
+                    format!("you left {name} before your message could go: {text:?} was not sent"),
+                ));
             }
         }
     }
 
-    fn send_sender_key(&mut self, member: SessionId, now: SystemTime) {
+    /// The members our channel messages wait for, by name.
+    fn waiting_for(&self) -> Vec<String> {
+        self.chat.need_sender_key.iter().filter_map(|s| self.users.get(s)).map(|u| u.name.clone()).collect()
+    }
+
+    fn send_sender_key(&mut self, member: SessionId, now: Instant, attempt: u32) {
         if self.chat.withheld.contains(&member) {
             return;
         }
@@ -170,7 +239,7 @@ impl Session {
         let (Some(me), Some(peer)) = (self.me.and_then(|me| self.address(me)), self.address(member)) else { return };
         if !self.chat.e2ee.has_session(&peer) {
             self.chat.need_sender_key.insert(member);
-            self.fetch_bundle(member);
+            self.fetch_bundle(member, now);
             return;
         }
         let message = match self.chat.e2ee.sender_key_distribution(&me, distribution, &mut self.chat.rng) {
@@ -178,19 +247,71 @@ impl Session {
             Err(e) => return self.events.push_back(Event::local_error("e2ee", e)),
         };
         let payload = DirectPayload::SenderKey { message, media };
-        self.send_direct(member, &payload, Sent::Key, now);
+        self.send_direct(member, &payload, Sent::Key { to: member, distribution, attempt }, now);
     }
 
-    fn fetch_bundle(&mut self, peer: SessionId) {
-        if self.chat.awaiting_bundle.insert(peer) {
+    fn fetch_bundle(&mut self, peer: SessionId, now: Instant) {
+        if let std::collections::btree_map::Entry::Vacant(entry) = self.chat.awaiting_bundle.entry(peer) {
+            entry.insert(Retry { due: now + BUNDLE_ANSWER_TIMEOUT, attempt: 1 });
             self.transmit.push_back(ClientMsg::FetchBundle { peer });
         }
     }
 
-    fn send_direct(&mut self, to: SessionId, payload: &DirectPayload, kind: Sent, now: SystemTime) {
+    /// The next time [`Session::chat_timeout`] has something to do.
+    pub(super) fn chat_poll_timeout(&self) -> Option<Instant> {
+        let retries = self.chat.awaiting_bundle.values().chain(self.chat.key_retries.values()).map(|r| r.due);
+        retries.chain(self.chat.rekey_due).min()
+    }
+
+    /// Starts a due epoch, asks again for bundles that got no answer, and sends again
+    /// the keys the server refused; a member still unreachable after [`MAX_TRIES`] is
+    /// reported and no longer waited for.
+    pub(super) fn chat_timeout(&mut self, now: Instant) {
+        if self.chat.rekey_due.is_some_and(|due| due <= now) {
+            self.rekey(now);
+        }
+        let unanswered: Vec<(SessionId, Retry)> =
+            self.chat.awaiting_bundle.iter().filter(|(_, r)| r.due <= now).map(|(s, r)| (*s, *r)).collect();
+        for (peer, retry) in unanswered {
+            if retry.attempt >= MAX_TRIES {
+                self.chat.awaiting_bundle.remove(&peer);
+                self.unreachable(peer, now);
+                continue;
+            }
+            let wait = BUNDLE_ANSWER_TIMEOUT * (1 << retry.attempt.min(4));
+            self.chat.awaiting_bundle.insert(peer, Retry { due: now + wait, attempt: retry.attempt + 1 });
+            self.transmit.push_back(ClientMsg::FetchBundle { peer });
+        }
+        let due: Vec<(SessionId, u32)> =
+            self.chat.key_retries.iter().filter(|(_, r)| r.due <= now).map(|(s, r)| (*s, r.attempt)).collect();
+        for (member, attempt) in due {
+            self.chat.key_retries.remove(&member);
+            if self.users.get(&member).and_then(|u| u.channel).is_some_and(|c| Some(c) == self.channel()) {
+                self.send_sender_key(member, now, attempt + 1);
+            }
+        }
+    }
+
+    /// No keys could be had for `peer`: say so, and let what waited for it go on.
+    fn unreachable(&mut self, peer: SessionId, now: Instant) {
+        self.chat.need_sender_key.remove(&peer);
+        let name = self.users.get(&peer).map_or_else(|| format!("session {}", peer.0), |u| u.name.clone());
+        let dropped = self.chat.queued.remove(&peer).map_or(0, |q| q.len());
+        self.events.push_back(Event::local_error(
+            "keys_unavailable",
+            format!(
+                "no encryption keys could be exchanged with {name} after {MAX_TRIES} tries; they cannot read your \
+                 messages or hear you ({dropped} direct messages to them not sent)"
+            ),
+        ));
+        self.flush_channel_queue(now);
+    }
+
+    fn send_direct(&mut self, to: SessionId, payload: &DirectPayload, kind: Sent, now: Instant) {
         let Some(peer) = self.address(to) else { return };
-        let plaintext = postcard::to_allocvec(payload).expect("payloads encode");
-        match self.chat.e2ee.encrypt(&peer, &plaintext, now, &mut self.chat.rng) {
+        let plaintext = Zeroizing::new(postcard::to_allocvec(payload).expect("payloads encode"));
+        let wall = self.wall(now);
+        match self.chat.e2ee.encrypt(&peer, &plaintext, wall, &mut self.chat.rng) {
             Ok(sealed) => {
                 let ciphertext = postcard::to_allocvec(&sealed).expect("sealed messages encode");
                 self.transmit.push_back(ClientMsg::Direct { to, ciphertext });
@@ -216,7 +337,7 @@ impl Session {
 
     /// A peer's bundle arrived: set up the session, then send what waited for it. A peer
     /// without keys cannot take part in encrypted chat: nothing waits for it any longer.
-    pub(super) fn bundle_arrived(&mut self, peer: SessionId, bundle: Option<&PeerBundle>, now: SystemTime) {
+    pub(super) fn bundle_arrived(&mut self, peer: SessionId, bundle: Option<&PeerBundle>, now: Instant) {
         self.chat.awaiting_bundle.remove(&peer);
         let Some(address) = self.address(peer) else { return };
         let Some(bundle) = bundle else {
@@ -228,7 +349,8 @@ impl Session {
             }
             return self.flush_channel_queue(now);
         };
-        match self.chat.e2ee.start_session(&address, bundle, now, &mut self.chat.rng) {
+        let wall = self.wall(now);
+        match self.chat.e2ee.start_session(&address, bundle, wall, &mut self.chat.rng) {
             Ok(IdentityStatus::Changed) => {
                 self.chat.dirty = true;
                 self.withhold(peer);
@@ -239,7 +361,7 @@ impl Session {
         }
         self.chat.dirty = true;
         if self.chat.need_sender_key.remove(&peer) && self.users.get(&peer).and_then(|u| u.channel) == self.channel() {
-            self.send_sender_key(peer, now);
+            self.send_sender_key(peer, now, 1);
         }
         self.flush_channel_queue(now);
         for text in self.chat.queued.remove(&peer).unwrap_or_default() {
@@ -248,7 +370,7 @@ impl Session {
     }
 
     /// `/msg NAME TEXT`.
-    pub(super) fn message_user(&mut self, name: &str, text: String, now: SystemTime) {
+    pub(super) fn message_user(&mut self, name: &str, text: String, now: Instant) {
         if let Err(event) = check_text(&text) {
             return self.events.push_back(event);
         }
@@ -277,20 +399,22 @@ impl Session {
                 ),
             ));
         }
-        self.fetch_bundle(peer);
+        self.fetch_bundle(peer, now);
     }
 
-    fn send_text_direct(&mut self, peer: SessionId, text: String, now: SystemTime) {
+    fn send_text_direct(&mut self, peer: SessionId, text: String, now: Instant) {
+        let time_ms = unix_millis(self.wall(now));
         if let Some(peer_name) = self.users.get(&peer).map(|u| u.name.clone()) {
             let me = self.name.clone();
-            self.chat.record(&format!("@{peer_name}"), &me, &text, unix_millis(now));
+            self.chat.record(&format!("@{peer_name}"), &me, &text, time_ms);
         }
-        let payload = DirectPayload::Text { text, time_ms: unix_millis(now) };
+        let payload = DirectPayload::Text { text, time_ms };
         self.send_direct(peer, &payload, Sent::Text, now);
     }
 
-    /// A line typed without a slash: to everyone in our channel.
-    pub(super) fn say(&mut self, text: String, now: SystemTime) {
+    /// A line typed without a slash: to everyone in our channel. It waits (and says for
+    /// whom) while a member has no key of ours yet or a new epoch is due.
+    pub(super) fn say(&mut self, text: String, now: Instant) {
         if let Err(event) = check_text(&text) {
             return self.events.push_back(event);
         }
@@ -298,13 +422,22 @@ impl Session {
         else {
             return self.events.push_back(Event::local_error("not_in_channel", "join a channel to talk in it"));
         };
-        if !self.chat.need_sender_key.is_empty() {
-            return self.chat.queued_channel.push(text);
+        if !self.chat.need_sender_key.is_empty() || self.chat.rekey_due.is_some() {
+            if self.chat.queued_channel.len() >= MAX_QUEUED_CHANNEL {
+                return self.events.push_back(Event::local_error(
+                    "queue_full",
+                    format!("{MAX_QUEUED_CHANNEL} messages are waiting for keys already; this one was not sent"),
+                ));
+            }
+            self.chat.queued_channel.push((channel, text));
+            let members = self.waiting_for();
+            return self.events.push_back(Event::WaitingForKeys { channel: self.channel_name(channel), members });
         }
+        let time_ms = unix_millis(self.wall(now));
         let (conversation, my_name) = (format!("#{}", self.channel_name(channel)), self.name.clone());
-        self.chat.record(&conversation, &my_name, &text, unix_millis(now));
+        self.chat.record(&conversation, &my_name, &text, time_ms);
         let payload =
-            postcard::to_allocvec(&ChannelPayload { text, time_ms: unix_millis(now) }).expect("payloads encode");
+            Zeroizing::new(postcard::to_allocvec(&ChannelPayload { text, time_ms }).expect("payloads encode"));
         match self.chat.e2ee.group_encrypt(&me, distribution, &payload, &mut self.chat.rng) {
             Ok(ciphertext) => {
                 self.transmit.push_back(ClientMsg::Channel { channel, ciphertext });
@@ -315,7 +448,7 @@ impl Session {
         }
     }
 
-    pub(super) fn direct_arrived(&mut self, from: SessionId, ciphertext: &[u8], now: SystemTime) {
+    pub(super) fn direct_arrived(&mut self, from: SessionId, ciphertext: &[u8], now: Instant) {
         let (Some(peer), Some(user)) = (self.address(from), self.users.get(&from).map(|u| u.name.clone())) else {
             return self.events.push_back(Event::local_error("undecryptable", "a message from an unknown sender"));
         };
@@ -331,12 +464,14 @@ impl Session {
             // It came under the pinned key: whoever holds that is still there, so what we
             // held back from this member goes to that key again.
             if self.chat.withheld.remove(&from) && self.users.get(&from).and_then(|u| u.channel) == self.channel() {
-                self.send_sender_key(from, now);
+                self.send_sender_key(from, now, 1);
             }
         } else if opened.identity == IdentityStatus::Changed {
             self.withhold(from);
         }
-        match postcard::from_bytes::<DirectPayload>(&opened.plaintext) {
+        // The plaintext may hold key material: wiped when dropped.
+        let plaintext = Zeroizing::new(opened.plaintext);
+        match postcard::from_bytes::<DirectPayload>(&plaintext) {
             Ok(DirectPayload::Text { text, time_ms }) => {
                 self.chat.record(&format!("@{user}"), &user, &text, time_ms);
                 let event = self.message_event(&peer, user, None, text, time_ms);
@@ -389,17 +524,33 @@ impl Session {
         }
     }
 
-    pub(super) fn delivered(&mut self, reached: u32, total: u32) {
-        if let Some(Sent::Text) = self.chat.sent.pop_front() {
-            self.events.push_back(Event::Delivered { reached, total });
+    /// The server's count for our oldest message still unanswered. A key delivery that
+    /// reached nobody (the server refused it, say for our rate) is sent again later, as
+    /// long as the member is still in our channel and the epoch is still ours.
+    pub(super) fn delivered(&mut self, reached: u32, total: u32, now: Instant) {
+        match self.chat.sent.pop_front() {
+            Some(Sent::Text) => self.events.push_back(Event::Delivered { reached, total }),
+            Some(Sent::Key { to, distribution, attempt }) if reached == 0 => {
+                let current = self.chat.epoch.is_some_and(|(_, d)| d == distribution);
+                let here = self.users.get(&to).and_then(|u| u.channel).is_some_and(|c| Some(c) == self.channel());
+                if !(current && here) {
+                    return;
+                }
+                if attempt >= MAX_TRIES {
+                    return self.unreachable(to, now);
+                }
+                self.chat.key_retries.insert(to, Retry { due: now + backoff(attempt), attempt });
+            }
+            Some(Sent::Key { .. }) | None => {}
         }
     }
 
     /// The server holds only `published` of our one-time keys (EC, Kyber): make and
     /// upload enough new ones to fill its pool again.
-    pub(super) fn keys_low(&mut self, now: SystemTime, published: (u32, u32)) {
+    pub(super) fn keys_low(&mut self, now: Instant, published: (u32, u32)) {
         let published = (published.0 as usize, published.1 as usize);
-        match self.chat.e2ee.replenish(&mut self.chat.rng, now, published) {
+        let wall = self.wall(now);
+        match self.chat.e2ee.replenish(&mut self.chat.rng, wall, published) {
             Ok((one_time, kyber_one_time)) => {
                 self.chat.dirty = true;
                 self.transmit.push_back(ClientMsg::AddOneTimeKeys { one_time, kyber_one_time });
@@ -432,7 +583,7 @@ impl Session {
     }
 
     /// `/verify NAME`: the user compared the safety number and accepts the identity.
-    pub(super) fn verify(&mut self, name: &str, now: SystemTime) {
+    pub(super) fn verify(&mut self, name: &str, now: Instant) {
         let Some(user) = self.users.values().find(|u| u.name.eq_ignore_ascii_case(name)).map(|u| u.session) else {
             return self.events.push_back(Event::local_error("no_such_user", format!("{name} is not online")));
         };
@@ -447,10 +598,10 @@ impl Session {
                 self.send_text_direct(user, text, now);
             }
         } else if self.chat.queued.contains_key(&user) {
-            self.fetch_bundle(user);
+            self.fetch_bundle(user, now);
         }
         if self.channel().is_some() && self.users.get(&user).and_then(|u| u.channel) == self.channel() {
-            self.send_sender_key(user, now);
+            self.send_sender_key(user, now, 1);
         }
     }
 }

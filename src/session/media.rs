@@ -155,6 +155,15 @@ impl MediaKeys {
         }
     }
 
+    /// When the next retiring key stops opening anything.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let until = self.peers.values().flatten().filter_map(|k| match k.retire {
+            Retirement::Until(until) => Some(until),
+            Retirement::Current | Retirement::Replaced => None,
+        });
+        until.min()
+    }
+
     /// Whether our key is close to its packet limit and a new epoch should start.
     pub fn needs_new_key(&self) -> bool {
         self.own.as_ref().is_some_and(|own| own.sealer.needs_new_key())

@@ -13,6 +13,8 @@ pub mod media;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Instant, SystemTime};
 
+pub use chat::REKEY_INTERVAL;
+
 use serde::Serialize;
 
 use crate::protocol::{
@@ -114,6 +116,13 @@ pub enum Event {
         verified: bool,
         identity_changed: bool,
     },
+    /// Our channel message waits: these members have no key of ours yet (their keys are
+    /// being fetched), or a new epoch is due (someone just joined or left). It is sent
+    /// once they have it.
+    WaitingForKeys {
+        channel: String,
+        members: Vec<String>,
+    },
     /// A peer's identity key is not the one pinned earlier: it receives nothing from us
     /// until the user compares the safety number and accepts the new key.
     IdentityChanged {
@@ -205,6 +214,15 @@ impl std::fmt::Display for Event {
                 }
             }
             Event::Delivered { reached, total } => write!(f, "* delivered to {reached} of {total}"),
+            Event::WaitingForKeys { channel, members } if members.is_empty() => {
+                write!(f, "* [{channel}] your message waits for the channel's new key (someone joined or left)")
+            }
+            Event::WaitingForKeys { channel, members } => write!(
+                f,
+                "* [{channel}] your message waits for keys from {} members: {}",
+                members.len(),
+                members.join(", ")
+            ),
             Event::Safety { user, number, verified, .. } => {
                 let state = if *verified { "verified" } else { "not verified" };
                 write!(f, "* safety number with {user} ({state}): {number}")
@@ -264,7 +282,16 @@ pub enum SessionError {
     SecondWelcome,
 }
 
+/// Wall-clock time for what needs it (message times, Signal's key ages), from the one
+/// clock the session is driven by: the instant and the wall time it started at.
+#[derive(Debug, Clone, Copy)]
+struct WallClock {
+    start: Instant,
+    wall: SystemTime,
+}
+
 pub struct Session {
+    clock: WallClock,
     name: String,
     /// `voipc://host:port/?fp=...`, the base of the invite links we print.
     server_link: String,
@@ -285,9 +312,18 @@ pub struct Session {
 
 impl Session {
     /// A session that introduces itself as `name`, entering `join` instead of the
-    /// server's default channel if given.
-    pub fn new(name: &str, join: Option<JoinRequest>, server_link: String, chat: Chat) -> Self {
+    /// server's default channel if given. Every later call passes the time as an
+    /// `Instant` on the same clock as `now`; `wall` is the wall-clock time at `now`.
+    pub fn new(
+        name: &str,
+        join: Option<JoinRequest>,
+        server_link: String,
+        chat: Chat,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Self {
         let mut session = Session {
+            clock: WallClock { start: now, wall },
             name: name.to_owned(),
             server_link,
             me: None,
@@ -311,6 +347,11 @@ impl Session {
         };
         session.transmit.push_back(ClientMsg::Hello { version: PROTOCOL_VERSION, name: name.to_owned(), join, bundle });
         session
+    }
+
+    /// The wall-clock time at `now`.
+    fn wall(&self, now: Instant) -> SystemTime {
+        self.clock.wall + now.saturating_duration_since(self.clock.start)
     }
 
     #[must_use]
@@ -338,7 +379,7 @@ impl Session {
         self.me.and_then(|me| self.users.get(&me)).and_then(|u| u.channel)
     }
 
-    pub fn handle_message(&mut self, now: SystemTime, msg: ServerMsg) -> Result<(), SessionError> {
+    pub fn handle_message(&mut self, now: Instant, msg: ServerMsg) -> Result<(), SessionError> {
         if self.me.is_none() && !matches!(msg, ServerMsg::Welcome { .. } | ServerMsg::Error { .. }) {
             return Err(SessionError::NotWelcomed(message_name(&msg)));
         }
@@ -395,7 +436,7 @@ impl Session {
             ServerMsg::Channel { from, channel, ciphertext } => {
                 self.channel_message_arrived(from, channel, &ciphertext)
             }
-            ServerMsg::Delivered { reached, total } => self.delivered(reached, total),
+            ServerMsg::Delivered { reached, total } => self.delivered(reached, total, now),
             ServerMsg::InviteCreated { token, channel, expires_in_secs, max_uses } => {
                 let name = self.channel_name(channel);
                 let link = format!("{}&channel={}&invite={token}", self.server_link, percent_encode(&name));
@@ -412,12 +453,14 @@ impl Session {
                 self.events.push_back(Event::Error { code: code.as_str().to_owned(), message });
             }
         }
+        // Keys replaced by what arrived start their grace period now.
+        self.media.handle_timeout(now);
         Ok(())
     }
 
     /// Someone changed channels. When that changes who is in ours, we start a new
     /// sender-key epoch.
-    fn user_moved(&mut self, now: SystemTime, session: SessionId, to: Option<ChannelId>) {
+    fn user_moved(&mut self, now: Instant, session: SessionId, to: Option<ChannelId>) {
         let Some(user) = self.users.get_mut(&session) else { return };
         let from = std::mem::replace(&mut user.channel, to);
         if from == to {
@@ -446,13 +489,13 @@ impl Session {
             ours_changed = true;
         }
         if ours_changed {
-            self.rekey(now);
+            self.request_rekey(now);
         }
     }
 
     /// A typed command: requests go to the server, local ones answer at once.
     /// `Probe` and `Quit` are the shell's: it sends datagrams and ends the session.
-    pub fn command(&mut self, now: SystemTime, command: Command) {
+    pub fn command(&mut self, now: Instant, command: Command) {
         match command {
             Command::Join(request) => self.transmit.push_back(ClientMsg::Join(request)),
             Command::Leave => self.transmit.push_back(ClientMsg::Leave),
@@ -524,11 +567,18 @@ impl Session {
         });
     }
 
-    /// Time passes: media keys replaced by newer ones expire after their grace period.
-    /// The shell calls this after every control message and at least every few hundred
-    /// milliseconds.
+    /// Time passes: a due epoch starts, unanswered requests are made again, and media
+    /// keys replaced by newer ones expire after their grace period. The shell calls it
+    /// at [`Session::poll_timeout`] (and may call it any time).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.media.handle_timeout(now);
+        self.chat_timeout(now);
+    }
+
+    /// The next time [`Session::handle_timeout`] has work to do.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.chat_poll_timeout().into_iter().chain(self.media.poll_timeout()).min()
     }
 
     /// A media datagram carrying `payload` (an Opus packet, a video fragment), sealed
@@ -536,7 +586,7 @@ impl Session {
     /// its packet limit is replaced by a new epoch first.
     pub fn media_datagram(
         &mut self,
-        now: SystemTime,
+        now: Instant,
         stream: StreamType,
         sequence: u32,
         timestamp: u32,
@@ -652,7 +702,8 @@ mod tests {
     }
 
     fn welcomed() -> Session {
-        let mut s = Session::new("alice", None, "voipc://h:1/?fp=ab".into(), chat());
+        let mut s =
+            Session::new("alice", None, "voipc://h:1/?fp=ab".into(), chat(), Instant::now(), SystemTime::UNIX_EPOCH);
         assert!(matches!(s.poll_transmit(), Some(ClientMsg::Hello { version: PROTOCOL_VERSION, .. })));
         for msg in [
             ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: PROTOCOL_VERSION },
@@ -663,7 +714,7 @@ mod tests {
             ServerMsg::Ready,
             ServerMsg::UserMoved { session: SessionId(1), channel: Some(ChannelId(1)) },
         ] {
-            s.handle_message(SystemTime::UNIX_EPOCH, msg).unwrap();
+            s.handle_message(Instant::now(), msg).unwrap();
         }
         s
     }
@@ -690,19 +741,13 @@ mod tests {
     fn others_entering_and_leaving_my_channel_are_reported() {
         let mut s = welcomed();
         events(&mut s);
-        s.handle_message(SystemTime::UNIX_EPOCH, ServerMsg::UserConnected(user(3, "carol", None))).unwrap();
-        s.handle_message(
-            SystemTime::UNIX_EPOCH,
-            ServerMsg::UserMoved { session: SessionId(3), channel: Some(ChannelId(2)) },
-        )
-        .unwrap();
+        s.handle_message(Instant::now(), ServerMsg::UserConnected(user(3, "carol", None))).unwrap();
+        s.handle_message(Instant::now(), ServerMsg::UserMoved { session: SessionId(3), channel: Some(ChannelId(2)) })
+            .unwrap();
         assert!(events(&mut s).is_empty(), "carol is not in my channel");
-        s.handle_message(
-            SystemTime::UNIX_EPOCH,
-            ServerMsg::UserMoved { session: SessionId(3), channel: Some(ChannelId(1)) },
-        )
-        .unwrap();
-        s.handle_message(SystemTime::UNIX_EPOCH, ServerMsg::UserDisconnected(SessionId(2))).unwrap();
+        s.handle_message(Instant::now(), ServerMsg::UserMoved { session: SessionId(3), channel: Some(ChannelId(1)) })
+            .unwrap();
+        s.handle_message(Instant::now(), ServerMsg::UserDisconnected(SessionId(2))).unwrap();
         assert_eq!(
             events(&mut s),
             [
@@ -710,8 +755,7 @@ mod tests {
                 Event::UserLeft { user: "bob".into(), session: 2, channel: 1 },
             ]
         );
-        s.handle_message(SystemTime::UNIX_EPOCH, ServerMsg::UserMoved { session: SessionId(1), channel: None })
-            .unwrap();
+        s.handle_message(Instant::now(), ServerMsg::UserMoved { session: SessionId(1), channel: None }).unwrap();
         assert_eq!(events(&mut s), [Event::Left { channel: 1, name: "Lobby".into() }]);
     }
 
@@ -720,15 +764,12 @@ mod tests {
         let mut s = welcomed();
         events(&mut s);
         s.handle_message(
-            SystemTime::UNIX_EPOCH,
+            Instant::now(),
             ServerMsg::InviteCreated { token: "tok".into(), channel: ChannelId(2), expires_in_secs: 60, max_uses: 2 },
         )
         .unwrap();
-        s.handle_message(
-            SystemTime::UNIX_EPOCH,
-            ServerMsg::Error { code: ErrorCode::ChannelFull, message: "full".into() },
-        )
-        .unwrap();
+        s.handle_message(Instant::now(), ServerMsg::Error { code: ErrorCode::ChannelFull, message: "full".into() })
+            .unwrap();
         let ev = events(&mut s);
         let Event::InviteCreated { link, .. } = &ev[0] else { panic!("{ev:?}") };
         assert_eq!(link, "voipc://h:1/?fp=ab&channel=Late%20Night&invite=tok");
@@ -771,11 +812,11 @@ mod tests {
 
     #[test]
     fn a_server_that_skips_the_welcome_is_a_protocol_error() {
-        let mut s = Session::new("alice", None, String::new(), chat());
-        assert_eq!(s.handle_message(SystemTime::UNIX_EPOCH, ServerMsg::Ready), Err(SessionError::NotWelcomed("ready")));
+        let mut s = Session::new("alice", None, String::new(), chat(), Instant::now(), SystemTime::UNIX_EPOCH);
+        assert_eq!(s.handle_message(Instant::now(), ServerMsg::Ready), Err(SessionError::NotWelcomed("ready")));
         let mut s = welcomed();
         let again = ServerMsg::Welcome { session: SessionId(5), name: "x".into(), server_version: 1 };
-        assert_eq!(s.handle_message(SystemTime::UNIX_EPOCH, again), Err(SessionError::SecondWelcome));
+        assert_eq!(s.handle_message(Instant::now(), again), Err(SessionError::SecondWelcome));
         assert!(s.probe_datagram(b"").is_some());
     }
 }
