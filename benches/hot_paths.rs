@@ -17,7 +17,7 @@ fn relay_with(members: u64, now: Instant) -> (Relay, ConnId) {
     let mut config = ServerConfig { max_users: members as u32, ..ServerConfig::default() };
     config.limits.media_packets_per_sec = u32::MAX / 2;
     config.limits.media_bytes_per_sec = u32::MAX / 2;
-    let mut relay = Relay::new(RelayConfig::from_server_config(&config), [1; 32]);
+    let mut relay = Relay::new(RelayConfig::from_server_config(&mut config), [1; 32]);
     for i in 1..=members {
         relay.handle_input(now, ConnId(i), Input::Connected { source: Source::of([127, 0, 0, 1].into()) }).unwrap();
         let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: format!("user{i}"), join: None, bundle: None };

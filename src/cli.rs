@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// Host name for the invite link when listening on a wildcard address.
     #[arg(long, value_name = "HOST")]
     public_host: Option<String>,
+    /// Let log lines name client addresses (by default they name none).
+    #[arg(long)]
+    log_addresses: bool,
     /// Print the listening event as one JSON line.
     #[arg(long)]
     json: bool,
@@ -77,9 +80,10 @@ pub struct JoinArgs {
     /// Channel to enter instead of the server's default.
     #[arg(long)]
     channel: Option<String>,
-    /// That channel's password.
-    #[arg(long, value_name = "PW")]
-    password: Option<String>,
+    /// A file whose first line is that channel's password (or set VOIPC_CHANNEL_PASSWORD).
+    /// Never an argument: anyone on the machine can read those in the process list.
+    #[arg(long, value_name = "FILE")]
+    channel_password_file: Option<PathBuf>,
     /// An invite token for that channel.
     #[arg(long, value_name = "TOKEN")]
     invite: Option<String>,
@@ -239,11 +243,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         identity
     };
-    let relay_config = RelayConfig::from_server_config(&config);
+    let relay_config = RelayConfig::from_server_config(&mut config);
     let relay = Relay::new(relay_config, rand::random());
     let limits = &config.limits;
     let hello_timeout = std::time::Duration::from_secs(limits.hello_timeout_secs);
-    let server = Server::bind(config.listen, identity, relay, limits.max_pending_connections, hello_timeout)?;
+    let server = Server::bind(config.listen, identity, relay, limits.max_pending_connections, hello_timeout)?
+        .log_addresses(args.log_addresses);
     let shutdown = shutdown_signal()?;
     let addr = server.local_addr()?;
     let fingerprint = server.fingerprint();
@@ -319,7 +324,8 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         let link: ServerLink = args.target.parse()?;
         let channel = args.channel.or(link.channel.clone());
         let invite = args.invite.or(link.invite.clone());
-        let join = channel.map(|channel| JoinRequest { channel, password: args.password, invite });
+        let password = secret(args.channel_password_file.as_deref(), CHANNEL_PASSWORD_ENV)?;
+        let join = channel.map(|channel| JoinRequest { channel, password: password.map(|p| p.to_string()), invite });
         let data_dir = match args.data_dir {
             Some(dir) => dir,
             None => default_data_dir()?,
@@ -370,24 +376,28 @@ fn devices() -> anyhow::Result<()> {
 
 /// The vault password from `--vault-password-file` (its first line) or the environment.
 fn vault_password(file: Option<&Path>) -> anyhow::Result<Zeroizing<String>> {
-    let password = match file {
+    secret(file, VAULT_PASSWORD_ENV)?.ok_or_else(|| client::ClientError::NoVaultPassword.into())
+}
+
+/// A secret from the first line of `file`, or else from the environment variable `env`;
+/// `None` when neither gives one.
+fn secret(file: Option<&Path>, env: &str) -> anyhow::Result<Option<Zeroizing<String>>> {
+    let secret = match file {
         Some(path) => {
             let text = Zeroizing::new(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("reading the vault password from {}", path.display()))?,
+                std::fs::read_to_string(path).with_context(|| format!("reading a secret from {}", path.display()))?,
             );
             Zeroizing::new(text.lines().next().unwrap_or_default().to_owned())
         }
-        None => Zeroizing::new(std::env::var(VAULT_PASSWORD_ENV).unwrap_or_default()),
+        None => Zeroizing::new(std::env::var(env).unwrap_or_default()),
     };
-    if password.is_empty() {
-        return Err(client::ClientError::NoVaultPassword.into());
-    }
-    Ok(password)
+    Ok(Some(secret).filter(|s| !s.is_empty()))
 }
 
 /// The environment variable a headless client reads its vault password from.
 pub const VAULT_PASSWORD_ENV: &str = "VOIPC_VAULT_PASSWORD";
+/// The environment variable `voipc join --channel` reads the channel's password from.
+pub const CHANNEL_PASSWORD_ENV: &str = "VOIPC_CHANNEL_PASSWORD";
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
     directories::ProjectDirs::from("", "", "voipc")

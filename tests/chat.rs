@@ -36,7 +36,7 @@ pub(crate) struct Net {
 
 impl Net {
     pub(crate) fn new() -> Net {
-        let config = RelayConfig::from_server_config(&ServerConfig::default());
+        let config = RelayConfig::from_server_config(&mut ServerConfig::default());
         Net {
             relay: Relay::new(config, [5; 32]),
             clients: BTreeMap::new(),
@@ -408,9 +408,9 @@ fn sybils_that_drain_bobs_one_time_keys_make_him_upload_new_ones() {
 
 #[test]
 fn a_newcomer_to_a_channel_of_150_gets_its_key_to_every_member() {
-    let config = ServerConfig { max_users: 200, ..ServerConfig::default() };
+    let mut config = ServerConfig { max_users: 200, ..ServerConfig::default() };
     let mut net = Net::new();
-    net.relay = Relay::new(RelayConfig::from_server_config(&config), [5; 32]);
+    net.relay = Relay::new(RelayConfig::from_server_config(&mut config), [5; 32]);
     let mut rng = StdRng::seed_from_u64(150);
     let bots: Vec<(ConnId, String, E2ee)> = (0..149)
         .map(|i| {

@@ -190,3 +190,40 @@ fn the_client_keeps_its_pins_in_a_password_protected_vault() {
     assert!(ok, "{event}");
     assert_eq!(event["event"], "connected", "{event}");
 }
+
+#[test]
+fn a_channel_password_comes_from_a_file_or_the_environment_never_from_argv() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[[channels]]\nname = \"Lobby\"\n\n[[channels]]\nname = \"Staff\"\npassword = \"s3cret\"\n";
+    let server = TestServer::start(dir.path(), Some(config));
+    // A password in the arguments would show in everyone's process list: refused.
+    let argv = voipc()
+        .env("VOIPC_VAULT_PASSWORD", "v")
+        .args(["join", &server.invite, "--name", "a", "--channel", "Staff", "--password", "s3cret"])
+        .output()
+        .unwrap();
+    assert!(!argv.status.success());
+    assert!(String::from_utf8_lossy(&argv.stderr).contains("--password"), "{argv:?}");
+
+    let file = dir.path().join("channel-password");
+    std::fs::write(&file, "s3cret\n").unwrap();
+    let file_arg = ["--channel-password-file", file.to_str().unwrap()];
+    for (name, env, extra) in [("by-env", Some("s3cret"), &[][..]), ("by-file", None, &file_arg[..])] {
+        let data = dir.path().join(name);
+        let mut command = voipc();
+        command.env("VOIPC_VAULT_PASSWORD", "v");
+        if let Some(password) = env {
+            command.env("VOIPC_CHANNEL_PASSWORD", password);
+        }
+        let out = command
+            .args(["join", &server.invite, "--name", name, "--channel", "Staff", "--json", "--duration", "1"])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(r#""event":"joined","channel":2,"name":"Staff""#), "{name}: {stdout}");
+    }
+}

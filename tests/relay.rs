@@ -77,7 +77,9 @@ fn an_invisible_channel_name_is_refused_and_the_session_goes_on() {
 fn password_channel_refuses_a_wrong_password_and_admits_an_invite() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), Some(TWO_CHANNELS));
-    let mut alice = TestClient::join(&server.invite, "alice", &["--channel", "Staff", "--password", "s3cret"]);
+    let mut alice = TestClient::join(&server.invite, "alice", &[]);
+    alice.expect_joined("Lobby");
+    alice.send("/join Staff s3cret");
     alice.expect_joined("Staff");
 
     let mut bob = TestClient::join(&server.invite, "bob", &[]);
@@ -271,4 +273,34 @@ fn the_server_writes_nothing_but_its_certificate() {
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["server-cert.pem", "server-key.pem"]);
+}
+
+#[test]
+fn server_logs_name_no_client_address_unless_asked() {
+    use std::io::Read;
+    use std::process::Stdio;
+    for opt_in in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = crate::support::voipc();
+        command.env("RUST_LOG", "voipc=debug").current_dir(dir.path());
+        command.args(["serve", "--json", "--ephemeral-cert", "--listen", "127.0.0.1:0"]);
+        if opt_in {
+            command.arg("--log-addresses");
+        }
+        let mut server = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line).unwrap();
+        let invite = serde_json::from_str::<serde_json::Value>(&line).unwrap()["invite"].as_str().unwrap().to_owned();
+        let mut alice = TestClient::join(&invite, "alice", &[]);
+        alice.expect_joined("Lobby");
+        assert!(alice.quit().success());
+        std::thread::sleep(Duration::from_millis(300));
+        server.kill().unwrap();
+        server.wait().unwrap();
+        let mut log = String::new();
+        server.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+        assert!(log.contains("conn{id=1"), "the connection was logged: {log}");
+        assert_eq!(log.contains("remote=127.0.0.1:"), opt_in, "{log}");
+        assert!(!log.contains("alice") || opt_in, "no user name either: {log}");
+    }
 }

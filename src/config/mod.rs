@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
+use zeroize::Zeroizing;
 
 use crate::protocol::DEFAULT_PORT;
 
@@ -40,8 +41,9 @@ pub struct ChannelConfig {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// Wiped from memory once the relay has hashed it ([`crate::relay::RelayConfig`]).
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Zeroizing<String>>,
     /// 0 means no limit.
     #[serde(default)]
     pub user_limit: u32,
@@ -363,7 +365,7 @@ user_limit = 4
         assert_eq!(config.limits.max_channels, 5);
         assert_eq!(config.limits.max_channel_name_len, 32, "unset limits keep defaults");
         assert_eq!(config.channels.len(), 2);
-        assert_eq!(config.channels[1].password.as_deref(), Some("s3cret"));
+        assert_eq!(config.channels[1].password.as_deref().map(String::as_str), Some("s3cret"));
         assert_eq!(config.channels[1].user_limit, 4);
     }
 

@@ -360,4 +360,10 @@ mod tests {
         }
         assert_eq!(sealer.seal(b"", b"x", &mut out), Err(SframeError::KeyExhausted));
     }
+
+    #[test]
+    fn the_cipher_state_is_wiped_when_a_key_is_dropped() {
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        wiped_on_drop::<aes::Aes256>();
+    }
 }

@@ -40,6 +40,8 @@ pub struct Server {
 
 struct Shared {
     state: Mutex<State>,
+    /// Whether log lines may carry client addresses (`serve --log-addresses`).
+    log_addresses: bool,
     /// Wakes the timer task when the relay's next timeout may have moved earlier.
     timer: Notify,
     /// Bounds connections still in the QUIC handshake.
@@ -80,10 +82,17 @@ impl Server {
         let endpoint = quinn::Endpoint::server(config, listen).with_context(|| format!("cannot listen on {listen}"))?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State { relay, conns: HashMap::new(), next_conn: 1 }),
+            log_addresses: false,
             timer: Notify::new(),
             handshakes: Arc::new(Semaphore::new(max_pending as usize)),
         });
         Ok(Server { endpoint, shared, fingerprint, hello_timeout })
+    }
+
+    /// Lets log lines name client addresses (off by default: logs identify nobody).
+    pub fn log_addresses(mut self, on: bool) -> Server {
+        Arc::get_mut(&mut self.shared).expect("set before the server runs").log_addresses = on;
+        self
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -99,9 +108,9 @@ impl Server {
     /// people invited hold across restarts. Returns the invite link for this machine
     /// (127.0.0.1) and the task serving until aborted.
     pub fn host_here(port: u16, dir: &std::path::Path) -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
-        let config = crate::config::ServerConfig::default();
+        let mut config = crate::config::ServerConfig::default();
         let (identity, _) = Identity::load_or_create(dir)?;
-        let relay = Relay::new(crate::relay::RelayConfig::from_server_config(&config), rand::random());
+        let relay = Relay::new(crate::relay::RelayConfig::from_server_config(&mut config), rand::random());
         let limits = &config.limits;
         let listen = SocketAddr::from(([0, 0, 0, 0], port));
         let hello_timeout = Duration::from_secs(limits.hello_timeout_secs);
@@ -123,14 +132,15 @@ impl Server {
         let accept = async {
             while let Some(incoming) = self.endpoint.accept().await {
                 let Ok(permit) = self.shared.handshakes.clone().try_acquire_owned() else {
-                    debug!(remote = %incoming.remote_address(), "refusing: too many handshakes");
+                    let remote = self.shared.logged(incoming.remote_address());
+                    debug!(%remote, "refusing: too many handshakes");
                     incoming.refuse();
                     continue;
                 };
                 let shared = self.shared.clone();
                 let hello_timeout = self.hello_timeout;
                 tokio::spawn(async move {
-                    let remote = incoming.remote_address();
+                    let remote = shared.logged(incoming.remote_address());
                     let connection = match tokio::time::timeout(hello_timeout, async { incoming.accept()?.await }).await
                     {
                         Ok(Ok(connection)) => connection,
@@ -153,7 +163,23 @@ impl Server {
     }
 }
 
+/// A client's address as log lines show it: only when the operator asked for addresses.
+struct LoggedAddress(Option<SocketAddr>);
+
+impl std::fmt::Display for LoggedAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{addr}"),
+            None => f.write_str("hidden"),
+        }
+    }
+}
+
 impl Shared {
+    fn logged(&self, addr: SocketAddr) -> LoggedAddress {
+        LoggedAddress(self.log_addresses.then_some(addr))
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("relay lock is never poisoned: relay calls do not panic")
     }
@@ -168,7 +194,7 @@ impl Shared {
             self.input(&mut state, id, Input::Connected { source: Source::of(connection.remote_address().ip()) });
             id
         };
-        let span = info_span!("conn", id = id.0, remote = %connection.remote_address());
+        let span = info_span!("conn", id = id.0, remote = %self.logged(connection.remote_address()));
         async {
             debug!("connected");
             if let Some((send, recv, rx)) = wait_for_control_stream(&connection, rx).await {

@@ -82,15 +82,16 @@ pub struct RelayConfig {
 
 impl RelayConfig {
     /// Takes a server config, hashing the permanent channels' passwords (slow; do it
-    /// once at start).
-    pub fn from_server_config(config: &ServerConfig) -> Self {
+    /// once at start). The passwords are taken out of `config` and wiped: from here on
+    /// the server holds only their hashes.
+    pub fn from_server_config(config: &mut ServerConfig) -> Self {
         let channels = config
             .channels
-            .iter()
+            .iter_mut()
             .map(|c| PermanentChannel {
                 name: c.name.clone(),
                 description: c.description.clone(),
-                password_hash: c.password.as_deref().map(password::hash_with_random_salt),
+                password_hash: c.password.take().map(|password| password::hash_with_random_salt(&password)),
                 user_limit: c.user_limit,
             })
             .collect();

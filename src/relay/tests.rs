@@ -21,12 +21,13 @@ struct Sim {
 }
 
 fn config(channels: Vec<ChannelConfig>, limits: Limits) -> RelayConfig {
-    let server = ServerConfig { channels, limits, max_users: 4, ..ServerConfig::default() };
-    RelayConfig::from_server_config(&server)
+    let mut server = ServerConfig { channels, limits, max_users: 4, ..ServerConfig::default() };
+    RelayConfig::from_server_config(&mut server)
 }
 
 fn channel(name: &str, password: Option<&str>, user_limit: u32) -> ChannelConfig {
-    ChannelConfig { name: name.into(), description: String::new(), password: password.map(Into::into), user_limit }
+    let password = password.map(|p| Zeroizing::new(p.to_owned()));
+    ChannelConfig { name: name.into(), description: String::new(), password, user_limit }
 }
 
 impl Sim {
@@ -807,6 +808,15 @@ fn reconnecting_sybils_get_one_one_time_key_per_source_and_per_identity() {
     // handed out, and bob is told how few the server holds.
     assert_eq!(drain(&mut sim, 60, &|i| (200 - i, IpAddr::V4(Ipv4Addr::new(10, 2, 0, i)))), 36);
     assert!(sim.take(bob).contains(&ServerMsg::KeysLow { one_time: 19, kyber_one_time: 19 }));
+}
+
+#[test]
+fn permanent_channel_passwords_leave_the_config_as_hashes() {
+    let mut server = ServerConfig { channels: vec![channel("Staff", Some("s3cret"), 0)], ..ServerConfig::default() };
+    let relay = RelayConfig::from_server_config(&mut server);
+    assert!(server.channels[0].password.is_none(), "the text is taken out (and wiped on drop)");
+    let hash = relay.channels[0].password_hash.as_deref().unwrap();
+    assert!(!hash.contains("s3cret") && password::verify("s3cret", hash));
 }
 
 #[test]
