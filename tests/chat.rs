@@ -448,6 +448,28 @@ fn a_newcomer_to_a_channel_of_150_gets_its_key_to_every_member() {
 }
 
 #[test]
+fn a_peer_that_sends_more_than_the_limit_is_neither_shown_nor_kept() {
+    let mut net = Net::new();
+    net.connect("alice");
+    net.connect("eve");
+    // Eve's own client would refuse; she uses another.
+    let mut rng = StdRng::seed_from_u64(77);
+    let mut eve = E2ee::generate(&mut rng, SystemTime::now()).unwrap();
+    let alice = format!("{SERVER}/alice");
+    let upload = net.clients["alice"].1.e2ee().bundle_upload().unwrap();
+    let bundle = voipc::relay::keys::StoredBundle::new(upload).unwrap().hand_out(true);
+    eve.start_session(&alice, &bundle, SystemTime::now(), &mut rng).unwrap();
+    let huge = "x".repeat(voipc::session::chat::MAX_TEXT_CHARS + 1);
+    let payload = postcard::to_allocvec(&(0u8, huge.as_str(), 1u64)).unwrap();
+    let sealed = eve.encrypt(&alice, &payload, SystemTime::now(), &mut rng).unwrap();
+    let from = net.session_of("eve");
+    net.replay_to("alice", ServerMsg::Direct { from, ciphertext: postcard::to_allocvec(&sealed).unwrap() });
+    assert!(net.errors("alice").contains(&"message_too_long".to_owned()), "{:?}", net.errors("alice"));
+    assert!(net.messages("alice").is_empty());
+    assert_eq!(net.clients["alice"].1.history().conversation(&format!("{SERVER}@eve")).count(), 0);
+}
+
+#[test]
 fn a_message_too_long_is_refused_before_it_is_sent() {
     let mut net = Net::new();
     net.connect("alice");

@@ -160,8 +160,10 @@ fn the_client_keeps_its_pins_in_a_password_protected_vault() {
     let mut alice = TestClient::join_with_data(&server.invite, "alice", &[], data.path());
     alice.expect_joined("Lobby");
     assert!(alice.quit().success());
-    let names: Vec<_> = std::fs::read_dir(data.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(names, ["vault"]);
+    let mut names: Vec<_> = std::fs::read_dir(data.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["lock", "vault"], "the vault and its (empty) lock file");
+    assert_eq!(std::fs::metadata(data.path().join("lock")).unwrap().len(), 0);
     let sealed = std::fs::read(data.path().join("vault")).unwrap();
     assert!(!String::from_utf8_lossy(&sealed).contains(&server.addr), "the pin is not readable without the password");
 
@@ -189,6 +191,20 @@ fn the_client_keeps_its_pins_in_a_password_protected_vault() {
     let (ok, event) = join(&["--vault-password-file", password_file.to_str().unwrap()], None);
     assert!(ok, "{event}");
     assert_eq!(event["event"], "connected", "{event}");
+}
+
+#[test]
+fn a_second_client_on_the_same_data_directory_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let data = tempfile::tempdir().unwrap();
+    let mut alice = TestClient::join_with_data(&server.invite, "alice", &[], data.path());
+    alice.expect_joined("Lobby");
+    let mut again = TestClient::join_with_data(&server.invite, "alice2", &[], data.path());
+    let error = again.expect_error("data_dir_in_use");
+    assert!(error["message"].as_str().unwrap().contains("in use by another VoIPC"), "{error}");
+    assert!(!again.wait().success());
+    assert!(alice.quit().success());
 }
 
 #[test]

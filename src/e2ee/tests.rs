@@ -289,3 +289,76 @@ fn the_signed_pre_key_rotates_when_due_and_old_sessions_still_start() {
     let sealed = alice.send("bob", "from an old bundle");
     assert_eq!(bob.receive("alice", &sealed).0, "from an old bundle");
 }
+
+#[test]
+fn sender_keys_kept_are_bounded_per_sender_and_in_all() {
+    use super::store::{MAX_SENDER_KEYS, SENDER_KEYS_PER_SENDER};
+    let mut alice = Client::new("alice", 40);
+    let mut bob = Client::new("bob", 41);
+    alice.connect(&bob);
+    let epochs: Vec<Uuid> = (0..10u8).map(|i| Uuid::from_bytes([i + 1; 16])).collect();
+    let mut said = Vec::new();
+    for epoch in &epochs {
+        alice.distribute(*epoch, &mut [&mut bob]);
+        said.push(alice.say(*epoch, "x"));
+    }
+    assert_eq!(bob.e2ee.sender_keys.count_for("alice"), SENDER_KEYS_PER_SENDER);
+    assert!(bob.e2ee.group_decrypt("alice", said.last().unwrap()).is_ok(), "the newest epoch opens");
+    assert!(bob.e2ee.group_decrypt("alice", &said[0]).is_err(), "the oldest is gone");
+
+    // A server that makes up senders cannot grow the store without bound either.
+    let mut sybil_rng = StdRng::seed_from_u64(42);
+    for i in 0..(MAX_SENDER_KEYS + 20) {
+        let message = {
+            let mut sybil = SenderKeys::default();
+            let address = address(&format!("sybil{i}"));
+            ready(libsignal_protocol::create_sender_key_distribution_message(
+                &address,
+                Uuid::from_bytes([7; 16]),
+                &mut sybil,
+                &mut sybil_rng,
+            ))
+            .unwrap()
+        };
+        bob.e2ee.accept_sender_key(&format!("sybil{i}"), message.serialized()).unwrap();
+    }
+    assert_eq!(bob.e2ee.sender_keys.total(), MAX_SENDER_KEYS);
+}
+
+#[test]
+fn state_in_the_first_format_keeps_the_identity_and_holds_back_changed_peers() {
+    let mut rng = StdRng::seed_from_u64(50);
+    let own = IdentityKeyPair::generate(&mut rng);
+    let (bob, carol) = (IdentityKeyPair::generate(&mut rng), IdentityKeyPair::generate(&mut rng));
+    let first = FirstFormat {
+        own: Zeroizing::new(own.serialize().into_vec()),
+        registration_id: 7,
+        peers: [
+            ("bob".to_owned(), bob.identity_key().serialize().into_vec()),
+            ("carol".to_owned(), carol.identity_key().serialize().into_vec()),
+        ]
+        .into(),
+        changed: ["carol".to_owned()].into(),
+        verified: ["bob".to_owned()].into(),
+        sessions: Sessions::default(),
+        pre_keys: PreKeys::default(),
+        signed_pre_keys: SignedPreKeys::default(),
+        kyber_pre_keys: KyberPreKeys::default(),
+        sender_keys: BTreeMap::new(),
+        next_pre_key_id: 1,
+        next_kyber_id: 1,
+        signed_pre_key_id: 0,
+        signed_pre_key_made_ms: 0,
+        kyber_last_resort_id: 0,
+    };
+    let bytes = postcard::to_allocvec(&first).unwrap();
+    assert!(E2ee::from_stored(&bytes, 9).is_err(), "a newer format is refused, not misread");
+    let e2ee = E2ee::from_stored(&bytes, 1).unwrap();
+    assert_eq!(e2ee.identities.own().unwrap().identity_key(), own.identity_key(), "the same identity");
+    assert_eq!((e2ee.identity_status("bob"), e2ee.is_verified("bob")), (IdentityStatus::Trusted, true));
+    // Carol's key had changed and was not accepted: it is pending, and not encrypted to.
+    assert_eq!(e2ee.identity_status("carol"), IdentityStatus::Changed);
+    assert!(e2ee.identities.pinned("carol").is_none());
+    let again = E2ee::from_stored(&e2ee.to_bytes(), STATE_FORMAT).unwrap();
+    assert_eq!(again.identity_status("carol"), IdentityStatus::Changed);
+}

@@ -305,7 +305,7 @@ impl App {
                     let e2ee =
                         E2ee::generate(&mut rand::rng(), std::time::SystemTime::now()).map_err(|e| e.to_string())?;
                     let history = store.history().clone();
-                    store.save_chat(e2ee.to_bytes(), &history).map_err(explain)?;
+                    store.save_chat(e2ee.to_bytes(), crate::e2ee::STATE_FORMAT, &history).map_err(explain)?;
                 }
                 Ok(store)
             }))

@@ -276,14 +276,17 @@ pub async fn run_client(
     mut commands: mpsc::Receiver<Command>,
     emit: &mut (dyn FnMut(&Event) + Send),
 ) -> Result<(), ClientError> {
-    let (Connected { endpoint, connection, fingerprint }, mut store) = connect_pinned(&options).await?;
+    let (Connected { endpoint, connection, fingerprint }, store) = connect_pinned(&options).await?;
     let mut e2ee = match store.e2ee_state() {
-        Some(state) => E2ee::from_bytes(state).map_err(|e| ClientError::Setup(e.to_string()))?,
+        Some((state, format)) => E2ee::from_stored(state, format).map_err(|e| ClientError::Setup(e.to_string()))?,
         None => E2ee::generate(&mut rand::rng(), SystemTime::now()).map_err(|e| ClientError::Setup(e.to_string()))?,
     };
     e2ee.rotate_signed_pre_key_if_due(&mut rand::rng(), SystemTime::now())
         .map_err(|e| ClientError::Setup(e.to_string()))?;
     let chat = Chat::new(e2ee, store.history().clone(), rand::random(), options.link.authority());
+    let mut vault = VaultWriter::start(store);
+    let mut unsaved = false;
+    let mut save_timer = tokio::time::interval(SAVE_INTERVAL);
     let (mut send, recv) = connection.open_bi().await.map_err(connection_error)?;
     let invite_base = options.link.invite_base(&fingerprint);
     let mut session =
@@ -328,11 +331,7 @@ pub async fn run_client(
             last_words(&mut frames, &mut session, &mut fatal).await;
             break Err(fatal.take().unwrap_or(e));
         }
-        if session.take_e2ee_changed()
-            && let Err(e) = store.save_chat(session.e2ee().to_bytes(), session.history())
-        {
-            break Err(e.into());
-        }
+        unsaved |= session.take_e2ee_changed();
         tokio::select! {
             frame = frames.recv() => match frame {
                 Some(Ok(msg)) => {
@@ -361,6 +360,8 @@ pub async fn run_client(
                 session.handle_timeout(Instant::now());
             }
             _ = health_timer.tick(), if options.health => emit(&health.sample(&connection)),
+            _ = save_timer.tick(), if unsaved => unsaved = !vault.offer(|| Snapshot::of(&session)),
+            Some(e) = vault.errors.recv() => emit(&Event::local_error(e.code(), format!("cannot save the vault: {e}"))),
             () = sleep_until(end), if end.is_some() => break Ok(()),
             // Commands wait until the server has introduced itself, so that even an
             // empty input shows the connection.
@@ -386,8 +387,78 @@ pub async fn run_client(
         let _ = send.finish();
         connection.close(quinn::VarInt::from_u32(CLOSE_NORMAL), b"bye");
     }
+    unsaved |= session.take_e2ee_changed();
+    let saved = vault.finish(unsaved.then(|| Snapshot::of(&session))).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    result
+    result.and(saved.map_err(ClientError::from))
+}
+
+/// How often, at most, the vault is written while a session changes it.
+const SAVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The session's state to save.
+struct Snapshot {
+    e2ee: Zeroizing<Vec<u8>>,
+    history: crate::session::history::History,
+}
+
+impl Snapshot {
+    fn of(session: &Session) -> Snapshot {
+        Snapshot { e2ee: session.e2ee().to_bytes(), history: session.history().clone() }
+    }
+}
+
+/// Writes the vault on the blocking pool, never on the task that moves voice, so a slow
+/// disk delays no packet. The shell offers a snapshot at most every [`SAVE_INTERVAL`] and
+/// one at the end; an offer made while the last is still being written waits a turn.
+struct VaultWriter {
+    snapshots: mpsc::Sender<Snapshot>,
+    /// Saves that failed (the next snapshot tries again).
+    errors: mpsc::Receiver<StoreError>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl VaultWriter {
+    fn start(mut store: ClientStore) -> VaultWriter {
+        let (snapshots, mut pending) = mpsc::channel::<Snapshot>(1);
+        let (failed, errors) = mpsc::channel(4);
+        let task = tokio::spawn(async move {
+            while let Some(snapshot) = pending.recv().await {
+                let saving = tokio::task::spawn_blocking(move || {
+                    let result = store.save_chat(snapshot.e2ee, crate::e2ee::STATE_FORMAT, &snapshot.history);
+                    (store, result)
+                });
+                let Ok((back, result)) = saving.await else { return };
+                store = back;
+                if let Err(e) = result {
+                    let _ = failed.try_send(e);
+                }
+            }
+        });
+        VaultWriter { snapshots, errors, task }
+    }
+
+    /// Hands a snapshot over unless a save is still queued (then it is not even taken):
+    /// whether it was. Never waits.
+    fn offer(&self, snapshot: impl FnOnce() -> Snapshot) -> bool {
+        match self.snapshots.try_reserve() {
+            Ok(permit) => {
+                permit.send(snapshot());
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Saves `last` (if given) and waits until every save is done; the first that failed.
+    async fn finish(mut self, last: Option<Snapshot>) -> Result<(), StoreError> {
+        if let Some(snapshot) = last {
+            let _ = self.snapshots.send(snapshot).await;
+        }
+        drop(self.snapshots);
+        let _ = self.task.await;
+        self.errors.try_recv().map_or(Ok(()), Err)
+    }
 }
 
 /// Hands a server message to the session, remembering an error that ends the connection.
@@ -586,5 +657,32 @@ async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Result<Server
         if tx.send(frame).await.is_err() || stop {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::history::{History, StoredMessage};
+
+    fn snapshot(n: u64) -> Snapshot {
+        let mut history = History::default();
+        history.record("h:1#Lobby", StoredMessage { from: "a".into(), text: format!("m{n}"), time_ms: n });
+        Snapshot { e2ee: Zeroizing::new(n.to_le_bytes().to_vec()), history }
+    }
+
+    #[tokio::test]
+    async fn the_vault_is_written_off_the_caller_coalesced_and_finished_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let fast = KdfParams { m_kib: 64, t: 1, p: 1 };
+        let store = ClientStore::open_or_create(dir.path(), b"pw", fast).unwrap();
+        let writer = VaultWriter::start(store);
+        // Offers never wait: while a save is queued they are refused (and not even made).
+        let taken = (0..1000).filter(|n| writer.offer(|| snapshot(*n))).count();
+        assert!((1..1000).contains(&taken), "{taken} of 1000 offers were taken");
+        writer.finish(Some(snapshot(5000))).await.unwrap();
+        let store = ClientStore::open_or_create(dir.path(), b"pw", fast).unwrap();
+        assert_eq!(store.e2ee_state().unwrap().0, 5000u64.to_le_bytes(), "the last state is the one on disk");
+        assert_eq!(store.history().conversation("h:1#Lobby").next().unwrap().text, "m5000");
     }
 }

@@ -472,6 +472,9 @@ impl Session {
         // The plaintext may hold key material: wiped when dropped.
         let plaintext = Zeroizing::new(opened.plaintext);
         match postcard::from_bytes::<DirectPayload>(&plaintext) {
+            Ok(DirectPayload::Text { text, .. }) if check_text(&text).is_err() => {
+                self.events.push_back(too_long_from(&user, &text));
+            }
             Ok(DirectPayload::Text { text, time_ms }) => {
                 self.chat.record(&format!("@{user}"), &user, &text, time_ms);
                 let event = self.message_event(&peer, user, None, text, time_ms);
@@ -500,6 +503,9 @@ impl Session {
             .map_err(|e| e.to_string())
             .and_then(|plain| postcard::from_bytes::<ChannelPayload>(&plain).map_err(|e| e.to_string()));
         match payload {
+            Ok(ChannelPayload { text, .. }) if check_text(&text).is_err() => {
+                self.events.push_back(too_long_from(&user, &text));
+            }
             Ok(ChannelPayload { text, time_ms }) => {
                 self.chat.dirty = true;
                 let name = self.channel_name(channel);
@@ -604,6 +610,12 @@ impl Session {
             self.send_sender_key(user, now, 1);
         }
     }
+}
+
+/// A peer sent more than any client of ours would: not shown, not kept.
+fn too_long_from(user: &str, text: &str) -> Event {
+    let chars = text.chars().count();
+    Event::local_error("message_too_long", format!("{user} sent a message of {chars} characters; it was dropped"))
 }
 
 fn check_text(text: &str) -> Result<(), Event> {
