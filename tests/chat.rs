@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use voipc::config::ServerConfig;
 use voipc::e2ee::E2ee;
-use voipc::protocol::{ClientMsg, ServerMsg, SessionId, encode_frame};
+use voipc::protocol::{ChannelId, ClientMsg, ServerMsg, SessionId, encode_frame};
 use voipc::relay::{ConnId, Input, Output, Relay, RelayConfig, Source};
 use voipc::session::history::History;
 use voipc::session::{Chat, Event, REKEY_INTERVAL, Session};
@@ -25,6 +25,8 @@ pub(crate) struct Net {
     channel_frames: Vec<(&'static str, ServerMsg)>,
     /// Every message a client sent, by sender, as the relay received it.
     pub(crate) sent: Vec<(&'static str, ClientMsg)>,
+    /// A hostile relay's part: channel messages for this member are held here instead.
+    hold_channel_for: Option<(&'static str, Vec<ServerMsg>)>,
     /// What the relay sent to connections that are not sessions (bots), by connection.
     bot_inbox: BTreeMap<ConnId, Vec<ServerMsg>>,
     /// A hostile relay's part: this bundle instead of the real one for that session.
@@ -46,6 +48,7 @@ impl Net {
             sent: Vec::new(),
             swap_bundle: None,
             bot_inbox: BTreeMap::new(),
+            hold_channel_for: None,
             next_conn: 1,
             now: Instant::now(),
             seed: 100,
@@ -152,6 +155,12 @@ impl Net {
                 };
                 if matches!(msg, ServerMsg::Channel { .. }) {
                     self.channel_frames.push((name, msg.clone()));
+                    if let Some((held_for, held)) = &mut self.hold_channel_for
+                        && held_for == name
+                    {
+                        held.push(msg);
+                        continue;
+                    }
                 }
                 session.handle_message(self.now, msg).unwrap();
             }
@@ -467,6 +476,75 @@ fn a_peer_that_sends_more_than_the_limit_is_neither_shown_nor_kept() {
     assert!(net.errors("alice").contains(&"message_too_long".to_owned()), "{:?}", net.errors("alice"));
     assert!(net.messages("alice").is_empty());
     assert_eq!(net.clients["alice"].1.history().conversation(&format!("{SERVER}@eve")).count(), 0);
+}
+
+#[test]
+fn a_relay_can_neither_relabel_a_channel_message_nor_deliver_it_late() {
+    let mut net = Net::new();
+    net.connect("alice");
+    net.connect("bob");
+    net.connect("dave");
+    net.command("dave", "/create Den");
+    // Relabelled: written in the Lobby, handed to bob as the Den's.
+    net.hold_channel_for = Some(("bob", Vec::new()));
+    net.command("alice", "lobby only");
+    let (_, mut held) = net.hold_channel_for.take().unwrap();
+    let Some(ServerMsg::Channel { from, ciphertext, .. }) = held.pop() else { panic!("no message held") };
+    let den = ChannelId(2);
+    net.replay_to("bob", ServerMsg::Channel { from, channel: den, ciphertext });
+    assert!(net.messages("bob").is_empty(), "{:?}", net.messages("bob"));
+    assert_eq!(net.errors("bob"), ["misrouted"]);
+
+    // Held back: alice starts a new epoch (carol arrives) and the relay delivers late.
+    net.hold_channel_for = Some(("bob", Vec::new()));
+    net.command("alice", "meet at noon");
+    net.command("alice", "or at one");
+    let (_, held) = net.hold_channel_for.take().unwrap();
+    net.connect("carol");
+    // Within a few seconds of the new epoch, what was in flight still counts ...
+    net.replay_to("bob", held[0].clone());
+    assert_eq!(net.messages("bob"), [text("alice", Some("Lobby"), "meet at noon")]);
+    // ... later it does not.
+    net.advance(Duration::from_secs(6));
+    net.replay_to("bob", held[1].clone());
+    assert_eq!(net.messages("bob").len(), 1);
+    assert_eq!(net.errors("bob").last().map(String::as_str), Some("stale_message"));
+    // Alice's current messages reach him as ever.
+    net.command("alice", "now");
+    assert_eq!(net.messages("bob").last(), Some(&text("alice", Some("Lobby"), "now")));
+}
+
+#[test]
+fn ciphertext_lengths_do_not_tell_what_was_written() {
+    // The same conversation twice, with the same keys and randomness, once with short
+    // texts and once with long ones: the relay sees the same lengths.
+    let lengths = |texts: [&str; 2]| {
+        let mut net = Net::new();
+        net.connect("alice");
+        net.connect("bob");
+        net.command("alice", "/msg bob hello");
+        net.command("bob", "/msg alice hi back");
+        net.connect("carol");
+        for text in texts {
+            net.command("alice", &format!("/msg bob {text}"));
+            net.command("alice", text);
+        }
+        let sent: Vec<(bool, usize)> = net
+            .sent
+            .iter()
+            .filter(|(who, _)| *who == "alice")
+            .filter_map(|(_, msg)| match msg {
+                ClientMsg::Direct { ciphertext, .. } => Some((true, ciphertext.len())),
+                ClientMsg::Channel { ciphertext, .. } => Some((false, ciphertext.len())),
+                _ => None,
+            })
+            .collect();
+        sent
+    };
+    let short = lengths(["a", "b"]);
+    let long = lengths(["a much longer message, of about a hundred characters, that its length would tell apart", "c"]);
+    assert!(short.len() >= 6, "{short:?}");
+    assert_eq!(short, long);
 }
 
 #[test]

@@ -419,15 +419,16 @@ impl E2ee {
         Ok(message.serialized().to_vec())
     }
 
-    /// Takes a peer's sender key from its distribution message.
-    pub fn accept_sender_key(&mut self, sender: &str, distribution_message: &[u8]) -> Result<()> {
+    /// Takes a peer's sender key from its distribution message; returns the epoch (the
+    /// distribution id) it is for.
+    pub fn accept_sender_key(&mut self, sender: &str, distribution_message: &[u8]) -> Result<Uuid> {
         let message = SenderKeyDistributionMessage::try_from(distribution_message)?;
         ready(libsignal_protocol::process_sender_key_distribution_message(
             &address(sender),
             &message,
             &mut self.sender_keys,
         ))?;
-        Ok(())
+        Ok(message.distribution_id()?)
     }
 
     /// Encrypts a channel message under our sender key for `distribution`.

@@ -62,11 +62,42 @@ enum DirectPayload {
     },
 }
 
-/// What travels inside a sender-key-encrypted channel message.
+/// What travels inside a sender-key-encrypted channel message. The channel and the
+/// sender's epoch are inside the encrypted, signed payload: a relay can neither relabel a
+/// message as another channel's nor hold one back and deliver it epochs later.
 #[derive(Serialize, Deserialize)]
 struct ChannelPayload {
     text: String,
     time_ms: u64,
+    channel: ChannelId,
+    epoch: [u8; 16],
+}
+
+/// How long a sender's previous epoch still counts for its channel messages (those in
+/// flight when it started a new one).
+const PREVIOUS_EPOCH_GRACE: Duration = Duration::from_secs(5);
+
+/// Plaintext sizes: every payload, pairwise or for a channel, is padded with zeros (which
+/// postcard leaves unread after the value) to the smallest that fits, so that a length
+/// tells only the bucket, and a key message looks like a short text.
+const PAD_BUCKETS: [usize; 5] = [256, 1024, 4096, 16384, 24576];
+
+/// `payload` encoded and padded to its bucket.
+fn padded(payload: &impl Serialize) -> Zeroizing<Vec<u8>> {
+    let encoded = Zeroizing::new(postcard::to_allocvec(payload).expect("payloads encode"));
+    let bucket = PAD_BUCKETS.into_iter().find(|b| *b >= encoded.len()).unwrap_or(encoded.len());
+    let mut out = Zeroizing::new(Vec::with_capacity(bucket));
+    out.extend_from_slice(&encoded);
+    out.resize(bucket, 0);
+    out
+}
+
+/// A sender's epochs as its key messages told us: the current one, and the one before
+/// with the instant from which it no longer counts.
+#[derive(Debug, Clone, Copy)]
+struct PeerEpoch {
+    current: Uuid,
+    previous: Option<(Uuid, Instant)>,
 }
 
 /// What a `Delivered` from the server answers, in order.
@@ -96,6 +127,8 @@ pub struct Chat {
     awaiting_bundle: BTreeMap<SessionId, Retry>,
     /// Key deliveries the server refused: when to send again, and the tries so far.
     key_retries: BTreeMap<SessionId, Retry>,
+    /// Each sender's current and previous epoch, for its channel messages.
+    peer_epochs: BTreeMap<SessionId, PeerEpoch>,
     /// Members whose identity key changed and who the user has not accepted again: they
     /// get nothing from us (no sender key, no media key, no direct message).
     withheld: BTreeSet<SessionId>,
@@ -123,6 +156,7 @@ impl Chat {
             need_sender_key: BTreeSet::new(),
             awaiting_bundle: BTreeMap::new(),
             key_retries: BTreeMap::new(),
+            peer_epochs: BTreeMap::new(),
             withheld: BTreeSet::new(),
             queued: BTreeMap::new(),
             queued_channel: Vec::new(),
@@ -309,7 +343,7 @@ impl Session {
 
     fn send_direct(&mut self, to: SessionId, payload: &DirectPayload, kind: Sent, now: Instant) {
         let Some(peer) = self.address(to) else { return };
-        let plaintext = Zeroizing::new(postcard::to_allocvec(payload).expect("payloads encode"));
+        let plaintext = padded(payload);
         let wall = self.wall(now);
         match self.chat.e2ee.encrypt(&peer, &plaintext, wall, &mut self.chat.rng) {
             Ok(sealed) => {
@@ -436,8 +470,7 @@ impl Session {
         let time_ms = unix_millis(self.wall(now));
         let (conversation, my_name) = (format!("#{}", self.channel_name(channel)), self.name.clone());
         self.chat.record(&conversation, &my_name, &text, time_ms);
-        let payload =
-            Zeroizing::new(postcard::to_allocvec(&ChannelPayload { text, time_ms }).expect("payloads encode"));
+        let payload = padded(&ChannelPayload { text, time_ms, channel, epoch: *distribution.as_bytes() });
         match self.chat.e2ee.group_encrypt(&me, distribution, &payload, &mut self.chat.rng) {
             Ok(ciphertext) => {
                 self.transmit.push_back(ClientMsg::Channel { channel, ciphertext });
@@ -481,8 +514,12 @@ impl Session {
                 self.events.push_back(event);
             }
             Ok(DirectPayload::SenderKey { message, media }) => {
-                if let Err(e) = self.chat.e2ee.accept_sender_key(&peer, &message) {
-                    self.events.push_back(Event::local_error("undecryptable", format!("sender key from {user}: {e}")));
+                match self.chat.e2ee.accept_sender_key(&peer, &message) {
+                    Ok(epoch) => self.new_peer_epoch(from, epoch, now),
+                    Err(e) => {
+                        self.events
+                            .push_back(Event::local_error("undecryptable", format!("sender key from {user}: {e}")));
+                    }
                 }
                 if let Some(channel) = self.channel() {
                     self.media.install(from, &media, channel, &mut self.media_out);
@@ -492,7 +529,33 @@ impl Session {
         }
     }
 
-    pub(super) fn channel_message_arrived(&mut self, from: SessionId, channel: ChannelId, ciphertext: &[u8]) {
+    /// `from` started `epoch`: it is current, the one before still counts a few seconds.
+    fn new_peer_epoch(&mut self, from: SessionId, epoch: Uuid, now: Instant) {
+        let known = self.chat.peer_epochs.get(&from).copied();
+        let previous = match known {
+            Some(known) if known.current != epoch => Some((known.current, now + PREVIOUS_EPOCH_GRACE)),
+            Some(known) => known.previous,
+            None => None,
+        };
+        self.chat.peer_epochs.insert(from, PeerEpoch { current: epoch, previous });
+    }
+
+    /// Whether `epoch` is `from`'s current one, or its previous one still within grace.
+    fn is_live_epoch(&self, from: SessionId, epoch: Uuid, now: Instant) -> bool {
+        self.chat.peer_epochs.get(&from).is_some_and(|known| {
+            known.current == epoch || known.previous.is_some_and(|(old, until)| old == epoch && now < until)
+        })
+    }
+
+    /// A channel message, shown only if it says (inside the encryption) that it was
+    /// written in this channel, which is ours, under the sender's live epoch.
+    pub(super) fn channel_message_arrived(
+        &mut self,
+        from: SessionId,
+        channel: ChannelId,
+        ciphertext: &[u8],
+        now: Instant,
+    ) {
         let (Some(peer), Some(user)) = (self.address(from), self.users.get(&from).map(|u| u.name.clone())) else {
             return self.events.push_back(Event::local_error("undecryptable", "a message from an unknown sender"));
         };
@@ -500,13 +563,27 @@ impl Session {
             .chat
             .e2ee
             .group_decrypt(&peer, ciphertext)
+            .map(Zeroizing::new)
             .map_err(|e| e.to_string())
             .and_then(|plain| postcard::from_bytes::<ChannelPayload>(&plain).map_err(|e| e.to_string()));
         match payload {
+            Ok(payload) if payload.channel != channel || Some(channel) != self.channel() => {
+                let (said, labelled) = (self.channel_name(payload.channel), self.channel_name(channel));
+                self.events.push_back(Event::local_error(
+                    "misrouted",
+                    format!("a message from {user} written in {said} came labelled {labelled}; dropped"),
+                ));
+            }
+            Ok(payload) if !self.is_live_epoch(from, Uuid::from_bytes(payload.epoch), now) => {
+                self.events.push_back(Event::local_error(
+                    "stale_message",
+                    format!("a message from {user} under a key it no longer uses came late; dropped"),
+                ));
+            }
             Ok(ChannelPayload { text, .. }) if check_text(&text).is_err() => {
                 self.events.push_back(too_long_from(&user, &text));
             }
-            Ok(ChannelPayload { text, time_ms }) => {
+            Ok(ChannelPayload { text, time_ms, .. }) => {
                 self.chat.dirty = true;
                 let name = self.channel_name(channel);
                 self.chat.record(&format!("#{name}"), &user, &text, time_ms);

@@ -59,6 +59,8 @@ pub struct MediaCounters {
     pub too_old: u64,
     /// For a channel we are not in, or from a sender not in ours.
     pub misrouted: u64,
+    /// Keys for an epoch older than the sender's current one, refused.
+    pub stale_keys: u64,
 }
 
 struct OwnKey {
@@ -68,6 +70,7 @@ struct OwnKey {
 }
 
 struct PeerKey {
+    epoch: u32,
     opener: Opener,
     /// When a newer key replaced this one: `None` while current, then the instant from
     /// which it no longer opens anything (set on the first tick after replacement).
@@ -130,14 +133,19 @@ impl MediaKeys {
     ) {
         let kid = media_kid(peer.0, share.epoch);
         let keys = self.peers.entry(peer).or_default();
-        if keys.iter().any(|k| k.opener.kid() == kid) {
+        // Only a newer epoch than the current one (wrap-aware): a relay that reorders key
+        // messages cannot make an old key current again.
+        let current = keys.iter().find(|k| matches!(k.retire, Retirement::Current)).map(|k| k.epoch);
+        if current.is_some_and(|epoch| share.epoch.wrapping_sub(epoch) as i32 <= 0) {
+            self.counters.stale_keys += u64::from(current != Some(share.epoch));
             return;
         }
         keys.retain(|k| matches!(k.retire, Retirement::Current));
         for key in keys.iter_mut() {
             key.retire = Retirement::Replaced;
         }
-        keys.push(PeerKey { opener: Opener::new(kid, share.base_key.as_slice()), retire: Retirement::Current });
+        let opener = Opener::new(kid, share.base_key.as_slice());
+        keys.push(PeerKey { epoch: share.epoch, opener, retire: Retirement::Current });
         for (header, packet) in self.held.remove(&peer).unwrap_or_default() {
             self.open(header, channel, &packet, out);
         }
@@ -291,6 +299,35 @@ mod tests {
             }
         }
         assert!(seen.len() > 1000);
+    }
+
+    #[test]
+    fn an_older_epoch_never_becomes_current_again() {
+        let (mut alice, mut bob) = (MediaKeys::default(), MediaKeys::default());
+        let old = alice.start_epoch(ALICE, LOBBY, &mut rng());
+        let new = alice.start_epoch(ALICE, LOBBY, &mut rng());
+        // The relay delivers the key messages the wrong way round.
+        bob.install(ALICE, &new, LOBBY, &mut VecDeque::new());
+        bob.install(ALICE, &old, LOBBY, &mut VecDeque::new());
+        assert_eq!(bob.counters().stale_keys, 1);
+        let datagram = alice.seal(ALICE, StreamType::Voice, 1, 0, b"now").unwrap();
+        assert_eq!(open(&mut bob, &datagram)[0].payload, b"now", "the newer key stays current");
+        // Someone who kept the old key cannot speak as alice with it.
+        let sealer = Sealer::new(media_kid(ALICE.0, old.epoch), old.base_key.as_slice());
+        let mut former =
+            MediaKeys { own: Some(OwnKey { channel: LOBBY, share: old.clone(), sealer }), ..MediaKeys::default() };
+        let forged = former.seal(ALICE, StreamType::Voice, 2, 0, b"forged").unwrap();
+        assert!(open(&mut bob, &forged).is_empty());
+        // Epoch numbers wrap: after u32::MAX comes 0, which is newer.
+        let mut wrapping = MediaKeys { next_epoch: u32::MAX, ..MediaKeys::default() };
+        let last = wrapping.start_epoch(ALICE, LOBBY, &mut rng());
+        let first = wrapping.start_epoch(ALICE, LOBBY, &mut rng());
+        let mut carol = MediaKeys::default();
+        carol.install(ALICE, &last, LOBBY, &mut VecDeque::new());
+        carol.install(ALICE, &first, LOBBY, &mut VecDeque::new());
+        assert_eq!(carol.counters().stale_keys, 0);
+        let datagram = wrapping.seal(ALICE, StreamType::Voice, 1, 0, b"wrapped").unwrap();
+        assert_eq!(open(&mut carol, &datagram)[0].payload, b"wrapped");
     }
 
     #[test]

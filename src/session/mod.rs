@@ -422,9 +422,7 @@ impl Session {
                     self.events.push_back(Event::ChannelRemoved { channel: id.0, name: info.name });
                 }
             }
-            ServerMsg::UserConnected(user) => {
-                self.users.insert(user.session, user);
-            }
+            ServerMsg::UserConnected(user) => self.user_connected(now, user),
             ServerMsg::UserMoved { session, channel } => self.user_moved(now, session, channel),
             ServerMsg::UserDisconnected(session) => {
                 self.user_moved(now, session, None);
@@ -434,7 +432,7 @@ impl Session {
             ServerMsg::KeysLow { one_time, kyber_one_time } => self.keys_low(now, (one_time, kyber_one_time)),
             ServerMsg::Direct { from, ciphertext } => self.direct_arrived(from, &ciphertext, now),
             ServerMsg::Channel { from, channel, ciphertext } => {
-                self.channel_message_arrived(from, channel, &ciphertext)
+                self.channel_message_arrived(from, channel, &ciphertext, now)
             }
             ServerMsg::Delivered { reached, total } => self.delivered(reached, total, now),
             ServerMsg::InviteCreated { token, channel, expires_in_secs, max_uses } => {
@@ -456,6 +454,27 @@ impl Session {
         // Keys replaced by what arrived start their grace period now.
         self.media.handle_timeout(now);
         Ok(())
+    }
+
+    /// A user came online. Every member who will get our keys is shown: one announced
+    /// straight into our channel arrives as a join. A second announcement of a session we
+    /// know (it would rename someone under our eyes) is refused and reported.
+    fn user_connected(&mut self, now: Instant, user: UserInfo) {
+        if let Some(known) = self.users.get(&user.session) {
+            let message = format!(
+                "the server announced session {} ({:?}) again as {:?}; ignored",
+                user.session.0, known.name, user.name
+            );
+            return self.events.push_back(Event::local_error("server_misbehaved", message));
+        }
+        if !self.ready {
+            // The listing at the start: the welcome's channels and users, shown at Ready.
+            self.users.insert(user.session, user);
+            return;
+        }
+        let (session, channel) = (user.session, user.channel);
+        self.users.insert(session, UserInfo { channel: None, ..user });
+        self.user_moved(now, session, channel);
     }
 
     /// Someone changed channels. When that changes who is in ours, we start a new
@@ -757,6 +776,21 @@ mod tests {
         );
         s.handle_message(Instant::now(), ServerMsg::UserMoved { session: SessionId(1), channel: None }).unwrap();
         assert_eq!(events(&mut s), [Event::Left { channel: 1, name: "Lobby".into() }]);
+    }
+
+    #[test]
+    fn nobody_joins_unseen_and_nobody_is_renamed() {
+        let mut s = welcomed();
+        events(&mut s);
+        // Announced already inside our channel: a join like any other.
+        s.handle_message(Instant::now(), ServerMsg::UserConnected(user(5, "eve", Some(1)))).unwrap();
+        assert_eq!(events(&mut s), [Event::UserJoined { user: "eve".into(), session: 5, channel: 1 }]);
+        // Bob's session announced again under another name.
+        s.handle_message(Instant::now(), ServerMsg::UserConnected(user(2, "mallory", Some(1)))).unwrap();
+        let ev = events(&mut s);
+        assert!(matches!(&ev[..], [Event::Error { code, .. }] if code == "server_misbehaved"), "{ev:?}");
+        assert_eq!(s.user_session("bob"), Some(SessionId(2)));
+        assert_eq!(s.user_session("mallory"), None);
     }
 
     #[test]
