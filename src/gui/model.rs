@@ -74,7 +74,10 @@ impl Conversation {
 pub struct Line {
     pub from: String,
     pub text: String,
+    /// The time the sender claims; for our own lines, when we sent it.
     pub time_ms: u64,
+    /// When a received line arrived, by our clock.
+    pub received_ms: Option<u64>,
     pub mine: bool,
     /// For our own lines: how many online recipients it reached, of how many.
     pub delivered: Option<(u32, u32)>,
@@ -220,7 +223,7 @@ impl Model {
             }
             Event::ChannelRemoved { channel, .. } => self.channels.retain(|c| c.id != *channel),
             Event::InviteCreated { link, .. } => self.invite = Some(link.clone()),
-            Event::Message { from, channel, text, time_ms, identity_changed, .. } => {
+            Event::Message { from, channel, text, time_ms, received_ms, identity_changed, .. } => {
                 let conversation = match channel {
                     Some(name) => Conversation::Channel(name.clone()),
                     None => Conversation::Direct(from.clone()),
@@ -230,6 +233,7 @@ impl Model {
                     from: from.clone(),
                     text: text.clone(),
                     time_ms: *time_ms,
+                    received_ms: Some(*received_ms),
                     mine: false,
                     delivered: None,
                     identity_changed: *identity_changed,
@@ -309,7 +313,7 @@ impl Model {
     pub fn sent(&mut self, conversation: Conversation, text: String, time_ms: u64) {
         self.open(conversation.clone());
         let from = self.me.clone().unwrap_or_default();
-        let line = Line { from, text, time_ms, mine: true, delivered: None, identity_changed: false };
+        let line = Line { from, text, time_ms, received_ms: None, mine: true, delivered: None, identity_changed: false };
         self.conversations.entry(conversation).or_default().push(line);
     }
 
@@ -332,6 +336,7 @@ impl Model {
                 from: m.from.clone(),
                 text: m.text.clone(),
                 time_ms: m.time_ms,
+                received_ms: None,
                 delivered: None,
                 identity_changed: false,
             })
@@ -370,6 +375,7 @@ impl Model {
             dm: false,
             text: "hello everyone".into(),
             time_ms: 1_700_000_000_000,
+            received_ms: 1_700_000_000_000,
             verified: false,
             identity_changed: false,
         });
@@ -417,6 +423,7 @@ mod tests {
             dm: true,
             text: "psst".into(),
             time_ms: 1,
+            received_ms: 1,
             verified: false,
             identity_changed: true,
         });

@@ -206,12 +206,27 @@ fn chat_sends_counts_characters_and_marks_encryption() {
     h.run();
     assert_eq!(sent(&rx), [UiCommand::Send { to: Conversation::Channel("Lobby".into()), text: "hi bob".into() }]);
     // Unread counts on other panes, and the warning for a changed identity.
+    // Text that would reorder itself shows its tricks; a late message shows both times.
+    h.state_mut().apply(&Event::Message {
+        from: "bob".into(),
+        channel: Some("Lobby".into()),
+        dm: false,
+        text: "pay \u{202e}01$".into(),
+        time_ms: 1_700_000_000_000,
+        received_ms: 1_700_000_000_000 + 3_600_000,
+        verified: false,
+        identity_changed: false,
+    });
+    h.run();
+    assert!(h.query_by_label_contains("pay [U+202E]01$").is_some());
+    assert!(h.query_by_label_contains("(sent ").is_some(), "the sender's claimed time beside the arrival");
     h.state_mut().apply(&Event::Message {
         from: "carol".into(),
         channel: None,
         dm: true,
         text: "psst".into(),
         time_ms: 0,
+        received_ms: 0,
         verified: false,
         identity_changed: true,
     });

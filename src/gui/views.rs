@@ -264,6 +264,20 @@ pub fn certificate_changed(
     });
 }
 
+/// Text from others with the characters that reorder or hide text (bidirectional
+/// overrides, zero-width and control characters) shown as `[U+202E]` marks.
+pub fn visible(text: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        if crate::session::is_hidden_char(c) {
+            shown.push_str(&format!("[U+{:04X}]", u32::from(c)));
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
+}
+
 /// 64 hex digits in groups of four, two lines.
 fn fingerprint_lines(fingerprint: &str) -> String {
     let groups: Vec<&str> = fingerprint.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap_or("")).collect();
@@ -621,12 +635,17 @@ pub fn chat(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
         .show(ui, |ui| {
             for line in model.conversations.get(&selected).into_iter().flatten() {
                 ui.horizontal_wrapped(|ui| {
-                    ui.label(RichText::new(clock(line.time_ms)).weak().monospace());
-                    ui.label(RichText::new(&line.from).strong());
+                    // When it arrived; the sender's own claim beside it when they differ.
+                    let arrived = line.received_ms.unwrap_or(line.time_ms);
+                    ui.label(RichText::new(clock(arrived)).weak().monospace());
+                    if arrived.abs_diff(line.time_ms) > 60_000 {
+                        ui.label(RichText::new(format!("(sent {})", clock(line.time_ms))).weak().small());
+                    }
+                    ui.label(RichText::new(visible(&line.from)).strong());
                     if line.identity_changed {
                         ui.colored_label(WARNING, "[identity changed]");
                     }
-                    ui.label(&line.text);
+                    ui.label(visible(&line.text));
                     if let Some((reached, total)) = line.delivered {
                         ui.label(RichText::new(format!("delivered {reached}/{total}")).weak().small());
                     }

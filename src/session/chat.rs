@@ -510,7 +510,7 @@ impl Session {
             }
             Ok(DirectPayload::Text { text, time_ms }) => {
                 self.chat.record(&format!("@{user}"), &user, &text, time_ms);
-                let event = self.message_event(&peer, user, None, text, time_ms);
+                let event = self.message_event(&peer, user, None, text, time_ms, now);
                 self.events.push_back(event);
             }
             Ok(DirectPayload::SenderKey { message, media }) => {
@@ -587,14 +587,22 @@ impl Session {
                 self.chat.dirty = true;
                 let name = self.channel_name(channel);
                 self.chat.record(&format!("#{name}"), &user, &text, time_ms);
-                let event = self.message_event(&peer, user, Some(name), text, time_ms);
+                let event = self.message_event(&peer, user, Some(name), text, time_ms, now);
                 self.events.push_back(event);
             }
             Err(e) => self.events.push_back(Event::local_error("undecryptable", format!("from {user}: {e}"))),
         }
     }
 
-    fn message_event(&self, peer: &str, from: String, channel: Option<String>, text: String, time_ms: u64) -> Event {
+    fn message_event(
+        &self,
+        peer: &str,
+        from: String,
+        channel: Option<String>,
+        text: String,
+        time_ms: u64,
+        now: Instant,
+    ) -> Event {
         let e2ee = &self.chat.e2ee;
         Event::Message {
             from,
@@ -602,6 +610,7 @@ impl Session {
             channel,
             text,
             time_ms,
+            received_ms: unix_millis(self.wall(now)),
             verified: e2ee.is_verified(peer),
             identity_changed: e2ee.identity_status(peer) == IdentityStatus::Changed,
         }

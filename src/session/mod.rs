@@ -99,7 +99,10 @@ pub enum Event {
         channel: Option<String>,
         dm: bool,
         text: String,
+        /// When the sender says it wrote the message (its clock, its word).
         time_ms: u64,
+        /// When it arrived here, by our clock.
+        received_ms: u64,
         /// The sender's identity was accepted after comparing safety numbers.
         verified: bool,
         /// The sender's identity key differs from the one pinned earlier.
@@ -179,62 +182,110 @@ impl Event {
     }
 }
 
-/// One line of text per event, for people at a terminal.
+/// Text from peers or the server, as a terminal is to show it: control characters
+/// (escape sequences, carriage returns, newlines), bidirectional overrides and invisible
+/// characters are written as `\u{..}` escapes, so nobody can forge a line or drive the
+/// terminal with what they send.
+pub struct Shown<'a>(pub &'a str);
+
+/// Characters shown escaped: those that move or hide text rather than show it.
+pub fn is_hidden_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
+}
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            if is_hidden_char(c) {
+                write!(f, "\\u{{{:x}}}", u32::from(c))?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names joined by ", ", each shown safely.
+struct ShownList<'a>(&'a [String]);
+
+impl std::fmt::Display for ShownList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, name) in self.0.iter().enumerate() {
+            write!(f, "{}{}", if i == 0 { "" } else { ", " }, Shown(name))?;
+        }
+        Ok(())
+    }
+}
+
+/// One line of text per event, for people at a terminal. Every string that came from a
+/// peer or the server goes through [`Shown`].
 impl std::fmt::Display for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Event::Connected { session, name } => write!(f, "* connected as {name} (session {session})"),
+            Event::Connected { session, name } => write!(f, "* connected as {} (session {session})", Shown(name)),
             Event::Channels { channels } => {
                 write!(f, "* channels:")?;
                 for c in channels {
                     let lock = if c.has_password { " [password]" } else { "" };
-                    write!(f, "\n    {}{lock} ({}): {}", c.name, c.users.len(), c.users.join(", "))?;
+                    write!(f, "\n    {}{lock} ({}): {}", Shown(&c.name), c.users.len(), ShownList(&c.users))?;
                 }
                 Ok(())
             }
-            Event::Joined { name, users, .. } => write!(f, "* you joined {name}; here: {}", users.join(", ")),
-            Event::Left { name, .. } => write!(f, "* you left {name}"),
-            Event::UserJoined { user, .. } => write!(f, "* {user} joined the channel"),
-            Event::UserLeft { user, .. } => write!(f, "* {user} left the channel"),
-            Event::ChannelCreated { channel } => write!(f, "* channel {} created", channel.name),
-            Event::ChannelRemoved { name, .. } => write!(f, "* channel {name} removed"),
+            Event::Joined { name, users, .. } => {
+                write!(f, "* you joined {}; here: {}", Shown(name), ShownList(users))
+            }
+            Event::Left { name, .. } => write!(f, "* you left {}", Shown(name)),
+            Event::UserJoined { user, .. } => write!(f, "* {} joined the channel", Shown(user)),
+            Event::UserLeft { user, .. } => write!(f, "* {} left the channel", Shown(user)),
+            Event::ChannelCreated { channel } => write!(f, "* channel {} created", Shown(&channel.name)),
+            Event::ChannelRemoved { name, .. } => write!(f, "* channel {} removed", Shown(name)),
             Event::InviteCreated { name, link, max_uses, expires_in_secs, .. } => {
-                write!(f, "* invite to {name} ({max_uses} uses, {expires_in_secs} s): {link}")
+                write!(f, "* invite to {} ({max_uses} uses, {expires_in_secs} s): {}", Shown(name), Shown(link))
             }
             Event::Datagram { from, session, stream, sequence, bytes, .. } => {
                 let from = from.clone().unwrap_or_else(|| format!("session {session}"));
-                write!(f, "* {stream:?} datagram #{sequence} from {from}: {bytes} bytes")
+                write!(f, "* {stream:?} datagram #{sequence} from {}: {bytes} bytes", Shown(&from))
             }
-            Event::Error { code, message } => write!(f, "! {code}: {message}"),
+            Event::Error { code, message } => write!(f, "! {}: {}", Shown(code), Shown(message)),
             Event::Message { from, channel, text, identity_changed, .. } => {
                 let warning = if *identity_changed { " [identity changed]" } else { "" };
+                let (from, text) = (Shown(from), Shown(text));
                 match channel {
-                    Some(channel) => write!(f, "[{channel}] <{from}>{warning} {text}"),
+                    Some(channel) => write!(f, "[{}] <{from}>{warning} {text}", Shown(channel)),
                     None => write!(f, "[dm] <{from}>{warning} {text}"),
                 }
             }
             Event::Delivered { reached, total } => write!(f, "* delivered to {reached} of {total}"),
-            Event::WaitingForKeys { channel, members } if members.is_empty() => {
-                write!(f, "* [{channel}] your message waits for the channel's new key (someone joined or left)")
-            }
+            Event::WaitingForKeys { channel, members } if members.is_empty() => write!(
+                f,
+                "* [{}] your message waits for the channel's new key (someone joined or left)",
+                Shown(channel)
+            ),
             Event::WaitingForKeys { channel, members } => write!(
                 f,
-                "* [{channel}] your message waits for keys from {} members: {}",
+                "* [{}] your message waits for keys from {} members: {}",
+                Shown(channel),
                 members.len(),
-                members.join(", ")
+                ShownList(members)
             ),
             Event::Safety { user, number, verified, .. } => {
                 let state = if *verified { "verified" } else { "not verified" };
-                write!(f, "* safety number with {user} ({state}): {number}")
+                write!(f, "* safety number with {} ({state}): {number}", Shown(user))
             }
-            Event::IdentityChanged { user } => write!(
-                f,
-                "! the identity key of {user} CHANGED: they receive none of your messages or voice until you compare \
-                 safety numbers (/safety {user}) and accept the new key (/verify {user})"
-            ),
+            Event::IdentityChanged { user } => {
+                let user = Shown(user);
+                write!(
+                    f,
+                    "! the identity key of {user} CHANGED: they receive none of your messages or voice until you \
+                     compare safety numbers (/safety {user}) and accept the new key (/verify {user})"
+                )
+            }
             Event::Speaking { user, session, speaking } => {
                 let who = user.clone().unwrap_or_else(|| format!("session {session}"));
-                write!(f, "* {who} {}", if *speaking { "is talking" } else { "stopped talking" })
+                write!(f, "* {} {}", Shown(&who), if *speaking { "is talking" } else { "stopped talking" })
             }
             Event::PlayFinished => write!(f, "* finished playing the file"),
             Event::VoiceState { user, muted, deafened, .. } => {
@@ -243,7 +294,7 @@ impl std::fmt::Display for Event {
                     (true, false) => "muted",
                     (false, false) => "unmuted",
                 };
-                write!(f, "* {user} is {state}")
+                write!(f, "* {} is {state}", Shown(user))
             }
             Event::InputLevel { dbfs } => write!(f, "* microphone at {dbfs:.0} dBFS"),
             Event::Health { rtt_ms, loss_percent, jitter_ms, kbps_up, kbps_down } => write!(
@@ -251,7 +302,7 @@ impl std::fmt::Display for Event {
                 "* ping {rtt_ms:.0} ms, loss {loss_percent:.1} %, jitter {jitter_ms:.1} ms, up {kbps_up:.0} kbit/s, down \
                  {kbps_down:.0} kbit/s"
             ),
-            Event::Device { message } => write!(f, "* sound device: {message}"),
+            Event::Device { message } => write!(f, "* sound device: {}", Shown(message)),
             Event::VoiceStats { media, playback } => {
                 let j = &playback.jitter;
                 write!(
@@ -776,6 +827,26 @@ mod tests {
         );
         s.handle_message(Instant::now(), ServerMsg::UserMoved { session: SessionId(1), channel: None }).unwrap();
         assert_eq!(events(&mut s), [Event::Left { channel: 1, name: "Lobby".into() }]);
+    }
+
+    #[test]
+    fn text_from_others_cannot_forge_lines_or_drive_the_terminal() {
+        let message = Event::Message {
+            from: "eve\u{202e}".into(),
+            channel: Some("Lobby\n! fake".into()),
+            dm: false,
+            text: "hi\r\u{1b}[2K* bob is verified\nsecond line\u{200b}".into(),
+            time_ms: 0,
+            received_ms: 0,
+            verified: false,
+            identity_changed: false,
+        };
+        let line = message.to_string();
+        assert!(!line.chars().any(is_hidden_char), "{line:?}");
+        assert_eq!(line.lines().count(), 1, "{line:?}");
+        assert!(line.contains(r"\u{d}\u{1b}[2K") && line.contains(r"eve\u{202e}"), "{line}");
+        let error = Event::Error { code: "x".into(), message: "one\ntwo".into() }.to_string();
+        assert_eq!(error, r"! x: one\u{a}two");
     }
 
     #[test]
