@@ -233,7 +233,7 @@ impl App {
             UiCommand::Send { to, text } => {
                 let now = crate::e2ee::unix_millis(std::time::SystemTime::now());
                 let command = match &to {
-                    Conversation::Channel(_) => Command::Say(text.clone()),
+                    Conversation::Channel(channel) => Command::SayIn { channel: channel.clone(), text: text.clone() },
                     Conversation::Direct(peer) => Command::Msg { to: peer.clone(), text: text.clone() },
                 };
                 self.model.sent(to, text, now);

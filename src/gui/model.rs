@@ -313,7 +313,8 @@ impl Model {
     pub fn sent(&mut self, conversation: Conversation, text: String, time_ms: u64) {
         self.open(conversation.clone());
         let from = self.me.clone().unwrap_or_default();
-        let line = Line { from, text, time_ms, received_ms: None, mine: true, delivered: None, identity_changed: false };
+        let line =
+            Line { from, text, time_ms, received_ms: None, mine: true, delivered: None, identity_changed: false };
         self.conversations.entry(conversation).or_default().push(line);
     }
 

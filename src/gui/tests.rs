@@ -196,6 +196,19 @@ fn a_users_menu_sets_volume_mutes_and_shows_the_safety_number() {
 }
 
 #[test]
+fn a_channel_pane_left_behind_does_not_send() {
+    let mut model = Model::fixture();
+    model.conversations.insert(Conversation::Channel("Den".into()), Vec::new());
+    model.select(Conversation::Channel("Den".into()));
+    let (mut h, rx) = harness(model, views::chat);
+    assert!(h.query_by_label_contains("You are not in Den").is_some());
+    type_into(&mut h, "Message", "for the den");
+    h.get_by_label("Send").click();
+    h.run();
+    assert_eq!(sent(&rx), [], "nothing goes from a channel we are not in");
+}
+
+#[test]
 fn chat_sends_counts_characters_and_marks_encryption() {
     let (mut h, rx) = harness(Model::fixture(), views::chat);
     assert!(h.query_by_label_contains("End-to-end encrypted").is_some());

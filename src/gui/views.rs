@@ -654,6 +654,12 @@ pub fn chat(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
         });
     ui.separator();
     let count = model.drafts.message.chars().count();
+    // A channel's pane stays open after leaving it, but writes only while we are in it.
+    let current = model.channels.iter().find(|c| Some(c.id) == model.my_channel).map(|c| c.name.as_str());
+    let elsewhere = matches!(&selected, Conversation::Channel(name) if Some(name.as_str()) != current);
+    if let (true, Conversation::Channel(name)) = (elsewhere, &selected) {
+        ui.colored_label(WARNING, format!("You are not in {name}: join it again to write here."));
+    }
     ui.horizontal(|ui| {
         let label = ui.label("Message");
         let response = ui
@@ -666,7 +672,7 @@ pub fn chat(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
         let counter = RichText::new(format!("{count}/{MAX_TEXT_CHARS}")).small();
         ui.label(if count > MAX_TEXT_CHARS { counter.color(WARNING) } else { counter.weak() });
         let enter = response.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
-        let ready = count > 0 && count <= MAX_TEXT_CHARS;
+        let ready = count > 0 && count <= MAX_TEXT_CHARS && !elsewhere;
         if (ui.add_enabled(ready, egui::Button::new("Send")).clicked() || enter) && ready {
             let text = std::mem::take(&mut model.drafts.message);
             send(tx, UiCommand::Send { to: selected.clone(), text });

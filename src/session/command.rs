@@ -28,6 +28,12 @@ pub enum Command {
     },
     /// A line of chat for the current channel.
     Say(String),
+    /// A channel message typed in `channel`'s pane (the desktop app): sent only while we
+    /// are in that channel, never into another.
+    SayIn {
+        channel: String,
+        text: String,
+    },
     /// A direct message.
     Msg {
         to: String,

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::protocol::{
     ChannelId, ChannelInfo, ClientMsg, JoinRequest, MEDIA_HEADER_LEN, MediaHeader, PROTOCOL_VERSION, ServerMsg,
-    SessionId, StreamType, UserInfo, VoiceState, percent_encode,
+    SessionId, StreamType, UserInfo, VoiceState, canonical_name, percent_encode,
 };
 pub use chat::Chat;
 pub use command::{Command, ParseError, parse_line};
@@ -577,6 +577,17 @@ impl Session {
             }
             Command::Channels => self.events.push_back(Event::Channels { channels: self.channel_views() }),
             Command::Say(text) => self.say(text, now),
+            Command::SayIn { channel, text } => {
+                let here = self.channel().map(|id| canonical_name(&self.channel_name(id)));
+                if here == Some(canonical_name(&channel)) {
+                    self.say(text, now);
+                } else {
+                    self.events.push_back(Event::local_error(
+                        "not_in_channel",
+                        format!("you are not in {channel}: your message there was not sent"),
+                    ));
+                }
+            }
             Command::Msg { to, text } => self.message_user(&to, text, now),
             Command::Safety(name) => self.safety(&name),
             Command::Verify(name) => self.verify(&name, now),
@@ -847,6 +858,17 @@ mod tests {
         assert!(line.contains(r"\u{d}\u{1b}[2K") && line.contains(r"eve\u{202e}"), "{line}");
         let error = Event::Error { code: "x".into(), message: "one\ntwo".into() }.to_string();
         assert_eq!(error, r"! x: one\u{a}two");
+    }
+
+    #[test]
+    fn a_message_goes_only_to_the_channel_it_was_typed_in() {
+        let mut s = welcomed();
+        events(&mut s);
+        while s.poll_transmit().is_some() {}
+        s.command(Instant::now(), Command::SayIn { channel: "Late Night".into(), text: "psst".into() });
+        let ev = events(&mut s);
+        assert!(matches!(&ev[..], [Event::Error { code, .. }] if code == "not_in_channel"), "{ev:?}");
+        assert!(s.poll_transmit().is_none(), "nothing was sent");
     }
 
     #[test]
