@@ -140,6 +140,12 @@ struct VoiceArgs {
     /// Opus complexity, 0 (fastest) to 10 (best).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=10))]
     complexity: i32,
+    /// Start muted (`/unmute` to talk); everyone sees it.
+    #[arg(long)]
+    muted: bool,
+    /// Start deafened (`/undeafen` to hear); everyone sees it.
+    #[arg(long)]
+    deafened: bool,
 }
 
 impl VoiceArgs {
@@ -161,6 +167,8 @@ impl VoiceArgs {
             output_device: device(self.output_device),
             record: self.record,
             capture,
+            muted: self.muted,
+            deafened: self.deafened,
         })
     }
 }

@@ -229,6 +229,26 @@ fn voice_crosses_a_real_server_and_stays_in_its_channel() {
 }
 
 #[test]
+fn a_client_that_starts_muted_sends_no_voice_and_says_so() {
+    use crate::support::{TestClient, TestServer};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let speech_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/speech.wav");
+    let mut bob = TestClient::join(&server.invite, "bob", &["--duration", "6"]);
+    bob.expect_joined("Lobby");
+    let play = ["--play", speech_file.to_str().unwrap(), "--muted", "--duration", "4"];
+    let mut alice = TestClient::join(&server.invite, "alice", &play);
+    alice.expect_joined("Lobby");
+    let state = bob.expect("alice's voice state", |e| e["event"] == "voice_state" && e["user"] == "alice");
+    assert_eq!(state["muted"], true);
+    assert!(alice.wait().success());
+    bob.wait();
+    let sent = alice.seen_events("voice_stats")[0]["media"]["sent"].clone();
+    let opened = bob.seen_events("voice_stats")[0]["media"]["opened"].clone();
+    assert_eq!((sent.as_u64(), opened.as_u64()), (Some(0), Some(0)), "muted from the first moment");
+}
+
+#[test]
 fn muting_and_deafening_are_shown_to_everyone_including_newcomers() {
     use crate::support::{TestClient, TestServer};
     let dir = tempfile::tempdir().unwrap();

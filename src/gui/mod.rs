@@ -358,6 +358,9 @@ impl App {
                     denoise: settings.denoise,
                     ..CaptureSettings::default()
                 },
+                // What the voice bar shows is what the new connection does.
+                muted: self.model.muted,
+                deafened: self.model.deafened,
             },
             duration: None,
             health: true,

@@ -215,7 +215,10 @@ impl Model {
                 if let Some(view) = self.channels.iter_mut().find(|c| c.id == *channel) {
                     view.users.retain(|u| u != user);
                 }
+                // Voice state is a session's: whoever comes back under the name says theirs.
                 self.speaking.remove(user);
+                self.muted_users.remove(user);
+                self.deafened_users.remove(user);
             }
             Event::ChannelCreated { channel } => {
                 self.channels.retain(|c| c.id != channel.id);

@@ -371,6 +371,39 @@ fn unlock_connect_join_and_chat_with_a_second_client() {
     assert_eq!(kept, ["hello bob"], "the vault kept the conversation");
 }
 
+/// Muted means muted: the choice survives a reconnect, into the new engine and to the
+/// server, so the others see it (and the new connection sends nothing).
+#[test]
+fn mute_holds_across_a_reconnect() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (invite, _relay) = {
+        let _guard = runtime.enter();
+        crate::net::server::Server::host_here(0, dirs[2].path()).unwrap()
+    };
+    let password = || zeroize::Zeroizing::new("correct horse battery".to_owned());
+    let mut apps = Vec::new();
+    for (dir, name) in dirs[..2].iter().zip(["alice", "bob"]) {
+        let mut app = app_in(dir.path(), &runtime);
+        app.handle(UiCommand::CreateIdentity { name: name.into(), password: password() });
+        wait_for(&mut app, "the vault", |m| m.screen == Screen::Connect);
+        app.handle(UiCommand::Connect { target: invite.clone() });
+        wait_for(&mut app, "joining the Lobby", |m| m.screen == Screen::Main && m.my_channel.is_some());
+        apps.push(app);
+    }
+    let [alice, bob] = &mut apps[..] else { unreachable!() };
+    alice.handle(UiCommand::ToggleMute);
+    wait_for(bob, "alice muted", |m| m.muted_users.contains("alice"));
+    // The line drops; the app connects again (as its reconnect timer would).
+    alice.handle(UiCommand::Disconnect);
+    wait_for(bob, "alice gone", |m| !m.muted_users.contains("alice"));
+    wait_for(alice, "the old connection's end", |m| m.me.is_none());
+    alice.handle(UiCommand::Connect { target: invite.clone() });
+    wait_for(alice, "back in the Lobby", |m| m.screen == Screen::Main && m.my_channel.is_some());
+    assert!(alice.model.muted, "the voice bar still says muted");
+    wait_for(bob, "alice muted again", |m| m.muted_users.contains("alice"));
+}
+
 #[test]
 fn connection_health_shows_the_latest_figures() {
     let mut model = Model::fixture();

@@ -119,6 +119,9 @@ pub struct VoiceOptions {
     pub output_device: Option<Option<String>>,
     pub record: Option<PathBuf>,
     pub capture: CaptureSettings,
+    /// Start muted or deafened: the user's choice, kept across reconnects by the app.
+    pub muted: bool,
+    pub deafened: bool,
 }
 
 /// A connected client: the QUIC connection and the fingerprint it pinned.
@@ -300,6 +303,17 @@ pub async fn run_client(
     let voice = &options.voice;
     let (mut engine, mut engine_events) =
         Engine::start(EngineConfig { output_device: voice.output_device.clone(), record: voice.record.clone() })?;
+    // The user's mute and deafen hold from the first moment: in the engine before it
+    // captures anything, and told to the server right after the hello.
+    for (on, control, command) in [
+        (voice.muted, Control::Mute(true), Command::Mute(true)),
+        (voice.deafened, Control::Deafen(true), Command::Deafen(true)),
+    ] {
+        if on {
+            engine.control(control);
+            session.command(Instant::now(), command);
+        }
+    }
     let mut source = match (&voice.play, &voice.input_device) {
         (Some(samples), _) => Some(Source::Samples(samples.to_vec())),
         (None, Some(device)) => Some(Source::Device(device.clone())),
