@@ -229,6 +229,30 @@ fn voice_crosses_a_real_server_and_stays_in_its_channel() {
 }
 
 #[test]
+fn a_volume_set_before_someone_speaks_applies_when_they_do() {
+    use crate::support::{TestClient, TestServer};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let speech_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/speech.wav");
+    let recording = dir.path().join("bob.wav");
+    let mut bob =
+        TestClient::join(&server.invite, "bob", &["--record", recording.to_str().unwrap(), "--duration", "9"]);
+    bob.expect_joined("Lobby");
+    // Bob turns alice down to nothing before she is even online ("Alice": names are one).
+    bob.send("/volume Alice 0");
+    let mut alice =
+        TestClient::join(&server.invite, "alice", &["--play", speech_file.to_str().unwrap(), "--duration", "7"]);
+    alice.expect_joined("Lobby");
+    assert!(alice.wait().success());
+    bob.wait();
+    assert!(bob.seen_events("error").is_empty(), "{:?}", bob.seen_events("error"));
+    let stats = bob.seen_events("voice_stats")[0].clone();
+    assert!(stats["media"]["opened"].as_u64().unwrap() > 100, "bob received her: {stats}");
+    let heard = compare(&speech(), &read_voice(&recording).unwrap());
+    assert!(heard.correlation < 0.2, "she was played at volume 0: {heard:?}");
+}
+
+#[test]
 fn a_client_that_starts_muted_sends_no_voice_and_says_so() {
     use crate::support::{TestClient, TestServer};
     let dir = tempfile::tempdir().unwrap();

@@ -162,6 +162,9 @@ pub struct PlaybackStats {
 
 pub struct Playback {
     voices: BTreeMap<u32, Voice>,
+    /// The listener's volume (0.0-2.0) and local mute per sender, kept whether or not
+    /// the sender has spoken yet, and applied when its voice starts.
+    choices: BTreeMap<u32, (f32, bool)>,
     mixer: Mixer,
     frame: Box<[f32; FRAME_20MS]>,
     /// What senders who left had counted.
@@ -174,6 +177,7 @@ impl Default for Playback {
     fn default() -> Self {
         Playback {
             voices: BTreeMap::new(),
+            choices: BTreeMap::new(),
             mixer: Mixer::default(),
             frame: Box::new([0.0; FRAME_20MS]),
             departed: PlaybackStats::default(),
@@ -198,8 +202,8 @@ impl Playback {
             std::collections::btree_map::Entry::Vacant(e) => e.insert(Voice {
                 jitter: JitterBuffer::default(),
                 decoder: VoiceDecoder::new()?,
-                volume: 1.0,
-                muted: false,
+                volume: self.choices.get(&sender).map_or(1.0, |c| c.0),
+                muted: self.choices.get(&sender).is_some_and(|c| c.1),
                 talking: false,
                 undecodable: 0,
             }),
@@ -208,21 +212,27 @@ impl Playback {
         Ok(())
     }
 
-    /// Sets a user's volume (percent, 0-200) and local mute.
+    /// Sets a user's volume (percent, 0-200) and local mute, from now on, whether or
+    /// not they have spoken yet.
     pub fn set_volume(&mut self, sender: u32, percent: u32) {
+        let volume = percent.min(200) as f32 / 100.0;
+        self.choices.entry(sender).or_insert((1.0, false)).0 = volume;
         if let Some(voice) = self.voices.get_mut(&sender) {
-            voice.volume = percent.min(200) as f32 / 100.0;
+            voice.volume = volume;
         }
     }
 
     pub fn set_muted(&mut self, sender: u32, muted: bool) {
+        self.choices.entry(sender).or_insert((1.0, false)).1 = muted;
         if let Some(voice) = self.voices.get_mut(&sender) {
             voice.muted = muted;
         }
     }
 
-    /// A sender left: its buffer and decoder go.
+    /// A sender left: its buffer, decoder and the choices for its session go (the shell
+    /// applies the person's choices again to a session they come back with).
     pub fn remove(&mut self, sender: u32) -> Option<SpeakingChange> {
+        self.choices.remove(&sender);
         let voice = self.voices.remove(&sender)?;
         self.departed.add(&voice);
         voice.talking.then_some(SpeakingChange { sender, speaking: false })

@@ -374,6 +374,14 @@ impl App {
         self.model.error = None;
         let (commands, receiver) = tokio::sync::mpsc::channel(256);
         self.client = Some(commands);
+        // Who the user turned down or muted stays so on the new connection.
+        let volumes: Vec<Command> = (self.model.volumes.iter())
+            .map(|(user, percent)| Command::Volume { user: user.clone(), percent: *percent })
+            .chain(self.model.locally_muted.iter().map(|user| Command::LocalMute { user: user.clone(), muted: true }))
+            .collect();
+        for command in volumes {
+            self.send_to_client(command);
+        }
         let (updates, ctx) = (self.updates.0.clone(), self.ctx.clone());
         self.runtime.spawn(async move {
             let (events, events_ctx) = (updates.clone(), ctx.clone());

@@ -22,7 +22,8 @@ use crate::config::client_store::{ClientStore, StoreError};
 use crate::crypto::vault::KdfParams;
 use crate::e2ee::E2ee;
 use crate::protocol::{
-    ErrorCode, Fingerprint, FrameError, JoinRequest, ServerLink, ServerMsg, SessionId, StreamType, encode_frame,
+    ErrorCode, Fingerprint, FrameError, JoinRequest, ServerLink, ServerMsg, SessionId, StreamType, canonical_name,
+    encode_frame,
 };
 use crate::session::{Chat, Command, Event, Session, parse_line};
 
@@ -314,6 +315,7 @@ pub async fn run_client(
             session.command(Instant::now(), command);
         }
     }
+    let mut listening = Listening::default();
     let mut source = match (&voice.play, &voice.input_device) {
         (Some(samples), _) => Some(Source::Samples(samples.to_vec())),
         (None, Some(device)) => Some(Source::Device(device.clone())),
@@ -341,7 +343,7 @@ pub async fn run_client(
                 engine.play(now, frame.sender.0, frame.sequence, frame.timestamp, frame.payload);
             }
         }
-        if let Err(e) = flush(&mut session, &mut send, emit, &mut engine).await {
+        if let Err(e) = flush(&mut session, &mut send, emit, &mut engine, &listening).await {
             last_words(&mut frames, &mut session, &mut fatal).await;
             break Err(fatal.take().unwrap_or(e));
         }
@@ -382,7 +384,7 @@ pub async fn run_client(
             command = commands.recv(), if session.is_ready() && commands_open => match command {
                 Some(Command::Quit) => break Ok(()),
                 Some(Command::Probe { count }) => send_probes(&mut session, &connection, count, emit),
-                Some(command) => voice_command(&mut session, &mut engine, command, emit),
+                Some(command) => voice_command(&mut session, &mut engine, &mut listening, command),
                 None if end.is_some() => commands_open = false,
                 None => break Ok(()),
             },
@@ -506,10 +508,20 @@ async fn flush(
     send: &mut quinn::SendStream,
     emit: &mut (dyn FnMut(&Event) + Send),
     engine: &mut Engine,
+    listening: &Listening,
 ) -> Result<(), ClientError> {
     while let Some(event) = session.poll_event() {
-        if let Event::UserLeft { session, .. } = &event {
-            engine.control(Control::Forget(*session));
+        match &event {
+            Event::UserLeft { session: sender, .. } => engine.control(Control::Forget(*sender)),
+            Event::UserJoined { user, session: sender, .. } => listening.apply(user, SessionId(*sender), engine),
+            Event::Joined { users, .. } => {
+                for user in users {
+                    if let Some(sender) = session.user_session(user) {
+                        listening.apply(user, sender, engine);
+                    }
+                }
+            }
+            _ => {}
         }
         emit(&event);
     }
@@ -612,8 +624,32 @@ fn voice_event(
     }
 }
 
+/// The listener's volume and local mute per person (by name, in its canonical form):
+/// kept whether or not they are online or have spoken, and applied to whichever session
+/// they have whenever they are in our channel.
+#[derive(Default)]
+struct Listening(std::collections::BTreeMap<String, (Option<u32>, Option<bool>)>);
+
+impl Listening {
+    fn set(&mut self, user: &str, percent: Option<u32>, muted: Option<bool>) {
+        let choice = self.0.entry(canonical_name(user)).or_default();
+        choice.0 = percent.or(choice.0);
+        choice.1 = muted.or(choice.1);
+    }
+
+    fn apply(&self, user: &str, sender: SessionId, engine: &mut Engine) {
+        let Some(&(percent, muted)) = self.0.get(&canonical_name(user)) else { return };
+        if let Some(percent) = percent {
+            engine.control(Control::Volume { sender: sender.0, percent });
+        }
+        if let Some(muted) = muted {
+            engine.control(Control::LocalMute { sender: sender.0, muted });
+        }
+    }
+}
+
 /// Voice commands go to the engine, the rest to the session.
-fn voice_command(session: &mut Session, engine: &mut Engine, command: Command, emit: &mut (dyn FnMut(&Event) + Send)) {
+fn voice_command(session: &mut Session, engine: &mut Engine, listening: &mut Listening, command: Command) {
     match command {
         Command::Mute(on) => {
             engine.control(Control::Mute(on));
@@ -624,14 +660,18 @@ fn voice_command(session: &mut Session, engine: &mut Engine, command: Command, e
             session.command(Instant::now(), command);
         }
         Command::Talk(held) => engine.control(Control::PushToTalk(held)),
-        Command::Volume { user, percent } => match session.user_session(&user) {
-            Some(sender) => engine.control(Control::Volume { sender: sender.0, percent }),
-            None => emit(&Event::local_error("no_such_user", format!("{user} is not online"))),
-        },
-        Command::LocalMute { user, muted } => match session.user_session(&user) {
-            Some(sender) => engine.control(Control::LocalMute { sender: sender.0, muted }),
-            None => emit(&Event::local_error("no_such_user", format!("{user} is not online"))),
-        },
+        Command::Volume { user, percent } => {
+            listening.set(&user, Some(percent), None);
+            if let Some(sender) = session.user_session(&user) {
+                listening.apply(&user, sender, engine);
+            }
+        }
+        Command::LocalMute { user, muted } => {
+            listening.set(&user, None, Some(muted));
+            if let Some(sender) = session.user_session(&user) {
+                listening.apply(&user, sender, engine);
+            }
+        }
         Command::VoiceSettings { mode, threshold_dbfs, denoise } => {
             engine.control(Control::Mode(mode, f32::from(threshold_dbfs)));
             engine.control(Control::Denoise(denoise));

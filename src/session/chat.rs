@@ -408,7 +408,7 @@ impl Session {
         if let Err(event) = check_text(&text) {
             return self.events.push_back(event);
         }
-        let Some(peer) = self.users.values().find(|u| u.name.eq_ignore_ascii_case(name)).map(|u| u.session) else {
+        let Some(peer) = self.user_session(name) else {
             return self.events.push_back(Event::local_error("no_such_user", format!("{name} is not online")));
         };
         let has_session = self.address(peer).is_some_and(|a| self.chat.e2ee.has_session(&a));
@@ -653,7 +653,7 @@ impl Session {
 
     /// `/safety NAME`: the safety number to compare out of band.
     pub(super) fn safety(&mut self, name: &str) {
-        let Some(user) = self.users.values().find(|u| u.name.eq_ignore_ascii_case(name)) else {
+        let Some(user) = self.user_session(name).and_then(|s| self.users.get(&s)) else {
             return self.events.push_back(Event::local_error("no_such_user", format!("{name} is not online")));
         };
         let (Some(me), Some(peer)) = (self.me.and_then(|me| self.address(me)), self.address(user.session)) else {
@@ -676,7 +676,7 @@ impl Session {
 
     /// `/verify NAME`: the user compared the safety number and accepts the identity.
     pub(super) fn verify(&mut self, name: &str, now: Instant) {
-        let Some(user) = self.users.values().find(|u| u.name.eq_ignore_ascii_case(name)).map(|u| u.session) else {
+        let Some(user) = self.user_session(name) else {
             return self.events.push_back(Event::local_error("no_such_user", format!("{name} is not online")));
         };
         let Some(peer) = self.address(user) else { return };

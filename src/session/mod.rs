@@ -689,9 +689,11 @@ impl Session {
         Event::Speaking { user: self.users.get(&session).map(|u| u.name.clone()), session: session.0, speaking }
     }
 
-    /// The session id of an online user, by name.
+    /// The session id of an online user, by name (in its canonical form: "Bob" and "bob"
+    /// are one name, as the server holds them).
     pub fn user_session(&self, name: &str) -> Option<SessionId> {
-        self.users.values().find(|u| u.name.eq_ignore_ascii_case(name)).map(|u| u.session)
+        let key = canonical_name(name);
+        self.users.values().find(|u| canonical_name(&u.name) == key).map(|u| u.session)
     }
 
     /// Media datagrams sent, opened, and dropped (by reason).
