@@ -14,6 +14,8 @@ use voipc::session::history::History;
 use voipc::session::{Chat, Event, REKEY_INTERVAL, Session};
 
 const SERVER: &str = "chat.test:9987";
+/// The test server's certificate fingerprint, which names it in Signal addresses.
+const SERVER_ID: &str = "5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e";
 
 pub(crate) struct Net {
     pub(crate) relay: Relay,
@@ -65,7 +67,7 @@ impl Net {
         let e2ee = E2ee::generate(&mut rng, SystemTime::now()).unwrap();
         let mut seed = [0; 32];
         seed[..8].copy_from_slice(&self.seed.to_le_bytes());
-        let chat = Chat::new(e2ee, History::default(), seed, SERVER.into());
+        let chat = Chat::new(e2ee, History::default(), seed, SERVER.into(), SERVER_ID.into());
         let session = Session::new(name, None, String::new(), chat, self.now, SystemTime::now());
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
@@ -327,7 +329,7 @@ fn a_relay_that_swaps_in_its_own_key_for_bob_is_sent_nothing() {
     net.connect("carol");
     net.command("alice", "hello both");
     assert_eq!(net.messages("bob"), [text("alice", Some("Lobby"), "hello both")], "bob is pinned now");
-    let (alice, bob) = (format!("{SERVER}/alice"), net.session_of("bob"));
+    let (alice, bob) = (format!("{SERVER_ID}/alice"), net.session_of("bob"));
 
     // The relay holds alice's bundle: it opens a session with her under its own identity
     // key and sends her a message "from bob"; from now on it also answers her fetches of
@@ -439,7 +441,7 @@ fn a_newcomer_to_a_channel_of_150_gets_its_key_to_every_member() {
     assert!(waiting.is_some_and(|n| n > 0), "the message waits, and says for whom: {waiting:?}");
     net.advance(Duration::from_secs(60));
     assert!(net.events["alice"].contains(&Event::Delivered { reached: 149, total: 149 }), "{:?}", net.errors("alice"));
-    let alice = format!("{SERVER}/alice");
+    let alice = format!("{SERVER_ID}/alice");
     for (conn, name, mut e2ee) in bots {
         let inbox = net.bot_inbox.remove(&conn).unwrap_or_default();
         let keys = inbox.iter().filter(|m| matches!(m, ServerMsg::Direct { .. })).count();
@@ -464,7 +466,7 @@ fn a_peer_that_sends_more_than_the_limit_is_neither_shown_nor_kept() {
     // Eve's own client would refuse; she uses another.
     let mut rng = StdRng::seed_from_u64(77);
     let mut eve = E2ee::generate(&mut rng, SystemTime::now()).unwrap();
-    let alice = format!("{SERVER}/alice");
+    let alice = format!("{SERVER_ID}/alice");
     let upload = net.clients["alice"].1.e2ee().bundle_upload().unwrap();
     let bundle = voipc::relay::keys::StoredBundle::new(upload).unwrap().hand_out(true);
     eve.start_session(&alice, &bundle, SystemTime::now(), &mut rng).unwrap();
@@ -548,6 +550,21 @@ fn ciphertext_lengths_do_not_tell_what_was_written() {
 }
 
 #[test]
+fn a_name_in_another_case_is_the_same_person_and_a_new_key_under_it_is_flagged() {
+    let mut net = Net::new();
+    net.connect("alice");
+    net.connect("bob");
+    net.command("alice", "/msg bob are you there?");
+    assert_eq!(net.messages("bob"), [text("alice", None, "are you there?")]);
+    net.disconnect("bob");
+    // Someone else takes the name while bob is away, in other letters.
+    net.connect("Bob");
+    net.command("alice", "/msg bob the usual place?");
+    assert!(net.events["alice"].contains(&Event::IdentityChanged { user: "Bob".into() }), "{:?}", net.errors("alice"));
+    assert!(net.messages("Bob").is_empty(), "the new key reads nothing meant for bob");
+}
+
+#[test]
 fn a_message_too_long_is_refused_before_it_is_sent() {
     let mut net = Net::new();
     net.connect("alice");
@@ -556,6 +573,27 @@ fn a_message_too_long_is_refused_before_it_is_sent() {
     net.command("alice", &"x".repeat(5001));
     assert_eq!(net.errors("alice"), ["message_too_long"]);
     assert_eq!(net.wire.len(), frames, "nothing was sent");
+}
+
+#[test]
+fn safety_numbers_match_however_the_server_was_reached() {
+    use crate::support::{TestClient, TestServer};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), None, &["--listen", "0.0.0.0:0"]);
+    let port = server.addr.rsplit_once(':').unwrap().1;
+    // Two addresses of this machine, both on loopback.
+    let fp = ["--fingerprint", server.fingerprint.as_str()];
+    let mut alice = TestClient::join(&format!("127.0.0.1:{port}"), "alice", &fp);
+    let mut bob = TestClient::join(&format!("127.0.0.2:{port}"), "bob", &fp);
+    alice.expect_joined("Lobby");
+    bob.expect_joined("Lobby");
+    alice.send("/msg bob hello");
+    bob.expect("alice's dm", |e| e["event"] == "message" && e["from"] == "alice");
+    alice.send("/safety bob");
+    bob.send("/safety Alice");
+    let from_alice = alice.expect_event("safety")["number"].clone();
+    let from_bob = bob.expect_event("safety")["number"].clone();
+    assert_eq!(from_alice, from_bob, "the same digits on both sides");
 }
 
 #[test]

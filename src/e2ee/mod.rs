@@ -487,6 +487,22 @@ impl E2ee {
         self.identities.accept(peer);
     }
 
+    /// Moves everything kept for peers addressed `{old_prefix}{Name}` (the first way of
+    /// addressing them: the server as typed, the name as shown) to
+    /// `{new_prefix}{canonical name}`: pins, pending keys, verifications, sessions and
+    /// sender keys stay with the people they belong to. What is already kept under the
+    /// new address wins.
+    pub fn rename_peers(&mut self, old_prefix: &str, new_prefix: &str) {
+        let rename = |address: &str| {
+            address
+                .strip_prefix(old_prefix)
+                .map(|name| format!("{new_prefix}{}", crate::protocol::canonical_name(name)))
+        };
+        self.identities.rename(&rename);
+        self.sessions.rename(&rename);
+        self.sender_keys.rename(&rename);
+    }
+
     /// The whole state, for the vault.
     pub fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
         zeroize::Zeroizing::new(postcard::to_allocvec(self).expect("maps of bytes and strings encode"))

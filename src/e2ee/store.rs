@@ -33,6 +33,16 @@ pub enum IdentityStatus {
     Changed,
 }
 
+/// Moves the entries `rename` gives a new key to; an entry already at the new key stays.
+fn rename_keys<V>(map: &mut BTreeMap<String, V>, rename: &dyn Fn(&str) -> Option<String>) {
+    let moving: Vec<(String, String)> = map.keys().filter_map(|k| rename(k).map(|new| (k.clone(), new))).collect();
+    for (old, new) in moving {
+        if let Some(value) = map.remove(&old) {
+            map.entry(new).or_insert(value);
+        }
+    }
+}
+
 fn missing(what: &str) -> SignalProtocolError {
     SignalProtocolError::InvalidArgument(format!("no such {what}"))
 }
@@ -117,6 +127,14 @@ impl Identities {
         Identities { own, registration_id, peers, pending, verified }
     }
 
+    /// Renames peers' addresses (see `E2ee::rename_peers`).
+    pub fn rename(&mut self, rename: &dyn Fn(&str) -> Option<String>) {
+        rename_keys(&mut self.peers, rename);
+        rename_keys(&mut self.pending, rename);
+        let verified = std::mem::take(&mut self.verified);
+        self.verified = verified.into_iter().map(|peer| rename(&peer).unwrap_or(peer)).collect();
+    }
+
     /// The user compared safety numbers and accepts the peer's newest key: it is pinned.
     pub fn accept(&mut self, peer: &str) {
         if let Some(key) = self.pending.remove(peer) {
@@ -167,6 +185,12 @@ impl IdentityKeyStore for Identities {
 /// Pairwise sessions by peer address.
 #[derive(Default, Serialize, Deserialize)]
 pub struct Sessions(BTreeMap<String, Zeroizing<Vec<u8>>>);
+
+impl Sessions {
+    pub fn rename(&mut self, rename: &dyn Fn(&str) -> Option<String>) {
+        rename_keys(&mut self.0, rename);
+    }
+}
 
 #[async_trait(?Send)]
 impl SessionStore for Sessions {
@@ -314,6 +338,15 @@ impl SenderKeys {
         SenderKeys {
             records: records.into_iter().zip(0..).map(|((key, record), n)| (key, (n, record))).collect(),
             next_use,
+        }
+    }
+
+    /// Renames senders' addresses (see `E2ee::rename_peers`).
+    pub fn rename(&mut self, rename: &dyn Fn(&str) -> Option<String>) {
+        let records = std::mem::take(&mut self.records);
+        for ((sender, distribution), record) in records {
+            let key = (rename(&sender).unwrap_or(sender), distribution);
+            self.records.entry(key).or_insert(record);
         }
     }
 

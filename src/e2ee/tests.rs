@@ -362,3 +362,26 @@ fn state_in_the_first_format_keeps_the_identity_and_holds_back_changed_peers() {
     let again = E2ee::from_stored(&e2ee.to_bytes(), STATE_FORMAT).unwrap();
     assert_eq!(again.identity_status("carol"), IdentityStatus::Changed);
 }
+
+#[test]
+fn peers_addressed_the_first_way_keep_their_pins_under_the_servers_identity() {
+    let mut alice = Client::new("alice", 60);
+    let bob = Client::new("Bob", 61);
+    let old = "chat.test:9987/Bob";
+    alice.e2ee.start_session(old, &bob.fetched_bundle(), now(), &mut alice.rng).unwrap();
+    alice.e2ee.accept_identity(old);
+    alice.e2ee.rename_peers("chat.test:9987/", "5e5e/");
+    let new = "5e5e/bob";
+    assert!(alice.e2ee.has_session(new) && !alice.e2ee.has_session(old));
+    assert!(alice.e2ee.is_verified(new));
+    assert!(alice.e2ee.identities.pinned(old).is_none());
+    // Another key under the name is a changed identity, not a new person.
+    let impostor = Client::new("bob", 62);
+    assert_eq!(
+        alice.e2ee.start_session(new, &impostor.fetched_bundle(), now(), &mut alice.rng).unwrap(),
+        IdentityStatus::Changed
+    );
+    // Renaming again (every connection does) changes nothing.
+    alice.e2ee.rename_peers("chat.test:9987/", "5e5e/");
+    assert!(alice.e2ee.has_session(new));
+}

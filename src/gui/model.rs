@@ -179,8 +179,25 @@ impl Model {
     pub fn apply(&mut self, event: &Event) {
         match event {
             Event::Connected { name, .. } => {
+                // Who is verified, changed, muted or talking is this server's to say anew:
+                // a name here is not the same person as that name elsewhere.
                 self.me = Some(name.clone());
                 self.screen = Screen::Main;
+                for set in
+                    [&mut self.verified, &mut self.identity_changed, &mut self.muted_users, &mut self.deafened_users]
+                {
+                    set.clear();
+                }
+                self.speaking.clear();
+            }
+            Event::Trust { user, verified, identity_changed } => {
+                for (set, on) in [(&mut self.verified, *verified), (&mut self.identity_changed, *identity_changed)] {
+                    if on {
+                        set.insert(user.clone());
+                    } else {
+                        set.remove(user);
+                    }
+                }
             }
             Event::Channels { channels } => {
                 self.channels = channels.clone();

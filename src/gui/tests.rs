@@ -148,6 +148,22 @@ fn an_unknown_server_asks_and_a_changed_certificate_stops_until_replaced_deliber
 }
 
 #[test]
+fn badges_are_widgets_a_name_cannot_spell_out() {
+    let mut model = Model::fixture();
+    model.channels[0].users.push("dave [verified]".into());
+    model.apply(&Event::Trust { user: "bob".into(), verified: true, identity_changed: false });
+    let (h, _rx) = harness(model, views::channels);
+    assert!(h.query_by_label("   dave [verified]").is_some(), "dave's name, as he chose it");
+    let badges: Vec<_> = h.query_all_by_label("verified").collect();
+    assert_eq!(badges.len(), 1, "one verified badge, bob's");
+    // Another server: bob there is not the bob verified here.
+    let mut model = Model::fixture();
+    model.apply(&Event::Trust { user: "bob".into(), verified: true, identity_changed: false });
+    model.apply(&Event::Connected { session: 1, name: "alice".into() });
+    assert!(!model.verified.contains("bob"));
+}
+
+#[test]
 fn channels_join_and_ask_for_a_password() {
     let mut model = Model::fixture();
     model.channels.push(ChannelView {
@@ -188,7 +204,8 @@ fn a_users_menu_sets_volume_mutes_and_shows_the_safety_number() {
     h.get_by_label("Mute for me").click();
     h.run();
     assert_eq!(sent(&rx), [UiCommand::Client(Command::LocalMute { user: "bob".into(), muted: true })]);
-    h.get_by_label("•  bob [muted for you]").click_secondary();
+    assert!(h.query_by_label("muted for you").is_some(), "the badge beside bob");
+    h.get_by_label("•  bob").click_secondary();
     h.run();
     h.get_by_label("Safety number").click();
     h.run();

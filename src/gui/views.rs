@@ -408,22 +408,25 @@ fn join(channel: &ChannelView, model: &mut Model, tx: &Sender<UiCommand>) {
 fn user_row(ui: &mut Ui, model: &mut Model, user: &str, tx: &Sender<UiCommand>) {
     let speaking = model.speaking.contains(user);
     let me = model.me.as_deref() == Some(user);
-    let mut label = format!("{}  {user}", if speaking { "•" } else { " " });
-    for (shown, badge) in [
-        ((me && model.muted) || model.muted_users.contains(user), " [muted]"),
-        ((me && model.deafened) || model.deafened_users.contains(user), " [deafened]"),
-        (model.verified.contains(user), " [verified]"),
-        (model.identity_changed.contains(user), " [identity changed: not receiving your messages or voice]"),
-        (model.locally_muted.contains(user), " [muted for you]"),
-    ] {
-        if shown {
-            label.push_str(badge);
-        }
-    }
-    let text = if speaking { RichText::new(label).color(SPEAKING) } else { RichText::new(label) };
+    let name = format!("{}  {}", if speaking { "•" } else { " " }, visible(user));
+    let text = if speaking { RichText::new(name).color(SPEAKING) } else { RichText::new(name) };
     let response = ui.horizontal(|ui| {
         ui.add_space(12.0);
-        ui.add(egui::Label::new(text).sense(egui::Sense::click()))
+        let response = ui.add(egui::Label::new(text).sense(egui::Sense::click()));
+        // Badges are widgets of their own, drawn as chips: a name that spells one out
+        // ("bob [verified]") stays plain text beside none.
+        for (shown, badge, color) in [
+            ((me && model.muted) || model.muted_users.contains(user), "muted", Color32::GRAY),
+            ((me && model.deafened) || model.deafened_users.contains(user), "deafened", Color32::GRAY),
+            (model.verified.contains(user), "verified", SPEAKING),
+            (model.identity_changed.contains(user), "identity changed: not receiving your messages or voice", WARNING),
+            (model.locally_muted.contains(user), "muted for you", Color32::GRAY),
+        ] {
+            if shown {
+                ui.label(RichText::new(badge).small().color(Color32::BLACK).background_color(color));
+            }
+        }
+        response
     });
     if me {
         return;

@@ -287,7 +287,10 @@ pub async fn run_client(
     };
     e2ee.rotate_signed_pre_key_if_due(&mut rand::rng(), SystemTime::now())
         .map_err(|e| ClientError::Setup(e.to_string()))?;
-    let chat = Chat::new(e2ee, store.history().clone(), rand::random(), options.link.authority());
+    // Peers were once named `host:port/Name`; now `fingerprint/name` (see Chat::new).
+    let server_id = fingerprint.to_string();
+    e2ee.rename_peers(&format!("{}/", options.link.authority()), &format!("{server_id}/"));
+    let chat = Chat::new(e2ee, store.history().clone(), rand::random(), options.link.authority(), server_id);
     let mut vault = VaultWriter::start(store);
     let mut unsaved = false;
     let mut save_timer = tokio::time::interval(SAVE_INTERVAL);

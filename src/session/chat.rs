@@ -16,7 +16,7 @@ use super::media::MediaKeyShare;
 use super::{Event, Session};
 use crate::e2ee::{E2ee, E2eeError, IdentityStatus, Sealed, unix_millis};
 use crate::protocol::bundle::PeerBundle;
-use crate::protocol::{ChannelId, ClientMsg, SessionId};
+use crate::protocol::{ChannelId, ClientMsg, SessionId, canonical_name};
 
 /// The longest chat message, in characters.
 pub const MAX_TEXT_CHARS: usize = 5000;
@@ -113,8 +113,12 @@ enum Sent {
 pub struct Chat {
     e2ee: E2ee,
     rng: StdRng,
-    /// `host:port`, so that pinned identities are per server.
+    /// `host:port`, the history's name for this server.
     server: String,
+    /// The server's certificate fingerprint: peers' Signal addresses are `{this}/{name}`
+    /// (the name in its canonical form), so pins, sessions and safety numbers belong to
+    /// the server's identity, however its address was spelled.
+    server_id: String,
     /// Our current sender key: the channel and its epoch.
     epoch: Option<(ChannelId, Uuid)>,
     /// When our current epoch started, and when the next is due (a join or leave in our
@@ -145,11 +149,14 @@ pub struct Chat {
 }
 
 impl Chat {
-    pub fn new(e2ee: E2ee, history: History, seed: [u8; 32], server: String) -> Chat {
+    /// `server` names the server in the history (`host:port`); `server_id` is its
+    /// certificate's fingerprint, which names it for identities.
+    pub fn new(e2ee: E2ee, history: History, seed: [u8; 32], server: String, server_id: String) -> Chat {
         Chat {
             e2ee,
             rng: StdRng::from_seed(seed),
             server,
+            server_id,
             epoch: None,
             last_rekey: None,
             rekey_due: None,
@@ -182,9 +189,20 @@ impl Chat {
 }
 
 impl Session {
-    /// The Signal address of a user on this server.
+    /// The Signal address of a user on this server: the server's identity and the
+    /// user's name in its canonical form ("Bob" and "bob" are one person to pin).
     fn address(&self, session: SessionId) -> Option<String> {
-        self.users.get(&session).map(|u| format!("{}/{}", self.chat.server, u.name))
+        self.users.get(&session).map(|u| format!("{}/{}", self.chat.server_id, canonical_name(&u.name)))
+    }
+
+    /// What we know of `session`'s identity, if there is anything to show (verified, or
+    /// changed); never for ourselves.
+    pub(super) fn trust_event(&self, session: SessionId) -> Option<Event> {
+        let address = self.address(session).filter(|_| Some(session) != self.me)?;
+        let verified = self.chat.e2ee.is_verified(&address);
+        let identity_changed = self.chat.e2ee.identity_status(&address) == IdentityStatus::Changed;
+        let user = self.users.get(&session)?.name.clone();
+        (verified || identity_changed).then_some(Event::Trust { user, verified, identity_changed })
     }
 
     /// Whether the Signal state or the history changed since the last call; the shell

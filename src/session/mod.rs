@@ -126,6 +126,14 @@ pub enum Event {
         channel: String,
         members: Vec<String>,
     },
+    /// What this device knows of a user's identity on this server (by the server's
+    /// certificate and the user's pinned key, never by the display name alone): sent when
+    /// a user with a verified or changed identity appears.
+    Trust {
+        user: String,
+        verified: bool,
+        identity_changed: bool,
+    },
     /// A peer's identity key is not the one pinned earlier: it receives nothing from us
     /// until the user compares the safety number and accepts the new key.
     IdentityChanged {
@@ -274,6 +282,14 @@ impl std::fmt::Display for Event {
             Event::Safety { user, number, verified, .. } => {
                 let state = if *verified { "verified" } else { "not verified" };
                 write!(f, "* safety number with {} ({state}): {number}", Shown(user))
+            }
+            Event::Trust { user, verified, identity_changed } => {
+                let state = match (verified, identity_changed) {
+                    (_, true) => "identity changed",
+                    (true, false) => "verified",
+                    (false, false) => "not verified",
+                };
+                write!(f, "* {} is {state}", Shown(user))
             }
             Event::IdentityChanged { user } => {
                 let user = Shown(user);
@@ -446,6 +462,8 @@ impl Session {
             ServerMsg::Ready => {
                 self.ready = true;
                 self.events.push_back(Event::Channels { channels: self.channel_views() });
+                let trust: Vec<Event> = self.users.keys().filter_map(|s| self.trust_event(*s)).collect();
+                self.events.extend(trust);
                 let voices: Vec<Event> = self
                     .users
                     .values()
@@ -525,6 +543,7 @@ impl Session {
         }
         let (session, channel) = (user.session, user.channel);
         self.users.insert(session, UserInfo { channel: None, ..user });
+        self.events.extend(self.trust_event(session));
         self.user_moved(now, session, channel);
     }
 
@@ -761,7 +780,7 @@ mod tests {
         use rand::SeedableRng;
         let e2ee =
             crate::e2ee::E2ee::generate(&mut rand::rngs::StdRng::seed_from_u64(1), SystemTime::UNIX_EPOCH).unwrap();
-        Chat::new(e2ee, history::History::default(), [0; 32], "h:1".into())
+        Chat::new(e2ee, history::History::default(), [0; 32], "h:1".into(), "ab".repeat(32))
     }
 
     fn channel(id: u32, name: &str) -> ChannelInfo {
