@@ -565,6 +565,29 @@ fn a_name_in_another_case_is_the_same_person_and_a_new_key_under_it_is_flagged()
 }
 
 #[test]
+fn a_message_waiting_for_keys_never_lands_in_another_channel() {
+    let mut net = Net::new();
+    net.connect("alice");
+    net.connect("bob");
+    // Two arrive within a second: the second's epoch waits, and alice's message with it.
+    let mut rng = StdRng::seed_from_u64(9);
+    for name in ["newcomer", "another"] {
+        net.connect_bot(name, &E2ee::generate(&mut rng, SystemTime::now()).unwrap());
+    }
+    net.command("alice", "for the lobby");
+    assert!(
+        net.events["alice"].iter().any(|e| matches!(e, Event::WaitingForKeys { channel, .. } if channel == "Lobby"))
+    );
+    // She moves before it could go: it is dropped, and she is told, not sent to the Den.
+    net.command("alice", "/create Den");
+    net.advance(Duration::from_secs(2));
+    assert!(net.errors("alice").contains(&"not_sent".to_owned()), "{:?}", net.errors("alice"));
+    assert!(net.messages("bob").is_empty());
+    let sent_in_den = net.sent.iter().any(|(who, m)| *who == "alice" && matches!(m, ClientMsg::Channel { .. }));
+    assert!(!sent_in_den, "nothing went out as a channel message");
+}
+
+#[test]
 fn a_message_too_long_is_refused_before_it_is_sent() {
     let mut net = Net::new();
     net.connect("alice");
