@@ -344,15 +344,22 @@ fn app_in(dir: &std::path::Path, runtime: &tokio::runtime::Runtime) -> super::Ap
 
 /// The real client core and a relay in this process: create an identity, connect, talk
 /// to a second client; then a later start unlocks the vault (and refuses a wrong password).
-#[test]
-fn unlock_connect_join_and_chat_with_a_second_client() {
+fn password() -> zeroize::Zeroizing<String> {
+    zeroize::Zeroizing::new("correct horse battery".to_owned())
+}
+
+/// A relay in this process and two apps, alice and bob, that created their identities and
+/// joined its Lobby. Returns the runtime, the folders (alice's, bob's, the relay's), the
+/// invite, the relay's task and the apps.
+#[allow(clippy::type_complexity, reason = "a test fixture handing back all it made")]
+fn alice_and_bob_in_the_lobby()
+-> (tokio::runtime::Runtime, [tempfile::TempDir; 3], String, tokio::task::JoinHandle<()>, Vec<super::App>) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let (invite, _relay) = {
+    let (invite, relay) = {
         let _guard = runtime.enter();
         crate::net::server::Server::host_here(0, dirs[2].path()).unwrap()
     };
-    let password = || zeroize::Zeroizing::new("correct horse battery".to_owned());
     let mut apps = Vec::new();
     for (dir, name) in dirs[..2].iter().zip(["alice", "bob"]) {
         let mut app = app_in(dir.path(), &runtime);
@@ -363,6 +370,12 @@ fn unlock_connect_join_and_chat_with_a_second_client() {
         wait_for(&mut app, "joining the Lobby", |m| m.screen == Screen::Main && m.my_channel.is_some());
         apps.push(app);
     }
+    (runtime, dirs, invite, relay, apps)
+}
+
+#[test]
+fn unlock_connect_join_and_chat_with_a_second_client() {
+    let (runtime, dirs, invite, _relay, mut apps) = alice_and_bob_in_the_lobby();
     let [alice, bob] = &mut apps[..] else { unreachable!() };
     wait_for(alice, "bob in the Lobby", |m| m.my_channel_view().is_some_and(|c| c.users.len() == 2));
     let lobby = Conversation::Channel("Lobby".into());
@@ -392,22 +405,7 @@ fn unlock_connect_join_and_chat_with_a_second_client() {
 /// server, so the others see it (and the new connection sends nothing).
 #[test]
 fn mute_holds_across_a_reconnect() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let (invite, _relay) = {
-        let _guard = runtime.enter();
-        crate::net::server::Server::host_here(0, dirs[2].path()).unwrap()
-    };
-    let password = || zeroize::Zeroizing::new("correct horse battery".to_owned());
-    let mut apps = Vec::new();
-    for (dir, name) in dirs[..2].iter().zip(["alice", "bob"]) {
-        let mut app = app_in(dir.path(), &runtime);
-        app.handle(UiCommand::CreateIdentity { name: name.into(), password: password() });
-        wait_for(&mut app, "the vault", |m| m.screen == Screen::Connect);
-        app.handle(UiCommand::Connect { target: invite.clone() });
-        wait_for(&mut app, "joining the Lobby", |m| m.screen == Screen::Main && m.my_channel.is_some());
-        apps.push(app);
-    }
+    let (_runtime, _dirs, invite, _relay, mut apps) = alice_and_bob_in_the_lobby();
     let [alice, bob] = &mut apps[..] else { unreachable!() };
     alice.handle(UiCommand::ToggleMute);
     wait_for(bob, "alice muted", |m| m.muted_users.contains("alice"));
