@@ -344,6 +344,22 @@ impl Session {
         }
     }
 
+    /// `peer` went offline: nothing more is asked or retried for that session, and direct
+    /// messages still waiting for it are reported as not sent.
+    pub(super) fn forget_peer(&mut self, peer: SessionId) {
+        self.chat.awaiting_bundle.remove(&peer);
+        self.chat.key_retries.remove(&peer);
+        self.chat.withheld.remove(&peer);
+        self.chat.peer_epochs.remove(&peer);
+        if let Some(waiting) = self.chat.queued.remove(&peer) {
+            let name = self.users.get(&peer).map_or_else(|| format!("session {}", peer.0), |u| u.name.clone());
+            self.events.push_back(Event::local_error(
+                "not_sent",
+                format!("{name} went offline: {} direct messages to them were not sent", waiting.len()),
+            ));
+        }
+    }
+
     /// No keys could be had for `peer`: say so, and let what waited for it go on.
     fn unreachable(&mut self, peer: SessionId, now: Instant) {
         self.chat.need_sender_key.remove(&peer);

@@ -495,6 +495,7 @@ impl Session {
             ServerMsg::UserMoved { session, channel } => self.user_moved(now, session, channel),
             ServerMsg::UserDisconnected(session) => {
                 self.user_moved(now, session, None);
+                self.forget_peer(session);
                 self.users.remove(&session);
             }
             ServerMsg::Bundle { peer, bundle } => self.bundle_arrived(peer, bundle.as_ref(), now),
