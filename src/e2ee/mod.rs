@@ -331,7 +331,8 @@ impl E2ee {
             None => None,
         };
         let identity = IdentityKey::decode(&bundle.identity_key)?;
-        if self.identities.pinned(peer).is_some() && self.identities.see(peer, &identity) {
+        let known = self.identities.pinned(peer).is_some() || self.identities.status(peer) == IdentityStatus::Changed;
+        if known && self.identities.see(peer, &identity) {
             return Ok(IdentityStatus::Changed);
         }
         let bundle = PreKeyBundle::new(

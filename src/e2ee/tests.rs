@@ -359,8 +359,14 @@ fn state_in_the_first_format_keeps_the_identity_and_holds_back_changed_peers() {
     // Carol's key had changed and was not accepted: it is pending, and not encrypted to.
     assert_eq!(e2ee.identity_status("carol"), IdentityStatus::Changed);
     assert!(e2ee.identities.pinned("carol").is_none());
-    let again = E2ee::from_stored(&e2ee.to_bytes(), STATE_FORMAT).unwrap();
+    let mut again = E2ee::from_stored(&e2ee.to_bytes(), STATE_FORMAT).unwrap();
     assert_eq!(again.identity_status("carol"), IdentityStatus::Changed);
+    // A bundle for carol starts no session until the user accepts a key for her.
+    let mut rng = StdRng::seed_from_u64(51);
+    let new_carol = Client::new("carol", 52);
+    let status = again.start_session("carol", &new_carol.fetched_bundle(), now(), &mut rng).unwrap();
+    assert_eq!(status, IdentityStatus::Changed);
+    assert!(!again.has_session("carol"));
 }
 
 #[test]
