@@ -19,7 +19,9 @@ fn relay_with(members: u64, now: Instant) -> (Relay, ConnId) {
     config.limits.media_bytes_per_sec = u32::MAX / 2;
     let mut relay = Relay::new(RelayConfig::from_server_config(&mut config), [1; 32]);
     for i in 1..=members {
-        relay.handle_input(now, ConnId(i), Input::Connected { source: Source::of([127, 0, 0, 1].into()) }).unwrap();
+        // Each member from an address of its own, as on a real server.
+        let source = Source::of(std::net::Ipv4Addr::from_bits(0x0a00_0000 + i as u32).into());
+        relay.handle_input(now, ConnId(i), Input::Connected { source }).unwrap();
         let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: format!("user{i}"), join: None, bundle: None };
         relay.handle_input(now, ConnId(i), Input::Control(hello)).unwrap();
     }

@@ -57,8 +57,10 @@ impl Net {
         }
     }
 
+    /// `name` connects from an address of its own, as people do.
     pub(crate) fn connect(&mut self, name: &'static str) {
-        self.connect_from(name, [127, 0, 0, 1].into());
+        let n = self.next_conn;
+        self.connect_from(name, std::net::Ipv4Addr::new(10, 7, (n / 250) as u8, (n % 250) as u8).into());
     }
 
     pub(crate) fn connect_from(&mut self, name: &'static str, source: std::net::IpAddr) {

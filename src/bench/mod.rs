@@ -189,6 +189,9 @@ struct Report {
     added_p99_ms: Option<(usize, f64)>,
 }
 
+/// The bench's own server: the defaults, but room for every load client on one address.
+const BENCH_SERVER_CONFIG: &str = "max_users = 1000\n\n[limits]\nmax_connections_per_source = 1000\nmax_pending_per_source = 1000\nmax_pending_connections = 1000\n";
+
 async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     let window = Duration::from_secs_f64(args.secs.max(0.5));
     let levels: Vec<usize> = LEVELS.iter().copied().filter(|n| *n <= args.max_members.max(2)).collect();
@@ -199,7 +202,15 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
             (Target { link: target.parse()?, fingerprint: Some(fp), pid: args.target_pid }, None)
         }
         _ => {
-            let (child, line) = spawn_self(&["serve", "--listen", "127.0.0.1:0", "--ephemeral-cert", "--json"]).await?;
+            // Every load client comes from 127.0.0.1: lift the per-source limits (and only
+            // those) that a public server keeps for people.
+            let config = std::env::temp_dir().join(format!("voipc-bench-{}.toml", std::process::id()));
+            std::fs::write(&config, BENCH_SERVER_CONFIG).context("writing the bench server's config")?;
+            let config_arg = config.to_string_lossy().into_owned();
+            let args = ["serve", "--config", &config_arg, "--listen", "127.0.0.1:0", "--ephemeral-cert", "--json"];
+            let spawned = spawn_self(&args).await;
+            let _ = std::fs::remove_file(&config);
+            let (child, line) = spawned?;
             let fp: Fingerprint = json_field(&line, "fingerprint")?.parse()?;
             let link: ServerLink = json_field(&line, "addr")?.parse()?;
             (Target { link, fingerprint: Some(fp), pid: child.id() }, Some(child))

@@ -90,6 +90,14 @@ pub struct Limits {
     /// Pre-key bundle fetches per second per connection, and the burst allowed.
     pub bundle_fetches_per_sec: u32,
     pub bundle_fetch_burst: u32,
+    /// Connections from one source (an IPv4 address, an IPv6 /64) at once, and how many
+    /// of those may not have said hello yet.
+    pub max_connections_per_source: u32,
+    pub max_pending_per_source: u32,
+    /// Temporary channels a user's creations may keep alive at once (empty ones count
+    /// until they are removed), and how many one source may create a minute.
+    pub max_temporary_channels_per_user: u32,
+    pub channel_creations_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -117,6 +125,10 @@ impl Default for Limits {
             max_message_bytes: 32 * 1024,
             bundle_fetches_per_sec: 5,
             bundle_fetch_burst: 100,
+            max_connections_per_source: 8,
+            max_pending_per_source: 4,
+            max_temporary_channels_per_user: 3,
+            channel_creations_per_minute: 6,
         }
     }
 }
@@ -278,6 +290,10 @@ impl Limits {
             ("chat_burst", u64::from(self.chat_burst)),
             ("bundle_fetches_per_sec", u64::from(self.bundle_fetches_per_sec)),
             ("bundle_fetch_burst", u64::from(self.bundle_fetch_burst)),
+            ("max_connections_per_source", u64::from(self.max_connections_per_source)),
+            ("max_pending_per_source", u64::from(self.max_pending_per_source)),
+            ("max_temporary_channels_per_user", u64::from(self.max_temporary_channels_per_user)),
+            ("channel_creations_per_minute", u64::from(self.channel_creations_per_minute)),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("limits.{name} must be greater than 0"));

@@ -194,6 +194,8 @@ pub enum ErrorCode {
     RateLimited,
     MalformedFrame,
     FrameTooLarge,
+    /// Too many connections (or connections still starting) from the sender's address.
+    TooManyFromSource,
 }
 
 impl ErrorCode {
@@ -225,6 +227,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::MalformedFrame => "malformed_frame",
             ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::TooManyFromSource => "too_many_from_source",
         }
     }
 
@@ -239,6 +242,7 @@ impl ErrorCode {
             | ErrorCode::HelloTimeout
             | ErrorCode::ServerFull
             | ErrorCode::ServerBusy
+            | ErrorCode::TooManyFromSource
             | ErrorCode::NameTaken
             | ErrorCode::NameInvalid
             | ErrorCode::NameTooLong
@@ -330,9 +334,10 @@ mod tests {
             ErrorCode::RateLimited => 22,
             ErrorCode::MalformedFrame => 23,
             ErrorCode::FrameTooLarge => 24,
+            ErrorCode::TooManyFromSource => 25,
         }
     }
-    const ERROR_VARIANTS: usize = 25;
+    const ERROR_VARIANTS: usize = 26;
 
     /// Asserts that `samples` hold every variant (by `variant`) at least once.
     fn covers_every_variant<T>(samples: &[T], variant: impl Fn(&T) -> usize, count: usize) {
@@ -461,6 +466,7 @@ mod tests {
             ErrorCode::RateLimited,
             ErrorCode::MalformedFrame,
             ErrorCode::FrameTooLarge,
+            ErrorCode::TooManyFromSource,
         ];
         covers_every_variant(&all, |c| error_variant(*c), ERROR_VARIANTS);
         for code in all {

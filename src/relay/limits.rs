@@ -18,6 +18,17 @@ impl TokenBucket {
         Self { rate: f64::from(rate), burst, tokens: burst, last: now }
     }
 
+    /// A full bucket allowing `count` units a minute.
+    pub fn per_minute(now: Instant, count: u32, burst: u32) -> Self {
+        Self { rate: f64::from(count) / 60.0, ..Self::new(now, 0, burst) }
+    }
+
+    /// Whether it is full again (a bucket in that state can be forgotten).
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
     /// Takes `amount` units if the bucket holds them; otherwise takes nothing.
     pub fn try_take(&mut self, now: Instant, amount: u32) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

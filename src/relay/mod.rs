@@ -29,6 +29,12 @@ use limits::TokenBucket;
 /// one-time keys, only the reusable ones: draining a user's one-time keys takes a source
 /// address per key.
 const REFETCH_WINDOW: Duration = Duration::from_secs(60);
+/// Wrong-password records (source and channel) kept at most; when full, those no longer
+/// waiting are forgotten first.
+const MAX_PASSWORD_BACKOFFS: usize = 100_000;
+/// A source's wrong guesses are forgotten this long after its last one.
+const PASSWORD_MEMORY: Duration = Duration::from_secs(3600);
+
 /// The most (requester, target) one-time key hand-outs remembered; when full, fetches
 /// get the reusable keys only until old entries expire.
 const MAX_KEY_FETCH_RECORDS: usize = 100_000;
@@ -173,6 +179,8 @@ pub struct RelayStats {
     pub bytes_forwarded: u64,
     pub dropped_rate_limited: u64,
     pub dropped_invalid: u64,
+    /// Connections refused at once: too many from their source, or starting at once.
+    pub refused_connections: u64,
 }
 
 /// Errors in the shell's use of the relay (never caused by a peer's bytes).
@@ -194,8 +202,6 @@ struct Conn {
     source: Source,
     media_packets: TokenBucket,
     media_bytes: TokenBucket,
-    password_failures: u32,
-    next_password_try: Option<Instant>,
     /// A slow password operation the shell is doing for this connection.
     pending: Option<Pending>,
 }
@@ -225,6 +231,8 @@ struct Channel {
     info: ChannelInfo,
     password_hash: Option<String>,
     members: Vec<ConnId>,
+    /// For temporary channels: the session that made it, which may keep only so many.
+    creator: Option<SessionId>,
     /// For temporary channels: since when nobody has been in it.
     empty_since: Option<Instant>,
 }
@@ -261,6 +269,19 @@ pub struct Relay {
     /// Who took one-time keys of which identity (the SHA-256 of its key), and when:
     /// outlives connections, so reconnecting does not renew a requester's budget.
     key_fetches: HashMap<(Requester, [u8; 32]), Instant>,
+    /// Wrong channel passwords by source and channel: outlives connections, so
+    /// reconnecting does not renew the guesses.
+    password_backoff: HashMap<(Source, ChannelId), Backoff>,
+    /// Temporary channel creations per source.
+    creations: HashMap<Source, TokenBucket>,
+}
+
+/// Wrong guesses of one channel's password from one source.
+#[derive(Debug)]
+struct Backoff {
+    failures: u32,
+    last_failure: Instant,
+    next_try: Option<Instant>,
 }
 
 impl Relay {
@@ -279,6 +300,8 @@ impl Relay {
             rng: StdRng::from_seed(seed),
             stats: RelayStats::default(),
             key_fetches: HashMap::new(),
+            password_backoff: HashMap::new(),
+            creations: HashMap::new(),
             config,
         };
         for permanent in relay.config.channels.clone() {
@@ -336,6 +359,7 @@ impl Relay {
         }
         self.invites.retain(|_, invite| invite.expires_at > now);
         self.key_fetches.retain(|_, at| now.saturating_duration_since(*at) < REFETCH_WINDOW);
+        self.password_backoff.retain(|_, b| now.saturating_duration_since(b.last_failure) < PASSWORD_MEMORY);
     }
 
     pub fn handle_input(&mut self, now: Instant, conn: ConnId, input: Input) -> Result<(), RelayError> {
@@ -436,9 +460,21 @@ impl Relay {
     fn connect(&mut self, now: Instant, conn: ConnId, source: Source) {
         let limits = &self.config.limits;
         let pending = self.conns.values().filter(|c| c.user.is_none()).count();
-        if pending >= limits.max_pending_connections as usize {
-            self.send(conn, error_msg(ErrorCode::ServerBusy, "too many connections are starting; try again"));
-            self.outputs.push_back(Output::Close { conn, code: ErrorCode::ServerBusy });
+        let from_source = self.conns.values().filter(|c| c.source == source);
+        let (here, pending_here) = from_source.fold((0, 0), |(n, p), c| (n + 1, p + usize::from(c.user.is_none())));
+        let refusal = if here >= limits.max_connections_per_source as usize {
+            Some((ErrorCode::TooManyFromSource, "too many connections from your address"))
+        } else if pending_here >= limits.max_pending_per_source as usize {
+            Some((ErrorCode::TooManyFromSource, "too many connections from your address are starting"))
+        } else if pending >= limits.max_pending_connections as usize {
+            Some((ErrorCode::ServerBusy, "too many connections are starting; try again"))
+        } else {
+            None
+        };
+        if let Some((code, message)) = refusal {
+            self.stats.refused_connections += 1;
+            self.send(conn, error_msg(code, message));
+            self.outputs.push_back(Output::Close { conn, code });
             return;
         }
         let media_burst = limits.media_packets_per_sec / 2;
@@ -453,8 +489,6 @@ impl Relay {
                 source,
                 media_packets: TokenBucket::new(now, limits.media_packets_per_sec, media_burst),
                 media_bytes: TokenBucket::new(now, limits.media_bytes_per_sec, limits.media_bytes_per_sec / 2),
-                password_failures: 0,
-                next_password_try: None,
                 pending: None,
             },
         );
@@ -665,14 +699,16 @@ impl Relay {
         let password = password.filter(|p| !p.is_empty()).ok_or_else(|| {
             Refusal::new(ErrorCode::PasswordRequired, format!("{channel:?} needs a password or an invite"))
         })?;
-        let state = self.conns.get_mut(&conn).expect("requests come from known connections");
-        if let Some(wait_until) = state.next_password_try.filter(|t| *t > now) {
+        let source = self.conns[&conn].source;
+        let wait_until = self.password_backoff.get(&(source, id)).and_then(|b| b.next_try).filter(|t| *t > now);
+        if let Some(wait_until) = wait_until {
             let wait = wait_until.duration_since(now).as_secs_f64().ceil();
             return Err(Refusal::new(
                 ErrorCode::TooManyAttempts,
                 format!("too many wrong passwords; try again in {wait} s"),
             ));
         }
+        let state = self.conns.get_mut(&conn).expect("requests come from known connections");
         state.pending = Some(Pending::Join { channel: id, fallback });
         self.outputs.push_back(Output::VerifyPassword { conn, password, hash });
         Ok(())
@@ -683,17 +719,24 @@ impl Relay {
         let Some(Pending::Join { channel, fallback }) = state.pending.take() else {
             return;
         };
+        let key = (state.source, channel);
         let result = if matched {
-            state.password_failures = 0;
-            state.next_password_try = None;
+            self.password_backoff.remove(&key);
             self.check_room(channel).map(|()| self.move_user(now, conn, Some(channel)))
         } else {
-            state.password_failures += 1;
-            let free = self.config.limits.password_attempts_before_delay;
-            if state.password_failures >= free {
-                let doublings = (state.password_failures - free).min(16);
-                let wait = (1u64 << doublings).min(self.config.limits.password_backoff_max_secs);
-                state.next_password_try = Some(now + Duration::from_secs(wait));
+            if self.password_backoff.len() >= MAX_PASSWORD_BACKOFFS && !self.password_backoff.contains_key(&key) {
+                self.password_backoff.retain(|_, b| b.next_try.is_some_and(|t| t > now));
+            }
+            let limits = &self.config.limits;
+            let backoff =
+                self.password_backoff.entry(key).or_insert(Backoff { failures: 0, last_failure: now, next_try: None });
+            backoff.failures += 1;
+            backoff.last_failure = now;
+            let free = limits.password_attempts_before_delay;
+            if backoff.failures >= free {
+                let doublings = (backoff.failures - free).min(16);
+                let wait = (1u64 << doublings).min(limits.password_backoff_max_secs);
+                backoff.next_try = Some(now + Duration::from_secs(wait));
             }
             Err(Refusal::new(ErrorCode::WrongPassword, "wrong channel password"))
         };
@@ -713,6 +756,25 @@ impl Relay {
         password: Option<Zeroizing<String>>,
     ) -> Result<(), Refusal> {
         self.check_new_channel(&new)?;
+        let limits = &self.config.limits;
+        let creator = self.user(conn).session;
+        let kept = self.channels.values().filter(|c| c.creator == Some(creator)).count();
+        if kept >= limits.max_temporary_channels_per_user as usize {
+            return Err(Refusal::new(
+                ErrorCode::TooManyChannels,
+                format!(
+                    "you have {kept} temporary channels already (empty ones go after {} s)",
+                    limits.empty_channel_timeout_secs
+                ),
+            ));
+        }
+        let (rate, source) = (limits.channel_creations_per_minute, self.conns[&conn].source);
+        self.creations.retain(|_, bucket| !bucket.is_full(now));
+        let bucket =
+            self.creations.entry(source).or_insert_with(|| TokenBucket::per_minute(now, rate, rate.div_ceil(2)));
+        if !bucket.try_take(now, 1) {
+            return Err(Refusal::new(ErrorCode::RateLimited, "channels are being created too fast from your address"));
+        }
         if let Some(password) = password {
             if password.is_empty() || password.chars().count() > self.config.limits.max_password_len as usize {
                 return Err(Refusal::new(
@@ -764,6 +826,8 @@ impl Relay {
 
     fn finish_create(&mut self, now: Instant, conn: ConnId, new: NewChannel, hash: Option<String>) {
         let id = self.add_channel(new.name, new.description, hash, new.user_limit, true);
+        let creator = self.user(conn).session;
+        self.channels.get_mut(&id).expect("just added").creator = Some(creator);
         let info = self.channels[&id].info.clone();
         self.broadcast(ServerMsg::ChannelAdded(info));
         self.move_user(now, conn, Some(id));
@@ -880,7 +944,8 @@ impl Relay {
         self.next_channel += 1;
         let has_password = password_hash.is_some();
         let info = ChannelInfo { id, name, description, has_password, user_limit, temporary };
-        self.channels.insert(id, Channel { info, password_hash, members: Vec::new(), empty_since: None });
+        self.channels
+            .insert(id, Channel { info, password_hash, members: Vec::new(), creator: None, empty_since: None });
         id
     }
 

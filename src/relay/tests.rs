@@ -91,6 +91,13 @@ impl Sim {
         conn
     }
 
+    fn hello_from(&mut self, name: &str, source: std::net::IpAddr) -> ConnId {
+        let conn = self.open_from(source);
+        let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: name.into(), join: None, bundle: None };
+        self.input(conn, Input::Control(hello));
+        conn
+    }
+
     fn hello(&mut self, name: &str, join: Option<JoinRequest>) -> ConnId {
         let conn = self.open();
         self.input(
@@ -313,6 +320,82 @@ fn repeated_wrong_passwords_are_slowed_down() {
     sim.send(alice, join_with("Staff", Some("s3cret"), None));
     assert!(sim.errors(alice).is_empty());
     assert_eq!(sim.channel_of(alice), Some(sim.channel_id("Staff")));
+}
+
+#[test]
+fn reconnecting_does_not_renew_password_guesses_but_another_address_has_its_own() {
+    let mut sim = Sim::new();
+    for _ in 0..3 {
+        let guesser = sim.hello("guesser", None);
+        sim.take(guesser);
+        sim.send(guesser, join_with("Staff", Some("guess"), None));
+        assert_eq!(sim.errors(guesser), [ErrorCode::WrongPassword]);
+        sim.input(guesser, Input::Disconnected);
+    }
+    let again = sim.hello("guesser", None);
+    sim.take(again);
+    sim.send(again, join_with("Staff", Some("s3cret"), None));
+    assert_eq!(sim.errors(again), [ErrorCode::TooManyAttempts], "the wait follows the address");
+    let elsewhere = sim.hello_from("honest", std::net::Ipv4Addr::new(192, 0, 2, 9).into());
+    sim.take(elsewhere);
+    sim.send(elsewhere, join_with("Staff", Some("s3cret"), None));
+    assert!(sim.errors(elsewhere).is_empty());
+    assert_eq!(sim.channel_of(elsewhere), Some(sim.channel_id("Staff")));
+}
+
+#[test]
+fn one_address_gets_only_so_many_connections_and_starting_ones() {
+    let limits = Limits { max_connections_per_source: 3, max_pending_per_source: 2, ..Limits::default() };
+    let mut sim = Sim::with(config(vec![channel("Lobby", None, 0)], limits));
+    let here: std::net::IpAddr = std::net::Ipv4Addr::new(198, 51, 100, 1).into();
+    let (a, b) = (sim.open_from(here), sim.open_from(here));
+    let third = sim.open_from(here);
+    assert_eq!(sim.closed.get(&third), Some(&ErrorCode::TooManyFromSource), "two may be starting at once");
+    for (conn, name) in [(a, "a"), (b, "b")] {
+        let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: name.into(), join: None, bundle: None };
+        sim.send(conn, hello);
+    }
+    let c = sim.open_from(here);
+    assert!(!sim.closed.contains_key(&c));
+    let fourth = sim.open_from(here);
+    assert_eq!(sim.closed.get(&fourth), Some(&ErrorCode::TooManyFromSource), "three in all");
+    // The same /64 is one source; another address is not.
+    let v6 = |last: u16| std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, last));
+    let (_, _) = (sim.open_from(v6(1)), sim.open_from(v6(2)));
+    let third_v6 = sim.open_from(v6(3));
+    assert_eq!(sim.closed.get(&third_v6), Some(&ErrorCode::TooManyFromSource));
+    let other = sim.open_from(std::net::Ipv4Addr::new(198, 51, 100, 2).into());
+    assert!(!sim.closed.contains_key(&other));
+    assert_eq!(sim.relay.stats().refused_connections, 3);
+}
+
+#[test]
+fn temporary_channels_are_bounded_per_user_and_by_creation_rate() {
+    let mut sim = Sim::new();
+    let create = |name: &str| ClientMsg::CreateChannel {
+        name: name.into(),
+        description: String::new(),
+        password: None,
+        user_limit: 0,
+    };
+    let alice = sim.hello("alice", None);
+    sim.take(alice);
+    for name in ["one", "two", "three"] {
+        sim.send(alice, create(name));
+        assert!(sim.errors(alice).is_empty(), "{name}");
+    }
+    // Left empty, her three channels still count until they are removed.
+    sim.send(alice, create("four"));
+    assert_eq!(sim.errors(alice), [ErrorCode::TooManyChannels]);
+    // Coming back as someone new does not renew the rate: 6 a minute, 3 at once.
+    sim.input(alice, Input::Disconnected);
+    let again = sim.hello("alice", None);
+    sim.take(again);
+    sim.send(again, create("four"));
+    assert_eq!(sim.errors(again), [ErrorCode::RateLimited]);
+    sim.advance(Duration::from_secs(10));
+    sim.send(again, create("four"));
+    assert!(sim.errors(again).is_empty(), "a token came back after 10 s");
 }
 
 #[test]
