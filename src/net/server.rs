@@ -42,6 +42,8 @@ struct Shared {
     state: Mutex<State>,
     /// Whether log lines may carry client addresses (`serve --log-addresses`).
     log_addresses: bool,
+    /// Bounds the Argon2 work (password checks and hashes) over all connections.
+    passwords: PasswordGate,
     /// Wakes the timer task when the relay's next timeout may have moved earlier.
     timer: Notify,
     /// Bounds connections still in the QUIC handshake.
@@ -83,6 +85,7 @@ impl Server {
         let shared = Arc::new(Shared {
             state: Mutex::new(State { relay, conns: HashMap::new(), next_conn: 1 }),
             log_addresses: false,
+            passwords: PasswordGate::new(PASSWORD_WORKERS, PASSWORD_QUEUE),
             timer: Notify::new(),
             handshakes: Arc::new(Semaphore::new(max_pending as usize)),
         });
@@ -160,6 +163,49 @@ impl Server {
         log_stats(&self.shared.lock().relay);
         self.endpoint.close(VarInt::from_u32(CLOSE_NORMAL), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Argon2 checks at once (each takes 64 MiB and a few hundred milliseconds), and how many
+/// more may wait for a turn.
+const PASSWORD_WORKERS: usize = 2;
+const PASSWORD_QUEUE: usize = 16;
+
+/// At most `workers` holders at once and `queue` waiting for a turn; others are turned
+/// away at once.
+struct PasswordGate {
+    permits: Arc<Semaphore>,
+    /// Holders and waiters together.
+    admitted: Arc<std::sync::atomic::AtomicUsize>,
+    limit: usize,
+}
+
+/// A place in the gate: a permit once it comes, and the place back when dropped.
+struct Admitted(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl PasswordGate {
+    fn new(workers: usize, queue: usize) -> PasswordGate {
+        PasswordGate {
+            permits: Arc::new(Semaphore::new(workers)),
+            admitted: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            limit: workers + queue,
+        }
+    }
+
+    /// A turn, to await; `None` when the gate and its queue are full.
+    fn enter(&self) -> Option<impl Future<Output = Result<(tokio::sync::OwnedSemaphorePermit, Admitted), ()>> + use<>> {
+        use std::sync::atomic::Ordering;
+        let taken =
+            self.admitted.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.limit).then_some(n + 1));
+        taken.ok()?;
+        let (permits, place) = (self.permits.clone(), Admitted(self.admitted.clone()));
+        Some(async move { permits.acquire_owned().await.map(|permit| (permit, place)).map_err(|_| ()) })
     }
 }
 
@@ -277,12 +323,12 @@ impl Shared {
                     }
                 }
                 Output::VerifyPassword { conn, password, hash } => {
-                    self.off_thread(conn, move || Input::PasswordChecked {
+                    self.off_thread(state, conn, move || Input::PasswordChecked {
                         matched: password::verify(&password, &hash),
                     });
                 }
                 Output::HashPassword { conn, password } => {
-                    self.off_thread(conn, move || Input::PasswordHashed {
+                    self.off_thread(state, conn, move || Input::PasswordHashed {
                         hash: password::hash_with_random_salt(&password),
                     });
                 }
@@ -290,10 +336,20 @@ impl Shared {
         }
     }
 
-    /// Runs slow password work on the blocking pool, then feeds its answer back.
-    fn off_thread(self: &Arc<Self>, conn: ConnId, work: impl FnOnce() -> Input + Send + 'static) {
+    /// Runs slow password work on the blocking pool, then feeds its answer back: at most
+    /// [`PASSWORD_WORKERS`] at once, with at most [`PASSWORD_QUEUE`] waiting; beyond that
+    /// the request is refused at once (a flood of guesses cannot take the machine).
+    /// `state` is the locked state of the caller, which carries out what the refusal asks.
+    fn off_thread(self: &Arc<Self>, state: &mut State, conn: ConnId, work: impl FnOnce() -> Input + Send + 'static) {
+        let Some(ticket) = self.passwords.enter() else {
+            if let Err(e) = state.relay.handle_input(Instant::now(), conn, Input::PasswordBusy) {
+                warn!(error = %e, "relay input refused");
+            }
+            return;
+        };
         let shared = self.clone();
         tokio::spawn(async move {
+            let Ok(_permit) = ticket.await else { return };
             let Ok(input) = tokio::task::spawn_blocking(work).await else { return };
             let mut state = shared.lock();
             shared.input(&mut state, conn, input);
@@ -404,5 +460,35 @@ async fn run_timers(shared: Arc<Shared>) {
         let mut state = shared.lock();
         state.relay.handle_timeout(Instant::now());
         shared.carry_out(&mut state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls a future once without waiting.
+    fn poll_once<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::Pin::new(future).poll(&mut context) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn password_work_is_bounded_and_the_rest_turned_away_at_once() {
+        let gate = PasswordGate::new(2, 3);
+        let turns: Vec<_> = (0..5).map(|_| gate.enter().expect("two working, three waiting")).collect();
+        assert!(gate.enter().is_none(), "the sixth is turned away");
+        let mut turns = turns.into_iter().map(Box::pin);
+        let first = turns.next().unwrap().await.unwrap();
+        let _second = turns.next().unwrap().await.unwrap();
+        let mut third = turns.next().unwrap();
+        assert!(poll_once(&mut third).is_none(), "the third waits for a permit");
+        drop(first);
+        assert!(third.await.is_ok(), "and gets the first's");
+        drop(turns);
+        assert!(gate.enter().is_some(), "places in the queue came free");
     }
 }

@@ -127,6 +127,9 @@ pub enum Input {
     PasswordHashed {
         hash: String,
     },
+    /// The shell is doing as much password work as it takes: the pending request is
+    /// refused (server busy), not queued without bound.
+    PasswordBusy,
     Disconnected,
 }
 
@@ -370,7 +373,10 @@ impl Relay {
                     Ok(())
                 }
                 // A connection the relay already closed can still report its end or a late answer.
-                Input::Disconnected | Input::PasswordChecked { .. } | Input::PasswordHashed { .. } => Ok(()),
+                Input::Disconnected
+                | Input::PasswordChecked { .. }
+                | Input::PasswordHashed { .. }
+                | Input::PasswordBusy => Ok(()),
                 _ => Err(RelayError::UnknownConnection(conn)),
             };
         };
@@ -380,6 +386,7 @@ impl Relay {
             Input::BadFrame { code, detail } => self.close(now, conn, Refusal(code, detail)),
             Input::PasswordChecked { matched } => self.password_checked(now, conn, matched),
             Input::PasswordHashed { hash } => self.password_hashed(now, conn, hash),
+            Input::PasswordBusy => self.password_busy(now, conn),
             Input::Control(msg) => {
                 // Every message sent gets exactly one Delivered, so that the sender can
                 // match answers to messages in order; a refused one reached nobody.
@@ -745,6 +752,15 @@ impl Relay {
             if fallback {
                 self.join_default(now, conn);
             }
+        }
+    }
+
+    fn password_busy(&mut self, now: Instant, conn: ConnId) {
+        let state = self.conns.get_mut(&conn).expect("caller checked the connection");
+        let fallback = matches!(state.pending.take(), Some(Pending::Join { fallback: true, .. }));
+        self.refuse(conn, Refusal::new(ErrorCode::ServerBusy, "the server is checking many passwords; try again"));
+        if fallback {
+            self.join_default(now, conn);
         }
     }
 

@@ -399,6 +399,22 @@ fn temporary_channels_are_bounded_per_user_and_by_creation_rate() {
 }
 
 #[test]
+fn a_password_check_the_shell_has_no_room_for_is_refused_as_busy() {
+    let mut sim = Sim::new();
+    sim.held = Some(Vec::new());
+    let alice = sim.hello("alice", None);
+    sim.take(alice);
+    sim.send(alice, join_with("Staff", Some("s3cret"), None));
+    assert!(matches!(sim.held.take().unwrap()[..], [Output::VerifyPassword { .. }]));
+    sim.input(alice, Input::PasswordBusy);
+    assert_eq!(sim.errors(alice), [ErrorCode::ServerBusy]);
+    assert_eq!(sim.channel_of(alice), Some(sim.channel_id("Lobby")), "still where she was");
+    // A late answer to the refused check changes nothing.
+    sim.input(alice, Input::PasswordChecked { matched: true });
+    assert_eq!(sim.channel_of(alice), Some(sim.channel_id("Lobby")));
+}
+
+#[test]
 fn invites_admit_to_a_password_channel_until_used_up_or_expired() {
     let mut sim = Sim::new();
     let alice =
