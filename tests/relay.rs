@@ -243,6 +243,21 @@ fn malformed_and_oversized_frames_get_errors_and_leave_others_unharmed() {
 }
 
 #[test]
+fn with_every_handshake_sent_a_quic_retry_clients_still_join_and_talk() {
+    let dir = tempfile::tempdir().unwrap();
+    // Retry from the first handshake on: every client proves its address before a slot.
+    let config = "[limits]\nretry_above_pending_handshakes = 0\n";
+    let server = TestServer::start_logging(dir.path(), Some(config), "voipc=debug");
+    let (mut alice, mut bob) = alice_and_bob_in_the_lobby(&server);
+    alice.send("hello through a retry");
+    let message = bob.expect("alice's message", |e| e["event"] == "message" && e["from"] == "alice");
+    assert_eq!(message["text"], "hello through a retry");
+    drop((alice, bob));
+    let log = server.stop_and_read_log();
+    assert_eq!(log.matches("address validation: retry sent").count(), 2, "{log}");
+}
+
+#[test]
 fn silent_connections_are_closed_after_the_hello_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), Some("[limits]\nhello_timeout_secs = 1\n"));

@@ -98,6 +98,9 @@ pub struct Limits {
     /// until they are removed), and how many one source may create a minute.
     pub max_temporary_channels_per_user: u32,
     pub channel_creations_per_minute: u32,
+    /// With this many QUIC handshakes under way, new ones must first prove their source
+    /// address (a stateless QUIC Retry), so spoofed packets hold no handshake slot.
+    pub retry_above_pending_handshakes: u32,
 }
 
 impl Default for Limits {
@@ -129,6 +132,7 @@ impl Default for Limits {
             max_pending_per_source: 4,
             max_temporary_channels_per_user: 3,
             channel_creations_per_minute: 6,
+            retry_above_pending_handshakes: 8,
         }
     }
 }

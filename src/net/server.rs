@@ -36,6 +36,9 @@ pub struct Server {
     shared: Arc<Shared>,
     fingerprint: Fingerprint,
     hello_timeout: Duration,
+    max_pending: u32,
+    /// See `Limits::retry_above_pending_handshakes`.
+    retry_above: u32,
 }
 
 struct Shared {
@@ -89,7 +92,13 @@ impl Server {
             timer: Notify::new(),
             handshakes: Arc::new(Semaphore::new(max_pending as usize)),
         });
-        Ok(Server { endpoint, shared, fingerprint, hello_timeout })
+        Ok(Server { endpoint, shared, fingerprint, hello_timeout, max_pending, retry_above: max_pending })
+    }
+
+    /// From `pending` handshakes under way on, new ones are sent a QUIC Retry first.
+    pub fn retry_above(mut self, pending: u32) -> Server {
+        self.retry_above = pending;
+        self
     }
 
     /// Lets log lines name client addresses (off by default: logs identify nobody).
@@ -117,7 +126,8 @@ impl Server {
         let limits = &config.limits;
         let listen = SocketAddr::from(([0, 0, 0, 0], port));
         let hello_timeout = Duration::from_secs(limits.hello_timeout_secs);
-        let server = Server::bind(listen, identity, relay, limits.max_pending_connections, hello_timeout)?;
+        let server = Server::bind(listen, identity, relay, limits.max_pending_connections, hello_timeout)?
+            .retry_above(limits.retry_above_pending_handshakes);
         let link = crate::protocol::ServerLink {
             host: "127.0.0.1".into(),
             port: server.local_addr()?.port(),
@@ -134,6 +144,18 @@ impl Server {
         let timer = tokio::spawn(run_timers(self.shared.clone()));
         let accept = async {
             while let Some(incoming) = self.endpoint.accept().await {
+                // Under load, a source proves it receives at its address before it gets a
+                // slot: Retry is stateless, so spoofed Initials hold nothing.
+                let pending = self.max_pending as usize - self.shared.handshakes.available_permits();
+                if pending >= self.retry_above as usize && !incoming.remote_address_validated() && incoming.may_retry()
+                {
+                    let remote = self.shared.logged(incoming.remote_address());
+                    match incoming.retry() {
+                        Ok(()) => debug!(%remote, pending, "address validation: retry sent"),
+                        Err(e) => e.into_incoming().ignore(),
+                    }
+                    continue;
+                }
                 let Ok(permit) = self.shared.handshakes.clone().try_acquire_owned() else {
                     let remote = self.shared.logged(incoming.remote_address());
                     debug!(%remote, "refusing: too many handshakes");

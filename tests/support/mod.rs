@@ -34,6 +34,8 @@ fn line_reader(stdout: impl std::io::Read + Send + 'static) -> Receiver<String> 
 
 pub struct TestServer {
     child: Child,
+    /// The server's log, when started with [`TestServer::start_logging`].
+    log: Option<std::process::ChildStderr>,
     pub addr: String,
     pub fingerprint: String,
     pub invite: String,
@@ -47,23 +49,50 @@ impl TestServer {
 
     /// `voipc serve --json` in `dir` with `args`, which must say where to listen.
     pub fn start_with(dir: &Path, config: Option<&str>, args: &[&str]) -> TestServer {
+        Self::spawn(dir, config, args, None)
+    }
+
+    /// As [`TestServer::start`], logging at `RUST_LOG=filter`; [`TestServer::stop_and_read_log`]
+    /// returns the log.
+    pub fn start_logging(dir: &Path, config: Option<&str>, filter: &str) -> TestServer {
+        Self::spawn(dir, config, &["--listen", "127.0.0.1:0"], Some(filter))
+    }
+
+    fn spawn(dir: &Path, config: Option<&str>, args: &[&str], log: Option<&str>) -> TestServer {
         let mut command = voipc();
+        if let Some(filter) = log {
+            command.env("RUST_LOG", filter);
+        }
         command.current_dir(dir).args(["serve", "--json"]).args(args);
         if let Some(config) = config {
             std::fs::write(dir.join("server.toml"), config).unwrap();
             command.args(["--config", "server.toml"]);
         }
-        let mut child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let stderr = if log.is_some() { Stdio::piped() } else { Stdio::null() };
+        let mut child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
+        let log = child.stderr.take();
         let lines = line_reader(child.stdout.take().unwrap());
         let line = lines.recv_timeout(TIMEOUT).expect("server prints its listening event");
         let event: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(event["event"], "listening", "{line}");
         TestServer {
             child,
+            log,
             addr: event["addr"].as_str().unwrap().to_owned(),
             fingerprint: event["fingerprint"].as_str().unwrap().to_owned(),
             invite: event["invite"].as_str().unwrap().to_owned(),
         }
+    }
+
+    /// Stops the server and returns what it logged (see [`TestServer::start_logging`]).
+    pub fn stop_and_read_log(mut self) -> String {
+        let mut log = String::new();
+        let stderr = self.log.take();
+        assert!(self.stop().success());
+        if let Some(mut stderr) = stderr {
+            std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
+        }
+        log
     }
 
     /// Stops the server as an operator would (SIGTERM) and waits for it.
