@@ -253,11 +253,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let relay_config = RelayConfig::from_server_config(&mut config);
     let relay = Relay::new(relay_config, rand::random());
-    let limits = &config.limits;
-    let hello_timeout = std::time::Duration::from_secs(limits.hello_timeout_secs);
-    let server = Server::bind(config.listen, identity, relay, limits.max_pending_connections, hello_timeout)?
-        .retry_above(limits.retry_above_pending_handshakes)
-        .log_addresses(args.log_addresses);
+    let server = Server::bind(config.listen, identity, relay, &config.limits)?.log_addresses(args.log_addresses);
     let shutdown = shutdown_signal()?;
     let addr = server.local_addr()?;
     let fingerprint = server.fingerprint();

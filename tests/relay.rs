@@ -186,6 +186,16 @@ impl RawClient {
         })
     }
 
+    /// Waits for the server to close the connection; the code it gave.
+    fn close_code(&mut self) -> String {
+        self.runtime.block_on(async {
+            match tokio::time::timeout(TIMEOUT, self._connection.closed()).await.expect("closed in time") {
+                quinn::ConnectionError::ApplicationClosed(close) => String::from_utf8_lossy(&close.reason).into_owned(),
+                other => panic!("not closed by the server: {other}"),
+            }
+        })
+    }
+
     /// Whether the server ended the stream after its error.
     fn stream_ends(&mut self) -> bool {
         self.runtime.block_on(async {
@@ -255,6 +265,36 @@ fn with_every_handshake_sent_a_quic_retry_clients_still_join_and_talk() {
     drop((alice, bob));
     let log = server.stop_and_read_log();
     assert_eq!(log.matches("address validation: retry sent").count(), 2, "{log}");
+}
+
+#[test]
+fn a_client_that_never_reads_is_disconnected_and_nobody_else_notices() {
+    use voipc::protocol::ChannelId;
+    let dir = tempfile::tempdir().unwrap();
+    // A small queue for the test, and a sender allowed 3.6 MB at once.
+    let config = "[limits]\nmax_queued_control_bytes = 262144\nchat_burst_bytes = 8388608\n";
+    let server = TestServer::start(dir.path(), Some(config));
+    let mut bob = TestClient::join(&server.invite, "bob", &[]);
+    bob.expect_joined("Lobby");
+    let mut slow = RawClient::connect(&server);
+    slow.write(&hello("slow", voipc::protocol::PROTOCOL_VERSION));
+    let mut flood = RawClient::connect(&server);
+    flood.write(&hello("flood", voipc::protocol::PROTOCOL_VERSION));
+    // 120 of the largest messages the server passes on, 10 ms apart: bob keeps up, the
+    // client that never reads does not.
+    let big = encode_frame(&ClientMsg::Channel { channel: ChannelId(1), ciphertext: vec![7; 30_000] }).unwrap();
+    for _ in 0..120 {
+        flood.write(&big);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(slow.close_code(), "too_slow");
+    let undecryptable = bob.expect("the flood reaching bob", |e| e["code"] == "undecryptable");
+    assert!(undecryptable["message"].as_str().unwrap().contains("from flood"));
+    // Bob carries on; so does a newcomer.
+    let mut carol = TestClient::join(&server.invite, "carol", &["--say", "still here?"]);
+    carol.expect_joined("Lobby");
+    let message = bob.expect("carol's message", |e| e["event"] == "message" && e["from"] == "carol");
+    assert_eq!(message["text"], "still here?");
 }
 
 #[test]

@@ -87,6 +87,13 @@ pub struct Limits {
     pub chat_burst: u32,
     /// The largest end-to-end encrypted message (a 5000-character text fits easily).
     pub max_message_bytes: u32,
+    /// End-to-end encrypted bytes per second per connection, and the burst allowed: what
+    /// one sender can put into every receiver's queue at once.
+    pub chat_bytes_per_sec: u32,
+    pub chat_burst_bytes: u32,
+    /// Bytes of control messages queued for one client (beyond what QUIC holds for it)
+    /// before it is disconnected as too slow (`too_slow`).
+    pub max_queued_control_bytes: u32,
     /// Pre-key bundle fetches per second per connection, and the burst allowed.
     pub bundle_fetches_per_sec: u32,
     pub bundle_fetch_burst: u32,
@@ -126,6 +133,9 @@ impl Default for Limits {
             chat_messages_per_sec: 50,
             chat_burst: 200,
             max_message_bytes: 32 * 1024,
+            chat_bytes_per_sec: 256 * 1024,
+            chat_burst_bytes: 1024 * 1024,
+            max_queued_control_bytes: 4 * 1024 * 1024,
             bundle_fetches_per_sec: 5,
             bundle_fetch_burst: 100,
             max_connections_per_source: 8,
@@ -292,6 +302,7 @@ impl Limits {
             ("max_invite_uses", u64::from(self.max_invite_uses)),
             ("chat_messages_per_sec", u64::from(self.chat_messages_per_sec)),
             ("chat_burst", u64::from(self.chat_burst)),
+            ("chat_bytes_per_sec", u64::from(self.chat_bytes_per_sec)),
             ("bundle_fetches_per_sec", u64::from(self.bundle_fetches_per_sec)),
             ("bundle_fetch_burst", u64::from(self.bundle_fetch_burst)),
             ("max_connections_per_source", u64::from(self.max_connections_per_source)),
@@ -301,6 +312,15 @@ impl Limits {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("limits.{name} must be greater than 0"));
+        }
+        if self.chat_burst_bytes < self.max_message_bytes {
+            return Err("limits.chat_burst_bytes must be at least max_message_bytes".into());
+        }
+        if self.max_queued_control_bytes < 2 * crate::protocol::MAX_FRAME_LEN as u32 {
+            return Err(format!(
+                "limits.max_queued_control_bytes must be at least {}",
+                2 * crate::protocol::MAX_FRAME_LEN
+            ));
         }
         if !(256..=60 * 1024).contains(&self.max_message_bytes) {
             return Err("limits.max_message_bytes must be 256 to 61440 (a message travels in one 64 KiB frame)".into());

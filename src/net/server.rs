@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::framing::{ReadFrameError, read_frame};
 use super::tls::{Identity, server_tls};
+use crate::config::Limits;
 use crate::protocol::{ClientMsg, ErrorCode, Fingerprint, FrameError, ServerMsg, encode_frame};
 use crate::relay::{ConnId, Input, Output, Relay, Source, password};
 
@@ -37,7 +39,7 @@ pub struct Server {
     fingerprint: Fingerprint,
     hello_timeout: Duration,
     max_pending: u32,
-    /// See `Limits::retry_above_pending_handshakes`.
+    /// With this many handshakes under way, new ones get a QUIC Retry first.
     retry_above: u32,
 }
 
@@ -55,6 +57,8 @@ struct Shared {
 
 struct State {
     relay: Relay,
+    /// Bytes of control frames one client may have queued (`Limits::max_queued_control_bytes`).
+    max_queued: usize,
     conns: HashMap<ConnId, ConnHandle>,
     next_conn: u64,
 }
@@ -62,6 +66,8 @@ struct State {
 struct ConnHandle {
     connection: quinn::Connection,
     control: mpsc::Sender<Outgoing>,
+    /// Bytes in `control` not written yet.
+    queued: Arc<AtomicUsize>,
 }
 
 enum Outgoing {
@@ -70,35 +76,32 @@ enum Outgoing {
 }
 
 impl Server {
-    /// Binds the endpoint. `max_pending` bounds simultaneous handshakes; `hello_timeout`
-    /// bounds each handshake.
-    pub fn bind(
-        listen: SocketAddr,
-        identity: Identity,
-        relay: Relay,
-        max_pending: u32,
-        hello_timeout: Duration,
-    ) -> anyhow::Result<Server> {
+    /// Binds the endpoint, with the shell's share of `limits`: simultaneous handshakes
+    /// (and when Retry starts), the time each may take, and the queue per client.
+    pub fn bind(listen: SocketAddr, identity: Identity, relay: Relay, limits: &Limits) -> anyhow::Result<Server> {
         let fingerprint = identity.fingerprint();
         let tls = server_tls(identity)?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(super::transport_config());
         let endpoint = quinn::Endpoint::server(config, listen).with_context(|| format!("cannot listen on {listen}"))?;
+        let max_pending = limits.max_pending_connections;
+        let max_queued = limits.max_queued_control_bytes as usize;
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { relay, conns: HashMap::new(), next_conn: 1 }),
+            state: Mutex::new(State { relay, max_queued, conns: HashMap::new(), next_conn: 1 }),
             log_addresses: false,
             passwords: PasswordGate::new(PASSWORD_WORKERS, PASSWORD_QUEUE),
             timer: Notify::new(),
             handshakes: Arc::new(Semaphore::new(max_pending as usize)),
         });
-        Ok(Server { endpoint, shared, fingerprint, hello_timeout, max_pending, retry_above: max_pending })
-    }
-
-    /// From `pending` handshakes under way on, new ones are sent a QUIC Retry first.
-    pub fn retry_above(mut self, pending: u32) -> Server {
-        self.retry_above = pending;
-        self
+        Ok(Server {
+            endpoint,
+            shared,
+            fingerprint,
+            hello_timeout: Duration::from_secs(limits.hello_timeout_secs),
+            max_pending,
+            retry_above: limits.retry_above_pending_handshakes,
+        })
     }
 
     /// Lets log lines name client addresses (off by default: logs identify nobody).
@@ -123,11 +126,8 @@ impl Server {
         let mut config = crate::config::ServerConfig::default();
         let (identity, _) = Identity::load_or_create(dir)?;
         let relay = Relay::new(crate::relay::RelayConfig::from_server_config(&mut config), rand::random());
-        let limits = &config.limits;
         let listen = SocketAddr::from(([0, 0, 0, 0], port));
-        let hello_timeout = Duration::from_secs(limits.hello_timeout_secs);
-        let server = Server::bind(listen, identity, relay, limits.max_pending_connections, hello_timeout)?
-            .retry_above(limits.retry_above_pending_handshakes);
+        let server = Server::bind(listen, identity, relay, &config.limits)?;
         let link = crate::protocol::ServerLink {
             host: "127.0.0.1".into(),
             port: server.local_addr()?.port(),
@@ -254,20 +254,22 @@ impl Shared {
 
     async fn serve_connection(self: Arc<Self>, connection: quinn::Connection) {
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
         let id = {
             let mut state = self.lock();
             let id = ConnId(state.next_conn);
             state.next_conn += 1;
-            state.conns.insert(id, ConnHandle { connection: connection.clone(), control: tx });
+            let handle = ConnHandle { connection: connection.clone(), control: tx, queued: queued.clone() };
+            state.conns.insert(id, handle);
             self.input(&mut state, id, Input::Connected { source: Source::of(connection.remote_address().ip()) });
             id
         };
         let span = info_span!("conn", id = id.0, remote = %self.logged(connection.remote_address()));
         async {
             debug!("connected");
-            if let Some((send, recv, rx)) = wait_for_control_stream(&connection, rx).await {
+            if let Some((send, recv, rx)) = wait_for_control_stream(&connection, rx, &queued).await {
                 let datagrams = tokio::spawn(self.clone().forward_datagrams(id, connection.clone()));
-                tokio::spawn(write_control(send, rx, connection.clone()));
+                tokio::spawn(write_control(send, rx, connection.clone(), queued.clone()));
                 self.read_control(id, recv).await;
                 datagrams.abort();
             }
@@ -385,11 +387,21 @@ fn send_control(state: &State, to: ConnId, msg: &ServerMsg) {
         Ok(frame) => frame,
         Err(e) => return warn!(error = %e, "cannot encode a server message"),
     };
-    match handle.control.try_send(Outgoing::Frame(frame)) {
+    // Bounded in bytes as well as frames: a client that does not read is let go before
+    // it pins more than `max_queued`, and nobody else waits for it.
+    let len = frame.len();
+    let queued = handle.queued.fetch_add(len, Ordering::AcqRel) + len;
+    let sent = if queued > state.max_queued {
+        Err(mpsc::error::TrySendError::Full(Outgoing::Frame(frame)))
+    } else {
+        handle.control.try_send(Outgoing::Frame(frame))
+    };
+    match sent {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
-            warn!(conn = to.0, "control queue full; disconnecting a client that does not read");
-            handle.connection.close(VarInt::from_u32(CLOSE_ERROR), ErrorCode::RateLimited.as_str().as_bytes());
+            handle.queued.fetch_sub(len, Ordering::AcqRel);
+            warn!(conn = to.0, queued, "control queue full; disconnecting a client that does not read");
+            handle.connection.close(VarInt::from_u32(CLOSE_ERROR), ErrorCode::TooSlow.as_str().as_bytes());
         }
         // The writer has stopped: the connection is ending and its reader will report it.
         Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -402,6 +414,7 @@ fn send_control(state: &State, to: ConnId, msg: &ServerMsg) {
 async fn wait_for_control_stream(
     connection: &quinn::Connection,
     mut rx: mpsc::Receiver<Outgoing>,
+    queued: &AtomicUsize,
 ) -> Option<(quinn::SendStream, quinn::RecvStream, mpsc::Receiver<Outgoing>)> {
     loop {
         tokio::select! {
@@ -411,7 +424,9 @@ async fn wait_for_control_stream(
             }
             outgoing = rx.recv() => match outgoing {
                 // Without a stream the error message cannot be read; the close reason names it.
-                Some(Outgoing::Frame(_)) => {}
+                Some(Outgoing::Frame(frame)) => {
+                    queued.fetch_sub(frame.len(), Ordering::AcqRel);
+                }
                 Some(Outgoing::Close(code)) => {
                     connection.close(VarInt::from_u32(CLOSE_ERROR), code.as_str().as_bytes());
                     return None;
@@ -424,11 +439,18 @@ async fn wait_for_control_stream(
 
 /// Writes queued control frames; on a close, finishes the stream, gives the client a
 /// moment to read the last error, then closes the connection with the error's name.
-async fn write_control(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Outgoing>, connection: quinn::Connection) {
+async fn write_control(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<Outgoing>,
+    connection: quinn::Connection,
+    queued: Arc<AtomicUsize>,
+) {
     while let Some(outgoing) = rx.recv().await {
         match outgoing {
             Outgoing::Frame(frame) => {
-                if send.write_all(&frame).await.is_err() {
+                let written = send.write_all(&frame).await;
+                queued.fetch_sub(frame.len(), Ordering::AcqRel);
+                if written.is_err() {
                     return;
                 }
             }

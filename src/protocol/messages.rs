@@ -196,6 +196,8 @@ pub enum ErrorCode {
     FrameTooLarge,
     /// Too many connections (or connections still starting) from the sender's address.
     TooManyFromSource,
+    /// The client did not read what the server sent it, and was disconnected.
+    TooSlow,
 }
 
 impl ErrorCode {
@@ -228,6 +230,7 @@ impl ErrorCode {
             ErrorCode::MalformedFrame => "malformed_frame",
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::TooManyFromSource => "too_many_from_source",
+            ErrorCode::TooSlow => "too_slow",
         }
     }
 
@@ -236,7 +239,7 @@ impl ErrorCode {
     /// name refused once welcomed is a channel's, and the session goes on.
     pub fn closes_connection(self, welcomed: bool) -> bool {
         match self {
-            ErrorCode::MalformedFrame | ErrorCode::FrameTooLarge => true,
+            ErrorCode::MalformedFrame | ErrorCode::FrameTooLarge | ErrorCode::TooSlow => true,
             ErrorCode::VersionMismatch
             | ErrorCode::HelloRequired
             | ErrorCode::HelloTimeout
@@ -335,9 +338,10 @@ mod tests {
             ErrorCode::MalformedFrame => 23,
             ErrorCode::FrameTooLarge => 24,
             ErrorCode::TooManyFromSource => 25,
+            ErrorCode::TooSlow => 26,
         }
     }
-    const ERROR_VARIANTS: usize = 26;
+    const ERROR_VARIANTS: usize = 27;
 
     /// Asserts that `samples` hold every variant (by `variant`) at least once.
     fn covers_every_variant<T>(samples: &[T], variant: impl Fn(&T) -> usize, count: usize) {
@@ -467,6 +471,7 @@ mod tests {
             ErrorCode::MalformedFrame,
             ErrorCode::FrameTooLarge,
             ErrorCode::TooManyFromSource,
+            ErrorCode::TooSlow,
         ];
         covers_every_variant(&all, |c| error_variant(*c), ERROR_VARIANTS);
         for code in all {

@@ -201,6 +201,7 @@ struct Conn {
     hello_deadline: Option<Instant>,
     control: TokenBucket,
     chat: TokenBucket,
+    chat_bytes: TokenBucket,
     fetches: TokenBucket,
     source: Source,
     media_packets: TokenBucket,
@@ -396,7 +397,14 @@ impl Relay {
                     ClientMsg::FetchBundle { .. } => &mut state.fetches,
                     _ => &mut state.control,
                 };
-                let refused = if !bucket.try_take(now, 1) {
+                // Messages also count in bytes: what one sender may put into everyone's queue
+                // at once stays far below what a receiver's queue holds.
+                let bytes = match &msg {
+                    ClientMsg::Direct { ciphertext, .. } | ClientMsg::Channel { ciphertext, .. } => ciphertext.len(),
+                    _ => 0,
+                };
+                let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+                let refused = if !bucket.try_take(now, 1) || (bytes > 0 && !state.chat_bytes.try_take(now, bytes)) {
                     Some(Refusal::new(ErrorCode::RateLimited, "too many requests; slow down"))
                 } else if state.user.is_none() {
                     self.hello(now, conn, msg);
@@ -492,6 +500,7 @@ impl Relay {
                 hello_deadline: Some(now + Duration::from_secs(limits.hello_timeout_secs)),
                 control: TokenBucket::new(now, limits.control_messages_per_sec, limits.control_burst),
                 chat: TokenBucket::new(now, limits.chat_messages_per_sec, limits.chat_burst),
+                chat_bytes: TokenBucket::new(now, limits.chat_bytes_per_sec, limits.chat_burst_bytes),
                 fetches: TokenBucket::new(now, limits.bundle_fetches_per_sec, limits.bundle_fetch_burst),
                 source,
                 media_packets: TokenBucket::new(now, limits.media_packets_per_sec, media_burst),

@@ -415,6 +415,26 @@ fn a_password_check_the_shell_has_no_room_for_is_refused_as_busy() {
 }
 
 #[test]
+fn messages_are_limited_in_bytes_as_well_as_in_number() {
+    let limits = Limits { chat_burst_bytes: 100_000, chat_bytes_per_sec: 10_000, ..Limits::default() };
+    let mut sim = Sim::with(config(vec![channel("Lobby", None, 0)], limits));
+    let alice = sim.hello("alice", None);
+    let _bob = sim.hello("bob", None);
+    sim.take(alice);
+    let lobby = sim.channel_id("Lobby");
+    let big = || ClientMsg::Channel { channel: lobby, ciphertext: vec![1; 30_000] };
+    for _ in 0..3 {
+        sim.send(alice, big());
+        assert!(sim.errors(alice).is_empty());
+    }
+    sim.send(alice, big());
+    assert_eq!(sim.errors(alice), [ErrorCode::RateLimited], "the fourth 30 kB in a burst of 100 kB");
+    sim.advance(Duration::from_secs(3));
+    sim.send(alice, big());
+    assert!(sim.errors(alice).is_empty(), "30 kB back after 3 s at 10 kB/s");
+}
+
+#[test]
 fn invites_admit_to_a_password_channel_until_used_up_or_expired() {
     let mut sim = Sim::new();
     let alice =
