@@ -265,6 +265,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         invite: None,
     };
     let invite = link.invite_base(&fingerprint);
+    let metrics = config.metrics_listen.map(|at| server.serve_metrics(at)).transpose()?;
     if args.json {
         #[derive(serde::Serialize)]
         struct Listening {
@@ -272,14 +273,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             addr: String,
             fingerprint: String,
             invite: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            metrics: Option<String>,
         }
-        let line =
-            Listening { event: "listening", addr: addr.to_string(), fingerprint: fingerprint.to_string(), invite };
+        let (addr, fingerprint) = (addr.to_string(), fingerprint.to_string());
+        let metrics = metrics.map(|at| format!("http://{at}/metrics"));
+        let line = Listening { event: "listening", addr, fingerprint, invite, metrics };
         println!("{}", serde_json::to_string(&line)?);
     } else {
         println!("VoIPC server listening on {addr} (UDP/QUIC)");
         println!("certificate fingerprint (SHA-256): {fingerprint}");
         println!("invite link: {invite}");
+        if let Some(at) = metrics {
+            println!("metrics: http://{at}/metrics");
+        }
     }
     server.run(shutdown).await;
     Ok(())

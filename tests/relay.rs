@@ -258,7 +258,12 @@ fn with_every_handshake_sent_a_quic_retry_clients_still_join_and_talk() {
     // Retry from the first handshake on: every client proves its address before a slot.
     let config = "[limits]\nretry_above_pending_handshakes = 0\n";
     let server = TestServer::start_logging(dir.path(), Some(config), "voipc=debug");
-    let (mut alice, mut bob) = alice_and_bob_in_the_lobby(&server);
+    let mut alice = TestClient::join(&server.invite, "alice", &[]);
+    alice.expect_joined("Lobby");
+    let mut bob = TestClient::join(&server.invite, "bob", &[]);
+    bob.expect_joined("Lobby");
+    // Alice writes once she knows bob is there (before, her message is for nobody).
+    alice.expect("bob arriving", |e| e["event"] == "user_joined" && e["user"] == "bob");
     alice.send("hello through a retry");
     let message = bob.expect("alice's message", |e| e["event"] == "message" && e["from"] == "alice");
     assert_eq!(message["text"], "hello through a retry");
@@ -271,8 +276,8 @@ fn with_every_handshake_sent_a_quic_retry_clients_still_join_and_talk() {
 fn a_client_that_never_reads_is_disconnected_and_nobody_else_notices() {
     use voipc::protocol::ChannelId;
     let dir = tempfile::tempdir().unwrap();
-    // A small queue for the test, and a sender allowed 3.6 MB at once.
-    let config = "[limits]\nmax_queued_control_bytes = 262144\nchat_burst_bytes = 8388608\n";
+    // A 1 MiB queue for the test, and a sender allowed 4.5 MB at once.
+    let config = "[limits]\nmax_queued_control_bytes = 1048576\nchat_burst_bytes = 8388608\n";
     let server = TestServer::start(dir.path(), Some(config));
     let mut bob = TestClient::join(&server.invite, "bob", &[]);
     bob.expect_joined("Lobby");
@@ -280,12 +285,12 @@ fn a_client_that_never_reads_is_disconnected_and_nobody_else_notices() {
     slow.write(&hello("slow", voipc::protocol::PROTOCOL_VERSION));
     let mut flood = RawClient::connect(&server);
     flood.write(&hello("flood", voipc::protocol::PROTOCOL_VERSION));
-    // 120 of the largest messages the server passes on, 10 ms apart: bob keeps up, the
-    // client that never reads does not.
+    // 150 of the largest messages the server passes on, 40 ms apart (750 kB/s): bob keeps
+    // up even if he stalls for a second, the client that never reads does not.
     let big = encode_frame(&ClientMsg::Channel { channel: ChannelId(1), ciphertext: vec![7; 30_000] }).unwrap();
-    for _ in 0..120 {
+    for _ in 0..150 {
         flood.write(&big);
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(40));
     }
     assert_eq!(slow.close_code(), "too_slow");
     let undecryptable = bob.expect("the flood reaching bob", |e| e["code"] == "undecryptable");
@@ -295,6 +300,56 @@ fn a_client_that_never_reads_is_disconnected_and_nobody_else_notices() {
     carol.expect_joined("Lobby");
     let message = bob.expect("carol's message", |e| e["event"] == "message" && e["from"] == "carol");
     assert_eq!(message["text"], "still here?");
+}
+
+#[test]
+fn the_metrics_endpoint_counts_and_names_nobody() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("server.toml"), "metrics_listen = \"127.0.0.1:0\"\n").unwrap();
+    let mut child = crate::support::voipc()
+        .current_dir(dir.path())
+        .args(["serve", "--json", "--ephemeral-cert", "--listen", "127.0.0.1:0", "--config", "server.toml"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let url = event["metrics"].as_str().expect("the metrics address").to_owned();
+    let invite = event["invite"].as_str().unwrap().to_owned();
+    let mut alice = TestClient::join(&invite, "alice", &[]);
+    let mut bob = TestClient::join(&invite, "bob", &[]);
+    alice.expect_joined("Lobby");
+    bob.expect_joined("Lobby");
+    alice.send("/probe 3");
+    bob.expect("alice's probes", |e| e["event"] == "datagram" && e["sequence"] == 3);
+    let get = |path: &str| {
+        let at = url.trim_start_matches("http://").trim_end_matches("/metrics");
+        let mut stream = std::net::TcpStream::connect(at).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {at}\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    let metrics = get("/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    for line in ["voipc_users 2", "voipc_datagrams_forwarded_total 3", "voipc_channels 1"] {
+        assert!(metrics.lines().any(|l| l == line), "{line:?} in {metrics}");
+    }
+    assert!(!metrics.contains("alice") && !metrics.contains("bob"), "no names: {metrics}");
+    assert!(get("/other").starts_with("HTTP/1.1 404"));
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Only loopback: the config refuses anything else.
+    std::fs::write(dir.path().join("public.toml"), "metrics_listen = \"0.0.0.0:9988\"\n").unwrap();
+    let out =
+        crate::support::voipc().current_dir(dir.path()).args(["serve", "--config", "public.toml"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("metrics_listen must be a loopback address"));
 }
 
 #[test]
@@ -343,6 +398,13 @@ fn server_logs_name_no_client_address_unless_asked() {
             command.arg("--log-addresses");
         }
         let mut server = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        // Read the log as it comes: a full pipe would stall the server.
+        let mut stderr = server.stderr.take().unwrap();
+        let log_reader = std::thread::spawn(move || {
+            let mut log = String::new();
+            let _ = stderr.read_to_string(&mut log);
+            log
+        });
         let mut line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line).unwrap();
         let invite = serde_json::from_str::<serde_json::Value>(&line).unwrap()["invite"].as_str().unwrap().to_owned();
@@ -352,8 +414,7 @@ fn server_logs_name_no_client_address_unless_asked() {
         std::thread::sleep(Duration::from_millis(300));
         server.kill().unwrap();
         server.wait().unwrap();
-        let mut log = String::new();
-        server.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+        let log = log_reader.join().unwrap();
         assert!(log.contains("conn{id=1"), "the connection was logged: {log}");
         assert_eq!(log.contains("remote=127.0.0.1:"), opt_in, "{log}");
         assert!(!log.contains("alice") || opt_in, "no user name either: {log}");

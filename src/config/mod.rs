@@ -33,6 +33,8 @@ pub struct ServerConfig {
     /// Permanent channels; the first is where users land.
     pub channels: Vec<ChannelConfig>,
     pub limits: Limits,
+    /// Where to serve metrics (Prometheus text at `/metrics`); a loopback address only.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -162,6 +164,7 @@ impl Default for ServerConfig {
                 user_limit: 0,
             }],
             limits: Limits::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -187,6 +190,7 @@ struct RawConfig {
     #[serde(default)]
     channels: Vec<Spanned<ChannelConfig>>,
     limits: Option<Spanned<Limits>>,
+    metrics_listen: Option<Spanned<String>>,
 }
 
 impl ServerConfig {
@@ -213,6 +217,17 @@ impl ServerConfig {
             })?;
         }
         config.public_host = raw.public_host;
+        if let Some(metrics) = raw.metrics_listen {
+            let at = metrics.span().start;
+            let addr: SocketAddr = metrics
+                .get_ref()
+                .parse()
+                .map_err(|e| (at, format!("metrics_listen: {:?} is not an address:port ({e})", metrics.get_ref())))?;
+            if !addr.ip().is_loopback() {
+                return Err((at, "metrics_listen must be a loopback address (127.0.0.1 or [::1])".into()));
+            }
+            config.metrics_listen = Some(addr);
+        }
         if let Some(max_users) = raw.max_users {
             if !(1..=MAX_USERS_CAP).contains(max_users.get_ref()) {
                 return Err((max_users.span().start, format!("max_users must be 1 to {MAX_USERS_CAP}")));

@@ -20,6 +20,7 @@ use super::framing::{ReadFrameError, read_frame};
 use super::tls::{Identity, server_tls};
 use crate::config::Limits;
 use crate::protocol::{ClientMsg, ErrorCode, Fingerprint, FrameError, ServerMsg, encode_frame};
+use crate::relay::metrics::ShellCounts;
 use crate::relay::{ConnId, Input, Output, Relay, Source, password};
 
 /// Control frames queued for one slow client before it is disconnected.
@@ -49,6 +50,8 @@ struct Shared {
     log_addresses: bool,
     /// Bounds the Argon2 work (password checks and hashes) over all connections.
     passwords: PasswordGate,
+    /// What the shell counts itself, for the metrics.
+    counts: ShellCounters,
     /// Wakes the timer task when the relay's next timeout may have moved earlier.
     timer: Notify,
     /// Bounds connections still in the QUIC handshake.
@@ -91,6 +94,7 @@ impl Server {
             state: Mutex::new(State { relay, max_queued, conns: HashMap::new(), next_conn: 1 }),
             log_addresses: false,
             passwords: PasswordGate::new(PASSWORD_WORKERS, PASSWORD_QUEUE),
+            counts: ShellCounters::default(),
             timer: Notify::new(),
             handshakes: Arc::new(Semaphore::new(max_pending as usize)),
         });
@@ -102,6 +106,18 @@ impl Server {
             max_pending,
             retry_above: limits.retry_above_pending_handshakes,
         })
+    }
+
+    /// Serves the metrics at `http://{addr}/metrics` (a loopback address: the config
+    /// refuses others); returns the address bound.
+    pub fn serve_metrics(&self, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+        let listener =
+            std::net::TcpListener::bind(addr).with_context(|| format!("metrics: cannot listen on {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let bound = listener.local_addr()?;
+        tokio::spawn(serve_metrics(listener, self.shared.clone()));
+        Ok(bound)
     }
 
     /// Lets log lines name client addresses (off by default: logs identify nobody).
@@ -151,13 +167,17 @@ impl Server {
                 {
                     let remote = self.shared.logged(incoming.remote_address());
                     match incoming.retry() {
-                        Ok(()) => debug!(%remote, pending, "address validation: retry sent"),
+                        Ok(()) => {
+                            self.shared.counts.retries_sent.fetch_add(1, Ordering::Relaxed);
+                            debug!(%remote, pending, "address validation: retry sent");
+                        }
                         Err(e) => e.into_incoming().ignore(),
                     }
                     continue;
                 }
                 let Ok(permit) = self.shared.handshakes.clone().try_acquire_owned() else {
                     let remote = self.shared.logged(incoming.remote_address());
+                    self.shared.counts.handshakes_refused.fetch_add(1, Ordering::Relaxed);
                     debug!(%remote, "refusing: too many handshakes");
                     incoming.refuse();
                     continue;
@@ -169,8 +189,14 @@ impl Server {
                     let connection = match tokio::time::timeout(hello_timeout, async { incoming.accept()?.await }).await
                     {
                         Ok(Ok(connection)) => connection,
-                        Ok(Err(e)) => return debug!(%remote, error = %e, "handshake failed"),
-                        Err(_) => return debug!(%remote, "handshake timed out"),
+                        Ok(Err(e)) => {
+                            shared.counts.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                            return debug!(%remote, error = %e, "handshake failed");
+                        }
+                        Err(_) => {
+                            shared.counts.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                            return debug!(%remote, "handshake timed out");
+                        }
                     };
                     drop(permit);
                     shared.serve_connection(connection).await;
@@ -185,6 +211,65 @@ impl Server {
         log_stats(&self.shared.lock().relay);
         self.endpoint.close(VarInt::from_u32(CLOSE_NORMAL), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// The shell's own counts (see [`ShellCounts`]).
+#[derive(Default)]
+struct ShellCounters {
+    handshakes_refused: std::sync::atomic::AtomicU64,
+    retries_sent: std::sync::atomic::AtomicU64,
+    handshakes_failed: std::sync::atomic::AtomicU64,
+    slow_clients_disconnected: std::sync::atomic::AtomicU64,
+}
+
+impl ShellCounters {
+    fn read(&self) -> ShellCounts {
+        let read = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+        ShellCounts {
+            handshakes_refused: read(&self.handshakes_refused),
+            retries_sent: read(&self.retries_sent),
+            handshakes_failed: read(&self.handshakes_failed),
+            slow_clients_disconnected: read(&self.slow_clients_disconnected),
+        }
+    }
+}
+
+/// A request to the metrics endpoint: its head, read within this long and this size.
+const METRICS_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+const METRICS_REQUEST_BYTES: usize = 1024;
+
+/// Serves `GET /metrics` on `listener`, one request at a time (it is on loopback, for
+/// the operator's monitoring; a slow or odd request is answered or dropped, never queued).
+async fn serve_metrics(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while let Ok((mut stream, _)) = listener.accept().await {
+        let mut head = Vec::with_capacity(METRICS_REQUEST_BYTES);
+        let read = tokio::time::timeout(METRICS_REQUEST_TIMEOUT, async {
+            let mut buf = [0u8; 256];
+            while head.len() < METRICS_REQUEST_BYTES && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n.min(METRICS_REQUEST_BYTES - head.len())]);
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        if !matches!(read, Ok(Ok(()))) {
+            continue;
+        }
+        let response = if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics\r") {
+            let body = crate::relay::metrics::render(&shared.lock().relay, &shared.counts.read());
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        } else {
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
+        };
+        let _ = tokio::time::timeout(METRICS_REQUEST_TIMEOUT, stream.write_all(response.as_bytes())).await;
     }
 }
 
@@ -337,7 +422,7 @@ impl Shared {
     fn carry_out(self: &Arc<Self>, state: &mut State) {
         while let Some(output) = state.relay.poll_output() {
             match output {
-                Output::Send { to, msg } => send_control(state, to, &msg),
+                Output::Send { to, msg } => send_control(state, &self.counts, to, &msg),
                 Output::Close { conn, code } => {
                     if let Some(handle) = state.conns.get(&conn) {
                         // A full queue means the writer is stuck; close without the courtesy.
@@ -381,7 +466,7 @@ impl Shared {
     }
 }
 
-fn send_control(state: &State, to: ConnId, msg: &ServerMsg) {
+fn send_control(state: &State, counts: &ShellCounters, to: ConnId, msg: &ServerMsg) {
     let Some(handle) = state.conns.get(&to) else { return };
     let frame = match encode_frame(msg) {
         Ok(frame) => frame,
@@ -401,6 +486,7 @@ fn send_control(state: &State, to: ConnId, msg: &ServerMsg) {
         Err(mpsc::error::TrySendError::Full(_)) => {
             handle.queued.fetch_sub(len, Ordering::AcqRel);
             warn!(conn = to.0, queued, "control queue full; disconnecting a client that does not read");
+            counts.slow_clients_disconnected.fetch_add(1, Ordering::Relaxed);
             handle.connection.close(VarInt::from_u32(CLOSE_ERROR), ErrorCode::TooSlow.as_str().as_bytes());
         }
         // The writer has stopped: the connection is ending and its reader will report it.

@@ -167,7 +167,7 @@ pub enum ServerMsg {
 }
 
 /// Why a request was refused. The snake_case names are stable: scripts match on them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ErrorCode {
     VersionMismatch,
     HelloRequired,

@@ -7,6 +7,7 @@
 
 pub mod keys;
 pub mod limits;
+pub mod metrics;
 pub mod password;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -184,6 +185,8 @@ pub struct RelayStats {
     pub dropped_invalid: u64,
     /// Connections refused at once: too many from their source, or starting at once.
     pub refused_connections: u64,
+    /// Every refusal sent, by its code.
+    pub refusals: BTreeMap<ErrorCode, u64>,
 }
 
 /// Errors in the shell's use of the relay (never caused by a peer's bytes).
@@ -323,6 +326,16 @@ impl Relay {
 
     pub fn stats(&self) -> &RelayStats {
         &self.stats
+    }
+
+    /// Channels that exist now, permanent and temporary.
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Connections that have not said hello yet.
+    pub fn pending_count(&self) -> usize {
+        self.conns.values().filter(|c| c.user.is_none()).count()
     }
 
     /// Users that have said hello.
@@ -1017,6 +1030,7 @@ impl Relay {
     }
 
     fn refuse(&mut self, conn: ConnId, Refusal(code, message): Refusal) {
+        *self.stats.refusals.entry(code).or_default() += 1;
         self.send(conn, error_msg(code, message));
     }
 

@@ -244,8 +244,16 @@ impl Session {
             self.media.clear();
             return self.flush_channel_queue(now);
         };
-        self.chat.epoch = Some((channel, Uuid::from_bytes(self.chat.rng.random())));
+        let distribution = Uuid::from_bytes(self.chat.rng.random());
+        self.chat.epoch = Some((channel, distribution));
         self.media.start_epoch(me, channel, &mut self.chat.rng);
+        // The sender key exists from the epoch's start, so that a message to a channel
+        // nobody else is in yet is sent (to nobody), not refused.
+        if let Some(address) = self.address(me)
+            && let Err(e) = self.chat.e2ee.sender_key_distribution(&address, distribution, &mut self.chat.rng)
+        {
+            self.events.push_back(Event::local_error("e2ee", e));
+        }
         let members: Vec<SessionId> = self
             .users
             .values()

@@ -883,6 +883,26 @@ mod tests {
     }
 
     #[test]
+    fn a_message_to_a_channel_with_nobody_else_in_it_goes_out() {
+        let mut s = Session::new("alice", None, String::new(), chat(), Instant::now(), SystemTime::UNIX_EPOCH);
+        let now = Instant::now();
+        for msg in [
+            ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: PROTOCOL_VERSION },
+            ServerMsg::ChannelAdded(channel(1, "Lobby")),
+            ServerMsg::UserConnected(user(1, "alice", None)),
+            ServerMsg::Ready,
+            ServerMsg::UserMoved { session: SessionId(1), channel: Some(ChannelId(1)) },
+        ] {
+            s.handle_message(now, msg).unwrap();
+        }
+        events(&mut s);
+        while s.poll_transmit().is_some() {}
+        s.command(now, Command::Say("anyone?".into()));
+        assert!(events(&mut s).is_empty(), "no error");
+        assert!(matches!(s.poll_transmit(), Some(ClientMsg::Channel { .. })));
+    }
+
+    #[test]
     fn a_message_goes_only_to_the_channel_it_was_typed_in() {
         let mut s = welcomed();
         events(&mut s);

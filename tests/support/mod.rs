@@ -34,8 +34,9 @@ fn line_reader(stdout: impl std::io::Read + Send + 'static) -> Receiver<String> 
 
 pub struct TestServer {
     child: Child,
-    /// The server's log, when started with [`TestServer::start_logging`].
-    log: Option<std::process::ChildStderr>,
+    /// The server's log so far, when started with [`TestServer::start_logging`]: read on
+    /// a thread as it comes, so that a full pipe never stalls the server.
+    log: Option<std::thread::JoinHandle<String>>,
     pub addr: String,
     pub fingerprint: String,
     pub invite: String,
@@ -70,7 +71,13 @@ impl TestServer {
         }
         let stderr = if log.is_some() { Stdio::piped() } else { Stdio::null() };
         let mut child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
-        let log = child.stderr.take();
+        let log = child.stderr.take().map(|mut stderr| {
+            std::thread::spawn(move || {
+                let mut log = String::new();
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+                log
+            })
+        });
         let lines = line_reader(child.stdout.take().unwrap());
         let line = lines.recv_timeout(TIMEOUT).expect("server prints its listening event");
         let event: Value = serde_json::from_str(&line).unwrap();
@@ -86,13 +93,9 @@ impl TestServer {
 
     /// Stops the server and returns what it logged (see [`TestServer::start_logging`]).
     pub fn stop_and_read_log(mut self) -> String {
-        let mut log = String::new();
-        let stderr = self.log.take();
+        let log = self.log.take();
         assert!(self.stop().success());
-        if let Some(mut stderr) = stderr {
-            std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
-        }
-        log
+        log.map(|reader| reader.join().expect("the log reader does not panic")).unwrap_or_default()
     }
 
     /// Stops the server as an operator would (SIGTERM) and waits for it.
