@@ -243,3 +243,29 @@ fn a_channel_password_comes_from_a_file_or_the_environment_never_from_argv() {
         assert!(stdout.contains(r#""event":"joined","channel":2,"name":"Staff""#), "{name}: {stdout}");
     }
 }
+
+#[test]
+fn the_systemd_unit_verifies_and_is_locked_down() {
+    // systemd's own checker, where the machine has it (Debian does).
+    if std::process::Command::new("systemd-analyze").arg("--version").output().is_err() {
+        eprintln!("systemd-analyze is not installed: the unit is not checked here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/voipc.service")).unwrap();
+    let unit = unit.replace("/usr/local/bin/voipc", env!("CARGO_BIN_EXE_voipc"));
+    let path = dir.path().join("voipc.service");
+    std::fs::write(&path, unit).unwrap();
+    let verify = std::process::Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    assert!(verify.status.success() && verify.stderr.is_empty(), "{verify:?}");
+    let security =
+        std::process::Command::new("systemd-analyze").args(["security", "--offline=yes"]).arg(&path).output().unwrap();
+    let report = String::from_utf8_lossy(&security.stdout);
+    let level: f32 = report
+        .lines()
+        .find_map(|l| l.split("exposure level for voipc.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in {report}"));
+    assert!(level <= 2.0, "exposure {level}: {report}");
+}
