@@ -94,6 +94,9 @@ pub struct JoinArgs {
     /// Accept and pin an unknown server certificate without checking it.
     #[arg(long)]
     trust_on_first_use: bool,
+    /// Connect from this local address (and port, 0 for any), on a machine with several.
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<SocketAddr>,
     /// Where the vault (pinned certificates, later keys and history) is kept.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -346,6 +349,7 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         let options = JoinOptions {
             link,
             replace_pin: args.fingerprint,
+            bind: args.bind,
             name: args.name,
             join,
             trust_on_first_use: args.trust_on_first_use,

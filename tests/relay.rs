@@ -353,6 +353,29 @@ fn the_metrics_endpoint_counts_and_names_nobody() {
 }
 
 #[test]
+fn sybils_from_one_address_meet_its_limit_and_another_address_still_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "max_users = 50\n[limits]\nmax_connections_per_source = 4\n";
+    let server = TestServer::start_with(dir.path(), Some(config), &["--listen", "0.0.0.0:0"]);
+    let port = server.addr.rsplit_once(':').unwrap().1.to_owned();
+    let fp = server.fingerprint.clone();
+    let from = |address: &str, name: &str| {
+        let bind = format!("{address}:0");
+        TestClient::join(&format!("127.0.0.1:{port}"), name, &["--fingerprint", &fp, "--bind", &bind])
+    };
+    let mut sybils: Vec<TestClient> = (0..4).map(|i| from("127.0.0.1", &format!("sybil{i}"))).collect();
+    for sybil in &mut sybils {
+        sybil.expect_joined("Lobby");
+    }
+    let mut fifth = from("127.0.0.1", "sybil4");
+    fifth.expect_error("too_many_from_source");
+    assert!(!fifth.wait().success());
+    // Someone else, from another address of this machine, is welcome.
+    let mut other = from("127.0.0.2", "neighbour");
+    other.expect_joined("Lobby");
+}
+
+#[test]
 fn silent_connections_are_closed_after_the_hello_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), Some("[limits]\nhello_timeout_secs = 1\n"));

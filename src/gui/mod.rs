@@ -341,6 +341,7 @@ impl App {
         });
         let options = JoinOptions {
             replace_pin,
+            bind: None,
             name: settings.name.clone(),
             join,
             trust_on_first_use: false,

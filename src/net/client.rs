@@ -93,6 +93,8 @@ pub struct JoinOptions {
     /// A fingerprint given explicitly (`--fingerprint`, or the desktop app's "replace the
     /// pinned certificate" step): the only thing that replaces a stored pin.
     pub replace_pin: Option<Fingerprint>,
+    /// The local address to connect from (`--bind`), on a machine with several.
+    pub bind: Option<SocketAddr>,
     pub name: String,
     pub join: Option<JoinRequest>,
     pub trust_on_first_use: bool,
@@ -134,6 +136,15 @@ pub struct Connected {
 
 /// Connects under a pin policy; a refused certificate becomes a clear error.
 pub async fn connect(link: &ServerLink, policy: PinPolicy) -> Result<Connected, ClientError> {
+    connect_from(link, policy, None).await
+}
+
+/// [`connect`] from a local address of our choosing (`None`: any).
+pub async fn connect_from(
+    link: &ServerLink,
+    policy: PinPolicy,
+    local: Option<SocketAddr>,
+) -> Result<Connected, ClientError> {
     let server = link.authority();
     let addr = resolve(&server).await?;
     let verifier = PinningVerifier::new(policy);
@@ -142,7 +153,8 @@ pub async fn connect(link: &ServerLink, policy: PinPolicy) -> Result<Connected, 
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Setup(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(super::transport_config());
-    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid wildcard");
+    let wildcard = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let bind: SocketAddr = local.unwrap_or_else(|| wildcard.parse().expect("valid wildcard"));
     let endpoint =
         quinn::Endpoint::client(bind).map_err(|e| ClientError::Setup(format!("cannot open a UDP socket: {e}")))?;
     let connect_error = |reason: String| ClientError::Connect { server: server.clone(), reason };
@@ -204,7 +216,7 @@ pub async fn connect_pinned(options: &JoinOptions) -> Result<(Connected, ClientS
     .await
     .map_err(|e| ClientError::Setup(format!("vault task failed: {e}")))??;
     let policy = pin_policy(&server, options, known.pinned(&server))?;
-    let connected = connect(&options.link, policy).await?;
+    let connected = connect_from(&options.link, policy, options.bind).await?;
     if known.pinned(&server) != Some(connected.fingerprint) {
         known.pin(&server, connected.fingerprint)?;
     }
