@@ -376,6 +376,30 @@ fn sybils_from_one_address_meet_its_limit_and_another_address_still_joins() {
 }
 
 #[test]
+fn password_guesses_are_counted_per_address_across_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), Some(TWO_CHANNELS), &["--listen", "0.0.0.0:0"]);
+    let port = server.addr.rsplit_once(':').unwrap().1.to_owned();
+    let fp = server.fingerprint.clone();
+    let guess = |address: &str, attempt: usize| {
+        let bind = format!("{address}:0");
+        let name = format!("guesser{attempt}");
+        let mut client =
+            TestClient::join(&format!("127.0.0.1:{port}"), &name, &["--fingerprint", &fp, "--bind", &bind]);
+        client.expect_joined("Lobby");
+        client.send("/join Staff guess");
+        let error = client.expect_event("error");
+        assert!(client.quit().success());
+        error["code"].as_str().unwrap().to_owned()
+    };
+    // Three free guesses (password_attempts_before_delay), then the address waits, whoever
+    // connects from it.
+    let codes: Vec<String> = (0..4).map(|i| guess("127.0.0.1", i)).collect();
+    assert_eq!(codes, ["wrong_password", "wrong_password", "wrong_password", "too_many_attempts"]);
+    assert_eq!(guess("127.0.0.2", 9), "wrong_password", "another address has its own guesses");
+}
+
+#[test]
 fn silent_connections_are_closed_after_the_hello_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), Some("[limits]\nhello_timeout_secs = 1\n"));
