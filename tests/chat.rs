@@ -138,7 +138,11 @@ impl Net {
                 while let Some(msg) = session.poll_transmit() {
                     self.wire.push(encode_frame(&msg).unwrap());
                     self.sent.push((name, msg.clone()));
-                    self.relay.handle_input(self.now, *conn, Input::Control(msg)).unwrap();
+                    match self.relay.handle_input(self.now, *conn, Input::Control(msg)) {
+                        // The relay closed this connection a moment ago; the rest is not read.
+                        Err(voipc::relay::RelayError::UnknownConnection(_)) => break,
+                        result => result.unwrap(),
+                    }
                     moved = true;
                 }
                 let events = self.events.entry(name).or_default();
@@ -146,7 +150,15 @@ impl Net {
             }
             while let Some(output) = self.relay.poll_output() {
                 moved = true;
-                let Output::Send { to, mut msg } = output else { continue };
+                let (to, mut msg) = match output {
+                    Output::Send { to, msg } => (to, msg),
+                    // The server let a client go (it flooded): it is gone from the network.
+                    Output::Close { conn, .. } => {
+                        self.clients.retain(|_, (c, _)| *c != conn);
+                        continue;
+                    }
+                    _ => continue,
+                };
                 if let (ServerMsg::Bundle { peer, bundle }, Some((swapped, fake))) = (&mut msg, &self.swap_bundle)
                     && peer == swapped
                 {

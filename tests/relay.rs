@@ -166,7 +166,12 @@ impl RawClient {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        self.runtime.block_on(self.send.write_all(bytes)).unwrap();
+        assert!(self.try_write(bytes), "the server took the bytes");
+    }
+
+    /// Whether the bytes could be written (not once the server closed the connection).
+    fn try_write(&mut self, bytes: &[u8]) -> bool {
+        self.runtime.block_on(self.send.write_all(bytes)).is_ok()
     }
 
     /// Reads server messages until an error arrives, and returns its code and text.
@@ -397,6 +402,27 @@ fn password_guesses_are_counted_per_address_across_reconnects() {
     let codes: Vec<String> = (0..4).map(|i| guess("127.0.0.1", i)).collect();
     assert_eq!(codes, ["wrong_password", "wrong_password", "wrong_password", "too_many_attempts"]);
     assert_eq!(guess("127.0.0.2", 9), "wrong_password", "another address has its own guesses");
+}
+
+#[test]
+fn a_control_flood_is_refused_then_disconnected_and_others_chat_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    let (mut alice, mut bob) = alice_and_bob_in_the_lobby(&server);
+    let mut flood = RawClient::connect(&server);
+    flood.write(&hello("flood", voipc::protocol::PROTOCOL_VERSION));
+    // 10x the control rate (20 a second), for a second.
+    let request = encode_frame(&ClientMsg::SetVoiceState(voipc::protocol::VoiceState::default())).unwrap();
+    for _ in 0..200 {
+        if !flood.try_write(&request) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(flood.close_code(), "rate_limited");
+    alice.send("/msg bob still fine");
+    let dm = bob.expect("alice's dm", |e| e["event"] == "message" && e["from"] == "alice");
+    assert_eq!(dm["text"], "still fine");
 }
 
 #[test]

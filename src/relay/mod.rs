@@ -30,6 +30,11 @@ use limits::TokenBucket;
 /// one-time keys, only the reusable ones: draining a user's one-time keys takes a source
 /// address per key.
 const REFETCH_WINDOW: Duration = Duration::from_secs(60);
+/// Requests over its rate a connection may make, on average and at once, before it is
+/// disconnected: a client that slows down when told stays well inside them.
+const OVER_RATE_PER_SEC: u32 = 5;
+const OVER_RATE_BURST: u32 = 50;
+
 /// Wrong-password records (source and channel) kept at most; when full, those no longer
 /// waiting are forgotten first.
 const MAX_PASSWORD_BACKOFFS: usize = 100_000;
@@ -205,6 +210,8 @@ struct Conn {
     control: TokenBucket,
     chat: TokenBucket,
     chat_bytes: TokenBucket,
+    /// Control requests over the rate the connection may make before it is disconnected.
+    strikes: TokenBucket,
     fetches: TokenBucket,
     source: Source,
     media_packets: TokenBucket,
@@ -417,7 +424,18 @@ impl Relay {
                     _ => 0,
                 };
                 let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
-                let refused = if !bucket.try_take(now, 1) || (bytes > 0 && !state.chat_bytes.try_take(now, bytes)) {
+                let over_rate = !bucket.try_take(now, 1) || (bytes > 0 && !state.chat_bytes.try_take(now, bytes));
+                // A client that keeps going over its rate after being told is let go: being
+                // refused costs the server too.
+                // Only control requests count: messages and bundle fetches over their rates are
+                // refused, and a client sends them again on its own with back-off (key
+                // deliveries in a large channel can run over for a while).
+                let control = !is_message && !matches!(msg, ClientMsg::FetchBundle { .. });
+                if over_rate && control && !state.strikes.try_take(now, 1) {
+                    self.close(now, conn, Refusal::new(ErrorCode::RateLimited, "far too many requests; disconnected"));
+                    return Ok(());
+                }
+                let refused = if over_rate {
                     Some(Refusal::new(ErrorCode::RateLimited, "too many requests; slow down"))
                 } else if state.user.is_none() {
                     self.hello(now, conn, msg);
@@ -514,6 +532,7 @@ impl Relay {
                 control: TokenBucket::new(now, limits.control_messages_per_sec, limits.control_burst),
                 chat: TokenBucket::new(now, limits.chat_messages_per_sec, limits.chat_burst),
                 chat_bytes: TokenBucket::new(now, limits.chat_bytes_per_sec, limits.chat_burst_bytes),
+                strikes: TokenBucket::new(now, OVER_RATE_PER_SEC, OVER_RATE_BURST),
                 fetches: TokenBucket::new(now, limits.bundle_fetches_per_sec, limits.bundle_fetch_burst),
                 source,
                 media_packets: TokenBucket::new(now, limits.media_packets_per_sec, media_burst),

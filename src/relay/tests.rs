@@ -435,6 +435,31 @@ fn messages_are_limited_in_bytes_as_well_as_in_number() {
 }
 
 #[test]
+fn a_client_that_keeps_flooding_after_being_told_is_disconnected() {
+    let mut sim = Sim::new();
+    let flooder = sim.hello("flooder", None);
+    let bob = sim.hello("bob", None);
+    sim.take(flooder);
+    sim.take(bob);
+    // The rest of the burst (40, less the hello) goes through, then refusals, then the door.
+    for _ in 0..39 + OVER_RATE_BURST {
+        sim.send(flooder, ClientMsg::SetVoiceState(VoiceState::default()));
+    }
+    assert!(!sim.closed.contains_key(&flooder), "told, not yet dropped");
+    assert!(sim.errors(flooder).iter().all(|c| *c == ErrorCode::RateLimited));
+    sim.send(flooder, ClientMsg::SetVoiceState(VoiceState::default()));
+    assert_eq!(sim.closed.get(&flooder), Some(&ErrorCode::RateLimited));
+    assert!(!sim.closed.contains_key(&bob), "nobody else");
+    // A client that slows down when told is never disconnected.
+    let polite = sim.hello("polite", None);
+    for _ in 0..200 {
+        sim.send(polite, ClientMsg::SetVoiceState(VoiceState::default()));
+        sim.advance(Duration::from_millis(60));
+    }
+    assert!(!sim.closed.contains_key(&polite));
+}
+
+#[test]
 fn invites_admit_to_a_password_channel_until_used_up_or_expired() {
     let mut sim = Sim::new();
     let alice =
