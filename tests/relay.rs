@@ -211,6 +211,13 @@ impl RawClient {
     }
 }
 
+/// `name` joins `server` (listening on every address) from the loopback address `address`.
+fn join_from(server: &TestServer, address: &str, name: &str) -> TestClient {
+    let port = server.addr.rsplit_once(':').unwrap().1;
+    let bind = format!("{address}:0");
+    TestClient::join(&format!("127.0.0.1:{port}"), name, &["--fingerprint", &server.fingerprint, "--bind", &bind])
+}
+
 fn alice_and_bob_in_the_lobby(server: &TestServer) -> (TestClient, TestClient) {
     let mut alice = TestClient::join(&server.invite, "alice", &[]);
     let mut bob = TestClient::join(&server.invite, "bob", &[]);
@@ -362,12 +369,7 @@ fn sybils_from_one_address_meet_its_limit_and_another_address_still_joins() {
     let dir = tempfile::tempdir().unwrap();
     let config = "max_users = 50\n[limits]\nmax_connections_per_source = 4\n";
     let server = TestServer::start_with(dir.path(), Some(config), &["--listen", "0.0.0.0:0"]);
-    let port = server.addr.rsplit_once(':').unwrap().1.to_owned();
-    let fp = server.fingerprint.clone();
-    let from = |address: &str, name: &str| {
-        let bind = format!("{address}:0");
-        TestClient::join(&format!("127.0.0.1:{port}"), name, &["--fingerprint", &fp, "--bind", &bind])
-    };
+    let from = |address: &str, name: &str| join_from(&server, address, name);
     let mut sybils: Vec<TestClient> = (0..4).map(|i| from("127.0.0.1", &format!("sybil{i}"))).collect();
     for sybil in &mut sybils {
         sybil.expect_joined("Lobby");
@@ -384,13 +386,8 @@ fn sybils_from_one_address_meet_its_limit_and_another_address_still_joins() {
 fn password_guesses_are_counted_per_address_across_reconnects() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(dir.path(), Some(TWO_CHANNELS), &["--listen", "0.0.0.0:0"]);
-    let port = server.addr.rsplit_once(':').unwrap().1.to_owned();
-    let fp = server.fingerprint.clone();
     let guess = |address: &str, attempt: usize| {
-        let bind = format!("{address}:0");
-        let name = format!("guesser{attempt}");
-        let mut client =
-            TestClient::join(&format!("127.0.0.1:{port}"), &name, &["--fingerprint", &fp, "--bind", &bind]);
+        let mut client = join_from(&server, address, &format!("guesser{attempt}"));
         client.expect_joined("Lobby");
         client.send("/join Staff guess");
         let error = client.expect_event("error");

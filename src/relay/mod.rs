@@ -425,11 +425,10 @@ impl Relay {
                 };
                 let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
                 let over_rate = !bucket.try_take(now, 1) || (bytes > 0 && !state.chat_bytes.try_take(now, bytes));
-                // A client that keeps going over its rate after being told is let go: being
-                // refused costs the server too.
-                // Only control requests count: messages and bundle fetches over their rates are
-                // refused, and a client sends them again on its own with back-off (key
-                // deliveries in a large channel can run over for a while).
+                // A client that keeps sending control requests over its rate after being
+                // refused is let go: refusing costs the server too. Messages and bundle
+                // fetches over their rates are only refused: our clients send them again with
+                // back-off (key deliveries in a large channel can run over for a while).
                 let control = !is_message && !matches!(msg, ClientMsg::FetchBundle { .. });
                 if over_rate && control && !state.strikes.try_take(now, 1) {
                     self.close(now, conn, Refusal::new(ErrorCode::RateLimited, "far too many requests; disconnected"));
@@ -504,8 +503,8 @@ impl Relay {
     }
 
     fn connect(&mut self, now: Instant, conn: ConnId, source: Source) {
+        let pending = self.pending_count();
         let limits = &self.config.limits;
-        let pending = self.conns.values().filter(|c| c.user.is_none()).count();
         let from_source = self.conns.values().filter(|c| c.source == source);
         let (here, pending_here) = from_source.fold((0, 0), |(n, p), c| (n + 1, p + usize::from(c.user.is_none())));
         let refusal = if here >= limits.max_connections_per_source as usize {
@@ -814,6 +813,15 @@ impl Relay {
     ) -> Result<(), Refusal> {
         self.check_new_channel(&new)?;
         let limits = &self.config.limits;
+        // A request that is refused anyway spends none of the creation rate.
+        if let Some(password) = &password
+            && (password.is_empty() || password.chars().count() > limits.max_password_len as usize)
+        {
+            return Err(Refusal::new(
+                ErrorCode::InvalidRequest,
+                format!("a password must be 1 to {} characters", limits.max_password_len),
+            ));
+        }
         let creator = self.user(conn).session;
         let kept = self.channels.values().filter(|c| c.creator == Some(creator)).count();
         if kept >= limits.max_temporary_channels_per_user as usize {
@@ -833,12 +841,6 @@ impl Relay {
             return Err(Refusal::new(ErrorCode::RateLimited, "channels are being created too fast from your address"));
         }
         if let Some(password) = password {
-            if password.is_empty() || password.chars().count() > self.config.limits.max_password_len as usize {
-                return Err(Refusal::new(
-                    ErrorCode::InvalidRequest,
-                    format!("a password must be 1 to {} characters", self.config.limits.max_password_len),
-                ));
-            }
             self.conns.get_mut(&conn).expect("requests come from known connections").pending =
                 Some(Pending::Create(new));
             self.outputs.push_back(Output::HashPassword { conn, password });

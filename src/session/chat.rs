@@ -195,6 +195,12 @@ impl Session {
         self.users.get(&session).map(|u| format!("{}/{}", self.chat.server_id, canonical_name(&u.name)))
     }
 
+    /// Whether `session` is in the channel we are in (never when we are in none).
+    fn in_our_channel(&self, session: SessionId) -> bool {
+        let theirs = self.users.get(&session).and_then(|u| u.channel);
+        theirs.is_some() && theirs == self.channel()
+    }
+
     /// What we know of `session`'s identity, if there is anything to show (verified, or
     /// changed); never for ourselves.
     pub(super) fn trust_event(&self, session: SessionId) -> Option<Event> {
@@ -346,7 +352,7 @@ impl Session {
             self.chat.key_retries.iter().filter(|(_, r)| r.due <= now).map(|(s, r)| (*s, r.attempt)).collect();
         for (member, attempt) in due {
             self.chat.key_retries.remove(&member);
-            if self.users.get(&member).and_then(|u| u.channel).is_some_and(|c| Some(c) == self.channel()) {
+            if self.in_our_channel(member) {
                 self.send_sender_key(member, now, attempt + 1);
             }
         }
@@ -436,7 +442,7 @@ impl Session {
             Err(e) => return self.events.push_back(Event::local_error("e2ee", e)),
         }
         self.chat.dirty = true;
-        if self.chat.need_sender_key.remove(&peer) && self.users.get(&peer).and_then(|u| u.channel) == self.channel() {
+        if self.chat.need_sender_key.remove(&peer) && self.in_our_channel(peer) {
             self.send_sender_key(peer, now, 1);
         }
         self.flush_channel_queue(now);
@@ -538,7 +544,7 @@ impl Session {
         if self.chat.e2ee.has_session(&peer) {
             // It came under the pinned key: whoever holds that is still there, so what we
             // held back from this member goes to that key again.
-            if self.chat.withheld.remove(&from) && self.users.get(&from).and_then(|u| u.channel) == self.channel() {
+            if self.chat.withheld.remove(&from) && self.in_our_channel(from) {
                 self.send_sender_key(from, now, 1);
             }
         } else if opened.identity == IdentityStatus::Changed {
@@ -666,7 +672,7 @@ impl Session {
             Some(Sent::Text) => self.events.push_back(Event::Delivered { reached, total }),
             Some(Sent::Key { to, distribution, attempt }) if reached == 0 => {
                 let current = self.chat.epoch.is_some_and(|(_, d)| d == distribution);
-                let here = self.users.get(&to).and_then(|u| u.channel).is_some_and(|c| Some(c) == self.channel());
+                let here = self.in_our_channel(to);
                 if !(current && here) {
                     return;
                 }
@@ -734,7 +740,7 @@ impl Session {
         } else if self.chat.queued.contains_key(&user) {
             self.fetch_bundle(user, now);
         }
-        if self.channel().is_some() && self.users.get(&user).and_then(|u| u.channel) == self.channel() {
+        if self.in_our_channel(user) {
             self.send_sender_key(user, now, 1);
         }
     }
