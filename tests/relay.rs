@@ -6,7 +6,7 @@ use voipc::net::client::connect;
 use voipc::net::tls::PinPolicy;
 use voipc::protocol::{ClientMsg, ServerLink, ServerMsg, encode_frame};
 
-use crate::support::{TIMEOUT, TestClient, TestServer};
+use crate::support::{Impairer, TIMEOUT, TestClient, TestServer, voipc};
 
 const TWO_CHANNELS: &str = r#"
 [[channels]]
@@ -420,6 +420,34 @@ fn a_control_flood_is_refused_then_disconnected_and_others_chat_on() {
     alice.send("/msg bob still fine");
     let dm = bob.expect("alice's dm", |e| e["event"] == "message" && e["from"] == "alice");
     assert_eq!(dm["text"], "still fine");
+}
+
+#[test]
+fn a_voice_flood_leaves_another_speakers_voice_whole_on_a_slow_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None);
+    // The listener's link carries 320 kbit/s: less than the flood (10 × 160-byte datagrams
+    // every 20 ms, 640 kbit/s) and the voice beside it, so a flood passed on whole would
+    // take a third of the voice with it.
+    let slow = Impairer::start(&server.addr, &["--down-kbps", "320"]);
+    let output = voipc()
+        .args(["bench", "flood", "--target", &slow.addr, "--fingerprint", &server.fingerprint])
+        .args(["--factor", "10", "--secs", "8"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let flood: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    println!("media flood at 10x voice rate over a 320 kbit/s link: {flood}");
+    let share = |what: &str| {
+        flood[format!("{what}_received")].as_f64().unwrap() / flood[format!("{what}_sent")].as_f64().unwrap()
+    };
+    assert!(share("speaker") >= 0.99, "the speaker's voice got through whole: {flood}");
+    // The flooder's voice reaches the others at the voice cap (100 a second, 25 at once).
+    let flooder_received = flood["flooder_received"].as_f64().unwrap();
+    assert!(flooder_received <= 100.0 * 8.5 + 25.0, "{flood}");
+    // Its delay does not grow: the later half's median is within the earlier half's spread.
+    let ms = |what: &str| flood[what].as_f64().unwrap();
+    assert!(ms("second_half_p50_ms") <= ms("first_half_p95_ms").max(2.0 * ms("first_half_p50_ms")), "{flood}");
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use serde::Serialize;
 use tokio::net::UdpSocket;
 use tokio::task::JoinSet;
 
@@ -201,6 +202,91 @@ impl Group {
             total.latencies_us.extend(part.latencies_us);
         }
         total
+    }
+}
+
+/// What one speaker's voice went through while another member flooded the channel.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FloodMeasured {
+    pub speaker_sent: u64,
+    pub speaker_received: u64,
+    pub flooder_sent: u64,
+    pub flooder_received: u64,
+    /// The speaker's one-way latency, ms: median and 95th percentile in the first and the
+    /// second half of the window (a queue that grows shows as a later half slower).
+    pub first_half_p50_ms: f64,
+    pub first_half_p95_ms: f64,
+    pub second_half_p50_ms: f64,
+    pub second_half_p95_ms: f64,
+}
+
+impl Group {
+    /// The first member listens, the second speaks at voice rate and the third sends
+    /// `factor` times as many datagrams of the same size, evenly spread, for `window`.
+    pub async fn flood(&self, base: Instant, factor: u32, window: Duration) -> anyhow::Result<FloodMeasured> {
+        let [listener, speaker, flooder, ..] = &self.members[..] else { bail!("a flood needs three members") };
+        let Path::Quic { header: speaker_header, .. } = speaker else { bail!("the flood bench runs over QUIC") };
+        let speaker_id = speaker_header.sender;
+        let start = Instant::now() + Duration::from_millis(500);
+        let end = start + window;
+        let half = start + window / 2;
+        let send = |member: &Path, interval: Duration| {
+            let member = member.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(start.into(), interval);
+                let mut sent = 0u64;
+                for sequence in 0u32.. {
+                    if tick.tick().await.into_std() >= end {
+                        break;
+                    }
+                    let ns = Instant::now().duration_since(base).as_nanos() as u64;
+                    member.send(member.datagram(sequence, ns)).await;
+                    sent += 1;
+                }
+                sent
+            })
+        };
+        let speaking = send(speaker, PACKET_INTERVAL);
+        let flooding = send(flooder, PACKET_INTERVAL / factor.max(1));
+        let mut measured = FloodMeasured::default();
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        let mut buf = [0u8; 2048];
+        let stop = tokio::time::sleep_until((end + Duration::from_millis(500)).into());
+        tokio::pin!(stop);
+        loop {
+            let len = tokio::select! {
+                () = &mut stop => break,
+                len = listener.recv(&mut buf) => match len { Some(len) => len, None => break },
+            };
+            let Ok((header, _)) = MediaHeader::parse(&buf[..len]) else { continue };
+            let Some(stamp) = buf[..len].get(STAMP_AT..STAMP_AT + 8) else { continue };
+            let sent_at = base + Duration::from_nanos(u64::from_be_bytes(stamp.try_into().expect("8 bytes")));
+            if header.sender != speaker_id {
+                measured.flooder_received += 1;
+                continue;
+            }
+            measured.speaker_received += 1;
+            let latency_us = Instant::now().saturating_duration_since(sent_at).as_micros();
+            if sent_at < half { &mut first } else { &mut second }.push(latency_us.min(u128::from(u32::MAX)) as u32);
+        }
+        measured.speaker_sent = speaking.await?;
+        measured.flooder_sent = flooding.await?;
+        first.sort_unstable();
+        second.sort_unstable();
+        (measured.first_half_p50_ms, measured.first_half_p95_ms) =
+            (percentile_ms(&first, 0.5), percentile_ms(&first, 0.95));
+        (measured.second_half_p50_ms, measured.second_half_p95_ms) =
+            (percentile_ms(&second, 0.5), percentile_ms(&second, 0.95));
+        Ok(measured)
+    }
+}
+
+/// The `p` quantile of sorted latencies in microseconds, in milliseconds (NaN when
+/// there are none).
+pub fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
+    match sorted_us.len() {
+        0 => f64::NAN,
+        n => f64::from(sorted_us[((n - 1) as f64 * p).round() as usize]) / 1000.0,
     }
 }
 

@@ -26,7 +26,7 @@ use crate::audio::quality::compare;
 use crate::audio::wav::read_voice;
 use crate::crypto::vault::{KdfParams, Vault};
 use crate::protocol::{Fingerprint, ServerLink};
-use load::{DATAGRAM_LEN, Group, Measured, PACKET_INTERVAL};
+use load::{DATAGRAM_LEN, Group, Measured, PACKET_INTERVAL, percentile_ms};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -75,6 +75,19 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One member floods a channel at `factor` times voice rate while another speaks:
+    /// how much of the speaker's voice a third member gets, and how late.
+    Flood {
+        /// A running `voipc serve` (or an impairer in front of one).
+        #[arg(long, value_name = "ADDR")]
+        target: ServerLink,
+        #[arg(long, value_name = "FP")]
+        fingerprint: Fingerprint,
+        #[arg(long, default_value_t = 10)]
+        factor: u32,
+        #[arg(long, default_value_t = 8.0)]
+        secs: f64,
+    },
     /// A UDP forwarder that loses and delays datagrams (`just bad-network` puts it
     /// between clients and server where the kernel has no tc netem).
     #[command(hide = true)]
@@ -89,6 +102,10 @@ enum BenchCommand {
         /// Maximum added delay per direction, milliseconds.
         #[arg(long, default_value_t = 0)]
         jitter_ms: u64,
+        /// The server-to-client link's rate, kilobits per second (a queue of at most
+        /// 100 ms, then drops); unlimited when absent.
+        #[arg(long)]
+        down_kbps: Option<u32>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -134,9 +151,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || codec::run(window, json)).await.context("codec bench failed")?
         }
         BenchCommand::Voice { rounds, json } => voice::run(rounds.max(1), json).await,
-        BenchCommand::Impair { listen, to, loss, jitter_ms, seed } => {
-            let how = impair::Impairment { loss: loss.clamp(0.0, 1.0), jitter: Duration::from_millis(jitter_ms) };
+        BenchCommand::Impair { listen, to, loss, jitter_ms, down_kbps, seed } => {
+            let how = impair::Impairment {
+                loss: loss.clamp(0.0, 1.0),
+                jitter: Duration::from_millis(jitter_ms),
+                down_bytes_per_sec: down_kbps.map(|kbps| f64::from(kbps.max(1)) * 1000.0 / 8.0),
+            };
             impair::run(listen, to, how, seed).await
+        }
+        BenchCommand::Flood { target, fingerprint, factor, secs } => {
+            let window = Duration::from_secs_f64(secs.clamp(1.0, 600.0));
+            let group = Group::quic(&target, fingerprint, 3, &format!("flood-{}", std::process::id())).await?;
+            let measured = group.flood(Instant::now(), factor.clamp(1, 100), window).await?;
+            println!("{}", serde_json::to_string(&measured)?);
+            Ok(())
         }
         BenchCommand::Compare { source, recording } => {
             let (source, recording) = (read_voice(&source)?, read_voice(&recording)?);
@@ -295,13 +323,6 @@ impl Level {
         let secs = window.as_secs_f64();
         let mut latencies = m.latencies_us.clone();
         latencies.sort_unstable();
-        let percentile = |p: f64| -> f64 {
-            if latencies.is_empty() {
-                return f64::NAN;
-            }
-            let at = ((latencies.len() - 1) as f64 * p).round() as usize;
-            f64::from(latencies[at]) / 1000.0
-        };
         let offered = (members * (members - 1)) as f64 * 1000.0 / PACKET_INTERVAL.as_millis() as f64;
         Level {
             members,
@@ -309,8 +330,8 @@ impl Level {
             forwarded_per_sec: m.received as f64 / secs,
             loss: if m.expected == 0 { 0.0 } else { 1.0 - m.received as f64 / m.expected as f64 }.max(0.0),
             cpu_s_per_million: cpu.filter(|_| m.received > 0).map(|c| c / m.received as f64 * 1e6),
-            p50_ms: percentile(0.50),
-            p99_ms: percentile(0.99),
+            p50_ms: percentile_ms(&latencies, 0.50),
+            p99_ms: percentile_ms(&latencies, 0.99),
         }
     }
 }

@@ -74,6 +74,11 @@ pub struct Limits {
     /// The defaults carry 1080p screen share plus voice with room for keyframe bursts.
     pub media_packets_per_sec: u32,
     pub media_bytes_per_sec: u32,
+    /// Within those, voice (and probe) datagrams per second per connection and their
+    /// bytes: twice what a talker sends, so that a member flooding a channel with voice
+    /// reaches the others (and their links) at no more than that.
+    pub voice_packets_per_sec: u32,
+    pub voice_bytes_per_sec: u32,
     /// Wrong channel passwords a connection may try before each further try waits,
     /// with the wait doubling up to `password_backoff_max_secs`.
     pub password_attempts_before_delay: u32,
@@ -127,6 +132,8 @@ impl Default for Limits {
             control_burst: 40,
             media_packets_per_sec: 4000,
             media_bytes_per_sec: 4_000_000,
+            voice_packets_per_sec: 100,
+            voice_bytes_per_sec: 24_000,
             password_attempts_before_delay: 3,
             password_backoff_max_secs: 60,
             max_invite_ttl_secs: 7 * 24 * 3600,
@@ -313,6 +320,8 @@ impl Limits {
             ("control_burst", u64::from(self.control_burst)),
             ("media_packets_per_sec", u64::from(self.media_packets_per_sec)),
             ("media_bytes_per_sec", u64::from(self.media_bytes_per_sec)),
+            ("voice_packets_per_sec", u64::from(self.voice_packets_per_sec)),
+            ("voice_bytes_per_sec", u64::from(self.voice_bytes_per_sec)),
             ("max_invite_ttl_secs", u64::from(self.max_invite_ttl_secs)),
             ("max_invite_uses", u64::from(self.max_invite_uses)),
             ("chat_messages_per_sec", u64::from(self.chat_messages_per_sec)),

@@ -20,11 +20,19 @@ use super::framing::{ReadFrameError, read_frame};
 use super::tls::{Identity, server_tls};
 use crate::config::Limits;
 use crate::protocol::{ClientMsg, ErrorCode, Fingerprint, FrameError, ServerMsg, encode_frame};
+use crate::relay::leg::{LegDrops, LegQueue};
 use crate::relay::metrics::ShellCounts;
 use crate::relay::{ConnId, Input, Output, Relay, Source, password};
 
 /// Control frames queued for one slow client before it is disconnected.
 const CONTROL_QUEUE: usize = 1024;
+
+/// Media waiting for a receiver's full link is dropped after this long: late voice is
+/// worse than none. With quinn's own small buffer ([`super::DATAGRAM_SEND_BUFFER`]) on
+/// top, media waits at most about 100 ms on a link of 1 Mbit/s.
+const LEG_MAX_AGE: Duration = Duration::from_millis(60);
+/// Bytes of media waiting for one receiver at most.
+const LEG_MAX_BYTES: usize = 64 * 1024;
 
 /// How long a closing connection gets to read its last error message.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -71,6 +79,59 @@ struct ConnHandle {
     control: mpsc::Sender<Outgoing>,
     /// Bytes in `control` not written yet.
     queued: Arc<AtomicUsize>,
+    leg: Arc<Leg>,
+}
+
+/// Media on its way to one receiver: straight to quinn while the link keeps up, else
+/// through the per-sender queues of [`LegQueue`], which [`drain_leg`] empties as quinn
+/// takes more.
+struct Leg {
+    queue: Mutex<LegQueue>,
+    waiting: Notify,
+}
+
+impl Leg {
+    fn new() -> Leg {
+        Leg { queue: Mutex::new(LegQueue::new(LEG_MAX_AGE, LEG_MAX_BYTES)), waiting: Notify::new() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LegQueue> {
+        self.queue.lock().expect("leg lock is never poisoned: queue calls do not panic")
+    }
+
+    fn forward(&self, connection: &quinn::Connection, from: ConnId, datagram: Bytes, counts: &ShellCounters) {
+        let mut queue = self.lock();
+        if queue.is_empty() && connection.datagram_send_buffer_space() >= datagram.len() {
+            drop(queue);
+            // A receiver that is gone or cannot take this size simply misses it.
+            let _ = connection.send_datagram(datagram);
+            return;
+        }
+        queue.push(Instant::now(), from, datagram);
+        counts.add_media_drops(queue.take_drops());
+        drop(queue);
+        self.waiting.notify_one();
+    }
+}
+
+/// Hands what waits on a leg to quinn, in the queue's order, as fast as quinn takes it.
+async fn drain_leg(leg: Arc<Leg>, connection: quinn::Connection, shared: Arc<Shared>) {
+    loop {
+        leg.waiting.notified().await;
+        loop {
+            let next = {
+                let mut queue = leg.lock();
+                let next = queue.pop(Instant::now());
+                shared.counts.add_media_drops(queue.take_drops());
+                next
+            };
+            let Some(datagram) = next else { break };
+            // Too large for this receiver, or datagrams off: it misses this one.
+            if let Err(quinn::SendDatagramError::ConnectionLost(_)) = connection.send_datagram_wait(datagram).await {
+                return;
+            }
+        }
+    }
 }
 
 enum Outgoing {
@@ -221,6 +282,8 @@ struct ShellCounters {
     retries_sent: std::sync::atomic::AtomicU64,
     handshakes_failed: std::sync::atomic::AtomicU64,
     slow_clients_disconnected: std::sync::atomic::AtomicU64,
+    media_dropped_stale: std::sync::atomic::AtomicU64,
+    media_dropped_overflow: std::sync::atomic::AtomicU64,
 }
 
 impl ShellCounters {
@@ -231,6 +294,15 @@ impl ShellCounters {
             retries_sent: read(&self.retries_sent),
             handshakes_failed: read(&self.handshakes_failed),
             slow_clients_disconnected: read(&self.slow_clients_disconnected),
+            media_dropped_stale: read(&self.media_dropped_stale),
+            media_dropped_overflow: read(&self.media_dropped_overflow),
+        }
+    }
+
+    fn add_media_drops(&self, drops: LegDrops) {
+        if drops != LegDrops::default() {
+            self.media_dropped_stale.fetch_add(drops.stale, Ordering::Relaxed);
+            self.media_dropped_overflow.fetch_add(drops.overflow, Ordering::Relaxed);
         }
     }
 }
@@ -340,11 +412,13 @@ impl Shared {
     async fn serve_connection(self: Arc<Self>, connection: quinn::Connection) {
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let queued = Arc::new(AtomicUsize::new(0));
+        let leg = Arc::new(Leg::new());
         let id = {
             let mut state = self.lock();
             let id = ConnId(state.next_conn);
             state.next_conn += 1;
-            let handle = ConnHandle { connection: connection.clone(), control: tx, queued: queued.clone() };
+            let handle =
+                ConnHandle { connection: connection.clone(), control: tx, queued: queued.clone(), leg: leg.clone() };
             state.conns.insert(id, handle);
             self.input(&mut state, id, Input::Connected { source: Source::of(connection.remote_address().ip()) });
             id
@@ -354,9 +428,11 @@ impl Shared {
             debug!("connected");
             if let Some((send, recv, rx)) = wait_for_control_stream(&connection, rx, &queued).await {
                 let datagrams = tokio::spawn(self.clone().forward_datagrams(id, connection.clone()));
+                let drain = tokio::spawn(drain_leg(leg, connection.clone(), self.clone()));
                 tokio::spawn(write_control(send, rx, connection.clone(), queued.clone()));
                 self.read_control(id, recv).await;
                 datagrams.abort();
+                drain.abort();
             }
             let mut state = self.lock();
             state.conns.remove(&id);
@@ -391,21 +467,20 @@ impl Shared {
 
     async fn forward_datagrams(self: Arc<Self>, id: ConnId, connection: quinn::Connection) {
         let mut to = Vec::new();
-        let mut targets: Vec<quinn::Connection> = Vec::new();
+        let mut targets: Vec<(quinn::Connection, Arc<Leg>)> = Vec::new();
         while let Ok(datagram) = connection.read_datagram().await {
             {
                 let mut guard = self.lock();
                 let state = &mut *guard;
                 match state.relay.route_datagram(Instant::now(), id, &datagram, &mut to) {
-                    Ok(()) => {
-                        targets.extend(to.iter().filter_map(|c| state.conns.get(c).map(|h| h.connection.clone())))
-                    }
+                    Ok(()) => targets.extend(
+                        to.iter().filter_map(|c| state.conns.get(c).map(|h| (h.connection.clone(), h.leg.clone()))),
+                    ),
                     Err(reason) => debug!(%reason, "datagram dropped"),
                 }
             }
-            for target in targets.drain(..) {
-                // A receiver that is gone or cannot take this size simply misses it.
-                let _ = target.send_datagram(Bytes::clone(&datagram));
+            for (target, leg) in targets.drain(..) {
+                leg.forward(&target, id, Bytes::clone(&datagram), &self.counts);
             }
         }
     }

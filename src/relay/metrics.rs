@@ -12,6 +12,9 @@ pub struct ShellCounts {
     pub retries_sent: u64,
     pub handshakes_failed: u64,
     pub slow_clients_disconnected: u64,
+    /// Media dropped on the way to a receiver whose link was full (see [`super::leg`]).
+    pub media_dropped_stale: u64,
+    pub media_dropped_overflow: u64,
 }
 
 /// The text served at `/metrics`.
@@ -32,13 +35,15 @@ pub fn render(relay: &Relay, shell: &ShellCounts) -> String {
     metric(
         "datagrams_forwarded_total",
         "counter",
-        "Media datagrams sent on, per receiver.",
+        "Media datagrams routed to receivers (one per receiver).",
         &one(stats.datagrams_forwarded),
     );
     metric("bytes_forwarded_total", "counter", "Media bytes sent on, per receiver.", &one(stats.bytes_forwarded));
     let dropped = [
         ("{reason=\"rate_limited\"}".to_owned(), stats.dropped_rate_limited),
         ("{reason=\"invalid\"}".to_owned(), stats.dropped_invalid),
+        ("{reason=\"stale\"}".to_owned(), shell.media_dropped_stale),
+        ("{reason=\"queue_full\"}".to_owned(), shell.media_dropped_overflow),
     ];
     metric("datagrams_dropped_total", "counter", "Media datagrams dropped, by reason.", &dropped);
     metric("connections_refused_total", "counter", "Connections refused at once.", &one(stats.refused_connections));

@@ -6,6 +6,7 @@
 //! or reads the clock, so every scenario here runs in tests on a virtual clock.
 
 pub mod keys;
+pub mod leg;
 pub mod limits;
 pub mod metrics;
 pub mod password;
@@ -20,7 +21,7 @@ use zeroize::Zeroizing;
 use crate::config::{Limits, ServerConfig};
 use crate::protocol::{
     ChannelId, ChannelInfo, ClientMsg, ErrorCode, JoinRequest, MediaHeader, MediaHeaderError, PROTOCOL_VERSION,
-    ServerMsg, SessionId, UserInfo, VoiceState, canonical_name, check_visible,
+    ServerMsg, SessionId, StreamType, UserInfo, VoiceState, canonical_name, check_visible,
 };
 use keys::{BundleError, StoredBundle};
 use limits::TokenBucket;
@@ -216,6 +217,9 @@ struct Conn {
     source: Source,
     media_packets: TokenBucket,
     media_bytes: TokenBucket,
+    /// Voice and probe datagrams, within the media caps.
+    voice_packets: TokenBucket,
+    voice_bytes: TokenBucket,
     /// A slow password operation the shell is doing for this connection.
     pending: Option<Pending>,
 }
@@ -496,7 +500,13 @@ impl Relay {
             return Err(DropReason::NotInChannel);
         }
         let bytes = u32::try_from(datagram.len()).unwrap_or(u32::MAX);
-        if !conn.media_packets.try_take(now, 1) || !conn.media_bytes.try_take(now, bytes) {
+        let voice_ok = match header.stream {
+            StreamType::Voice | StreamType::Probe => {
+                conn.voice_packets.try_take(now, 1) && conn.voice_bytes.try_take(now, bytes)
+            }
+            StreamType::Screen => true,
+        };
+        if !voice_ok || !conn.media_packets.try_take(now, 1) || !conn.media_bytes.try_take(now, bytes) {
             return Err(DropReason::RateLimited);
         }
         Ok(header.channel)
@@ -536,6 +546,9 @@ impl Relay {
                 source,
                 media_packets: TokenBucket::new(now, limits.media_packets_per_sec, media_burst),
                 media_bytes: TokenBucket::new(now, limits.media_bytes_per_sec, limits.media_bytes_per_sec / 2),
+                // A quarter of a second's worth at once: a talker catching up after a stall.
+                voice_packets: TokenBucket::new(now, limits.voice_packets_per_sec, limits.voice_packets_per_sec / 4),
+                voice_bytes: TokenBucket::new(now, limits.voice_bytes_per_sec, limits.voice_bytes_per_sec / 4),
                 pending: None,
             },
         );

@@ -669,12 +669,39 @@ fn media_over_the_rate_cap_is_dropped_and_counted() {
     let mut sim = Sim::with(config(vec![channel("Lobby", None, 0)], limits));
     let a = sim.hello("a", None);
     let _b = sim.hello("b", None);
-    let datagram = sim.datagram(a, sim.channel_id("Lobby"));
+    let screen = |sim: &Sim| {
+        let voice = sim.datagram(a, sim.channel_id("Lobby"));
+        let (header, payload) = MediaHeader::parse(&voice).unwrap();
+        MediaHeader { stream: StreamType::Screen, ..header }.to_datagram(payload)
+    };
+    let datagram = screen(&sim);
     let sent = (0..80).filter(|_| sim.route(a, &datagram).is_ok()).count();
     assert_eq!(sent, 50, "burst is half a second of the rate");
     assert_eq!(sim.relay.stats().dropped_rate_limited, 30);
     sim.now += Duration::from_millis(100);
     assert_eq!((0..80).filter(|_| sim.route(a, &datagram).is_ok()).count(), 10);
+}
+
+#[test]
+fn voice_beyond_twice_a_talkers_rate_is_dropped_and_screen_share_is_not_held_to_it() {
+    let mut sim = Sim::new();
+    let a = sim.hello("a", None);
+    let _b = sim.hello("b", None);
+    let voice = sim.datagram(a, sim.channel_id("Lobby"));
+    // 100 a second, a quarter of a second of that at once.
+    assert_eq!((0..200).filter(|_| sim.route(a, &voice).is_ok()).count(), 25);
+    sim.now += Duration::from_millis(200);
+    assert_eq!((0..200).filter(|_| sim.route(a, &voice).is_ok()).count(), 20);
+    let (header, payload) = MediaHeader::parse(&voice).unwrap();
+    let screen = MediaHeader { stream: StreamType::Screen, ..header }.to_datagram(payload);
+    assert_eq!((0..200).filter(|_| sim.route(a, &screen).is_ok()).count(), 200, "under the media cap");
+    // A talker at 50 a second never meets the cap.
+    sim.now += Duration::from_secs(1);
+    let talked = (0..500).filter(|_| {
+        sim.now += Duration::from_millis(20);
+        sim.route(a, &voice).is_ok()
+    });
+    assert_eq!(talked.count(), 500);
 }
 
 #[test]

@@ -120,6 +120,38 @@ impl Drop for TestServer {
     }
 }
 
+/// A running `voipc bench impair` in front of a server: loss, delay and slow links.
+pub struct Impairer {
+    child: Child,
+    /// Where clients connect instead of the server.
+    pub addr: String,
+}
+
+impl Impairer {
+    /// Forwards to `server` (host:port) with `args` (`--loss`, `--down-kbps`, ...).
+    pub fn start(server: &str, args: &[&str]) -> Impairer {
+        let mut child = voipc()
+            .args(["bench", "impair", "--listen", "127.0.0.1:0", "--to", server])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = line_reader(child.stdout.take().unwrap());
+        let line = lines.recv_timeout(TIMEOUT).expect("the impairer prints its address");
+        let event: Value = serde_json::from_str(&line).unwrap();
+        Impairer { child, addr: event["addr"].as_str().unwrap().to_owned() }
+    }
+}
+
+impl Drop for Impairer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running `voipc join --json`.
 pub struct TestClient {
     child: Child,
