@@ -47,9 +47,11 @@ serve *args: build
 join *args: build
     ./target/release/voipc join "$@"
 
-# The whole test suite: unit tests, then the real binary end to end.
+# The whole test suite: unit tests, then the real binary end to end; last, one at a time,
+# the attacks whose figures need the machine to themselves.
 test: setup
     cargo test --all-targets
+    cargo test --test main -- --ignored --test-threads=1 --nocapture
 
 # Relay throughput and latency against a plain-UDP baseline, vault unlock time, chat message rates, voice codec and SFrame costs, then the micro-benchmarks.
 bench *args: build

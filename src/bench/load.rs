@@ -247,7 +247,10 @@ impl Group {
             })
         };
         let speaking = send(speaker, PACKET_INTERVAL);
-        let flooding = send(flooder, PACKET_INTERVAL / factor.max(1));
+        let flooding = match factor {
+            0 => tokio::spawn(async { 0 }),
+            _ => send(flooder, PACKET_INTERVAL / factor),
+        };
         let mut measured = FloodMeasured::default();
         let (mut first, mut second) = (Vec::new(), Vec::new());
         let mut buf = [0u8; 2048];

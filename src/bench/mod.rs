@@ -5,6 +5,7 @@
 //! voice rate, level by level, and does the same against a plain-UDP fan-out relay.
 #![allow(clippy::disallowed_methods, reason = "a benchmark measures wall-clock time")]
 
+mod attack;
 mod chat;
 mod codec;
 mod impair;
@@ -83,9 +84,44 @@ enum BenchCommand {
         target: ServerLink,
         #[arg(long, value_name = "FP")]
         fingerprint: Fingerprint,
+        /// 0: the flooder stays silent (a plain talker and listener).
         #[arg(long, default_value_t = 10)]
         factor: u32,
         #[arg(long, default_value_t = 8.0)]
+        secs: f64,
+    },
+    /// `handshakes` connections at once that never say hello, and garbage datagrams,
+    /// while a newcomer joins: how long the newcomer took.
+    HandshakeFlood {
+        #[arg(long, value_name = "ADDR")]
+        target: ServerLink,
+        #[arg(long, value_name = "FP")]
+        fingerprint: Fingerprint,
+        #[arg(long, default_value_t = 640)]
+        handshakes: usize,
+        #[arg(long, default_value_t = 2000)]
+        garbage_per_sec: u32,
+        #[arg(long, default_value_t = 8.0)]
+        secs: f64,
+    },
+    /// `count` clients connecting and saying hello at once (through an impairer: the
+    /// handshake-under-loss case).
+    Handshakes {
+        #[arg(long, value_name = "ADDR")]
+        target: ServerLink,
+        #[arg(long, value_name = "FP")]
+        fingerprint: Fingerprint,
+        #[arg(long, default_value_t = 50)]
+        count: usize,
+    },
+    /// Bytes the server sends to an address that never proves itself, against the bytes
+    /// it got from there.
+    Amplification {
+        #[arg(long, value_name = "ADDR")]
+        target: ServerLink,
+        #[arg(long, value_name = "FP")]
+        fingerprint: Fingerprint,
+        #[arg(long, default_value_t = 4.0)]
         secs: f64,
     },
     /// A UDP forwarder that loses and delays datagrams (`just bad-network` puts it
@@ -159,10 +195,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             };
             impair::run(listen, to, how, seed).await
         }
+        BenchCommand::HandshakeFlood { target, fingerprint, handshakes, garbage_per_sec, secs } => {
+            let window = Duration::from_secs_f64(secs.clamp(2.0, 600.0));
+            let report =
+                attack::handshake_flood(&target, fingerprint, handshakes.min(4096), garbage_per_sec, window).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        BenchCommand::Handshakes { target, fingerprint, count } => {
+            let report = attack::handshakes(&target, fingerprint, count.min(1000)).await;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        BenchCommand::Amplification { target, fingerprint, secs } => {
+            let window = Duration::from_secs_f64(secs.clamp(0.5, 60.0));
+            let report = attack::amplification(&target, fingerprint, window).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         BenchCommand::Flood { target, fingerprint, factor, secs } => {
             let window = Duration::from_secs_f64(secs.clamp(1.0, 600.0));
             let group = Group::quic(&target, fingerprint, 3, &format!("flood-{}", std::process::id())).await?;
-            let measured = group.flood(Instant::now(), factor.clamp(1, 100), window).await?;
+            let measured = group.flood(Instant::now(), factor.min(100), window).await?;
             println!("{}", serde_json::to_string(&measured)?);
             Ok(())
         }

@@ -65,7 +65,9 @@ pub struct Limits {
     pub max_password_len: u32,
     /// Connections that have not said hello yet, at once.
     pub max_pending_connections: u32,
-    /// A connection that has not said hello by then is closed.
+    /// A connection that has not said hello by then is closed. Long, for clients on bad
+    /// networks: when connections that have not said hello fill `max_pending_connections`,
+    /// the one waiting longest is closed for a newcomer anyway.
     pub hello_timeout_secs: u64,
     /// Control messages per second per connection (token bucket), and the burst allowed.
     pub control_messages_per_sec: u32,
@@ -115,6 +117,8 @@ pub struct Limits {
     /// With this many QUIC handshakes under way, new ones must first prove their source
     /// address (a stateless QUIC Retry), so spoofed packets hold no handshake slot.
     pub retry_above_pending_handshakes: u32,
+    /// QUIC handshakes one source may start a minute, twice `max_connections_per_source` at once.
+    pub handshakes_per_source_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -127,7 +131,7 @@ impl Default for Limits {
             max_description_len: 200,
             max_password_len: 128,
             max_pending_connections: 64,
-            hello_timeout_secs: 5,
+            hello_timeout_secs: 30,
             control_messages_per_sec: 20,
             control_burst: 40,
             media_packets_per_sec: 4000,
@@ -152,6 +156,7 @@ impl Default for Limits {
             max_temporary_channels_per_user: 3,
             channel_creations_per_minute: 6,
             retry_above_pending_handshakes: 8,
+            handshakes_per_source_per_minute: 60,
         }
     }
 }
@@ -333,6 +338,7 @@ impl Limits {
             ("max_pending_per_source", u64::from(self.max_pending_per_source)),
             ("max_temporary_channels_per_user", u64::from(self.max_temporary_channels_per_user)),
             ("channel_creations_per_minute", u64::from(self.channel_creations_per_minute)),
+            ("handshakes_per_source_per_minute", u64::from(self.handshakes_per_source_per_minute)),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("limits.{name} must be greater than 0"));

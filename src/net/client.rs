@@ -28,7 +28,7 @@ use crate::protocol::{
 use crate::session::{Chat, Command, Event, Session, parse_line};
 
 /// How long a connection attempt may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Bytes of payload in a `/probe` datagram: about one 20 ms Opus voice frame.
 pub const PROBE_PAYLOAD: usize = 160;
@@ -177,7 +177,8 @@ pub async fn connect_from(
     Ok(Connected { endpoint, connection, fingerprint })
 }
 
-async fn resolve(server: &str) -> Result<SocketAddr, ClientError> {
+/// The first address `server` (host:port) resolves to.
+pub async fn resolve(server: &str) -> Result<SocketAddr, ClientError> {
     let resolve_error = |reason: String| ClientError::Resolve { server: server.to_owned(), reason };
     tokio::net::lookup_host(server)
         .await

@@ -20,6 +20,7 @@ use super::framing::{ReadFrameError, read_frame};
 use super::tls::{Identity, server_tls};
 use crate::config::Limits;
 use crate::protocol::{ClientMsg, ErrorCode, Fingerprint, FrameError, ServerMsg, encode_frame};
+use crate::relay::handshakes::{Admission, HandshakeSlots};
 use crate::relay::leg::{LegDrops, LegQueue};
 use crate::relay::metrics::ShellCounts;
 use crate::relay::{ConnId, Input, Output, Relay, Source, password};
@@ -34,6 +35,11 @@ const LEG_MAX_AGE: Duration = Duration::from_millis(60);
 /// Bytes of media waiting for one receiver at most.
 const LEG_MAX_BYTES: usize = 64 * 1024;
 
+/// How long a QUIC handshake may take: long enough for one through heavy loss (each lost
+/// flight doubles the wait), and a slot held that long is the first to go when a newcomer
+/// needs one.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long a closing connection gets to read its last error message.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -46,8 +52,6 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     fingerprint: Fingerprint,
-    hello_timeout: Duration,
-    max_pending: u32,
     /// With this many handshakes under way, new ones get a QUIC Retry first.
     retry_above: u32,
 }
@@ -62,8 +66,15 @@ struct Shared {
     counts: ShellCounters,
     /// Wakes the timer task when the relay's next timeout may have moved earlier.
     timer: Notify,
-    /// Bounds connections still in the QUIC handshake.
-    handshakes: Arc<Semaphore>,
+    /// Connections still in the QUIC handshake.
+    handshakes: Mutex<Handshakes>,
+}
+
+/// The handshakes under way and their tasks, to abandon the oldest when a newcomer needs
+/// its slot.
+struct Handshakes {
+    slots: HandshakeSlots,
+    tasks: HashMap<u64, tokio::task::AbortHandle>,
 }
 
 struct State {
@@ -148,6 +159,8 @@ impl Server {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(super::transport_config());
+        // A Retry token must outlive the slowest handshake it starts.
+        config.retry_token_lifetime(HANDSHAKE_TIMEOUT);
         let endpoint = quinn::Endpoint::server(config, listen).with_context(|| format!("cannot listen on {listen}"))?;
         let max_pending = limits.max_pending_connections;
         let max_queued = limits.max_queued_control_bytes as usize;
@@ -157,16 +170,19 @@ impl Server {
             passwords: PasswordGate::new(PASSWORD_WORKERS, PASSWORD_QUEUE),
             counts: ShellCounters::default(),
             timer: Notify::new(),
-            handshakes: Arc::new(Semaphore::new(max_pending as usize)),
+            handshakes: Mutex::new(Handshakes {
+                slots: HandshakeSlots::new(
+                    max_pending as usize,
+                    limits.max_pending_per_source as usize,
+                    limits.handshakes_per_source_per_minute,
+                    // Room for a source's connections and as many again, so that a source
+                    // over its connection limit hears why from the relay.
+                    2 * limits.max_connections_per_source,
+                ),
+                tasks: HashMap::new(),
+            }),
         });
-        Ok(Server {
-            endpoint,
-            shared,
-            fingerprint,
-            hello_timeout: Duration::from_secs(limits.hello_timeout_secs),
-            max_pending,
-            retry_above: limits.retry_above_pending_handshakes,
-        })
+        Ok(Server { endpoint, shared, fingerprint, retry_above: limits.retry_above_pending_handshakes })
     }
 
     /// Serves the metrics at `http://{addr}/metrics` (a loopback address: the config
@@ -223,7 +239,7 @@ impl Server {
             while let Some(incoming) = self.endpoint.accept().await {
                 // Under load, a source proves it receives at its address before it gets a
                 // slot: Retry is stateless, so spoofed Initials hold nothing.
-                let pending = self.max_pending as usize - self.shared.handshakes.available_permits();
+                let pending = self.shared.lock_handshakes().slots.len();
                 if pending >= self.retry_above as usize && !incoming.remote_address_validated() && incoming.may_retry()
                 {
                     let remote = self.shared.logged(incoming.remote_address());
@@ -236,19 +252,36 @@ impl Server {
                     }
                     continue;
                 }
-                let Ok(permit) = self.shared.handshakes.clone().try_acquire_owned() else {
-                    let remote = self.shared.logged(incoming.remote_address());
-                    self.shared.counts.handshakes_refused.fetch_add(1, Ordering::Relaxed);
-                    debug!(%remote, "refusing: too many handshakes");
-                    incoming.refuse();
-                    continue;
+                let mut handshakes = self.shared.lock_handshakes();
+                let source = Source::of(incoming.remote_address().ip());
+                let (id, abandon) = match handshakes.slots.admit(Instant::now(), source) {
+                    Admission::Admitted { id, abandon } => (id, abandon),
+                    Admission::Refused => {
+                        drop(handshakes);
+                        let remote = self.shared.logged(incoming.remote_address());
+                        self.shared.counts.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                        debug!(%remote, "refusing: too many handshakes from this source, or too fast");
+                        incoming.refuse();
+                        continue;
+                    }
                 };
+                if let Some(task) = abandon.and_then(|old| handshakes.tasks.remove(&old)) {
+                    // Dropping its handshake closes that connection.
+                    task.abort();
+                    self.shared.counts.handshakes_abandoned.fetch_add(1, Ordering::Relaxed);
+                }
                 let shared = self.shared.clone();
-                let hello_timeout = self.hello_timeout;
-                tokio::spawn(async move {
+                // The task cannot end its handshake before this lock is let go, so its
+                // abort handle is in place before it removes it.
+                let task = tokio::spawn(async move {
                     let remote = shared.logged(incoming.remote_address());
-                    let connection = match tokio::time::timeout(hello_timeout, async { incoming.accept()?.await }).await
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async { incoming.accept()?.await }).await;
                     {
+                        let mut handshakes = shared.lock_handshakes();
+                        handshakes.slots.finish(id);
+                        handshakes.tasks.remove(&id);
+                    }
+                    let connection = match handshake {
                         Ok(Ok(connection)) => connection,
                         Ok(Err(e)) => {
                             shared.counts.handshakes_failed.fetch_add(1, Ordering::Relaxed);
@@ -259,9 +292,9 @@ impl Server {
                             return debug!(%remote, "handshake timed out");
                         }
                     };
-                    drop(permit);
                     shared.serve_connection(connection).await;
                 });
+                handshakes.tasks.insert(id, task.abort_handle());
             }
         };
         tokio::select! {
@@ -279,6 +312,7 @@ impl Server {
 #[derive(Default)]
 struct ShellCounters {
     handshakes_refused: std::sync::atomic::AtomicU64,
+    handshakes_abandoned: std::sync::atomic::AtomicU64,
     retries_sent: std::sync::atomic::AtomicU64,
     handshakes_failed: std::sync::atomic::AtomicU64,
     slow_clients_disconnected: std::sync::atomic::AtomicU64,
@@ -291,6 +325,7 @@ impl ShellCounters {
         let read = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
         ShellCounts {
             handshakes_refused: read(&self.handshakes_refused),
+            handshakes_abandoned: read(&self.handshakes_abandoned),
             retries_sent: read(&self.retries_sent),
             handshakes_failed: read(&self.handshakes_failed),
             slow_clients_disconnected: read(&self.slow_clients_disconnected),
@@ -407,6 +442,10 @@ impl Shared {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("relay lock is never poisoned: relay calls do not panic")
+    }
+
+    fn lock_handshakes(&self) -> MutexGuard<'_, Handshakes> {
+        self.handshakes.lock().expect("handshake lock is never poisoned: nothing panics holding it")
     }
 
     async fn serve_connection(self: Arc<Self>, connection: quinn::Connection) {

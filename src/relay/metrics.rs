@@ -9,6 +9,8 @@ use super::Relay;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShellCounts {
     pub handshakes_refused: u64,
+    /// Handshakes under way longest, dropped to make room for a new one.
+    pub handshakes_abandoned: u64,
     pub retries_sent: u64,
     pub handshakes_failed: u64,
     pub slow_clients_disconnected: u64,
@@ -53,8 +55,14 @@ pub fn render(relay: &Relay, shell: &ShellCounts) -> String {
     metric(
         "handshakes_refused_total",
         "counter",
-        "QUIC handshakes refused (too many at once).",
+        "QUIC handshakes refused (too many at once from one source).",
         &one(shell.handshakes_refused),
+    );
+    metric(
+        "handshakes_abandoned_total",
+        "counter",
+        "QUIC handshakes dropped to make room for newer ones.",
+        &one(shell.handshakes_abandoned),
     );
     metric("retries_sent_total", "counter", "QUIC Retry packets sent (address validation).", &one(shell.retries_sent));
     metric(

@@ -5,6 +5,7 @@
 //! and carries out what it asks for ([`Relay::poll_output`]). It never touches a socket
 //! or reads the clock, so every scenario here runs in tests on a virtual clock.
 
+pub mod handshakes;
 pub mod keys;
 pub mod leg;
 pub mod limits;
@@ -521,8 +522,6 @@ impl Relay {
             Some((ErrorCode::TooManyFromSource, "too many connections from your address"))
         } else if pending_here >= limits.max_pending_per_source as usize {
             Some((ErrorCode::TooManyFromSource, "too many connections from your address are starting"))
-        } else if pending >= limits.max_pending_connections as usize {
-            Some((ErrorCode::ServerBusy, "too many connections are starting; try again"))
         } else {
             None
         };
@@ -532,6 +531,20 @@ impl Relay {
             self.outputs.push_back(Output::Close { conn, code });
             return;
         }
+        if pending >= self.config.limits.max_pending_connections as usize {
+            // Full of connections that have not said hello: the one that has waited longest
+            // goes, not the newcomer. A real client says hello as soon as it is connected,
+            // so a flood of silent connections cannot keep people out.
+            let oldest =
+                self.conns.iter().filter(|(_, c)| c.user.is_none()).min_by_key(|(id, c)| (c.hello_deadline, **id));
+            if let Some((&oldest, _)) = oldest {
+                self.stats.refused_connections += 1;
+                let busy =
+                    Refusal::new(ErrorCode::ServerBusy, "too many connections are starting; yours waited longest");
+                self.close(now, oldest, busy);
+            }
+        }
+        let limits = &self.config.limits;
         let media_burst = limits.media_packets_per_sec / 2;
         self.conns.insert(
             conn,

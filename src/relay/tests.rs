@@ -266,19 +266,22 @@ fn max_users_is_enforced() {
 }
 
 #[test]
-fn silent_connections_time_out_and_pending_ones_are_bounded() {
+fn silent_connections_time_out_and_the_longest_waiting_makes_room() {
     let limits = Limits { max_pending_connections: 2, hello_timeout_secs: 5, ..Limits::default() };
     let mut sim = Sim::with(config(vec![channel("Lobby", None, 0)], limits));
     let a = sim.open();
+    sim.advance(Duration::from_secs(1));
     let b = sim.open();
+    // A third while two wait for their hello: the one waiting longest goes.
     let c = sim.open();
-    assert_eq!(sim.closed.get(&c), Some(&ErrorCode::ServerBusy));
+    assert_eq!(sim.closed.get(&a), Some(&ErrorCode::ServerBusy));
+    assert!(!sim.closed.contains_key(&b) && !sim.closed.contains_key(&c));
+    assert_eq!(sim.relay.pending_count(), 2);
     assert_eq!(sim.relay.poll_timeout(), Some(sim.now + Duration::from_secs(5)));
     sim.advance(Duration::from_secs(4));
-    assert!(!sim.closed.contains_key(&a));
     sim.send(b, ClientMsg::Hello { version: PROTOCOL_VERSION, name: "b".into(), join: None, bundle: None });
     sim.advance(Duration::from_secs(1));
-    assert_eq!(sim.closed.get(&a), Some(&ErrorCode::HelloTimeout));
+    assert_eq!(sim.closed.get(&c), Some(&ErrorCode::HelloTimeout));
     assert!(!sim.closed.contains_key(&b), "b said hello in time");
     assert_eq!(sim.relay.poll_timeout(), None);
 }
