@@ -297,6 +297,7 @@ fn a_client_that_never_reads_is_disconnected_and_nobody_else_notices() {
     slow.write(&hello("slow", voipc::protocol::PROTOCOL_VERSION));
     let mut flood = RawClient::connect(&server);
     flood.write(&hello("flood", voipc::protocol::PROTOCOL_VERSION));
+    let rss_before = server.rss_kib();
     // 150 of the largest messages the server passes on, 40 ms apart (750 kB/s): bob keeps
     // up even if he stalls for a second, the client that never reads does not.
     let big = encode_frame(&ClientMsg::Channel { channel: ChannelId(1), ciphertext: vec![7; 30_000] }).unwrap();
@@ -305,6 +306,11 @@ fn a_client_that_never_reads_is_disconnected_and_nobody_else_notices() {
         std::thread::sleep(Duration::from_millis(40));
     }
     assert_eq!(slow.close_code(), "too_slow");
+    // What the server held for it: the 1 MiB queue, what QUIC had in flight (the client's
+    // 256 KiB stream window) and the flood passing through; not the 4.5 MB sent its way.
+    let rss_after = server.rss_kib();
+    println!("slow reader: server RSS {rss_before} KiB before, {rss_after} KiB when it was let go");
+    assert!(rss_after < rss_before + 4 * 1024, "{rss_before} -> {rss_after} KiB");
     let undecryptable = bob.expect("the flood reaching bob", |e| e["code"] == "undecryptable");
     assert!(undecryptable["message"].as_str().unwrap().contains("from flood"));
     // Bob carries on; so does a newcomer.

@@ -70,8 +70,8 @@ struct Shared {
     handshakes: Mutex<Handshakes>,
 }
 
-/// The handshakes under way and their tasks, to abandon the oldest when a newcomer needs
-/// its slot.
+/// The handshakes under way and their tasks, to abandon one when a newcomer needs its
+/// slot.
 struct Handshakes {
     slots: HandshakeSlots,
     tasks: HashMap<u64, tokio::task::AbortHandle>,
@@ -151,8 +151,8 @@ enum Outgoing {
 }
 
 impl Server {
-    /// Binds the endpoint, with the shell's share of `limits`: simultaneous handshakes
-    /// (and when Retry starts), the time each may take, and the queue per client.
+    /// Binds the endpoint, with the shell's share of `limits`: handshakes under way (in all
+    /// and per source), when Retry starts, and the queue per client.
     pub fn bind(listen: SocketAddr, identity: Identity, relay: Relay, limits: &Limits) -> anyhow::Result<Server> {
         let fingerprint = identity.fingerprint();
         let tls = server_tls(identity)?;

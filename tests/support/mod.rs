@@ -91,6 +91,13 @@ impl TestServer {
         }
     }
 
+    /// The server's resident memory now, KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("Linux reports VmRSS");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
     /// Stops the server and returns what it logged (see [`TestServer::start_logging`]).
     pub fn stop_and_read_log(mut self) -> String {
         let log = self.log.take();
