@@ -471,14 +471,14 @@ fn a_handshake_flood_with_garbage_leaves_talk_whole_and_lets_a_newcomer_in() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), None);
     let (addr, fp) = (server.addr.clone(), server.fingerprint.clone());
-    let talking = std::thread::spawn(move || bench(&["flood", "--factor", "0", "--secs", "8"], &addr, &fp));
+    let talking = std::thread::spawn(move || bench(&["flood", "--factor", "0", "--secs", "12"], &addr, &fp));
     std::thread::sleep(Duration::from_secs(1));
     // 640 silent connections (10 x max_pending_connections) from 160 addresses, each
     // starting again when let go, and 2000 garbage datagrams a second. The attacker runs
     // at the lowest priority: on this machine it shares the server's CPU, which a real
     // one would not.
     let output = std::process::Command::new("nice")
-        .args(["-n", "19", env!("CARGO_BIN_EXE_voipc"), "bench", "handshake-flood", "--secs", "6"])
+        .args(["-n", "19", env!("CARGO_BIN_EXE_voipc"), "bench", "handshake-flood", "--secs", "10"])
         .args(["--handshakes", "640", "--garbage-per-sec", "2000"])
         .args(["--target", &server.addr, "--fingerprint", &server.fingerprint])
         .output()
