@@ -520,6 +520,51 @@ fn fifty_handshakes_through_thirty_percent_loss_each_way_all_complete() {
 }
 
 #[test]
+fn an_operator_named_in_server_toml_kicks_and_bans_and_nobody_else_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let alice_data = tempfile::tempdir().unwrap();
+    // Alice learns her identity fingerprint from any server's `connected` event.
+    let first = TestServer::start(dir.path(), None);
+    let mut alice = TestClient::join_with_data(&first.invite, "alice", &[], alice_data.path());
+    let identity = alice.expect_event("connected")["identity"].as_str().unwrap().to_owned();
+    assert!(alice.quit().success());
+    drop(first);
+
+    let config = format!("max_users = 20\nadmins = [\"{identity}\"]\n");
+    let server = TestServer::start_with(dir.path(), Some(&config), &["--listen", "0.0.0.0:0"]);
+    let port = server.addr.rsplit_once(':').unwrap().1;
+    let link = format!("127.0.0.1:{port}");
+    let as_alice = ["--fingerprint", server.fingerprint.as_str()];
+    let mut alice = TestClient::join_with_data(&link, "alice", &as_alice, alice_data.path());
+    alice.expect_event("admin");
+    alice.expect_joined("Lobby");
+    // Bob is no admin: his proof (every client sends one) is ignored, his kick refused.
+    let mut bob = join_from(&server, "127.0.0.2", "bob");
+    bob.expect_joined("Lobby");
+    bob.send("/kick alice");
+    bob.expect_error("not_admin");
+    assert!(bob.seen_events("admin").is_empty());
+
+    let mut mallory = join_from(&server, "127.0.0.3", "mallory");
+    mallory.expect_joined("Lobby");
+    alice.expect("mallory arriving", |e| e["event"] == "user_joined" && e["user"] == "mallory");
+    alice.send("/kick mallory");
+    mallory.expect_error("kicked");
+    assert!(!mallory.wait().success());
+    let mut mallory = join_from(&server, "127.0.0.3", "mallory");
+    mallory.expect_joined("Lobby");
+    alice.expect("mallory back", |e| e["event"] == "user_joined" && e["user"] == "mallory");
+    alice.send("/ban mallory 5");
+    mallory.expect_error("banned");
+    let mut again = join_from(&server, "127.0.0.3", "mallory2");
+    again.expect_error("banned");
+    // Bob, elsewhere, stayed.
+    bob.send("still here");
+    let message = alice.expect("bob's message", |e| e["event"] == "message" && e["from"] == "bob");
+    assert_eq!(message["text"], "still here");
+}
+
+#[test]
 fn silent_connections_are_closed_after_the_hello_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), Some("[limits]\nhello_timeout_secs = 1\n"));

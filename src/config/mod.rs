@@ -35,6 +35,9 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Where to serve metrics (Prometheus text at `/metrics`); a loopback address only.
     pub metrics_listen: Option<SocketAddr>,
+    /// Fingerprints of the identity keys that may moderate, once their holder proves it
+    /// (`voipc join` prints yours in its `connected` event as `identity`).
+    pub admins: Vec<crate::protocol::Fingerprint>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -177,6 +180,7 @@ impl Default for ServerConfig {
             }],
             limits: Limits::default(),
             metrics_listen: None,
+            admins: Vec::new(),
         }
     }
 }
@@ -203,6 +207,8 @@ struct RawConfig {
     channels: Vec<Spanned<ChannelConfig>>,
     limits: Option<Spanned<Limits>>,
     metrics_listen: Option<Spanned<String>>,
+    #[serde(default)]
+    admins: Vec<Spanned<String>>,
 }
 
 impl ServerConfig {
@@ -239,6 +245,10 @@ impl ServerConfig {
                 return Err((at, "metrics_listen must be a loopback address (127.0.0.1 or [::1])".into()));
             }
             config.metrics_listen = Some(addr);
+        }
+        for admin in raw.admins {
+            let fingerprint = admin.get_ref().parse().map_err(|e| (admin.span().start, format!("admins: {e}")))?;
+            config.admins.push(fingerprint);
         }
         if let Some(max_users) = raw.max_users {
             if !(1..=MAX_USERS_CAP).contains(max_users.get_ref()) {
@@ -437,6 +447,15 @@ user_limit = 4
         assert_eq!(config.channels.len(), 2);
         assert_eq!(config.channels[1].password.as_deref().map(String::as_str), Some("s3cret"));
         assert_eq!(config.channels[1].user_limit, 4);
+    }
+
+    #[test]
+    fn admins_are_identity_fingerprints() {
+        let fp = "ab".repeat(32);
+        let config = parse(&format!("admins = [\"{fp}\"]\n")).unwrap();
+        assert_eq!(config.admins, [fp.parse().unwrap()]);
+        let err = parse("max_users = 3\nadmins = [\"alice\"]\n").unwrap_err().to_string();
+        assert!(err.starts_with("server.toml:2:11: admins: a fingerprint is 64 hex digits"), "{err}");
     }
 
     #[test]

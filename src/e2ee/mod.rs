@@ -43,6 +43,12 @@ const MAX_KEPT_KYBER_ONE_TIME: usize = 2 * KYBER_ONE_TIME_PRE_KEYS;
 /// clients rotate theirs every few days to weeks).
 pub const SIGNED_PRE_KEY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
+/// Whether `signature` over `message` was made with the private half of `identity_key`
+/// (serialized as in a bundle); anything malformed is simply not a valid signature.
+pub fn verify_identity_signature(identity_key: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    IdentityKey::decode(identity_key).is_ok_and(|key| key.public_key().verify_signature(message, signature))
+}
+
 /// Signal's safety-number format: version 2, 5200 hash iterations (as the Signal apps).
 const FINGERPRINT_VERSION: u32 = 2;
 const FINGERPRINT_ITERATIONS: u32 = 5200;
@@ -190,6 +196,18 @@ impl E2ee {
         e2ee.kyber_last_resort_id = e2ee.new_kyber_key(rng, now, false)?.id;
         e2ee.replenish(rng, now, (0, 0))?;
         Ok(e2ee)
+    }
+
+    /// Our identity key's fingerprint (what an operator lists under `admins`).
+    pub fn identity_fingerprint(&self) -> Result<crate::protocol::Fingerprint> {
+        Ok(crate::protocol::Fingerprint::of_identity_key(&self.identities.own()?.identity_key().serialize()))
+    }
+
+    /// A signature over `message` with our identity key (XEdDSA, as libsignal signs
+    /// pre-keys; `message` must carry its own context so that it cannot pass for a key).
+    pub fn sign_with_identity<R: Rng + CryptoRng>(&self, message: &[u8], rng: &mut R) -> Result<Vec<u8>> {
+        let identity = self.identities.own()?;
+        Ok(identity.private_key().calculate_signature(message, rng).map_err(SignalProtocolError::from)?.into_vec())
     }
 
     /// Every public key to publish now: the newest full set of one-time keys of each kind.

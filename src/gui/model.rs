@@ -127,6 +127,8 @@ pub struct Model {
     pub drafts: Drafts,
     /// Our name on the server.
     pub me: Option<String>,
+    /// The server accepted us as one of its admins: its context menus offer moderation.
+    pub admin: bool,
     pub server: String,
     pub channels: Vec<ChannelView>,
     pub my_channel: Option<u32>,
@@ -182,6 +184,7 @@ impl Model {
                 // Who is verified, changed, muted or talking is this server's to say anew:
                 // a name here is not the same person as that name elsewhere.
                 self.me = Some(name.clone());
+                self.admin = false;
                 self.screen = Screen::Main;
                 for set in
                     [&mut self.verified, &mut self.identity_changed, &mut self.muted_users, &mut self.deafened_users]
@@ -190,6 +193,7 @@ impl Model {
                 }
                 self.speaking.clear();
             }
+            Event::Admin => self.admin = true,
             Event::Trust { user, verified, identity_changed } => {
                 for (set, on) in [(&mut self.verified, *verified), (&mut self.identity_changed, *identity_changed)] {
                     if on {

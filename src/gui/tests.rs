@@ -159,7 +159,7 @@ fn badges_are_widgets_a_name_cannot_spell_out() {
     // Another server: bob there is not the bob verified here.
     let mut model = Model::fixture();
     model.apply(&Event::Trust { user: "bob".into(), verified: true, identity_changed: false });
-    model.apply(&Event::Connected { session: 1, name: "alice".into() });
+    model.apply(&Event::Connected { session: 1, name: "alice".into(), identity: "ab".repeat(32) });
     assert!(!model.verified.contains("bob"));
 }
 
@@ -210,6 +210,53 @@ fn a_users_menu_sets_volume_mutes_and_shows_the_safety_number() {
     h.get_by_label("Safety number").click();
     h.run();
     assert_eq!(sent(&rx), [UiCommand::Client(Command::Safety("bob".into()))]);
+}
+
+#[test]
+fn an_admins_menus_kick_ban_move_and_close_and_nobody_elses_offer_them() {
+    let (mut h, _rx) = harness(Model::fixture(), views::channels);
+    h.get_by_label("•  bob").click_secondary();
+    h.run();
+    assert!(h.query_by_label("Kick").is_none(), "not an admin: no moderation");
+
+    let mut model = Model::fixture();
+    model.apply(&Event::Admin);
+    model.channels.push(ChannelView {
+        id: 3,
+        name: "Spam".into(),
+        description: String::new(),
+        has_password: false,
+        user_limit: 0,
+        temporary: true,
+        users: vec![],
+    });
+    let (mut h, rx) = harness(model, views::channels);
+    for (button, command) in [
+        ("Kick", Command::Kick("bob".into())),
+        ("Ban their address for an hour", Command::Ban { user: "bob".into(), minutes: 60 }),
+    ] {
+        h.get_by_label("•  bob").click_secondary();
+        h.run();
+        h.get_by_label(button).click();
+        h.run();
+        assert_eq!(sent(&rx), [UiCommand::Client(command)]);
+    }
+    h.get_by_label("•  bob").click_secondary();
+    h.run();
+    h.get_by_label("Move to").click();
+    h.run();
+    h.get_by_label("Staff").click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::Client(Command::Move { user: "bob".into(), channel: "Staff".into() })]);
+    // Only temporary channels can be closed.
+    h.get_by_label("Spam  (0)").click_secondary();
+    h.run();
+    h.get_by_label("Close channel (admin)").click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::Client(Command::Close("Spam".into()))]);
+    h.get_by_label("Lobby  (2)").click_secondary();
+    h.run();
+    assert!(h.query_by_label("Close channel (admin)").is_none());
 }
 
 #[test]

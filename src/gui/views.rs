@@ -350,9 +350,13 @@ pub fn channels(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
                 join(channel, model, tx);
                 ui.close();
             }
+            if model.admin && channel.temporary && ui.button("Close channel (admin)").clicked() {
+                client(tx, Command::Close(channel.name.clone()));
+                ui.close();
+            }
         });
         for user in &channel.users {
-            user_row(ui, model, user, tx);
+            user_row(ui, model, user, &list, tx);
         }
     }
     if let Some((channel, password)) = &mut model.drafts.channel_password {
@@ -405,7 +409,7 @@ fn join(channel: &ChannelView, model: &mut Model, tx: &Sender<UiCommand>) {
     }
 }
 
-fn user_row(ui: &mut Ui, model: &mut Model, user: &str, tx: &Sender<UiCommand>) {
+fn user_row(ui: &mut Ui, model: &mut Model, user: &str, channels: &[ChannelView], tx: &Sender<UiCommand>) {
     let speaking = model.speaking.contains(user);
     let me = model.me.as_deref() == Some(user);
     let name = format!("{}  {}", if speaking { "•" } else { " " }, visible(user));
@@ -455,6 +459,31 @@ fn user_row(ui: &mut Ui, model: &mut Model, user: &str, tx: &Sender<UiCommand>) 
         if ui.button("Safety number").clicked() {
             client(tx, Command::Safety(user.to_owned()));
             ui.close();
+        }
+        if model.admin {
+            admin_menu(ui, user, channels, tx);
+        }
+    });
+}
+
+/// What an admin of the server may do to a user.
+fn admin_menu(ui: &mut Ui, user: &str, channels: &[ChannelView], tx: &Sender<UiCommand>) {
+    ui.separator();
+    ui.label(RichText::new("Admin").small());
+    if ui.button("Kick").clicked() {
+        client(tx, Command::Kick(user.to_owned()));
+        ui.close();
+    }
+    if ui.button("Ban their address for an hour").clicked() {
+        client(tx, Command::Ban { user: user.to_owned(), minutes: 60 });
+        ui.close();
+    }
+    ui.menu_button("Move to", |ui| {
+        for channel in channels.iter().filter(|c| !c.users.iter().any(|u| u == user)) {
+            if ui.button(&channel.name).clicked() {
+                client(tx, Command::Move { user: user.to_owned(), channel: channel.name.clone() });
+                ui.close();
+            }
         }
     });
 }

@@ -153,8 +153,9 @@ enum Outgoing {
 impl Server {
     /// Binds the endpoint, with the shell's share of `limits`: handshakes under way (in all
     /// and per source), when Retry starts, and the queue per client.
-    pub fn bind(listen: SocketAddr, identity: Identity, relay: Relay, limits: &Limits) -> anyhow::Result<Server> {
+    pub fn bind(listen: SocketAddr, identity: Identity, mut relay: Relay, limits: &Limits) -> anyhow::Result<Server> {
         let fingerprint = identity.fingerprint();
+        relay.set_server_id(fingerprint);
         let tls = server_tls(identity)?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));

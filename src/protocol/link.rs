@@ -19,6 +19,11 @@ impl Fingerprint {
     pub fn of_certificate(der: &[u8]) -> Self {
         Fingerprint(Sha256::digest(der).into())
     }
+
+    /// The fingerprint of a user's serialized identity key (how `server.toml` names admins).
+    pub fn of_identity_key(key: &[u8]) -> Self {
+        Fingerprint(Sha256::digest(key).into())
+    }
 }
 
 impl fmt::Display for Fingerprint {

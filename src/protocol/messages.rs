@@ -77,6 +77,41 @@ pub enum ClientMsg {
         channel: ChannelId,
         ciphertext: Vec<u8>,
     },
+    /// A signature with the identity key of the hello's bundle over
+    /// [`admin_proof_message`]: an operator's proof of holding a key `server.toml` names.
+    /// Every client sends one; the server only looks at those from listed keys.
+    ProveAdmin {
+        signature: Vec<u8>,
+    },
+    /// Moderation, for admins only: end a session; end it and refuse its source address
+    /// for `minutes`; remove a temporary channel (its members go to the default one);
+    /// move a user.
+    Kick {
+        session: SessionId,
+    },
+    Ban {
+        session: SessionId,
+        minutes: u32,
+    },
+    CloseChannel {
+        channel: ChannelId,
+    },
+    MoveUser {
+        session: SessionId,
+        channel: ChannelId,
+    },
+}
+
+/// What an admin signs: a fixed context (so that the signature can never pass for one
+/// made for anything else with the same key), the server's certificate fingerprint (so
+/// that a hostile server cannot pass another server's challenge on to its client and
+/// make itself admin there), the challenge of this connection, and the session.
+pub fn admin_proof_message(server: &super::Fingerprint, challenge: &[u8; 32], session: SessionId) -> Vec<u8> {
+    let mut message = b"voipc admin proof v1\0".to_vec();
+    message.extend_from_slice(&server.0);
+    message.extend_from_slice(challenge);
+    message.extend_from_slice(&session.0.to_be_bytes());
+    message
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,12 +145,16 @@ pub struct VoiceState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerMsg {
     /// The answer to a hello. The server's channels and users follow one message each,
-    /// then [`ServerMsg::Ready`].
+    /// then [`ServerMsg::Ready`]. `challenge` is fresh for this connection, for
+    /// [`ClientMsg::ProveAdmin`].
     Welcome {
         session: SessionId,
         name: String,
         server_version: u16,
+        challenge: [u8; 32],
     },
+    /// The proof held: this connection may moderate.
+    AdminGranted,
     Ready,
     ChannelAdded(ChannelInfo),
     ChannelRemoved(ChannelId),
@@ -198,6 +237,12 @@ pub enum ErrorCode {
     TooManyFromSource,
     /// The client did not read what the server sent it, and was disconnected.
     TooSlow,
+    /// A moderation request from a connection that has not proved an admin key.
+    NotAdmin,
+    /// An admin ended this session.
+    Kicked,
+    /// An admin banned this source address for a while.
+    Banned,
 }
 
 impl ErrorCode {
@@ -231,6 +276,9 @@ impl ErrorCode {
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::TooManyFromSource => "too_many_from_source",
             ErrorCode::TooSlow => "too_slow",
+            ErrorCode::NotAdmin => "not_admin",
+            ErrorCode::Kicked => "kicked",
+            ErrorCode::Banned => "banned",
         }
     }
 
@@ -239,7 +287,11 @@ impl ErrorCode {
     /// name refused once welcomed is a channel's, and the session goes on.
     pub fn closes_connection(self, welcomed: bool) -> bool {
         match self {
-            ErrorCode::MalformedFrame | ErrorCode::FrameTooLarge | ErrorCode::TooSlow => true,
+            ErrorCode::MalformedFrame
+            | ErrorCode::FrameTooLarge
+            | ErrorCode::TooSlow
+            | ErrorCode::Kicked
+            | ErrorCode::Banned => true,
             ErrorCode::VersionMismatch
             | ErrorCode::HelloRequired
             | ErrorCode::HelloTimeout
@@ -285,9 +337,14 @@ mod tests {
             ClientMsg::FetchBundle { .. } => 7,
             ClientMsg::Direct { .. } => 8,
             ClientMsg::Channel { .. } => 9,
+            ClientMsg::ProveAdmin { .. } => 10,
+            ClientMsg::Kick { .. } => 11,
+            ClientMsg::Ban { .. } => 12,
+            ClientMsg::CloseChannel { .. } => 13,
+            ClientMsg::MoveUser { .. } => 14,
         }
     }
-    const CLIENT_VARIANTS: usize = 10;
+    const CLIENT_VARIANTS: usize = 15;
 
     fn server_variant(msg: &ServerMsg) -> usize {
         match msg {
@@ -306,9 +363,10 @@ mod tests {
             ServerMsg::Direct { .. } => 12,
             ServerMsg::Channel { .. } => 13,
             ServerMsg::Delivered { .. } => 14,
+            ServerMsg::AdminGranted => 15,
         }
     }
-    const SERVER_VARIANTS: usize = 15;
+    const SERVER_VARIANTS: usize = 16;
 
     fn error_variant(code: ErrorCode) -> usize {
         match code {
@@ -339,9 +397,12 @@ mod tests {
             ErrorCode::FrameTooLarge => 24,
             ErrorCode::TooManyFromSource => 25,
             ErrorCode::TooSlow => 26,
+            ErrorCode::NotAdmin => 27,
+            ErrorCode::Kicked => 28,
+            ErrorCode::Banned => 29,
         }
     }
-    const ERROR_VARIANTS: usize = 27;
+    const ERROR_VARIANTS: usize = 30;
 
     /// Asserts that `samples` hold every variant (by `variant`) at least once.
     fn covers_every_variant<T>(samples: &[T], variant: impl Fn(&T) -> usize, count: usize) {
@@ -386,6 +447,11 @@ mod tests {
             ClientMsg::FetchBundle { peer: SessionId(4) },
             ClientMsg::Direct { to: SessionId(4), ciphertext: vec![1, 2, 3] },
             ClientMsg::Channel { channel: ChannelId(2), ciphertext: vec![] },
+            ClientMsg::ProveAdmin { signature: vec![4; 64] },
+            ClientMsg::Kick { session: SessionId(4) },
+            ClientMsg::Ban { session: SessionId(4), minutes: 60 },
+            ClientMsg::CloseChannel { channel: ChannelId(2) },
+            ClientMsg::MoveUser { session: SessionId(4), channel: ChannelId(1) },
         ]
     }
 
@@ -408,7 +474,8 @@ mod tests {
             kyber: signed(3),
         };
         vec![
-            ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: 1 },
+            ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: 1, challenge: [3; 32] },
+            ServerMsg::AdminGranted,
             ServerMsg::Ready,
             ServerMsg::ChannelAdded(channel),
             ServerMsg::ChannelRemoved(ChannelId(3)),
@@ -472,6 +539,9 @@ mod tests {
             ErrorCode::FrameTooLarge,
             ErrorCode::TooManyFromSource,
             ErrorCode::TooSlow,
+            ErrorCode::NotAdmin,
+            ErrorCode::Kicked,
+            ErrorCode::Banned,
         ];
         covers_every_variant(&all, |c| error_variant(*c), ERROR_VARIANTS);
         for code in all {

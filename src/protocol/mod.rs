@@ -49,7 +49,12 @@ mod robustness_tests {
             ClientMsg::CreateInvite { max_uses: 1, ttl_secs: 2 },
         ];
         let server = [
-            ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: PROTOCOL_VERSION },
+            ServerMsg::Welcome {
+                session: SessionId(1),
+                name: "alice".into(),
+                server_version: PROTOCOL_VERSION,
+                challenge: [0; 32],
+            },
             ServerMsg::UserConnected(UserInfo {
                 session: SessionId(2),
                 name: "b".into(),

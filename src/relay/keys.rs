@@ -95,6 +95,11 @@ impl StoredBundle {
         }
     }
 
+    /// The owner's identity key, serialized.
+    pub fn identity_key(&self) -> &[u8] {
+        &self.identity_key
+    }
+
     /// The SHA-256 of the owner's identity key: who this is, across connections.
     pub fn identity_hash(&self) -> [u8; 32] {
         use sha2::Digest;

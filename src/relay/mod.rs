@@ -21,8 +21,8 @@ use zeroize::Zeroizing;
 
 use crate::config::{Limits, ServerConfig};
 use crate::protocol::{
-    ChannelId, ChannelInfo, ClientMsg, ErrorCode, JoinRequest, MediaHeader, MediaHeaderError, PROTOCOL_VERSION,
-    ServerMsg, SessionId, StreamType, UserInfo, VoiceState, canonical_name, check_visible,
+    ChannelId, ChannelInfo, ClientMsg, ErrorCode, Fingerprint, JoinRequest, MediaHeader, MediaHeaderError,
+    PROTOCOL_VERSION, ServerMsg, SessionId, StreamType, UserInfo, VoiceState, canonical_name, check_visible,
 };
 use keys::{BundleError, StoredBundle};
 use limits::TokenBucket;
@@ -46,6 +46,11 @@ const PASSWORD_MEMORY: Duration = Duration::from_secs(3600);
 /// The most (requester, target) one-time key hand-outs remembered; when full, fetches
 /// get the reusable keys only until old entries expire.
 const MAX_KEY_FETCH_RECORDS: usize = 100_000;
+
+/// Bans last at most a week, and at most this many are kept (when full, the one ending
+/// soonest makes room).
+const MAX_BAN_MINUTES: u32 = 7 * 24 * 60;
+const MAX_BANS: usize = 100_000;
 
 /// Where a connection comes from, as per-source limits count it: an IPv4 address, or the
 /// /64 of an IPv6 address (one subscriber's usual allocation).
@@ -92,6 +97,11 @@ pub struct RelayConfig {
     pub limits: Limits,
     /// The first is where users land.
     pub channels: Vec<PermanentChannel>,
+    /// Identity keys (their fingerprints) that may moderate once proved.
+    pub admins: Vec<Fingerprint>,
+    /// This server's certificate fingerprint, which admin proofs are bound to: set by
+    /// [`Relay::set_server_id`] when the shell binds (left zero, no proof holds).
+    pub server_id: Fingerprint,
 }
 
 impl RelayConfig {
@@ -109,7 +119,13 @@ impl RelayConfig {
                 user_limit: c.user_limit,
             })
             .collect();
-        Self { max_users: config.max_users, limits: config.limits.clone(), channels }
+        Self {
+            max_users: config.max_users,
+            limits: config.limits.clone(),
+            channels,
+            admins: config.admins.clone(),
+            server_id: Fingerprint([0; 32]),
+        }
     }
 }
 
@@ -231,6 +247,10 @@ struct User {
     channel: Option<ChannelId>,
     voice: VoiceState,
     bundle: Option<StoredBundle>,
+    /// Proved it holds an admin key ([`ClientMsg::ProveAdmin`]).
+    admin: bool,
+    /// What it signs to prove that, fresh for this connection.
+    challenge: [u8; 32],
 }
 
 enum Pending {
@@ -260,6 +280,14 @@ struct Invite {
     channel: ChannelId,
     expires_at: Instant,
     uses_left: u32,
+}
+
+/// What an admin may ask for (see [`ClientMsg::Kick`] and those after it).
+enum Moderation {
+    Kick(SessionId),
+    Ban(SessionId, u32),
+    Close(ChannelId),
+    Move(SessionId, ChannelId),
 }
 
 /// A refusal sent back to one connection.
@@ -293,6 +321,8 @@ pub struct Relay {
     password_backoff: HashMap<(Source, ChannelId), Backoff>,
     /// Temporary channel creations per source.
     creations: HashMap<Source, TokenBucket>,
+    /// Sources an admin banned, until when.
+    bans: HashMap<Source, Instant>,
 }
 
 /// Wrong guesses of one channel's password from one source.
@@ -321,6 +351,7 @@ impl Relay {
             key_fetches: HashMap::new(),
             password_backoff: HashMap::new(),
             creations: HashMap::new(),
+            bans: HashMap::new(),
             config,
         };
         for permanent in relay.config.channels.clone() {
@@ -334,6 +365,11 @@ impl Relay {
             relay.default_channel.get_or_insert(id);
         }
         relay
+    }
+
+    /// The certificate fingerprint clients pinned: admin proofs must name it.
+    pub fn set_server_id(&mut self, server: Fingerprint) {
+        self.config.server_id = server;
     }
 
     pub fn stats(&self) -> &RelayStats {
@@ -387,6 +423,7 @@ impl Relay {
             self.remove_channel(id);
         }
         self.invites.retain(|_, invite| invite.expires_at > now);
+        self.bans.retain(|_, until| *until > now);
         self.key_fetches.retain(|_, at| now.saturating_duration_since(*at) < REFETCH_WINDOW);
         self.password_backoff.retain(|_, b| now.saturating_duration_since(b.last_failure) < PASSWORD_MEMORY);
     }
@@ -518,7 +555,10 @@ impl Relay {
         let limits = &self.config.limits;
         let from_source = self.conns.values().filter(|c| c.source == source);
         let (here, pending_here) = from_source.fold((0, 0), |(n, p), c| (n + 1, p + usize::from(c.user.is_none())));
-        let refusal = if here >= limits.max_connections_per_source as usize {
+        let banned = self.bans.get(&source).is_some_and(|until| *until > now);
+        let refusal = if banned {
+            Some((ErrorCode::Banned, "your address is banned from this server for now"))
+        } else if here >= limits.max_connections_per_source as usize {
             Some((ErrorCode::TooManyFromSource, "too many connections from your address"))
         } else if pending_here >= limits.max_pending_per_source as usize {
             Some((ErrorCode::TooManyFromSource, "too many connections from your address are starting"))
@@ -611,10 +651,20 @@ impl Relay {
         self.users += 1;
         let state = self.conns.get_mut(&conn).expect("hello comes from a known connection");
         state.hello_deadline = None;
-        state.user = Some(User { session, name: name.clone(), channel: None, voice: VoiceState::default(), bundle });
+        let challenge: [u8; 32] = self.rng.random();
+        state.user = Some(User {
+            session,
+            name: name.clone(),
+            channel: None,
+            voice: VoiceState::default(),
+            bundle,
+            admin: false,
+            challenge,
+        });
         self.sessions.insert(session, conn);
 
-        self.send(conn, ServerMsg::Welcome { session, name: name.clone(), server_version: PROTOCOL_VERSION });
+        let welcome = ServerMsg::Welcome { session, name: name.clone(), server_version: PROTOCOL_VERSION, challenge };
+        self.send(conn, welcome);
         let channels: Vec<ServerMsg> =
             self.channels.values().map(|c| ServerMsg::ChannelAdded(c.info.clone())).collect();
         let users: Vec<ServerMsg> = self.active_users().map(|(_, u)| ServerMsg::UserConnected(u.info())).collect();
@@ -698,7 +748,87 @@ impl Relay {
                 self.send(conn, ServerMsg::Delivered { reached, total: reached });
                 Ok(())
             }
+            ClientMsg::ProveAdmin { signature } => {
+                self.prove_admin(conn, &signature);
+                Ok(())
+            }
+            ClientMsg::Kick { session } => self.moderate(now, conn, Moderation::Kick(session)),
+            ClientMsg::Ban { session, minutes } => self.moderate(now, conn, Moderation::Ban(session, minutes)),
+            ClientMsg::CloseChannel { channel } => self.moderate(now, conn, Moderation::Close(channel)),
+            ClientMsg::MoveUser { session, channel } => self.moderate(now, conn, Moderation::Move(session, channel)),
         }
+    }
+
+    /// Grants moderation to a connection whose hello published a listed identity key and
+    /// which signed this connection's challenge with it. Anyone else's proof is ignored:
+    /// every client sends one, and a claimed key alone is nothing.
+    fn prove_admin(&mut self, conn: ConnId, signature: &[u8]) {
+        let server = self.config.server_id;
+        let user = self.user(conn);
+        let Some(bundle) = user.bundle.as_ref().filter(|_| !user.admin) else { return };
+        if !self.config.admins.contains(&Fingerprint(bundle.identity_hash())) {
+            return;
+        }
+        let message = crate::protocol::admin_proof_message(&server, &user.challenge, user.session);
+        if !crate::e2ee::verify_identity_signature(bundle.identity_key(), &message, signature) {
+            return self.refuse(conn, Refusal::new(ErrorCode::NotAdmin, "the admin proof does not verify"));
+        }
+        self.user_mut(conn).admin = true;
+        self.send(conn, ServerMsg::AdminGranted);
+    }
+
+    fn moderate(&mut self, now: Instant, conn: ConnId, action: Moderation) -> Result<(), Refusal> {
+        if !self.user(conn).admin {
+            return Err(Refusal::new(ErrorCode::NotAdmin, "only the server's admins may do that"));
+        }
+        match action {
+            Moderation::Kick(session) => {
+                let target = self.conn_of(session)?;
+                self.close(now, target, Refusal::new(ErrorCode::Kicked, "an admin ended your session"));
+            }
+            Moderation::Ban(session, minutes) => {
+                let target = self.conn_of(session)?;
+                let source = self.conns[&target].source;
+                let minutes = minutes.clamp(1, MAX_BAN_MINUTES);
+                self.bans.retain(|_, until| *until > now);
+                if self.bans.len() >= MAX_BANS {
+                    let soonest = self.bans.iter().min_by_key(|(_, until)| **until).map(|(s, _)| *s);
+                    soonest.map(|s| self.bans.remove(&s));
+                }
+                self.bans.insert(source, now + Duration::from_secs(60 * u64::from(minutes)));
+                // Everyone connected from there goes, not only the one named (but not the
+                // admin who asked, if that is there too).
+                let from_there: Vec<ConnId> =
+                    self.conns.iter().filter(|(id, c)| c.source == source && **id != conn).map(|(id, _)| *id).collect();
+                let message = format!("an admin banned your address for {minutes} minutes");
+                for target in from_there {
+                    self.close(now, target, Refusal::new(ErrorCode::Banned, message.clone()));
+                }
+            }
+            Moderation::Close(channel) => {
+                let info = &self.channels.get(&channel).ok_or_else(no_such_channel)?.info;
+                if !info.temporary {
+                    return Err(Refusal::new(
+                        ErrorCode::InvalidRequest,
+                        "permanent channels are closed in server.toml",
+                    ));
+                }
+                let members = self.channels[&channel].members.clone();
+                for member in members {
+                    self.move_user(now, member, None);
+                    self.join_default(now, member);
+                }
+                self.remove_channel(channel);
+            }
+            Moderation::Move(session, channel) => {
+                let target = self.conn_of(session)?;
+                self.channels.get(&channel).ok_or_else(no_such_channel)?;
+                if self.user(target).channel != Some(channel) {
+                    self.move_user(now, target, Some(channel));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn check_message_size(&self, ciphertext: &[u8]) -> Result<(), Refusal> {
@@ -1094,6 +1224,10 @@ impl User {
     fn info(&self) -> UserInfo {
         UserInfo { session: self.session, name: self.name.clone(), channel: self.channel, voice: self.voice }
     }
+}
+
+fn no_such_channel() -> Refusal {
+    Refusal::new(ErrorCode::NoSuchChannel, "no such channel")
 }
 
 fn bundle_refusal(error: BundleError) -> Refusal {

@@ -1042,3 +1042,147 @@ fn ciphertext_is_routed_to_its_recipients_with_delivery_counts() {
     sim.send(bob, ClientMsg::Direct { to: a, ciphertext: vec![1] });
     assert_eq!(sim.errors(bob), [ErrorCode::NoSuchUser], "nothing is stored for users who are gone");
 }
+
+/// An operator's client: a real identity key, listed (or not) in the server's config.
+struct Operator {
+    e2ee: crate::e2ee::E2ee,
+}
+
+impl Operator {
+    fn new(seed: u8) -> Operator {
+        let mut rng = StdRng::from_seed([seed; 32]);
+        Operator { e2ee: crate::e2ee::E2ee::generate(&mut rng, std::time::SystemTime::now()).unwrap() }
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        self.e2ee.identity_fingerprint().unwrap()
+    }
+
+    /// Says hello from `source` with this identity's bundle; returns the connection and
+    /// the welcome's challenge.
+    fn hello(&self, sim: &mut Sim, name: &str, source: std::net::IpAddr) -> (ConnId, [u8; 32]) {
+        let conn = sim.open_from(source);
+        let bundle = Some(Box::new(self.e2ee.bundle_upload().unwrap()));
+        sim.send(conn, ClientMsg::Hello { version: PROTOCOL_VERSION, name: name.into(), join: None, bundle });
+        let challenge = sim.take(conn).into_iter().find_map(|m| match m {
+            ServerMsg::Welcome { challenge, .. } => Some(challenge),
+            _ => None,
+        });
+        (conn, challenge.expect("welcomed"))
+    }
+
+    fn proof(&self, server: &Fingerprint, challenge: &[u8; 32], session: SessionId) -> ClientMsg {
+        let message = crate::protocol::admin_proof_message(server, challenge, session);
+        let signature = self.e2ee.sign_with_identity(&message, &mut StdRng::from_seed([9; 32])).unwrap();
+        ClientMsg::ProveAdmin { signature }
+    }
+}
+
+const SERVER_ID: Fingerprint = Fingerprint([0x5e; 32]);
+
+/// A relay whose config lists `admins`, bound to [`SERVER_ID`].
+fn sim_with_admins(admins: Vec<Fingerprint>) -> Sim {
+    let mut server = ServerConfig {
+        channels: vec![channel("Lobby", None, 0), channel("Staff", Some("s3cret"), 0)],
+        max_users: 20,
+        admins,
+        ..ServerConfig::default()
+    };
+    let mut sim = Sim::with(RelayConfig::from_server_config(&mut server));
+    sim.relay.set_server_id(SERVER_ID);
+    sim
+}
+
+fn address(last: u8) -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, last))
+}
+
+#[test]
+fn an_admin_proves_its_key_and_kicks_bans_moves_and_closes() {
+    let operator = Operator::new(1);
+    let mut sim = sim_with_admins(vec![operator.fingerprint()]);
+    let (admin, challenge) = operator.hello(&mut sim, "op", address(1));
+    sim.send(admin, operator.proof(&SERVER_ID, &challenge, sim.sessions[&admin]));
+    assert_eq!(sim.take(admin), [ServerMsg::AdminGranted]);
+
+    // Kick: the session ends with its reason; the user may come back.
+    let mallory = sim.hello_from("mallory", address(2));
+    sim.send(admin, ClientMsg::Kick { session: sim.sessions[&mallory] });
+    assert_eq!(sim.closed[&mallory], ErrorCode::Kicked);
+    let back = sim.hello_from("mallory", address(2));
+    assert!(!sim.closed.contains_key(&back));
+
+    // Ban: everyone from that address goes, and nobody from there gets in for the time.
+    let beside = sim.hello_from("eve", address(2));
+    sim.send(admin, ClientMsg::Ban { session: sim.sessions[&back], minutes: 10 });
+    assert_eq!(sim.closed[&back], ErrorCode::Banned);
+    assert_eq!(sim.closed[&beside], ErrorCode::Banned);
+    let again = sim.open_from(address(2));
+    assert_eq!(sim.closed[&again], ErrorCode::Banned);
+    let elsewhere = sim.hello_from("carol", address(3));
+    assert!(!sim.closed.contains_key(&elsewhere));
+    sim.advance(Duration::from_secs(10 * 60 + 1));
+    let later = sim.hello_from("mallory", address(2));
+    assert!(!sim.closed.contains_key(&later), "the ban ended");
+
+    // Move, into a password channel too: the admin's word is the password.
+    sim.send(admin, ClientMsg::MoveUser { session: sim.sessions[&elsewhere], channel: sim.channel_id("Staff") });
+    assert_eq!(sim.channel_of(elsewhere), Some(sim.channel_id("Staff")));
+
+    // Close a temporary channel: its members land in the default channel.
+    sim.send(
+        later,
+        ClientMsg::CreateChannel { name: "Spam".into(), description: String::new(), password: None, user_limit: 0 },
+    );
+    let spam = sim.channel_id("Spam");
+    assert_eq!(sim.channel_of(later), Some(spam));
+    sim.take(later);
+    sim.send(admin, ClientMsg::CloseChannel { channel: spam });
+    assert_eq!(sim.channel_of(later), Some(sim.channel_id("Lobby")));
+    assert!(sim.take(later).contains(&ServerMsg::ChannelRemoved(spam)));
+    // Permanent channels are the config's.
+    sim.take(admin);
+    sim.send(admin, ClientMsg::CloseChannel { channel: sim.channel_id("Staff") });
+    assert_eq!(sim.errors(admin), [ErrorCode::InvalidRequest]);
+}
+
+#[test]
+fn no_moderation_without_a_proof_of_a_listed_key() {
+    let operator = Operator::new(1);
+    let stranger = Operator::new(2);
+    let mut sim = sim_with_admins(vec![operator.fingerprint()]);
+    let victim = sim.hello_from("victim", address(9));
+
+    // A valid proof with a key nobody listed: nothing, not even an answer.
+    let (nobody, challenge) = stranger.hello(&mut sim, "nobody", address(1));
+    sim.send(nobody, stranger.proof(&SERVER_ID, &challenge, sim.sessions[&nobody]));
+    assert!(sim.take(nobody).is_empty());
+    sim.send(nobody, ClientMsg::Kick { session: sim.sessions[&victim] });
+    assert_eq!(sim.errors(nobody), [ErrorCode::NotAdmin]);
+
+    // Claiming the operator's public key (a copy of its bundle) without its private key:
+    // the signature is the stranger's, so it does not verify.
+    let conn = sim.open_from(address(3));
+    let bundle = Some(Box::new(operator.e2ee.bundle_upload().unwrap()));
+    sim.send(conn, ClientMsg::Hello { version: PROTOCOL_VERSION, name: "claimant".into(), join: None, bundle });
+    let challenge = match sim.take(conn).first() {
+        Some(ServerMsg::Welcome { challenge, .. }) => *challenge,
+        other => panic!("{other:?}"),
+    };
+    sim.send(conn, stranger.proof(&SERVER_ID, &challenge, sim.sessions[&conn]));
+    assert_eq!(sim.errors(conn), [ErrorCode::NotAdmin]);
+    sim.send(conn, ClientMsg::Ban { session: sim.sessions[&victim], minutes: 60 });
+    assert_eq!(sim.errors(conn), [ErrorCode::NotAdmin]);
+
+    // The operator's own signature, made for another server (a hostile one passing this
+    // server's challenge on): refused. So is one for another connection's challenge.
+    let (op, challenge) = operator.hello(&mut sim, "op", address(4));
+    sim.send(op, operator.proof(&Fingerprint([1; 32]), &challenge, sim.sessions[&op]));
+    assert_eq!(sim.errors(op), [ErrorCode::NotAdmin]);
+    sim.send(op, operator.proof(&SERVER_ID, &[0; 32], sim.sessions[&op]));
+    assert_eq!(sim.errors(op), [ErrorCode::NotAdmin]);
+    assert!(!sim.closed.contains_key(&victim));
+    // The right one still works.
+    sim.send(op, operator.proof(&SERVER_ID, &challenge, sim.sessions[&op]));
+    assert_eq!(sim.take(op), [ServerMsg::AdminGranted]);
+}

@@ -699,6 +699,19 @@ impl Session {
         }
     }
 
+    /// Signs the welcome's challenge with our identity key (an admin's proof; the server
+    /// looks only at those from keys it lists) and returns our identity fingerprint.
+    pub(super) fn prove_admin(&mut self, session: SessionId, challenge: &[u8; 32]) -> String {
+        let identity = self.chat.e2ee.identity_fingerprint().map(|f| f.to_string()).unwrap_or_default();
+        let Ok(server) = self.chat.server_id.parse::<crate::protocol::Fingerprint>() else { return identity };
+        let message = crate::protocol::admin_proof_message(&server, challenge, session);
+        match self.chat.e2ee.sign_with_identity(&message, &mut self.chat.rng) {
+            Ok(signature) => self.transmit.push_back(ClientMsg::ProveAdmin { signature }),
+            Err(e) => self.events.push_back(Event::local_error("admin_proof", e.to_string())),
+        }
+        identity
+    }
+
     /// `/safety NAME`: the safety number to compare out of band.
     pub(super) fn safety(&mut self, name: &str) {
         let Some(user) = self.user_session(name).and_then(|s| self.users.get(&s)) else {

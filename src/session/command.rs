@@ -67,13 +67,25 @@ pub enum Command {
     },
     /// Play our own voice back to us (the microphone test), or stop.
     MicrophoneTest(bool),
+    /// Moderation (admins only): end a user's session; end it and ban their address for
+    /// `minutes`; remove a temporary channel; move a user to a channel.
+    Kick(String),
+    Ban {
+        user: String,
+        minutes: u32,
+    },
+    Close(String),
+    Move {
+        user: String,
+        channel: String,
+    },
     Quit,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
     #[error(
-        "unknown command /{0}; try /join, /leave, /create, /invite, /msg, /safety, /verify, /channels, /mute, /deafen, /talk, /volume, /probe or /quit"
+        "unknown command /{0}; try /join, /leave, /create, /invite, /msg, /safety, /verify, /channels, /mute, /deafen, /talk, /volume, /probe, /kick, /ban, /close, /move or /quit"
     )]
     Unknown(String),
     #[error("usage: {0}")]
@@ -88,6 +100,12 @@ const INVITE_USAGE: &str = "/invite [USES] [SECONDS]";
 const PROBE_USAGE: &str = "/probe [COUNT]";
 const MSG_USAGE: &str = "/msg NAME TEXT";
 const SAFETY_USAGE: &str = "/safety NAME";
+const KICK_USAGE: &str = "/kick NAME";
+const BAN_USAGE: &str = "/ban NAME [MINUTES]";
+const CLOSE_USAGE: &str = "/close CHANNEL";
+const MOVE_USAGE: &str = "/move NAME CHANNEL";
+/// A ban without a length lasts an hour.
+const DEFAULT_BAN_MINUTES: u32 = 60;
 const VERIFY_USAGE: &str = "/verify NAME";
 const VOLUME_USAGE: &str = "/volume NAME PERCENT (0-200)";
 const TALK_USAGE: &str = "/talk on|off";
@@ -167,6 +185,19 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
                 Command::Volume { user: user.clone(), percent }
             }
             _ => return Err(ParseError::Usage(VOLUME_USAGE)),
+        },
+        "kick" => Command::Kick(one_name(args, KICK_USAGE)?),
+        "ban" => {
+            let minutes = number_at(args, 1, BAN_USAGE)?.unwrap_or(DEFAULT_BAN_MINUTES);
+            match args {
+                [user] | [user, _] => Command::Ban { user: user.clone(), minutes },
+                _ => return Err(ParseError::Usage(BAN_USAGE)),
+            }
+        }
+        "close" => Command::Close(one_name(args, CLOSE_USAGE)?),
+        "move" => match args {
+            [user, channel] => Command::Move { user: user.clone(), channel: channel.clone() },
+            _ => return Err(ParseError::Usage(MOVE_USAGE)),
         },
         other => return Err(ParseError::Unknown(other.to_owned())),
     };
@@ -289,6 +320,11 @@ mod tests {
         );
         assert_eq!(parse("/safety bob"), Command::Safety("bob".into()));
         assert_eq!(parse("/verify bob"), Command::Verify("bob".into()));
+        assert_eq!(parse("/kick mallory"), Command::Kick("mallory".into()));
+        assert_eq!(parse("/ban mallory"), Command::Ban { user: "mallory".into(), minutes: 60 });
+        assert_eq!(parse("/ban mallory 5"), Command::Ban { user: "mallory".into(), minutes: 5 });
+        assert_eq!(parse(r#"/close "Raid night""#), Command::Close("Raid night".into()));
+        assert_eq!(parse("/move bob Staff"), Command::Move { user: "bob".into(), channel: "Staff".into() });
         assert_eq!(parse("  hello there "), Command::Say("hello there".into()));
         assert_eq!(parse_line("   "), Ok(None));
     }
@@ -304,5 +340,9 @@ mod tests {
         assert_eq!(parse_line("/"), Err(ParseError::Unknown(String::new())));
         assert_eq!(parse_line("/msg bob"), Err(ParseError::Usage(MSG_USAGE)));
         assert_eq!(parse_line("/safety"), Err(ParseError::Usage(SAFETY_USAGE)));
+        assert_eq!(parse_line("/ban mallory soon"), Err(ParseError::Usage(BAN_USAGE)));
+        assert_eq!(parse_line("/ban"), Err(ParseError::Usage(BAN_USAGE)));
+        assert_eq!(parse_line("/move bob"), Err(ParseError::Usage(MOVE_USAGE)));
+        assert_eq!(parse_line("/kick"), Err(ParseError::Usage(KICK_USAGE)));
     }
 }

@@ -43,10 +43,15 @@ pub struct ChannelView {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
+    /// `identity` is our identity key's fingerprint: what an operator lists under
+    /// `admins` in server.toml.
     Connected {
         session: u32,
         name: String,
+        identity: String,
     },
+    /// The server accepted our admin proof: moderation commands work.
+    Admin,
     Channels {
         channels: Vec<ChannelView>,
     },
@@ -233,7 +238,10 @@ impl std::fmt::Display for ShownList<'_> {
 impl std::fmt::Display for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Event::Connected { session, name } => write!(f, "* connected as {} (session {session})", Shown(name)),
+            Event::Connected { session, name, identity } => {
+                write!(f, "* connected as {} (session {session}, identity {identity})", Shown(name))
+            }
+            Event::Admin => write!(f, "* you are an admin of this server: /kick, /ban, /close and /move work"),
             Event::Channels { channels } => {
                 write!(f, "* channels:")?;
                 for c in channels {
@@ -366,6 +374,8 @@ pub struct Session {
     ready: bool,
     channels: BTreeMap<ChannelId, ChannelInfo>,
     users: BTreeMap<SessionId, UserInfo>,
+    /// The server accepted our admin proof.
+    admin: bool,
     events: VecDeque<Event>,
     transmit: VecDeque<ClientMsg>,
     probe_sequence: u32,
@@ -397,6 +407,7 @@ impl Session {
             ready: false,
             channels: BTreeMap::new(),
             users: BTreeMap::new(),
+            admin: false,
             events: VecDeque::new(),
             transmit: VecDeque::new(),
             probe_sequence: 0,
@@ -451,13 +462,18 @@ impl Session {
             return Err(SessionError::NotWelcomed(message_name(&msg)));
         }
         match msg {
-            ServerMsg::Welcome { session, name, .. } => {
+            ServerMsg::Welcome { session, name, challenge, .. } => {
                 if self.me.is_some() {
                     return Err(SessionError::SecondWelcome);
                 }
                 self.me = Some(session);
                 self.name = name.clone();
-                self.events.push_back(Event::Connected { session: session.0, name });
+                let identity = self.prove_admin(session, &challenge);
+                self.events.push_back(Event::Connected { session: session.0, name, identity });
+            }
+            ServerMsg::AdminGranted => {
+                self.admin = true;
+                self.events.push_back(Event::Admin);
             }
             ServerMsg::Ready => {
                 self.ready = true;
@@ -588,6 +604,17 @@ impl Session {
     pub fn command(&mut self, now: Instant, command: Command) {
         match command {
             Command::Join(request) => self.transmit.push_back(ClientMsg::Join(request)),
+            Command::Kick(user) => self.moderate(&user, None, |session, _| ClientMsg::Kick { session }),
+            Command::Ban { user, minutes } => {
+                self.moderate(&user, None, move |session, _| ClientMsg::Ban { session, minutes })
+            }
+            Command::Move { user, channel } => self.moderate(&user, Some(&channel), |session, channel| {
+                ClientMsg::MoveUser { session, channel: channel.expect("a channel was named") }
+            }),
+            Command::Close(channel) => match self.channel_named(&channel) {
+                Some(channel) => self.transmit.push_back(ClientMsg::CloseChannel { channel }),
+                None => self.events.push_back(no_such_channel(&channel)),
+            },
             Command::Leave => self.transmit.push_back(ClientMsg::Leave),
             Command::Create { name, description, password, user_limit } => {
                 self.transmit.push_back(ClientMsg::CreateChannel { name, description, password, user_limit });
@@ -711,6 +738,34 @@ impl Session {
 
     /// The session id of an online user, by name (in its canonical form: "Bob" and "bob"
     /// are one name, as the server holds them).
+    /// Whether the server accepted our admin proof.
+    pub fn is_admin(&self) -> bool {
+        self.admin
+    }
+
+    /// A moderation request about the user `name` (and the channel named, if any).
+    fn moderate(
+        &mut self,
+        name: &str,
+        channel: Option<&str>,
+        request: impl FnOnce(SessionId, Option<ChannelId>) -> ClientMsg,
+    ) {
+        let Some(session) = self.user_session(name) else {
+            return self.events.push_back(Event::local_error("no_such_user", format!("{name} is not online")));
+        };
+        let channel = match channel.map(|c| (c, self.channel_named(c))) {
+            Some((name, None)) => return self.events.push_back(no_such_channel(name)),
+            Some((_, found)) => found,
+            None => None,
+        };
+        self.transmit.push_back(request(session, channel));
+    }
+
+    fn channel_named(&self, name: &str) -> Option<ChannelId> {
+        let key = canonical_name(name);
+        self.channels.values().find(|c| canonical_name(&c.name) == key).map(|c| c.id)
+    }
+
     pub fn user_session(&self, name: &str) -> Option<SessionId> {
         let key = canonical_name(name);
         self.users.values().find(|u| canonical_name(&u.name) == key).map(|u| u.session)
@@ -751,10 +806,15 @@ fn voice_event(session: SessionId, name: &str, voice: VoiceState) -> Event {
     Event::VoiceState { user: name.to_owned(), session: session.0, muted: voice.muted, deafened: voice.deafened }
 }
 
+fn no_such_channel(name: &str) -> Event {
+    Event::local_error("no_such_channel", format!("there is no channel {name:?}"))
+}
+
 fn message_name(msg: &ServerMsg) -> &'static str {
     match msg {
         ServerMsg::Welcome { .. } => "welcome",
         ServerMsg::Ready => "ready",
+        ServerMsg::AdminGranted => "admin_granted",
         ServerMsg::ChannelAdded(_) => "channel_added",
         ServerMsg::ChannelRemoved(_) => "channel_removed",
         ServerMsg::UserConnected(_) => "user_connected",
@@ -809,7 +869,12 @@ mod tests {
             Session::new("alice", None, "voipc://h:1/?fp=ab".into(), chat(), Instant::now(), SystemTime::UNIX_EPOCH);
         assert!(matches!(s.poll_transmit(), Some(ClientMsg::Hello { version: PROTOCOL_VERSION, .. })));
         for msg in [
-            ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: PROTOCOL_VERSION },
+            ServerMsg::Welcome {
+                session: SessionId(1),
+                name: "alice".into(),
+                server_version: PROTOCOL_VERSION,
+                challenge: [0; 32],
+            },
             ServerMsg::ChannelAdded(channel(1, "Lobby")),
             ServerMsg::ChannelAdded(channel(2, "Late Night")),
             ServerMsg::UserConnected(user(1, "alice", None)),
@@ -830,7 +895,8 @@ mod tests {
     fn welcome_lists_and_landing_become_events() {
         let mut s = welcomed();
         let ev = events(&mut s);
-        assert_eq!(ev[0], Event::Connected { session: 1, name: "alice".into() });
+        let Event::Connected { session: 1, name, identity } = &ev[0] else { panic!("{ev:?}") };
+        assert_eq!((name.as_str(), identity.len()), ("alice", 64), "our identity key's fingerprint");
         let Event::Channels { channels } = &ev[1] else { panic!("{ev:?}") };
         assert_eq!(channels[0].users, ["bob"]);
         assert_eq!(
@@ -887,7 +953,12 @@ mod tests {
         let mut s = Session::new("alice", None, String::new(), chat(), Instant::now(), SystemTime::UNIX_EPOCH);
         let now = Instant::now();
         for msg in [
-            ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: PROTOCOL_VERSION },
+            ServerMsg::Welcome {
+                session: SessionId(1),
+                name: "alice".into(),
+                server_version: PROTOCOL_VERSION,
+                challenge: [0; 32],
+            },
             ServerMsg::ChannelAdded(channel(1, "Lobby")),
             ServerMsg::UserConnected(user(1, "alice", None)),
             ServerMsg::Ready,
@@ -984,7 +1055,8 @@ mod tests {
         let mut s = Session::new("alice", None, String::new(), chat(), Instant::now(), SystemTime::UNIX_EPOCH);
         assert_eq!(s.handle_message(Instant::now(), ServerMsg::Ready), Err(SessionError::NotWelcomed("ready")));
         let mut s = welcomed();
-        let again = ServerMsg::Welcome { session: SessionId(5), name: "x".into(), server_version: 1 };
+        let again =
+            ServerMsg::Welcome { session: SessionId(5), name: "x".into(), server_version: 1, challenge: [0; 32] };
         assert_eq!(s.handle_message(Instant::now(), again), Err(SessionError::SecondWelcome));
         assert!(s.probe_datagram(b"").is_some());
     }
