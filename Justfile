@@ -115,6 +115,40 @@ bad-network: build
         grep voice_stats "$dir/bob.json"
     done
 
+# The flags cargo-fuzz gives rustc for libFuzzer's coverage, all of them stable: no nightly.
+fuzz_rustflags := "--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table -Cllvm-args=-sanitizer-coverage-trace-compares"
+
+# Coverage-guided fuzzing (libFuzzer): every target in fuzz/ for SECONDS each, growing the
+# corpus in fuzz/corpus; a crash stops the run with its input in fuzz/artifacts.
+fuzz seconds="60": setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    # An explicit --target keeps the coverage flags off build scripts and proc macros.
+    host=$(rustc -vV | sed -n 's/^host: //p')
+    RUSTFLAGS="{{fuzz_rustflags}}" cargo build --release --manifest-path fuzz/Cargo.toml --target "$host" --target-dir target/fuzz --bins
+    for source in fuzz/fuzz_targets/*.rs; do
+        name=$(basename "$source" .rs)
+        mkdir -p "fuzz/corpus/$name" "fuzz/artifacts/$name"
+        log="target/fuzz/$name.log"
+        if ! "target/fuzz/$host/release/$name" -max_total_time="{{seconds}}" -print_final_stats=1 \
+            -rss_limit_mb=2048 -malloc_limit_mb=256 -artifact_prefix="fuzz/artifacts/$name/" \
+            "fuzz/corpus/$name" > "$log" 2>&1; then
+            tail -n 30 "$log"
+            echo "fuzz: $name crashed; its input is in fuzz/artifacts/$name/" >&2
+            exit 1
+        fi
+        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
+        coverage=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1)
+        echo "fuzz: $name: $runs runs in {{seconds}} s, $coverage edges, $(ls "fuzz/corpus/$name" | wc -l) inputs in the corpus, 0 crashes"
+    done
+
+# 50 clients on one server for MINUTES: 40 write to the channel every 5 s, 5 come and go,
+# 5 talk; fails unless no message between stayers was lost, no client saw an error and the
+# server's memory grew < 10 % after the warm-up. The debug build (the one `just test` makes).
+soak minutes="10": setup
+    cargo build
+    python3 tools/soak.py target/debug/voipc {{minutes}}
+
 # Formatting and clippy, warnings denied.
 lint:
     cargo fmt --check

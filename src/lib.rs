@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod e2ee;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod gui;
 pub mod net;
 pub mod protocol;

@@ -293,12 +293,13 @@ fn a_leaver_cannot_read_what_follows_and_a_newcomer_cannot_read_what_came_before
     let after = net.last_channel_frame_for("bob");
     net.replay_to("carol", after);
     assert_eq!(net.messages("carol").len(), 1, "carol read nothing new");
-    assert_eq!(net.errors("carol"), ["undecryptable"]);
+    // Sealed under a key she was never given: dropped unread, no error to show.
+    assert!(net.errors("carol").is_empty(), "{:?}", net.errors("carol"));
 
     net.connect("dave");
     net.replay_to("dave", before);
     assert!(net.messages("dave").is_empty());
-    assert_eq!(net.errors("dave"), ["undecryptable"]);
+    assert!(net.errors("dave").is_empty(), "{:?}", net.errors("dave"));
     net.command("alice", "welcome dave");
     assert_eq!(net.messages("dave"), [text("alice", Some("Lobby"), "welcome dave")]);
 }

@@ -217,7 +217,15 @@ impl Vault {
 
     /// Opens a vault and returns it with its contents.
     pub fn open(path: &Path, password: &[u8]) -> Result<(Vault, Zeroizing<Vec<u8>>), VaultError> {
-        let bytes = read_bounded(path)?;
+        Vault::open_bytes(path, read_bounded(path)?, password)
+    }
+
+    /// [`Vault::open`] of a file's bytes, read already (`path` is where it stays).
+    pub(crate) fn open_bytes(
+        path: &Path,
+        bytes: Vec<u8>,
+        password: &[u8],
+    ) -> Result<(Vault, Zeroizing<Vec<u8>>), VaultError> {
         let header = Header::decode(&bytes)?;
         let expected = Header::LEN as u64 + header.body_len;
         let actual = bytes.len() as u64;

@@ -469,6 +469,12 @@ impl E2ee {
     }
 
     /// Decrypts a channel message from `sender`.
+    /// The sender-key distribution a channel message was sealed under, when it parses
+    /// as one (it says nothing about whether it opens).
+    pub fn group_message_distribution(ciphertext: &[u8]) -> Option<Uuid> {
+        libsignal_protocol::SenderKeyMessage::try_from(ciphertext).ok().map(|m| m.distribution_id())
+    }
+
     pub fn group_decrypt(&mut self, sender: &str, ciphertext: &[u8]) -> Result<Vec<u8>> {
         Ok(ready(libsignal_protocol::group_decrypt(ciphertext, &mut self.sender_keys, &address(sender)))?)
     }

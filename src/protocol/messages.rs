@@ -203,6 +203,12 @@ pub enum ServerMsg {
         reached: u32,
         total: u32,
     },
+    /// A Direct or Channel message was refused, and why: the only answer to it (every
+    /// message gets one `Delivered` or `NotDelivered`, in order).
+    NotDelivered {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// Why a request was refused. The snake_case names are stable: scripts match on them.
@@ -364,9 +370,10 @@ mod tests {
             ServerMsg::Channel { .. } => 13,
             ServerMsg::Delivered { .. } => 14,
             ServerMsg::AdminGranted => 15,
+            ServerMsg::NotDelivered { .. } => 16,
         }
     }
-    const SERVER_VARIANTS: usize = 16;
+    const SERVER_VARIANTS: usize = 17;
 
     fn error_variant(code: ErrorCode) -> usize {
         match code {
@@ -491,6 +498,7 @@ mod tests {
             ServerMsg::Direct { from: SessionId(2), ciphertext: vec![9; 40] },
             ServerMsg::Channel { from: SessionId(2), channel: ChannelId(3), ciphertext: vec![8; 40] },
             ServerMsg::Delivered { reached: 2, total: 3 },
+            ServerMsg::NotDelivered { code: ErrorCode::RateLimited, message: "slow down".into() },
         ]
     }
 

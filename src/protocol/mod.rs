@@ -29,7 +29,8 @@ pub const ALPN: &[u8] = b"voipc/1";
 pub const DEFAULT_PORT: u16 = 9987;
 
 /// Every decoder of bytes from the network, fed random and mutated input: errors are
-/// fine, panics are not. (A deterministic stand-in for a fuzzer that runs in `just test`.)
+/// fine, panics are not. (Deterministic and quick, for `just test`; the coverage-guided
+/// fuzzing is `just fuzz`, over the targets in `crate::fuzz`.)
 #[cfg(test)]
 mod robustness_tests {
     use super::*;

@@ -451,8 +451,8 @@ impl Relay {
             Input::PasswordHashed { hash } => self.password_hashed(now, conn, hash),
             Input::PasswordBusy => self.password_busy(now, conn),
             Input::Control(msg) => {
-                // Every message sent gets exactly one Delivered, so that the sender can
-                // match answers to messages in order; a refused one reached nobody.
+                // Every message sent gets exactly one Delivered or NotDelivered, so that the
+                // sender can match answers to messages in order.
                 let is_message = matches!(msg, ClientMsg::Direct { .. } | ClientMsg::Channel { .. });
                 let bucket = match msg {
                     ClientMsg::Direct { .. } | ClientMsg::Channel { .. } => &mut state.chat,
@@ -484,11 +484,13 @@ impl Relay {
                 } else {
                     self.request(now, conn, msg).err()
                 };
-                if let Some(refusal) = refused {
-                    self.refuse(conn, refusal);
-                    if is_message && self.conns.get(&conn).is_some_and(|c| c.user.is_some()) {
-                        self.send(conn, ServerMsg::Delivered { reached: 0, total: 0 });
+                match refused {
+                    Some(Refusal(code, message)) if is_message && self.conns[&conn].user.is_some() => {
+                        *self.stats.refusals.entry(code).or_default() += 1;
+                        self.send(conn, ServerMsg::NotDelivered { code, message });
                     }
+                    Some(refusal) => self.refuse(conn, refusal),
+                    None => {}
                 }
             }
         }

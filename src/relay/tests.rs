@@ -121,11 +121,12 @@ impl Sim {
         self.inbox.remove(&conn).unwrap_or_default()
     }
 
+    /// The refusals `conn` got: errors, and messages not delivered.
     fn errors(&mut self, conn: ConnId) -> Vec<ErrorCode> {
         self.take(conn)
             .into_iter()
             .filter_map(|m| match m {
-                ServerMsg::Error { code, .. } => Some(code),
+                ServerMsg::Error { code, .. } | ServerMsg::NotDelivered { code, .. } => Some(code),
                 _ => None,
             })
             .collect()
@@ -1032,11 +1033,10 @@ fn ciphertext_is_routed_to_its_recipients_with_delivery_counts() {
     sim.send(bob, ClientMsg::Direct { to: a, ciphertext: vec![4, 5] });
     assert_eq!(sim.take(alice), [ServerMsg::Direct { from: b, ciphertext: vec![4, 5] }]);
     assert_eq!(sim.take(bob), [ServerMsg::Delivered { reached: 1, total: 1 }]);
-    // A refused message is still answered with a Delivered (to nobody), after its error.
+    // A refused message is answered with why, and nothing else.
     sim.send(bob, ClientMsg::Direct { to: a, ciphertext: vec![0; 32 * 1024 + 1] });
     let refused = sim.take(bob);
-    assert!(matches!(refused[0], ServerMsg::Error { code: ErrorCode::MessageTooLarge, .. }));
-    assert_eq!(refused[1..], [ServerMsg::Delivered { reached: 0, total: 0 }]);
+    assert!(matches!(refused[..], [ServerMsg::NotDelivered { code: ErrorCode::MessageTooLarge, .. }]), "{refused:?}");
     sim.input(alice, Input::Disconnected);
     sim.take(bob);
     sim.send(bob, ClientMsg::Direct { to: a, ciphertext: vec![1] });

@@ -16,7 +16,7 @@ use super::media::MediaKeyShare;
 use super::{Event, Session};
 use crate::e2ee::{E2ee, E2eeError, IdentityStatus, Sealed, unix_millis};
 use crate::protocol::bundle::PeerBundle;
-use crate::protocol::{ChannelId, ClientMsg, SessionId, canonical_name};
+use crate::protocol::{ChannelId, ClientMsg, ErrorCode, SessionId, canonical_name};
 
 /// The longest chat message, in characters.
 pub const MAX_TEXT_CHARS: usize = 5000;
@@ -607,6 +607,17 @@ impl Session {
         let (Some(peer), Some(user)) = (self.address(from), self.users.get(&from).map(|u| u.name.clone())) else {
             return self.events.push_back(Event::local_error("undecryptable", "a message from an unknown sender"));
         };
+        // Sealed under a key the sender never gave us: written for the members before we
+        // came (the relay passed it on as we joined), so not for us to read, and no error.
+        if let Some(distribution) = E2ee::group_message_distribution(ciphertext) {
+            let known =
+                self.chat.peer_epochs.get(&from).is_some_and(|k| {
+                    k.current == distribution || k.previous.is_some_and(|(old, _)| old == distribution)
+                });
+            if !known {
+                return;
+            }
+        }
         let payload = self
             .chat
             .e2ee
@@ -671,18 +682,32 @@ impl Session {
         match self.chat.sent.pop_front() {
             Some(Sent::Text) => self.events.push_back(Event::Delivered { reached, total }),
             Some(Sent::Key { to, distribution, attempt }) if reached == 0 => {
-                let current = self.chat.epoch.is_some_and(|(_, d)| d == distribution);
-                let here = self.in_our_channel(to);
-                if !(current && here) {
-                    return;
-                }
-                if attempt >= MAX_TRIES {
-                    return self.unreachable(to, now);
-                }
-                self.chat.key_retries.insert(to, Retry { due: now + backoff(attempt), attempt });
+                self.key_refused(to, distribution, attempt, now)
             }
             Some(Sent::Key { .. }) | None => {}
         }
+    }
+
+    /// The server refused a message of ours: the user hears why if they wrote it; our
+    /// key deliveries are tried again (or let go, for a member who has left) without a
+    /// word, since the user did not ask for them.
+    pub(super) fn not_delivered(&mut self, code: ErrorCode, message: String, now: Instant) {
+        match self.chat.sent.pop_front() {
+            Some(Sent::Text) => self.events.push_back(Event::Error { code: code.as_str().to_owned(), message }),
+            Some(Sent::Key { to, distribution, attempt }) => self.key_refused(to, distribution, attempt, now),
+            None => {}
+        }
+    }
+
+    fn key_refused(&mut self, to: SessionId, distribution: Uuid, attempt: u32, now: Instant) {
+        let current = self.chat.epoch.is_some_and(|(_, d)| d == distribution);
+        if !(current && self.in_our_channel(to)) {
+            return;
+        }
+        if attempt >= MAX_TRIES {
+            return self.unreachable(to, now);
+        }
+        self.chat.key_retries.insert(to, Retry { due: now + backoff(attempt), attempt });
     }
 
     /// The server holds only `published` of our one-time keys (EC, Kyber): make and

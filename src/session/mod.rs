@@ -521,6 +521,7 @@ impl Session {
                 self.channel_message_arrived(from, channel, &ciphertext, now)
             }
             ServerMsg::Delivered { reached, total } => self.delivered(reached, total, now),
+            ServerMsg::NotDelivered { code, message } => self.not_delivered(code, message, now),
             ServerMsg::InviteCreated { token, channel, expires_in_secs, max_uses } => {
                 let name = self.channel_name(channel);
                 let link = format!("{}&channel={}&invite={token}", self.server_link, percent_encode(&name));
@@ -828,6 +829,7 @@ fn message_name(msg: &ServerMsg) -> &'static str {
         ServerMsg::Direct { .. } => "direct",
         ServerMsg::Channel { .. } => "channel",
         ServerMsg::Delivered { .. } => "delivered",
+        ServerMsg::NotDelivered { .. } => "not_delivered",
     }
 }
 

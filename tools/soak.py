@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""`just soak [MINUTES]`: 50 real `voipc join` clients on one real `voipc serve` for MINUTES.
+
+40 stay the whole time and each writes to the channel every 5 s; 5 come and go (each
+leaves and comes back every 20-40 s); 5 talk (the speech sample over and over, in runs of
+up to 10 minutes, each talker coming back for the next).
+At the end: every message one stayer wrote while another was there reached that other
+(0 lost), no client reported an error, and the server's resident memory after the
+warm-up grew by less than 10 %. Prints the figures as one JSON line; exits 1 on a miss.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import wave
+
+VOIPC = os.path.abspath(sys.argv[1])
+MINUTES = float(sys.argv[2]) if len(sys.argv) > 2 else 10.0
+STAYERS, CHURNERS, TALKERS = int(os.environ.get("SOAK_STAYERS", 40)), 5, 5
+CHAT_EVERY = 5.0
+SPEECH = os.path.abspath("assets/speech.wav")
+TALK_RUN = min(MINUTES * 60, 600.0)
+# Errors a client may see without anything being wrong: none, so far.
+EXPECTED_ERRORS = set()
+
+work = tempfile.mkdtemp(prefix="voipc-soak-")
+env = dict(os.environ, VOIPC_VAULT_PASSWORD="soak", RUST_LOG="warn")
+lock = threading.Lock()
+errors = []
+
+
+def start_server():
+    config = os.path.join(work, "server.toml")
+    with open(config, "w") as f:
+        # All 50 come from 127.0.0.1: room for them on one address, and only that.
+        f.write("max_users = 100\n[limits]\nmax_connections_per_source = 100\n"
+                "max_pending_per_source = 100\nhandshakes_per_source_per_minute = 6000\n")
+    server = subprocess.Popen([VOIPC, "serve", "--config", config, "--listen", "127.0.0.1:0",
+                               "--ephemeral-cert", "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env=env)
+    listening = json.loads(server.stdout.readline())
+    return server, listening["invite"]
+
+
+class Client:
+    """One `voipc join --json`; its events are read on a thread."""
+
+    def __init__(self, invite, name, extra=()):
+        self.name = name
+        self.joined_at = None
+        self.received = []  # (from, text)
+        self.process = subprocess.Popen(
+            [VOIPC, "join", invite, "--name", name, "--json", "--data-dir", os.path.join(work, name), *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self):
+        # Every event stays in the work directory, for a look after a miss.
+        log = open(os.path.join(work, f"{self.name}.events"), "a")
+        for line in self.process.stdout:
+            log.write(line)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            kind = event.get("event")
+            if kind == "joined" and self.joined_at is None:
+                self.joined_at = time.monotonic()
+            elif kind == "message":
+                self.received.append((event.get("from"), event.get("text")))
+            elif kind == "error" and event.get("code") not in EXPECTED_ERRORS:
+                with lock:
+                    errors.append({"client": self.name, **event})
+
+    def say(self, text):
+        try:
+            self.process.stdin.write(text + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.say("/quit")
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def talk_file():
+    """The speech sample repeated for one talker's run."""
+    with wave.open(SPEECH) as source:
+        params, frames = source.getparams(), source.readframes(source.getnframes())
+    path = os.path.join(work, "talk.wav")
+    with wave.open(path, "wb") as out:
+        out.setparams(params)
+        for _ in range(int(TALK_RUN / (params.nframes / params.framerate)) + 1):
+            out.writeframes(frames)
+    return path
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def main():
+    server, invite = start_server()
+    stayers = []
+    for i in range(STAYERS):
+        stayers.append(Client(invite, f"stay{i:02}"))
+        time.sleep(0.2)
+    deadline = time.monotonic() + 120
+    while any(c.joined_at is None for c in stayers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    settled = time.monotonic()
+    talk = ["--play", talk_file()]
+    talkers = [Client(invite, f"talk{i}", talk) for i in range(TALKERS)]
+    next_talk = settled + TALK_RUN
+    churners = [Client(invite, f"churn{i}") for i in range(CHURNERS)]
+    next_churn = [settled + random.uniform(20, 40) for _ in churners]
+    rng = random.Random(1)
+    end = settled + MINUTES * 60
+    warmup_end = settled + min(60.0, MINUTES * 60 / 4)
+    sent = []  # (time, sender, text)
+    rss = []  # (time, KiB)
+    next_chat = {c.name: settled + rng.uniform(0, CHAT_EVERY) for c in stayers}
+    count = 0
+    last_sample = 0.0
+    while time.monotonic() < end:
+        now = time.monotonic()
+        for c in stayers:
+            if now >= next_chat[c.name]:
+                count += 1
+                text = f"soak {c.name} {count}"
+                c.say(text)
+                sent.append((now, c.name, text))
+                next_chat[c.name] = now + CHAT_EVERY
+        for i, c in enumerate(churners):
+            if now >= next_churn[i]:
+                c.stop()
+                churners[i] = Client(invite, c.name)
+                next_churn[i] = now + rng.uniform(20, 40)
+        if now >= next_talk:
+            for i, c in enumerate(talkers):
+                c.stop()
+                talkers[i] = Client(invite, c.name, talk)
+            next_talk = now + TALK_RUN
+        if now - last_sample >= 5:
+            rss.append((now, rss_kib(server.pid)))
+            last_sample = now
+        time.sleep(0.05)
+    # Let the last messages arrive, then count.
+    time.sleep(10)
+    lost = []
+    expected = 0
+    for at, sender, text in sent:
+        for c in stayers:
+            # Only what was written once both were in (and a little after, for keys).
+            if c.name == sender or c.joined_at is None or at < c.joined_at + 5:
+                continue
+            expected += 1
+            if (sender, text) not in c.received:
+                lost.append({"to": c.name, "from": sender, "text": text, "secs_before_end": round(end - at, 1)})
+    for c in stayers + churners + talkers:
+        c.stop()
+    server.terminate()
+    server.wait(timeout=10)
+    after_warmup = [k for t, k in rss if t >= warmup_end]
+    base = after_warmup[0] if after_warmup else 0
+    growth = (max(after_warmup) - base) / base if base else 0.0
+    report = {
+        "minutes": MINUTES,
+        "clients": STAYERS + CHURNERS + TALKERS,
+        "messages_written": len(sent),
+        "deliveries_expected": expected,
+        "deliveries_lost": len(lost),
+        "errors": len(errors),
+        "server_rss_kib_after_warmup": base,
+        "server_rss_kib_max": max(after_warmup) if after_warmup else 0,
+        "server_rss_growth": round(growth, 4),
+    }
+    print(json.dumps(report))
+    with open(os.path.join(work, "misses.json"), "w") as f:
+        json.dump({"lost": lost, "errors": errors}, f)
+    for item in (lost[:10] + errors[:10]):
+        print(json.dumps(item), file=sys.stderr)
+    if lost or errors:
+        print(f"soak: every miss is in {work}/misses.json", file=sys.stderr)
+    ok = not lost and not errors and growth < 0.10 and expected > 0
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
