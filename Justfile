@@ -138,7 +138,7 @@ fuzz seconds="60": setup
             exit 1
         fi
         runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
-        coverage=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1)
+        coverage=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1 | cut -d' ' -f2)
         echo "fuzz: $name: $runs runs in {{seconds}} s, $coverage edges, $(ls "fuzz/corpus/$name" | wc -l) inputs in the corpus, 0 crashes"
     done
 

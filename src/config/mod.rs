@@ -9,7 +9,7 @@ pub mod files;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use zeroize::Zeroizing;
 
@@ -55,7 +55,7 @@ pub struct ChannelConfig {
 }
 
 /// Every bound the relay enforces. Defaults suit a community server on a small VPS.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// A temporary channel is removed after being empty this long.
@@ -447,6 +447,23 @@ user_limit = 4
         assert_eq!(config.channels.len(), 2);
         assert_eq!(config.channels[1].password.as_deref().map(String::as_str), Some("s3cret"));
         assert_eq!(config.channels[1].user_limit, 4);
+    }
+
+    /// The example server.toml in the README is a valid file whose limits are the
+    /// defaults: the table a reader copies from says what the server does.
+    #[test]
+    fn the_readmes_example_config_holds_the_defaults() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\nlisten").expect("the README shows a server.toml") + "```toml\n".len();
+        let example = &readme[start..][..readme[start..].find("```").unwrap()];
+        let config = ServerConfig::parse(example, Path::new(".")).unwrap_or_else(|(at, e)| panic!("at {at}: {e}"));
+        assert_eq!(config.limits, Limits::default());
+        let lines = example.lines().skip_while(|l| *l != "[limits]").skip(1).take_while(|l| !l.starts_with('['));
+        let documented: std::collections::BTreeSet<String> =
+            lines.filter_map(|l| l.split_once(" = ").map(|(key, _)| key.trim().to_owned())).collect();
+        let every: std::collections::BTreeSet<String> =
+            toml::Table::try_from(Limits::default()).unwrap().keys().cloned().collect();
+        assert_eq!(documented, every, "every limit is in the README's table, and nothing else");
     }
 
     #[test]

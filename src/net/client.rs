@@ -205,23 +205,36 @@ fn connection_error(error: quinn::ConnectionError) -> ClientError {
     }
 }
 
-/// Connects with the pin that the options and the vault call for, and pins the server
-/// afterwards when that was asked for. Returns the open store too.
-pub async fn connect_pinned(options: &JoinOptions) -> Result<(Connected, ClientStore), ClientError> {
-    let server = options.link.authority();
+/// Opens the vault (Argon2's 64 MiB and a few hundred milliseconds, off the runtime) and
+/// makes ready our end-to-end identity (a new one, or the stored one with a fresh signed
+/// pre-key when due): all the slow work done before connecting, so that the hello goes as
+/// soon as the connection is up (a busy server lets the longest-silent connection go).
+async fn open_store(options: &JoinOptions) -> Result<(ClientStore, E2ee), ClientError> {
     let (data_dir, password) = (options.data_dir.clone(), options.vault_password.clone());
-    // Unlocking costs Argon2's 64 MiB and a few hundred milliseconds: keep it off the runtime.
-    let mut known = tokio::task::spawn_blocking(move || {
-        ClientStore::open_or_create(&data_dir, password.as_bytes(), KdfParams::RECOMMENDED)
+    tokio::task::spawn_blocking(move || {
+        let store = ClientStore::open_or_create(&data_dir, password.as_bytes(), KdfParams::RECOMMENDED)?;
+        let setup = |e: crate::e2ee::E2eeError| ClientError::Setup(e.to_string());
+        let mut e2ee = match store.e2ee_state() {
+            Some((state, format)) => E2ee::from_stored(state, format).map_err(setup)?,
+            None => E2ee::generate(&mut rand::rng(), SystemTime::now()).map_err(setup)?,
+        };
+        e2ee.rotate_signed_pre_key_if_due(&mut rand::rng(), SystemTime::now()).map_err(setup)?;
+        Ok((store, e2ee))
     })
     .await
-    .map_err(|e| ClientError::Setup(format!("vault task failed: {e}")))??;
+    .map_err(|e| ClientError::Setup(format!("vault task failed: {e}")))?
+}
+
+/// Connects with the pin that the options and the vault call for, and pins the server
+/// afterwards when that was asked for.
+async fn connect_pinned(options: &JoinOptions, known: &mut ClientStore) -> Result<Connected, ClientError> {
+    let server = options.link.authority();
     let policy = pin_policy(&server, options, known.pinned(&server))?;
     let connected = connect_from(&options.link, policy, options.bind).await?;
     if known.pinned(&server) != Some(connected.fingerprint) {
         known.pin(&server, connected.fingerprint)?;
     }
-    Ok((connected, known))
+    Ok(connected)
 }
 
 /// How to check the server's certificate: an explicit fingerprint first; then the stored
@@ -293,13 +306,8 @@ pub async fn run_client(
     mut commands: mpsc::Receiver<Command>,
     emit: &mut (dyn FnMut(&Event) + Send),
 ) -> Result<(), ClientError> {
-    let (Connected { endpoint, connection, fingerprint }, store) = connect_pinned(&options).await?;
-    let mut e2ee = match store.e2ee_state() {
-        Some((state, format)) => E2ee::from_stored(state, format).map_err(|e| ClientError::Setup(e.to_string()))?,
-        None => E2ee::generate(&mut rand::rng(), SystemTime::now()).map_err(|e| ClientError::Setup(e.to_string()))?,
-    };
-    e2ee.rotate_signed_pre_key_if_due(&mut rand::rng(), SystemTime::now())
-        .map_err(|e| ClientError::Setup(e.to_string()))?;
+    let (mut store, mut e2ee) = open_store(&options).await?;
+    let Connected { endpoint, connection, fingerprint } = connect_pinned(&options, &mut store).await?;
     // Peers were once named `host:port/Name`; now `fingerprint/name` (see Chat::new).
     let server_id = fingerprint.to_string();
     e2ee.rename_peers(&format!("{}/", options.link.authority()), &format!("{server_id}/"));

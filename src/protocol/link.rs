@@ -107,16 +107,21 @@ impl FromStr for ServerLink {
                 None if rest.is_empty() => DEFAULT_PORT,
                 None => return Err(bad()),
             };
+            host.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
             (host.to_owned(), port)
         } else {
-            match authority.split_once(':') {
-                Some((host, port)) => (host.to_owned(), port.parse().map_err(|_| bad())?),
-                None => (authority.to_owned(), DEFAULT_PORT),
+            let (host, port) = match authority.split_once(':') {
+                Some((host, port)) => (host, port.parse().map_err(|_| bad())?),
+                None => (authority, DEFAULT_PORT),
+            };
+            // A DNS name (in ASCII, as IDNA writes one) or an IPv4 address: nothing that
+            // could hide a control character or another URL part.
+            let name_byte = |b: u8| b.is_ascii_alphanumeric() || b"-._".contains(&b);
+            if host.is_empty() || host.len() > 253 || !host.bytes().all(name_byte) {
+                return Err(bad());
             }
+            (host.to_owned(), port)
         };
-        if host.is_empty() || host.contains(['/', ' ', '@']) {
-            return Err(bad());
-        }
         let mut link = ServerLink { host, port, fingerprint: None, channel: None, invite: None };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -201,6 +206,10 @@ mod tests {
     #[test]
     fn bad_links_are_errors() {
         assert!(matches!("host:notaport".parse::<ServerLink>(), Err(LinkError::Address(_))));
+        // Hosts are names or addresses, nothing else (the fuzzer found "\0?\x02" taken).
+        for bad in ["\0?\u{2}", "exa mple.org", "a@b", "h\u{202e}x", "[not-v6]:1", "voipc://x/y/?fp=ab"] {
+            assert!(matches!(bad.parse::<ServerLink>(), Err(LinkError::Address(_))), "{bad:?}");
+        }
         assert!(matches!("voipc://h:1/?fp=zz".parse::<ServerLink>(), Err(LinkError::Fingerprint(_))));
         assert!(matches!("voipc://h:1/?what=1".parse::<ServerLink>(), Err(LinkError::Parameter(_))));
         assert!(matches!("voipc://h:1/?channel=%zz".parse::<ServerLink>(), Err(LinkError::Encoding(_))));

@@ -179,7 +179,8 @@ pub enum ServerMsg {
         code: ErrorCode,
         message: String,
     },
-    /// The answer to a bundle fetch: `None` when the peer has published no keys.
+    /// The answer to a bundle fetch: `None` when the peer has published no keys, or is
+    /// not online (any more).
     Bundle {
         peer: SessionId,
         bundle: Option<PeerBundle>,

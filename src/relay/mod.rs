@@ -852,7 +852,12 @@ impl Relay {
     /// identity key or by source address) took some of the same identity's within the
     /// window, and asks `peer` for more if they run low.
     fn fetch_bundle(&mut self, now: Instant, conn: ConnId, peer: SessionId) -> Result<(), Refusal> {
-        let target = self.conn_of(peer)?;
+        // Someone who just left has no keys to hand out: an answer, not an error, since
+        // the asker's own client asked in the background (it may not know yet).
+        let Ok(target) = self.conn_of(peer) else {
+            self.send(conn, ServerMsg::Bundle { peer, bundle: None });
+            return Ok(());
+        };
         let state = &self.conns[&conn];
         let mut requesters = vec![Requester::Source(state.source)];
         if let Some(bundle) = state.user.as_ref().and_then(|u| u.bundle.as_ref()) {
