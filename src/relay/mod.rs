@@ -795,7 +795,9 @@ impl Relay {
                 self.bans.retain(|_, until| *until > now);
                 if self.bans.len() >= MAX_BANS {
                     let soonest = self.bans.iter().min_by_key(|(_, until)| **until).map(|(s, _)| *s);
-                    soonest.map(|s| self.bans.remove(&s));
+                    if let Some(soonest) = soonest {
+                        self.bans.remove(&soonest);
+                    }
                 }
                 self.bans.insert(source, now + Duration::from_secs(60 * u64::from(minutes)));
                 // Everyone connected from there goes, not only the one named (but not the

@@ -374,8 +374,6 @@ pub struct Session {
     ready: bool,
     channels: BTreeMap<ChannelId, ChannelInfo>,
     users: BTreeMap<SessionId, UserInfo>,
-    /// The server accepted our admin proof.
-    admin: bool,
     events: VecDeque<Event>,
     transmit: VecDeque<ClientMsg>,
     probe_sequence: u32,
@@ -407,7 +405,6 @@ impl Session {
             ready: false,
             channels: BTreeMap::new(),
             users: BTreeMap::new(),
-            admin: false,
             events: VecDeque::new(),
             transmit: VecDeque::new(),
             probe_sequence: 0,
@@ -471,10 +468,7 @@ impl Session {
                 let identity = self.prove_admin(session, &challenge);
                 self.events.push_back(Event::Connected { session: session.0, name, identity });
             }
-            ServerMsg::AdminGranted => {
-                self.admin = true;
-                self.events.push_back(Event::Admin);
-            }
+            ServerMsg::AdminGranted => self.events.push_back(Event::Admin),
             ServerMsg::Ready => {
                 self.ready = true;
                 self.events.push_back(Event::Channels { channels: self.channel_views() });
@@ -605,13 +599,12 @@ impl Session {
     pub fn command(&mut self, now: Instant, command: Command) {
         match command {
             Command::Join(request) => self.transmit.push_back(ClientMsg::Join(request)),
-            Command::Kick(user) => self.moderate(&user, None, |session, _| ClientMsg::Kick { session }),
-            Command::Ban { user, minutes } => {
-                self.moderate(&user, None, move |session, _| ClientMsg::Ban { session, minutes })
-            }
-            Command::Move { user, channel } => self.moderate(&user, Some(&channel), |session, channel| {
-                ClientMsg::MoveUser { session, channel: channel.expect("a channel was named") }
-            }),
+            Command::Kick(user) => self.moderate(&user, |session| ClientMsg::Kick { session }),
+            Command::Ban { user, minutes } => self.moderate(&user, |session| ClientMsg::Ban { session, minutes }),
+            Command::Move { user, channel } => match self.channel_named(&channel) {
+                Some(channel) => self.moderate(&user, |session| ClientMsg::MoveUser { session, channel }),
+                None => self.events.push_back(no_such_channel(&channel)),
+            },
             Command::Close(channel) => match self.channel_named(&channel) {
                 Some(channel) => self.transmit.push_back(ClientMsg::CloseChannel { channel }),
                 None => self.events.push_back(no_such_channel(&channel)),
@@ -737,29 +730,12 @@ impl Session {
         Event::Speaking { user: self.users.get(&session).map(|u| u.name.clone()), session: session.0, speaking }
     }
 
-    /// The session id of an online user, by name (in its canonical form: "Bob" and "bob"
-    /// are one name, as the server holds them).
-    /// Whether the server accepted our admin proof.
-    pub fn is_admin(&self) -> bool {
-        self.admin
-    }
-
-    /// A moderation request about the user `name` (and the channel named, if any).
-    fn moderate(
-        &mut self,
-        name: &str,
-        channel: Option<&str>,
-        request: impl FnOnce(SessionId, Option<ChannelId>) -> ClientMsg,
-    ) {
-        let Some(session) = self.user_session(name) else {
-            return self.events.push_back(Event::local_error("no_such_user", format!("{name} is not online")));
-        };
-        let channel = match channel.map(|c| (c, self.channel_named(c))) {
-            Some((name, None)) => return self.events.push_back(no_such_channel(name)),
-            Some((_, found)) => found,
-            None => None,
-        };
-        self.transmit.push_back(request(session, channel));
+    /// A moderation request about the user `name`.
+    fn moderate(&mut self, name: &str, request: impl FnOnce(SessionId) -> ClientMsg) {
+        match self.user_session(name) {
+            Some(session) => self.transmit.push_back(request(session)),
+            None => self.events.push_back(Event::local_error("no_such_user", format!("{name} is not online"))),
+        }
     }
 
     fn channel_named(&self, name: &str) -> Option<ChannelId> {
@@ -767,6 +743,8 @@ impl Session {
         self.channels.values().find(|c| canonical_name(&c.name) == key).map(|c| c.id)
     }
 
+    /// The session id of an online user, by name (in its canonical form: "Bob" and "bob"
+    /// are one name, as the server holds them).
     pub fn user_session(&self, name: &str) -> Option<SessionId> {
         let key = canonical_name(name);
         self.users.values().find(|u| canonical_name(&u.name) == key).map(|u| u.session)
