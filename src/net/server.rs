@@ -629,6 +629,10 @@ async fn wait_for_control_stream(
                     queued.fetch_sub(frame.len(), Ordering::AcqRel);
                 }
                 Some(Outgoing::Close(code)) => {
+                    // A close before the client has confirmed the handshake goes without its
+                    // reason: wait (briefly) for its control stream, which it opens once it
+                    // has, so that it learns why (banned, too many from its address, busy).
+                    let _ = tokio::time::timeout(CLOSE_GRACE, connection.accept_bi()).await;
                     connection.close(VarInt::from_u32(CLOSE_ERROR), code.as_str().as_bytes());
                     return None;
                 }
