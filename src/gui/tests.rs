@@ -41,6 +41,19 @@ fn join_from_menu(h: &mut Harness<'_, Model>, label: &str) {
     h.run();
 }
 
+/// A channel someone made, with nobody in it.
+fn empty_temporary_channel(id: u32, name: &str) -> ChannelView {
+    ChannelView {
+        id,
+        name: name.into(),
+        description: String::new(),
+        has_password: false,
+        user_limit: 0,
+        temporary: true,
+        users: vec![],
+    }
+}
+
 fn sent(rx: &Receiver<UiCommand>) -> Vec<UiCommand> {
     rx.try_iter().collect()
 }
@@ -166,15 +179,7 @@ fn badges_are_widgets_a_name_cannot_spell_out() {
 #[test]
 fn channels_join_and_ask_for_a_password() {
     let mut model = Model::fixture();
-    model.channels.push(ChannelView {
-        id: 3,
-        name: "Games".into(),
-        description: String::new(),
-        has_password: false,
-        user_limit: 0,
-        temporary: true,
-        users: vec![],
-    });
+    model.channels.push(empty_temporary_channel(3, "Games"));
     let (mut h, rx) = harness(model, views::channels);
     assert!(h.query_by_label("Lobby  (2)").is_some());
     assert!(h.query_by_label("Staff [password]  (1/5)").is_some(), "user count against the limit");
@@ -221,15 +226,7 @@ fn an_admins_menus_kick_ban_move_and_close_and_nobody_elses_offer_them() {
 
     let mut model = Model::fixture();
     model.apply(&Event::Admin);
-    model.channels.push(ChannelView {
-        id: 3,
-        name: "Spam".into(),
-        description: String::new(),
-        has_password: false,
-        user_limit: 0,
-        temporary: true,
-        users: vec![],
-    });
+    model.channels.push(empty_temporary_channel(3, "Spam"));
     let (mut h, rx) = harness(model, views::channels);
     for (button, command) in [
         ("Kick", Command::Kick("bob".into())),
