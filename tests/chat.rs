@@ -6,10 +6,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use voipc::config::ServerConfig;
+use voipc::config::{ChannelConfig, ServerConfig};
 use voipc::e2ee::E2ee;
 use voipc::protocol::{ChannelId, ClientMsg, ServerMsg, SessionId, encode_frame};
-use voipc::relay::{ConnId, Input, Output, Relay, RelayConfig, Source};
+use voipc::relay::{ConnId, Input, Output, PRESENCE_DELAY, Relay, RelayConfig, Source};
 use voipc::session::history::History;
 use voipc::session::{Chat, Event, REKEY_INTERVAL, Session};
 
@@ -40,7 +40,11 @@ pub(crate) struct Net {
 
 impl Net {
     pub(crate) fn new() -> Net {
-        let config = RelayConfig::from_server_config(&mut ServerConfig::default());
+        Net::with(ServerConfig::default())
+    }
+
+    pub(crate) fn with(mut server: ServerConfig) -> Net {
+        let config = RelayConfig::from_server_config(&mut server);
         Net {
             relay: Relay::new(config, [5; 32]),
             clients: BTreeMap::new(),
@@ -92,6 +96,8 @@ impl Net {
             ClientMsg::Hello { version: voipc::protocol::PROTOCOL_VERSION, name: name.into(), join: None, bundle };
         self.relay.handle_input(self.now, conn, Input::Control(hello)).unwrap();
         self.run();
+        // Until the relay's next presence batch, nobody knows it is there.
+        self.advance(PRESENCE_DELAY);
         conn
     }
 
@@ -150,40 +156,46 @@ impl Net {
             }
             while let Some(output) = self.relay.poll_output() {
                 moved = true;
-                let (to, mut msg) = match output {
-                    Output::Send { to, msg } => (to, msg),
+                match output {
+                    Output::Send { to, msg } => self.deliver(to, msg),
+                    Output::Broadcast { to, msg } => {
+                        for conn in to {
+                            self.deliver(conn, msg.clone());
+                        }
+                    }
                     // The server let a client go (it flooded): it is gone from the network.
-                    Output::Close { conn, .. } => {
-                        self.clients.retain(|_, (c, _)| *c != conn);
-                        continue;
-                    }
-                    _ => continue,
-                };
-                if let (ServerMsg::Bundle { peer, bundle }, Some((swapped, fake))) = (&mut msg, &self.swap_bundle)
-                    && peer == swapped
-                {
-                    *bundle = Some(fake.clone());
+                    Output::Close { conn, .. } => self.clients.retain(|_, (c, _)| *c != conn),
+                    _ => {}
                 }
-                self.wire.push(encode_frame(&msg).unwrap());
-                let Some((name, (_, session))) = self.clients.iter_mut().find(|(_, (c, _))| *c == to) else {
-                    self.bot_inbox.entry(to).or_default().push(msg);
-                    continue;
-                };
-                if matches!(msg, ServerMsg::Channel { .. }) {
-                    self.channel_frames.push((name, msg.clone()));
-                    if let Some((held_for, held)) = &mut self.hold_channel_for
-                        && held_for == name
-                    {
-                        held.push(msg);
-                        continue;
-                    }
-                }
-                session.handle_message(self.now, msg).unwrap();
             }
             if !moved {
                 return;
             }
         }
+    }
+
+    /// Hands `msg` to the client on `to`, as the relay's shell would.
+    fn deliver(&mut self, to: ConnId, mut msg: ServerMsg) {
+        if let (ServerMsg::Bundle { peer, bundle }, Some((swapped, fake))) = (&mut msg, &self.swap_bundle)
+            && peer == swapped
+        {
+            *bundle = Some(fake.clone());
+        }
+        self.wire.push(encode_frame(&msg).unwrap());
+        let Some((name, (_, session))) = self.clients.iter_mut().find(|(_, (c, _))| *c == to) else {
+            self.bot_inbox.entry(to).or_default().push(msg);
+            return;
+        };
+        if matches!(msg, ServerMsg::Channel { .. }) {
+            self.channel_frames.push((name, msg.clone()));
+            if let Some((held_for, held)) = &mut self.hold_channel_for
+                && held_for == name
+            {
+                held.push(msg);
+                return;
+            }
+        }
+        session.handle_message(self.now, msg).unwrap();
     }
 
     fn messages(&self, name: &str) -> Vec<(String, Option<String>, String)> {
@@ -243,6 +255,58 @@ fn text(from: &str, channel: Option<&str>, text: &str) -> (String, Option<String
 }
 
 #[test]
+fn a_newcomer_to_a_crowded_server_pages_through_everyone_and_the_crowd_hears_of_it_in_one_batch() {
+    let lobby = ChannelConfig { name: "Lobby".into(), description: String::new(), password: None, user_limit: 0 };
+    let crowd_room = ChannelConfig { name: "Crowd".into(), ..lobby.clone() };
+    let mut net = Net::with(ServerConfig { channels: vec![lobby, crowd_room], max_users: 1_000, ..Default::default() });
+    // 999 bare clients (no keys, so that alice has nobody to key in her channel).
+    let crowd: Vec<ConnId> = (0..999u32)
+        .map(|i| {
+            let conn = ConnId(10_000 + u64::from(i));
+            let source = Source::of(std::net::Ipv4Addr::from(0x0a10_0000 + i).into());
+            net.relay.handle_input(net.now, conn, Input::Connected { source }).unwrap();
+            let join = Some(voipc::protocol::JoinRequest::named("Crowd"));
+            let hello = ClientMsg::Hello {
+                version: voipc::protocol::PROTOCOL_VERSION,
+                name: format!("member-{i:03}"),
+                join,
+                bundle: None,
+            };
+            net.relay.handle_input(net.now, conn, Input::Control(hello)).unwrap();
+            conn
+        })
+        .collect();
+    net.run();
+    net.advance(PRESENCE_DELAY);
+    net.bot_inbox.clear();
+
+    net.connect("alice");
+    let pages = net.sent.iter().filter(|(who, m)| *who == "alice" && matches!(m, ClientMsg::ListUsers { .. })).count();
+    // About 600 short names fit in a page of 16 KiB: the welcome's page and one more.
+    assert_eq!(pages, 1, "alice asked for {pages} more pages");
+    let channels = net.events["alice"].iter().find_map(|e| match e {
+        Event::Channels { channels } => Some(channels.clone()),
+        _ => None,
+    });
+    let channels = channels.expect("the listing ended");
+    let crowd_seen = channels.iter().find(|c| c.name == "Crowd").unwrap().users.len();
+    assert_eq!(crowd_seen, 999, "every member of the crowd, once");
+    assert!(net.events["alice"].contains(&Event::Joined {
+        channel: 1,
+        name: "Lobby".into(),
+        users: vec!["alice".into()]
+    }));
+    // Each of the crowd heard of alice in one message.
+    for conn in &crowd {
+        let heard = &net.bot_inbox[conn];
+        assert!(
+            matches!(&heard[..], [ServerMsg::Presence { users, gone }] if users.len() == 1 && gone.is_empty()),
+            "{heard:?}"
+        );
+    }
+}
+
+#[test]
 fn channel_messages_and_direct_messages_arrive_and_the_relay_sees_no_plaintext() {
     let mut net = Net::new();
     net.connect("alice");
@@ -287,6 +351,7 @@ fn a_leaver_cannot_read_what_follows_and_a_newcomer_cannot_read_what_came_before
     let before = net.last_channel_frame_for("bob");
 
     net.command("carol", "/leave");
+    net.advance(PRESENCE_DELAY);
     net.command("alice", "after carol left");
     assert_eq!(net.messages("bob").last().unwrap(), &text("alice", Some("Lobby"), "after carol left"));
     // Carol keeps the ciphertext she would have got, and tries.
@@ -502,6 +567,7 @@ fn a_relay_can_neither_relabel_a_channel_message_nor_deliver_it_late() {
     net.connect("bob");
     net.connect("dave");
     net.command("dave", "/create Den");
+    net.advance(PRESENCE_DELAY);
     // Relabelled: written in the Lobby, handed to bob as the Den's.
     net.hold_channel_for = Some(("bob", Vec::new()));
     net.command("alice", "lobby only");

@@ -16,6 +16,7 @@ use voipc::protocol::{ChannelId, ClientMsg, MediaHeader, SessionId, StreamType};
 use voipc::session::media::MediaKeys;
 
 use crate::chat::Net;
+use voipc::relay::PRESENCE_DELAY;
 
 const ALICE: SessionId = SessionId(1);
 const LOBBY: ChannelId = ChannelId(1);
@@ -169,6 +170,7 @@ fn a_leaver_cannot_open_voice_sent_after_it_left_and_replays_are_dropped() {
     assert_eq!(session.media_counters().duplicate, 1);
 
     net.command("carol", "/leave");
+    net.advance(PRESENCE_DELAY);
     let after = voice_from(&mut net, "alice", 2);
     assert_eq!(forward(&mut net, "alice", &after), [("bob", 1)], "the relay no longer sends carol anything");
     // Carol, handed the packet anyway (as a relay could), cannot open it: alice's new

@@ -325,10 +325,14 @@ async fn quic_member(
             match read_frame(&mut recv).await?.context("server ended the control stream")? {
                 ServerMsg::Welcome { session, .. } => me = Some(session),
                 ServerMsg::ChannelAdded(info) if info.name == channel => channel_id = Some(info.id),
-                ServerMsg::UserMoved { session, channel: Some(to) }
-                    if Some(session) == me && Some(to) == channel_id =>
-                {
-                    return anyhow::Ok((session, to));
+                // Where we are shows in the listing's first page (joined with the hello)
+                // or in a presence batch (the channel we created).
+                ServerMsg::Users { users, .. } | ServerMsg::Presence { users, .. } => {
+                    let here =
+                        users.iter().find(|u| Some(u.session) == me && u.channel.is_some() && u.channel == channel_id);
+                    if let Some(user) = here {
+                        return anyhow::Ok((user.session, channel_id.expect("checked")));
+                    }
                 }
                 ServerMsg::Error { code, message } => bail!("{name}: {code}: {message}"),
                 _ => {}

@@ -146,7 +146,8 @@ async fn drain_leg(leg: Arc<Leg>, connection: quinn::Connection, shared: Arc<Sha
 }
 
 enum Outgoing {
-    Frame(Vec<u8>),
+    /// Shared by every receiver of a broadcast.
+    Frame(Bytes),
     Close(ErrorCode),
 }
 
@@ -537,7 +538,18 @@ impl Shared {
     fn carry_out(self: &Arc<Self>, state: &mut State) {
         while let Some(output) = state.relay.poll_output() {
             match output {
-                Output::Send { to, msg } => send_control(state, &self.counts, to, &msg),
+                Output::Send { to, msg } => {
+                    if let Some(frame) = encode(&msg) {
+                        send_control(state, &self.counts, to, frame);
+                    }
+                }
+                Output::Broadcast { to, msg } => {
+                    if let Some(frame) = encode(&msg) {
+                        for conn in to {
+                            send_control(state, &self.counts, conn, Bytes::clone(&frame));
+                        }
+                    }
+                }
                 Output::Close { conn, code } => {
                     if let Some(handle) = state.conns.get(&conn) {
                         // A full queue means the writer is stuck; close without the courtesy.
@@ -581,12 +593,18 @@ impl Shared {
     }
 }
 
-fn send_control(state: &State, counts: &ShellCounters, to: ConnId, msg: &ServerMsg) {
+fn encode(msg: &ServerMsg) -> Option<Bytes> {
+    match encode_frame(msg) {
+        Ok(frame) => Some(frame.into()),
+        Err(e) => {
+            warn!(error = %e, "cannot encode a server message");
+            None
+        }
+    }
+}
+
+fn send_control(state: &State, counts: &ShellCounters, to: ConnId, frame: Bytes) {
     let Some(handle) = state.conns.get(&to) else { return };
-    let frame = match encode_frame(msg) {
-        Ok(frame) => frame,
-        Err(e) => return warn!(error = %e, "cannot encode a server message"),
-    };
     // Bounded in bytes as well as frames: a client that does not read is let go before
     // it pins more than `max_queued`, and nobody else waits for it.
     let len = frame.len();

@@ -100,6 +100,10 @@ pub enum ClientMsg {
         session: SessionId,
         channel: ChannelId,
     },
+    /// The next page of the user listing: users whose session comes after `after`.
+    ListUsers {
+        after: SessionId,
+    },
 }
 
 /// What an admin signs: a fixed context (so that the signature can never pass for one
@@ -144,8 +148,8 @@ pub struct VoiceState {
 /// What the server sends on a client's control stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerMsg {
-    /// The answer to a hello. The server's channels and users follow one message each,
-    /// then [`ServerMsg::Ready`]. `challenge` is fresh for this connection, for
+    /// The answer to a hello. The server's channels follow one message each, then the
+    /// first page of [`ServerMsg::Users`]. `challenge` is fresh for this connection, for
     /// [`ClientMsg::ProveAdmin`].
     Welcome {
         session: SessionId,
@@ -155,20 +159,21 @@ pub enum ServerMsg {
     },
     /// The proof held: this connection may moderate.
     AdminGranted,
-    Ready,
     ChannelAdded(ChannelInfo),
     ChannelRemoved(ChannelId),
-    UserConnected(UserInfo),
-    /// A user's mute and deafen state changed.
-    VoiceState {
-        session: SessionId,
-        voice: VoiceState,
+    /// A page of the users online, in session order (the first page starts with the
+    /// client itself); while `more`, the client asks for the next with
+    /// [`ClientMsg::ListUsers`]. Each user is as they are when the page is made.
+    Users {
+        users: Vec<UserInfo>,
+        more: bool,
     },
-    UserMoved {
-        session: SessionId,
-        channel: Option<ChannelId>,
+    /// Users who came online or changed (channel, mute, deafen) and users who left,
+    /// gathered over [`crate::relay::PRESENCE_DELAY`]: each as they are when it is sent.
+    Presence {
+        users: Vec<UserInfo>,
+        gone: Vec<SessionId>,
     },
-    UserDisconnected(SessionId),
     InviteCreated {
         token: String,
         channel: ChannelId,
@@ -349,32 +354,30 @@ mod tests {
             ClientMsg::Ban { .. } => 12,
             ClientMsg::CloseChannel { .. } => 13,
             ClientMsg::MoveUser { .. } => 14,
+            ClientMsg::ListUsers { .. } => 15,
         }
     }
-    const CLIENT_VARIANTS: usize = 15;
+    const CLIENT_VARIANTS: usize = 16;
 
     fn server_variant(msg: &ServerMsg) -> usize {
         match msg {
             ServerMsg::Welcome { .. } => 0,
-            ServerMsg::Ready => 1,
-            ServerMsg::ChannelAdded(_) => 2,
-            ServerMsg::ChannelRemoved(_) => 3,
-            ServerMsg::UserConnected(_) => 4,
-            ServerMsg::VoiceState { .. } => 5,
-            ServerMsg::UserMoved { .. } => 6,
-            ServerMsg::UserDisconnected(_) => 7,
-            ServerMsg::InviteCreated { .. } => 8,
-            ServerMsg::Error { .. } => 9,
-            ServerMsg::Bundle { .. } => 10,
-            ServerMsg::KeysLow { .. } => 11,
-            ServerMsg::Direct { .. } => 12,
-            ServerMsg::Channel { .. } => 13,
-            ServerMsg::Delivered { .. } => 14,
-            ServerMsg::AdminGranted => 15,
-            ServerMsg::NotDelivered { .. } => 16,
+            ServerMsg::ChannelAdded(_) => 1,
+            ServerMsg::ChannelRemoved(_) => 2,
+            ServerMsg::Users { .. } => 3,
+            ServerMsg::Presence { .. } => 4,
+            ServerMsg::InviteCreated { .. } => 5,
+            ServerMsg::Error { .. } => 6,
+            ServerMsg::Bundle { .. } => 7,
+            ServerMsg::KeysLow { .. } => 8,
+            ServerMsg::Direct { .. } => 9,
+            ServerMsg::Channel { .. } => 10,
+            ServerMsg::Delivered { .. } => 11,
+            ServerMsg::AdminGranted => 12,
+            ServerMsg::NotDelivered { .. } => 13,
         }
     }
-    const SERVER_VARIANTS: usize = 17;
+    const SERVER_VARIANTS: usize = 14;
 
     fn error_variant(code: ErrorCode) -> usize {
         match code {
@@ -460,6 +463,7 @@ mod tests {
             ClientMsg::Ban { session: SessionId(4), minutes: 60 },
             ClientMsg::CloseChannel { channel: ChannelId(2) },
             ClientMsg::MoveUser { session: SessionId(4), channel: ChannelId(1) },
+            ClientMsg::ListUsers { after: SessionId(4) },
         ]
     }
 
@@ -484,13 +488,10 @@ mod tests {
         vec![
             ServerMsg::Welcome { session: SessionId(1), name: "alice".into(), server_version: 1, challenge: [3; 32] },
             ServerMsg::AdminGranted,
-            ServerMsg::Ready,
             ServerMsg::ChannelAdded(channel),
             ServerMsg::ChannelRemoved(ChannelId(3)),
-            ServerMsg::UserConnected(user),
-            ServerMsg::UserMoved { session: SessionId(9), channel: None },
-            ServerMsg::VoiceState { session: SessionId(9), voice: VoiceState { muted: true, deafened: true } },
-            ServerMsg::UserDisconnected(SessionId(9)),
+            ServerMsg::Users { users: vec![user.clone()], more: true },
+            ServerMsg::Presence { users: vec![user], gone: vec![SessionId(9)] },
             ServerMsg::InviteCreated { token: "t".into(), channel: ChannelId(3), expires_in_secs: 60, max_uses: 1 },
             ServerMsg::Error { code: ErrorCode::WrongPassword, message: "no".into() },
             ServerMsg::Bundle { peer: SessionId(2), bundle: Some(bundle) },

@@ -20,7 +20,8 @@ pub use messages::*;
 pub use names::{NameError, canonical_name, check_visible};
 
 /// The version a hello carries; peers with another version are refused with both named.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: the user listing in pages, presence changes in batches.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The TLS ALPN token of this protocol version.
 pub const ALPN: &[u8] = b"voipc/1";
@@ -56,12 +57,15 @@ mod robustness_tests {
                 server_version: PROTOCOL_VERSION,
                 challenge: [0; 32],
             },
-            ServerMsg::UserConnected(UserInfo {
-                session: SessionId(2),
-                name: "b".into(),
-                channel: Some(ChannelId(1)),
-                voice: Default::default(),
-            }),
+            ServerMsg::Presence {
+                users: vec![UserInfo {
+                    session: SessionId(2),
+                    name: "b".into(),
+                    channel: Some(ChannelId(1)),
+                    voice: Default::default(),
+                }],
+                gone: vec![SessionId(3)],
+            },
             ServerMsg::Error { code: ErrorCode::ChannelFull, message: "full".into() },
         ];
         let mut frames: Vec<Vec<u8>> = client.iter().map(|m| encode_frame(m).unwrap()).collect();

@@ -11,8 +11,10 @@ pub mod leg;
 pub mod limits;
 pub mod metrics;
 pub mod password;
+pub mod presence;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -26,6 +28,7 @@ use crate::protocol::{
 };
 use keys::{BundleError, StoredBundle};
 use limits::TokenBucket;
+pub use presence::PRESENCE_DELAY;
 
 /// Within this time, a second fetch of the same identity's bundle by the same requester
 /// (the same identity key, or the same source address, whatever its connections) gets no
@@ -162,6 +165,11 @@ pub enum Input {
 pub enum Output {
     Send {
         to: ConnId,
+        msg: ServerMsg,
+    },
+    /// The same message to each of `to`: encoded once.
+    Broadcast {
+        to: Vec<ConnId>,
         msg: ServerMsg,
     },
     /// Close the connection after the messages queued for it so far.
@@ -304,8 +312,11 @@ pub struct Relay {
     conns: HashMap<ConnId, Conn>,
     channels: BTreeMap<ChannelId, Channel>,
     invites: HashMap<String, Invite>,
-    /// Introduced users' connections, for messages addressed by session.
-    sessions: HashMap<SessionId, ConnId>,
+    /// Introduced users' connections, for messages addressed by session, in session
+    /// order for the pages of the listing.
+    sessions: BTreeMap<SessionId, ConnId>,
+    /// Users who came, changed or went since the last presence batch.
+    changes: presence::Changes,
     default_channel: Option<ChannelId>,
     next_session: u32,
     next_channel: u32,
@@ -340,7 +351,8 @@ impl Relay {
             conns: HashMap::new(),
             channels: BTreeMap::new(),
             invites: HashMap::new(),
-            sessions: HashMap::new(),
+            sessions: BTreeMap::new(),
+            changes: presence::Changes::default(),
             default_channel: None,
             next_session: 1,
             next_channel: 1,
@@ -403,7 +415,7 @@ impl Relay {
         let empty_timeout = Duration::from_secs(self.config.limits.empty_channel_timeout_secs);
         let channels = self.channels.values().filter_map(|c| c.empty_since.map(|t| t + empty_timeout));
         let invites = self.invites.values().map(|i| i.expires_at);
-        hellos.chain(channels).chain(invites).min()
+        hellos.chain(channels).chain(invites).chain(self.changes.due()).min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -426,6 +438,9 @@ impl Relay {
         self.bans.retain(|_, until| *until > now);
         self.key_fetches.retain(|_, at| now.saturating_duration_since(*at) < REFETCH_WINDOW);
         self.password_backoff.retain(|_, b| now.saturating_duration_since(b.last_failure) < PASSWORD_MEMORY);
+        if let Some(changed) = self.changes.take_due(now) {
+            self.send_presence(changed);
+        }
     }
 
     pub fn handle_input(&mut self, now: Instant, conn: ConnId, input: Input) -> Result<(), RelayError> {
@@ -664,19 +679,14 @@ impl Relay {
             challenge,
         });
         self.sessions.insert(session, conn);
+        self.changes.mark(now, session);
 
-        let welcome = ServerMsg::Welcome { session, name: name.clone(), server_version: PROTOCOL_VERSION, challenge };
-        self.send(conn, welcome);
+        self.send(conn, ServerMsg::Welcome { session, name, server_version: PROTOCOL_VERSION, challenge });
         let channels: Vec<ServerMsg> =
             self.channels.values().map(|c| ServerMsg::ChannelAdded(c.info.clone())).collect();
-        let users: Vec<ServerMsg> = self.active_users().map(|(_, u)| ServerMsg::UserConnected(u.info())).collect();
-        for msg in channels.into_iter().chain(users) {
+        for msg in channels {
             self.send(conn, msg);
         }
-        self.send(conn, ServerMsg::Ready);
-        let info = UserInfo { session, name, channel: None, voice: VoiceState::default() };
-        self.broadcast_except(conn, ServerMsg::UserConnected(info));
-
         match join {
             Some(request) => {
                 if let Err(refusal) = self.join(now, conn, request, true) {
@@ -685,6 +695,55 @@ impl Relay {
                 }
             }
             None => self.join_default(now, conn),
+        }
+        // After the join, so that the first page shows where the user landed (unless a
+        // password check is still under way: then a presence batch tells).
+        let first = self.listing_page(conn, None);
+        self.send(conn, first);
+    }
+
+    /// A page of the listing for `conn`: the users after `after`, or for the first page
+    /// the user itself and then everyone else from the start. Others are told as they
+    /// are now; those who come later arrive in presence batches.
+    fn listing_page(&self, conn: ConnId, after: Option<SessionId>) -> ServerMsg {
+        let me = self.user(conn);
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let others = self
+            .sessions
+            .range((start, Bound::Unbounded))
+            .filter(|(session, _)| **session != me.session)
+            .map(|(_, other)| self.user(*other).info());
+        let first = after.is_none().then(|| me.info());
+        let (users, more) = presence::page(&mut first.into_iter().chain(others).peekable());
+        ServerMsg::Users { users, more }
+    }
+
+    /// A message from `conn` may overtake the batch that tells its receivers who sent
+    /// it (and from which channel): they learn that first. The batch repeats it.
+    fn introduce(&mut self, conn: ConnId, to: Vec<ConnId>) {
+        let sender = self.user(conn);
+        if self.changes.pending(sender.session) && !to.is_empty() {
+            let msg = ServerMsg::Presence { users: vec![sender.info()], gone: vec![] };
+            self.outputs.push_back(Output::Broadcast { to, msg });
+        }
+    }
+
+    /// Tells everyone how the `changed` users are now, in messages of bounded size.
+    fn send_presence(&mut self, changed: std::collections::BTreeSet<SessionId>) {
+        let (here, gone): (Vec<SessionId>, Vec<SessionId>) =
+            changed.into_iter().partition(|session| self.sessions.contains_key(session));
+        let here: Vec<UserInfo> = here.into_iter().map(|session| self.user(self.sessions[&session]).info()).collect();
+        let mut users = here.into_iter().peekable();
+        let mut gone = Some(gone);
+        loop {
+            let (page, more) = presence::page(&mut users);
+            let gone = gone.take().unwrap_or_default();
+            if !page.is_empty() || !gone.is_empty() {
+                self.broadcast(ServerMsg::Presence { users: page, gone });
+            }
+            if !more {
+                break;
+            }
         }
     }
 
@@ -713,8 +772,13 @@ impl Relay {
                 if user.voice != voice {
                     user.voice = voice;
                     let session = user.session;
-                    self.broadcast(ServerMsg::VoiceState { session, voice });
+                    self.changes.mark(now, session);
                 }
+                Ok(())
+            }
+            ClientMsg::ListUsers { after } => {
+                let page = self.listing_page(conn, Some(after));
+                self.send(conn, page);
                 Ok(())
             }
             ClientMsg::AddOneTimeKeys { one_time, kyber_one_time } => {
@@ -730,6 +794,7 @@ impl Relay {
                 self.check_message_size(&ciphertext)?;
                 let target = self.conn_of(to)?;
                 let from = self.user(conn).session;
+                self.introduce(conn, vec![target]);
                 self.send(target, ServerMsg::Direct { from, ciphertext });
                 self.send(conn, ServerMsg::Delivered { reached: 1, total: 1 });
                 Ok(())
@@ -743,10 +808,10 @@ impl Relay {
                 let from = user.session;
                 let others: Vec<ConnId> =
                     self.channels[&channel].members.iter().copied().filter(|m| *m != conn).collect();
-                for member in &others {
-                    self.send(*member, ServerMsg::Channel { from, channel, ciphertext: ciphertext.clone() });
-                }
                 let reached = others.len() as u32;
+                self.introduce(conn, others.clone());
+                self.outputs
+                    .push_back(Output::Broadcast { to: others, msg: ServerMsg::Channel { from, channel, ciphertext } });
                 self.send(conn, ServerMsg::Delivered { reached, total: reached });
                 Ok(())
             }
@@ -1139,7 +1204,7 @@ impl Relay {
             new.members.push(conn);
             new.empty_since = None;
         }
-        self.broadcast(ServerMsg::UserMoved { session, channel: to });
+        self.changes.mark(now, session);
     }
 
     fn disconnect(&mut self, now: Instant, conn: ConnId) {
@@ -1153,7 +1218,7 @@ impl Relay {
                 channel.empty_since = Some(now);
             }
         }
-        self.broadcast(ServerMsg::UserDisconnected(user.session));
+        self.changes.mark(now, user.session);
     }
 
     fn add_channel(
@@ -1193,26 +1258,14 @@ impl Relay {
         self.conns.get_mut(&conn).and_then(|c| c.user.as_mut()).expect("requests come from introduced users")
     }
 
-    fn active_users(&self) -> impl Iterator<Item = (ConnId, &User)> {
-        self.conns.iter().filter_map(|(id, c)| c.user.as_ref().map(|u| (*id, u)))
-    }
-
     fn send(&mut self, to: ConnId, msg: ServerMsg) {
         self.outputs.push_back(Output::Send { to, msg });
     }
 
+    /// To every user.
     fn broadcast(&mut self, msg: ServerMsg) {
-        let to: Vec<ConnId> = self.active_users().map(|(id, _)| id).collect();
-        for conn in to {
-            self.send(conn, msg.clone());
-        }
-    }
-
-    fn broadcast_except(&mut self, except: ConnId, msg: ServerMsg) {
-        let to: Vec<ConnId> = self.active_users().map(|(id, _)| id).filter(|id| *id != except).collect();
-        for conn in to {
-            self.send(conn, msg.clone());
-        }
+        let to: Vec<ConnId> = self.sessions.values().copied().collect();
+        self.outputs.push_back(Output::Broadcast { to, msg });
     }
 
     fn refuse(&mut self, conn: ConnId, Refusal(code, message): Refusal) {

@@ -59,6 +59,11 @@ impl Sim {
                     }
                     self.inbox.entry(to).or_default().push(msg);
                 }
+                Output::Broadcast { to, msg } => {
+                    for conn in to {
+                        self.inbox.entry(conn).or_default().push(msg.clone());
+                    }
+                }
                 Output::Close { conn, code } => {
                     self.closed.insert(conn, code);
                 }
@@ -174,7 +179,7 @@ fn join_with(name: &str, password: Option<&str>, invite: Option<&str>) -> Client
 }
 
 #[test]
-fn hello_gets_welcome_channels_users_then_lands_in_the_default_channel() {
+fn hello_gets_welcome_channels_and_a_first_page_then_others_hear_in_a_batch() {
     let mut sim = Sim::new();
     let alice = sim.hello("alice", None);
     let msgs = sim.take(alice);
@@ -184,27 +189,129 @@ fn hello_gets_welcome_channels_users_then_lands_in_the_default_channel() {
         .filter_map(|m| if let ServerMsg::ChannelAdded(c) = m { Some(c.name.as_str()) } else { None })
         .collect();
     assert_eq!(channels, ["Lobby", "Staff", "Duo"]);
-    let ready = msgs.iter().position(|m| *m == ServerMsg::Ready).unwrap();
     let lobby = sim.channel_id("Lobby");
-    assert_eq!(msgs[ready + 1], ServerMsg::UserMoved { session: sim.sessions[&alice], channel: Some(lobby) });
+    let alice_info = UserInfo {
+        session: sim.sessions[&alice],
+        name: "alice".into(),
+        channel: Some(lobby),
+        voice: Default::default(),
+    };
+    // The first page already shows where she landed.
+    assert_eq!(msgs.last(), Some(&ServerMsg::Users { users: vec![alice_info.clone()], more: false }));
+    sim.advance(PRESENCE_DELAY);
+    sim.take(alice);
 
     let bob = sim.hello("bob", None);
-    let seen_by_alice = sim.take(alice);
-    let bob_session = sim.sessions[&bob];
-    assert_eq!(
-        seen_by_alice,
-        [
-            ServerMsg::UserConnected(UserInfo {
-                session: bob_session,
-                name: "bob".into(),
-                channel: None,
-                voice: Default::default(),
-            }),
-            ServerMsg::UserMoved { session: bob_session, channel: Some(lobby) },
-        ]
-    );
-    assert!(sim.take(bob).iter().any(|m| matches!(m, ServerMsg::UserConnected(u) if u.name == "alice")));
+    let bob_info =
+        UserInfo { session: sim.sessions[&bob], name: "bob".into(), channel: Some(lobby), voice: Default::default() };
+    let bobs = sim.take(bob);
+    assert_eq!(bobs.last(), Some(&ServerMsg::Users { users: vec![bob_info.clone(), alice_info], more: false }));
+    // Alice hears of bob (arrived and placed: one entry) when the batch is due.
+    sim.advance(PRESENCE_DELAY - Duration::from_millis(1));
+    assert_eq!(sim.take(alice), []);
+    sim.advance(Duration::from_millis(1));
+    assert_eq!(sim.take(alice), [ServerMsg::Presence { users: vec![bob_info.clone()], gone: vec![] }]);
     assert_eq!(sim.relay.user_count(), 2);
+
+    sim.send(bob, ClientMsg::SetVoiceState(VoiceState { muted: true, deafened: false }));
+    sim.send(bob, ClientMsg::Leave);
+    sim.advance(PRESENCE_DELAY);
+    let bob_now = UserInfo { channel: None, voice: VoiceState { muted: true, deafened: false }, ..bob_info };
+    assert_eq!(sim.take(alice), [ServerMsg::Presence { users: vec![bob_now], gone: vec![] }]);
+    assert_eq!(sim.relay.poll_timeout(), None, "nothing left to tell");
+}
+
+#[test]
+fn a_message_never_overtakes_the_news_of_who_sent_it() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", None);
+    sim.advance(PRESENCE_DELAY);
+    sim.take(alice);
+    let bob = sim.hello("bob", None);
+    let bob_session = sim.sessions[&bob];
+    sim.send(bob, ClientMsg::Direct { to: sim.sessions[&alice], ciphertext: vec![1] });
+    sim.send(bob, ClientMsg::Channel { channel: sim.channel_id("Lobby"), ciphertext: vec![2] });
+    let bob_info = UserInfo {
+        session: bob_session,
+        name: "bob".into(),
+        channel: Some(sim.channel_id("Lobby")),
+        voice: Default::default(),
+    };
+    let introduced = ServerMsg::Presence { users: vec![bob_info], gone: vec![] };
+    let direct = ServerMsg::Direct { from: bob_session, ciphertext: vec![1] };
+    let channel = ServerMsg::Channel { from: bob_session, channel: sim.channel_id("Lobby"), ciphertext: vec![2] };
+    assert_eq!(sim.take(alice), [introduced.clone(), direct, introduced.clone(), channel]);
+    sim.advance(PRESENCE_DELAY);
+    assert_eq!(sim.take(alice), [introduced], "the batch says it again");
+}
+
+/// Many users on distinct addresses, in the one channel of a large server.
+fn crowd(count: u32) -> (Sim, Vec<ConnId>) {
+    let mut server =
+        ServerConfig { channels: vec![channel("Lobby", None, 0)], max_users: 10_000, ..ServerConfig::default() };
+    let mut sim = Sim::with(RelayConfig::from_server_config(&mut server));
+    let conns = (0..count).map(|i| sim.hello_from(&format!("user-{i:05}"), ip(i))).collect();
+    (sim, conns)
+}
+
+fn ip(i: u32) -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i))
+}
+
+#[test]
+fn a_newcomer_pages_through_a_large_listing_in_bounded_pieces() {
+    let (mut sim, _) = crowd(3_000);
+    sim.advance(PRESENCE_DELAY);
+    let newcomer = sim.hello_from("newcomer", ip(5_000));
+    let me = sim.sessions[&newcomer];
+    let mut pages = vec![sim.take(newcomer).pop().unwrap()];
+    loop {
+        let ServerMsg::Users { users, more } = pages.last().unwrap() else { panic!("not a page: {pages:?}") };
+        if !more {
+            break;
+        }
+        let after = users.last().unwrap().session;
+        sim.send(newcomer, ClientMsg::ListUsers { after });
+        pages.extend(sim.take(newcomer));
+    }
+    let mut listed = Vec::new();
+    for page in &pages {
+        let frame = crate::protocol::encode_frame(page).unwrap();
+        assert!(frame.len() <= presence::PAGE_BYTES + 16, "a page of {} bytes", frame.len());
+        let ServerMsg::Users { users, .. } = page else { unreachable!() };
+        listed.extend(users.iter().map(|u| u.session));
+    }
+    assert!(pages.len() >= 4, "{} pages", pages.len());
+    assert_eq!(listed[0], me, "the first page starts with the newcomer");
+    let mut sorted = listed.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 3_001, "everyone once");
+    assert_eq!(listed.len(), 3_001);
+}
+
+#[test]
+fn a_join_storm_reaches_each_user_as_a_few_batches_and_a_visit_inside_one_costs_an_id() {
+    let (mut sim, conns) = crowd(200);
+    sim.advance(PRESENCE_DELAY);
+    let watcher = conns[0];
+    sim.take(watcher);
+    // 300 arrive within one interval; one of them leaves again inside it.
+    let storm: Vec<ConnId> = (0..300).map(|i| sim.hello_from(&format!("storm-{i}"), ip(1_000 + i))).collect();
+    let visitor = sim.sessions[&storm[7]];
+    sim.input(storm[7], Input::Disconnected);
+    sim.advance(PRESENCE_DELAY);
+    let batches = sim.take(watcher);
+    assert!(batches.len() <= 2, "{} messages for 300 arrivals", batches.len());
+    let mut arrived = 0;
+    for batch in &batches {
+        let ServerMsg::Presence { users, gone } = batch else { panic!("not a batch: {batch:?}") };
+        assert!(users.iter().all(|u| u.session != visitor));
+        assert!(gone.iter().all(|g| *g == visitor));
+        arrived += users.len();
+    }
+    assert_eq!(arrived, 299);
+    assert!(batches.iter().any(|b| matches!(b, ServerMsg::Presence { gone, .. } if gone == &[visitor])));
 }
 
 #[test]
@@ -227,7 +334,7 @@ fn bad_hellos_are_refused_and_closed() {
     sim.send(conn, ClientMsg::Hello { version: 99, name: "x".into(), join: None, bundle: None });
     let msgs = sim.take(conn);
     assert!(matches!(&msgs[0], ServerMsg::Error { code: ErrorCode::VersionMismatch, message }
-        if message.contains("version 1") && message.contains("version 99")));
+        if message.contains(&format!("version {PROTOCOL_VERSION}")) && message.contains("version 99")));
     assert_eq!(sim.closed[&conn], ErrorCode::VersionMismatch);
 
     let conn = sim.open();
@@ -566,7 +673,8 @@ fn temporary_channel_left_by_a_disconnect_is_removed_too() {
         ClientMsg::CreateChannel { name: "Tmp".into(), description: String::new(), password: None, user_limit: 0 },
     );
     sim.input(alice, Input::Disconnected);
-    assert_eq!(sim.relay.poll_timeout(), Some(sim.now + Duration::from_secs(300)));
+    sim.advance(PRESENCE_DELAY);
+    assert_eq!(sim.relay.poll_timeout(), Some(sim.now - PRESENCE_DELAY + Duration::from_secs(300)));
     sim.advance(Duration::from_secs(300));
     assert!(sim.relay.find_channel("Tmp").is_none());
 }
@@ -713,10 +821,12 @@ fn malformed_frames_close_only_their_connection() {
     let mut sim = Sim::new();
     let a = sim.hello("a", None);
     let b = sim.hello("b", None);
+    sim.advance(PRESENCE_DELAY);
     sim.take(b);
     sim.input(a, Input::BadFrame { code: ErrorCode::FrameTooLarge, detail: "frame of 70000 bytes".into() });
     assert_eq!(sim.closed[&a], ErrorCode::FrameTooLarge);
-    assert_eq!(sim.take(b), [ServerMsg::UserDisconnected(sim.sessions[&a])]);
+    sim.advance(PRESENCE_DELAY);
+    assert_eq!(sim.take(b), [ServerMsg::Presence { users: vec![], gone: vec![sim.sessions[&a]] }]);
     assert!(!sim.closed.contains_key(&b));
     // The shell's late report of the same end is harmless.
     sim.input(a, Input::Disconnected);
@@ -831,7 +941,7 @@ fn random_traffic_keeps_the_relay_consistent() {
                     pending.push((conn, Input::PasswordHashed { hash: "$argon2id$x".into() }))
                 }
                 Output::Send { msg: ServerMsg::InviteCreated { token, .. }, .. } => tokens.push(token),
-                Output::Send { .. } | Output::Close { .. } => {}
+                Output::Send { .. } | Output::Broadcast { .. } | Output::Close { .. } => {}
             }
         }
         check_books(&relay);
@@ -919,6 +1029,7 @@ fn bundles_hand_out_each_one_time_key_once_and_cannot_be_drained() {
     let carol = sim.open_from(std::net::Ipv4Addr::new(192, 0, 2, 7).into());
     let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: "carol".into(), join: None, bundle: None };
     sim.send(carol, hello);
+    sim.advance(PRESENCE_DELAY);
     sim.take(bob);
     sim.take(alice);
     sim.take(carol);

@@ -469,24 +469,25 @@ impl Session {
                 self.events.push_back(Event::Connected { session: session.0, name, identity });
             }
             ServerMsg::AdminGranted => self.events.push_back(Event::Admin),
-            ServerMsg::Ready => {
-                self.ready = true;
-                self.events.push_back(Event::Channels { channels: self.channel_views() });
-                let trust: Vec<Event> = self.users.keys().filter_map(|s| self.trust_event(*s)).collect();
-                self.events.extend(trust);
-                let voices: Vec<Event> = self
-                    .users
-                    .values()
-                    .filter(|u| u.voice != VoiceState::default())
-                    .map(|u| voice_event(u.session, &u.name, u.voice))
-                    .collect();
-                self.events.extend(voices);
+            ServerMsg::Users { users, more } => {
+                let last = users.last().map(|u| u.session);
+                for user in users {
+                    self.user_seen(now, user);
+                }
+                match last.filter(|_| more) {
+                    Some(after) => self.transmit.push_back(ClientMsg::ListUsers { after }),
+                    None if !self.ready => self.listing_done(now),
+                    None => {}
+                }
             }
-            ServerMsg::VoiceState { session, voice } => {
-                if let Some(user) = self.users.get_mut(&session) {
-                    user.voice = voice;
-                    let event = voice_event(session, &user.name, voice);
-                    self.events.push_back(event);
+            ServerMsg::Presence { users, gone } => {
+                for user in users {
+                    self.user_seen(now, user);
+                }
+                for session in gone {
+                    self.user_moved(now, session, None);
+                    self.forget_peer(session);
+                    self.users.remove(&session);
                 }
             }
             ServerMsg::ChannelAdded(info) => {
@@ -500,13 +501,6 @@ impl Session {
                 if let Some(info) = self.channels.remove(&id) {
                     self.events.push_back(Event::ChannelRemoved { channel: id.0, name: info.name });
                 }
-            }
-            ServerMsg::UserConnected(user) => self.user_connected(now, user),
-            ServerMsg::UserMoved { session, channel } => self.user_moved(now, session, channel),
-            ServerMsg::UserDisconnected(session) => {
-                self.user_moved(now, session, None);
-                self.forget_peer(session);
-                self.users.remove(&session);
             }
             ServerMsg::Bundle { peer, bundle } => self.bundle_arrived(peer, bundle.as_ref(), now),
             ServerMsg::KeysLow { one_time, kyber_one_time } => self.keys_low(now, (one_time, kyber_one_time)),
@@ -537,26 +531,63 @@ impl Session {
         Ok(())
     }
 
-    /// A user came online. Every member who will get our keys is shown: one announced
-    /// straight into our channel arrives as a join. A second announcement of a session we
-    /// know (it would rename someone under our eyes) is refused and reported.
-    fn user_connected(&mut self, now: Instant, user: UserInfo) {
-        if let Some(known) = self.users.get(&user.session) {
-            let message = format!(
-                "the server announced session {} ({:?}) again as {:?}; ignored",
-                user.session.0, known.name, user.name
-            );
-            return self.events.push_back(Event::local_error("server_misbehaved", message));
+    /// The whole listing has arrived: what it showed becomes events, and we are in the
+    /// channel we landed in.
+    fn listing_done(&mut self, now: Instant) {
+        self.ready = true;
+        self.events.push_back(Event::Channels { channels: self.channel_views() });
+        let trust: Vec<Event> = self.users.keys().filter_map(|s| self.trust_event(*s)).collect();
+        self.events.extend(trust);
+        let voices: Vec<Event> = self
+            .users
+            .values()
+            .filter(|u| u.voice != VoiceState::default())
+            .map(|u| voice_event(u.session, &u.name, u.voice))
+            .collect();
+        self.events.extend(voices);
+        if let Some(channel) = self.channel() {
+            let users = self.members(channel);
+            self.events.push_back(Event::Joined { channel: channel.0, name: self.channel_name(channel), users });
+            self.rekey(now);
         }
-        if !self.ready {
-            // The listing at the start: the welcome's channels and users, shown at Ready.
-            self.users.insert(user.session, user);
-            return;
+    }
+
+    /// A user as the server sees them now, from the listing or a presence batch. Every
+    /// member who will get our keys is shown: one who comes online straight into our
+    /// channel arrives as a join. A session we know under another name (it would rename
+    /// someone under our eyes) is refused and reported.
+    fn user_seen(&mut self, now: Instant, user: UserInfo) {
+        let session = user.session;
+        match self.users.get_mut(&session) {
+            Some(known) if known.name != user.name => {
+                let message = format!(
+                    "the server announced session {} ({:?}) again as {:?}; ignored",
+                    session.0, known.name, user.name
+                );
+                self.events.push_back(Event::local_error("server_misbehaved", message));
+            }
+            // While the listing arrives, the state is only taken in: it is shown at its end.
+            _ if !self.ready => {
+                self.users.insert(session, user);
+            }
+            Some(known) => {
+                if known.voice != user.voice {
+                    known.voice = user.voice;
+                    let event = voice_event(session, &known.name, user.voice);
+                    self.events.push_back(event);
+                }
+                self.user_moved(now, session, user.channel);
+            }
+            None => {
+                let (channel, voice) = (user.channel, user.voice);
+                if voice != VoiceState::default() {
+                    self.events.push_back(voice_event(session, &user.name, voice));
+                }
+                self.users.insert(session, UserInfo { channel: None, ..user });
+                self.events.extend(self.trust_event(session));
+                self.user_moved(now, session, channel);
+            }
         }
-        let (session, channel) = (user.session, user.channel);
-        self.users.insert(session, UserInfo { channel: None, ..user });
-        self.events.extend(self.trust_event(session));
-        self.user_moved(now, session, channel);
     }
 
     /// Someone changed channels. When that changes who is in ours, we start a new
@@ -792,14 +823,11 @@ fn no_such_channel(name: &str) -> Event {
 fn message_name(msg: &ServerMsg) -> &'static str {
     match msg {
         ServerMsg::Welcome { .. } => "welcome",
-        ServerMsg::Ready => "ready",
         ServerMsg::AdminGranted => "admin_granted",
         ServerMsg::ChannelAdded(_) => "channel_added",
         ServerMsg::ChannelRemoved(_) => "channel_removed",
-        ServerMsg::UserConnected(_) => "user_connected",
-        ServerMsg::UserMoved { .. } => "user_moved",
-        ServerMsg::VoiceState { .. } => "voice_state",
-        ServerMsg::UserDisconnected(_) => "user_disconnected",
+        ServerMsg::Users { .. } => "users",
+        ServerMsg::Presence { .. } => "presence",
         ServerMsg::InviteCreated { .. } => "invite_created",
         ServerMsg::Error { .. } => "error",
         ServerMsg::Bundle { .. } => "bundle",
@@ -857,10 +885,20 @@ mod tests {
             },
             ServerMsg::ChannelAdded(channel(1, "Lobby")),
             ServerMsg::ChannelAdded(channel(2, "Late Night")),
-            ServerMsg::UserConnected(user(1, "alice", None)),
-            ServerMsg::UserConnected(user(2, "bob", Some(1))),
-            ServerMsg::Ready,
-            ServerMsg::UserMoved { session: SessionId(1), channel: Some(ChannelId(1)) },
+            ServerMsg::Users { users: vec![user(1, "alice", Some(1))], more: true },
+        ] {
+            s.handle_message(Instant::now(), msg).unwrap();
+        }
+        assert!(!s.is_ready(), "a page is still missing");
+        while let Some(sent) = s.poll_transmit() {
+            if let ClientMsg::ListUsers { after } = sent {
+                assert_eq!(after, SessionId(1));
+            }
+        }
+        for msg in [
+            // A batch made before the page: the page that follows says the same.
+            ServerMsg::Presence { users: vec![user(2, "bob", None)], gone: vec![] },
+            ServerMsg::Users { users: vec![user(2, "bob", Some(1))], more: false },
         ] {
             s.handle_message(Instant::now(), msg).unwrap();
         }
@@ -878,7 +916,7 @@ mod tests {
         let Event::Connected { session: 1, name, identity } = &ev[0] else { panic!("{ev:?}") };
         assert_eq!((name.as_str(), identity.len()), ("alice", 64), "our identity key's fingerprint");
         let Event::Channels { channels } = &ev[1] else { panic!("{ev:?}") };
-        assert_eq!(channels[0].users, ["bob"]);
+        assert_eq!(channels[0].users, ["alice", "bob"]);
         assert_eq!(
             ev[2],
             Event::Joined { channel: 1, name: "Lobby".into(), users: vec!["alice".into(), "bob".into()] }
@@ -890,13 +928,10 @@ mod tests {
     fn others_entering_and_leaving_my_channel_are_reported() {
         let mut s = welcomed();
         events(&mut s);
-        s.handle_message(Instant::now(), ServerMsg::UserConnected(user(3, "carol", None))).unwrap();
-        s.handle_message(Instant::now(), ServerMsg::UserMoved { session: SessionId(3), channel: Some(ChannelId(2)) })
-            .unwrap();
+        let presence = |users, gone| ServerMsg::Presence { users, gone };
+        s.handle_message(Instant::now(), presence(vec![user(3, "carol", Some(2))], vec![])).unwrap();
         assert!(events(&mut s).is_empty(), "carol is not in my channel");
-        s.handle_message(Instant::now(), ServerMsg::UserMoved { session: SessionId(3), channel: Some(ChannelId(1)) })
-            .unwrap();
-        s.handle_message(Instant::now(), ServerMsg::UserDisconnected(SessionId(2))).unwrap();
+        s.handle_message(Instant::now(), presence(vec![user(3, "carol", Some(1))], vec![SessionId(2)])).unwrap();
         assert_eq!(
             events(&mut s),
             [
@@ -904,7 +939,7 @@ mod tests {
                 Event::UserLeft { user: "bob".into(), session: 2, channel: 1 },
             ]
         );
-        s.handle_message(Instant::now(), ServerMsg::UserMoved { session: SessionId(1), channel: None }).unwrap();
+        s.handle_message(Instant::now(), presence(vec![user(1, "alice", None)], vec![])).unwrap();
         assert_eq!(events(&mut s), [Event::Left { channel: 1, name: "Lobby".into() }]);
     }
 
@@ -940,9 +975,7 @@ mod tests {
                 challenge: [0; 32],
             },
             ServerMsg::ChannelAdded(channel(1, "Lobby")),
-            ServerMsg::UserConnected(user(1, "alice", None)),
-            ServerMsg::Ready,
-            ServerMsg::UserMoved { session: SessionId(1), channel: Some(ChannelId(1)) },
+            ServerMsg::Users { users: vec![user(1, "alice", Some(1))], more: false },
         ] {
             s.handle_message(now, msg).unwrap();
         }
@@ -969,10 +1002,11 @@ mod tests {
         let mut s = welcomed();
         events(&mut s);
         // Announced already inside our channel: a join like any other.
-        s.handle_message(Instant::now(), ServerMsg::UserConnected(user(5, "eve", Some(1)))).unwrap();
+        let presence = |user| ServerMsg::Presence { users: vec![user], gone: vec![] };
+        s.handle_message(Instant::now(), presence(user(5, "eve", Some(1)))).unwrap();
         assert_eq!(events(&mut s), [Event::UserJoined { user: "eve".into(), session: 5, channel: 1 }]);
         // Bob's session announced again under another name.
-        s.handle_message(Instant::now(), ServerMsg::UserConnected(user(2, "mallory", Some(1)))).unwrap();
+        s.handle_message(Instant::now(), presence(user(2, "mallory", Some(1)))).unwrap();
         let ev = events(&mut s);
         assert!(matches!(&ev[..], [Event::Error { code, .. }] if code == "server_misbehaved"), "{ev:?}");
         assert_eq!(s.user_session("bob"), Some(SessionId(2)));
@@ -1033,7 +1067,8 @@ mod tests {
     #[test]
     fn a_server_that_skips_the_welcome_is_a_protocol_error() {
         let mut s = Session::new("alice", None, String::new(), chat(), Instant::now(), SystemTime::UNIX_EPOCH);
-        assert_eq!(s.handle_message(Instant::now(), ServerMsg::Ready), Err(SessionError::NotWelcomed("ready")));
+        let page = ServerMsg::Users { users: vec![], more: false };
+        assert_eq!(s.handle_message(Instant::now(), page), Err(SessionError::NotWelcomed("users")));
         let mut s = welcomed();
         let again =
             ServerMsg::Welcome { session: SessionId(5), name: "x".into(), server_version: 1, challenge: [0; 32] };
