@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::crypto::SecretBytes;
 use crate::crypto::vault::{KdfParams, Vault, VaultError};
 use crate::protocol::Fingerprint;
 use crate::session::history::History;
@@ -58,7 +59,7 @@ struct Contents {
     /// `host:port` → certificate fingerprint.
     pinned_servers: BTreeMap<String, [u8; 32]>,
     /// `E2ee::to_bytes`, once created.
-    e2ee: Option<Zeroizing<Vec<u8>>>,
+    e2ee: Option<SecretBytes>,
     history: History,
     /// The format of `e2ee`: converted by the end-to-end layer when it loads an older one.
     e2ee_format: u16,
@@ -122,7 +123,7 @@ impl ClientStore {
 
     /// The saved end-to-end encryption state, if any, and the format it is in.
     pub fn e2ee_state(&self) -> Option<(&[u8], u16)> {
-        self.contents.e2ee.as_deref().map(|bytes| (bytes.as_slice(), self.contents.e2ee_format))
+        self.contents.e2ee.as_deref().map(|bytes| (bytes, self.contents.e2ee_format))
     }
 
     pub fn history(&self) -> &History {
@@ -132,7 +133,7 @@ impl ClientStore {
     /// Replaces the end-to-end encryption state (`E2ee::to_bytes`, in `format`) and the
     /// history, and saves.
     pub fn save_chat(&mut self, e2ee: Zeroizing<Vec<u8>>, format: u16, history: &History) -> Result<(), StoreError> {
-        self.contents.e2ee = Some(e2ee);
+        self.contents.e2ee = Some(e2ee.into());
         self.contents.e2ee_format = format;
         self.contents.history = history.clone();
         self.save()
@@ -169,7 +170,7 @@ fn decode(bytes: &[u8]) -> Result<Contents, StoreError> {
 struct FirstContents {
     version: u16,
     pinned_servers: BTreeMap<String, [u8; 32]>,
-    e2ee: Option<Zeroizing<Vec<u8>>>,
+    e2ee: Option<SecretBytes>,
     history: BTreeMap<String, std::collections::VecDeque<crate::session::history::StoredMessage>>,
 }
 
@@ -233,7 +234,7 @@ mod tests {
         let first = FirstContents {
             version: OLDEST_CONTENTS_VERSION,
             pinned_servers: [("a:1".to_owned(), [7; 32])].into(),
-            e2ee: Some(Zeroizing::new(vec![9, 9])),
+            e2ee: Some(SecretBytes::new(vec![9, 9])),
             history: [("a:1@bob".to_owned(), [message.clone()].into())].into(),
         };
         let bytes = postcard::to_allocvec(&first).unwrap();

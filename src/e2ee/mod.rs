@@ -23,7 +23,7 @@ use libsignal_protocol::{
 use rand::{CryptoRng, Rng};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use zeroize::Zeroizing;
+use crate::crypto::SecretBytes;
 
 use crate::protocol::bundle::{BundleUpload, OneTimePreKey, PeerBundle, SignedPreKey};
 pub use store::IdentityStatus;
@@ -106,7 +106,7 @@ pub const STATE_FORMAT: u16 = 2;
 /// The state as the first format wrote it, for [`E2ee::from_stored`].
 #[derive(Serialize, Deserialize)]
 struct FirstFormat {
-    own: Zeroizing<Vec<u8>>,
+    own: SecretBytes,
     registration_id: u32,
     peers: BTreeMap<String, Vec<u8>>,
     changed: BTreeSet<String>,
@@ -115,7 +115,7 @@ struct FirstFormat {
     pre_keys: PreKeys,
     signed_pre_keys: SignedPreKeys,
     kyber_pre_keys: KyberPreKeys,
-    sender_keys: BTreeMap<(String, [u8; 16]), Zeroizing<Vec<u8>>>,
+    sender_keys: BTreeMap<(String, [u8; 16]), SecretBytes>,
     next_pre_key_id: u32,
     next_kyber_id: u32,
     signed_pre_key_id: u32,

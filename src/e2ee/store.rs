@@ -19,7 +19,7 @@ use libsignal_protocol::{
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use zeroize::Zeroizing;
+use crate::crypto::SecretBytes;
 
 type Result<T> = std::result::Result<T, SignalProtocolError>;
 
@@ -51,7 +51,7 @@ fn missing(what: &str) -> SignalProtocolError {
 #[derive(Serialize, Deserialize)]
 pub struct Identities {
     /// `IdentityKeyPair::serialize`.
-    own: Zeroizing<Vec<u8>>,
+    own: SecretBytes,
     registration_id: u32,
     /// Peer address → pinned identity key: the one we encrypt to.
     peers: BTreeMap<String, Vec<u8>>,
@@ -64,7 +64,7 @@ pub struct Identities {
 impl Identities {
     pub fn new(own: &IdentityKeyPair, registration_id: u32) -> Self {
         Identities {
-            own: Zeroizing::new(own.serialize().into_vec()),
+            own: SecretBytes::new(own.serialize().into_vec()),
             registration_id,
             peers: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -117,7 +117,7 @@ impl Identities {
     /// peers whose key had changed unaccepted. Those keys become pending, with no key
     /// pinned for them: nothing is encrypted to them until the user accepts one.
     pub fn from_first_format(
-        own: Zeroizing<Vec<u8>>,
+        own: SecretBytes,
         registration_id: u32,
         mut peers: BTreeMap<String, Vec<u8>>,
         changed: BTreeSet<String>,
@@ -184,7 +184,7 @@ impl IdentityKeyStore for Identities {
 
 /// Pairwise sessions by peer address.
 #[derive(Default, Serialize, Deserialize)]
-pub struct Sessions(BTreeMap<String, Zeroizing<Vec<u8>>>);
+pub struct Sessions(BTreeMap<String, SecretBytes>);
 
 impl Sessions {
     pub fn rename(&mut self, rename: &dyn Fn(&str) -> Option<String>) {
@@ -199,14 +199,14 @@ impl SessionStore for Sessions {
     }
 
     async fn store_session(&mut self, address: &ProtocolAddress, record: &SessionRecord) -> Result<()> {
-        self.0.insert(address.name().to_owned(), Zeroizing::new(record.serialize()?));
+        self.0.insert(address.name().to_owned(), SecretBytes::new(record.serialize()?));
         Ok(())
     }
 }
 
 /// One-time EC pre-keys, removed when used.
 #[derive(Default, Serialize, Deserialize)]
-pub struct PreKeys(BTreeMap<u32, Zeroizing<Vec<u8>>>);
+pub struct PreKeys(BTreeMap<u32, SecretBytes>);
 
 impl PreKeys {
     pub fn ids(&self) -> impl DoubleEndedIterator<Item = u32> + '_ {
@@ -232,7 +232,7 @@ impl PreKeyStore for PreKeys {
     }
 
     async fn save_pre_key(&mut self, id: PreKeyId, record: &PreKeyRecord) -> Result<()> {
-        self.0.insert(id.into(), Zeroizing::new(record.serialize()?));
+        self.0.insert(id.into(), SecretBytes::new(record.serialize()?));
         Ok(())
     }
 
@@ -244,7 +244,7 @@ impl PreKeyStore for PreKeys {
 
 /// Signed EC pre-keys; old ones stay for sessions begun with them.
 #[derive(Default, Serialize, Deserialize)]
-pub struct SignedPreKeys(BTreeMap<u32, Zeroizing<Vec<u8>>>);
+pub struct SignedPreKeys(BTreeMap<u32, SecretBytes>);
 
 #[async_trait(?Send)]
 impl SignedPreKeyStore for SignedPreKeys {
@@ -253,7 +253,7 @@ impl SignedPreKeyStore for SignedPreKeys {
     }
 
     async fn save_signed_pre_key(&mut self, id: SignedPreKeyId, record: &SignedPreKeyRecord) -> Result<()> {
-        self.0.insert(id.into(), Zeroizing::new(record.serialize()?));
+        self.0.insert(id.into(), SecretBytes::new(record.serialize()?));
         Ok(())
     }
 }
@@ -261,7 +261,7 @@ impl SignedPreKeyStore for SignedPreKeys {
 /// Kyber pre-keys: one-time ones are removed when used, the last-resort one stays.
 #[derive(Default, Serialize, Deserialize)]
 pub struct KyberPreKeys {
-    records: BTreeMap<u32, Zeroizing<Vec<u8>>>,
+    records: BTreeMap<u32, SecretBytes>,
     one_time: BTreeSet<u32>,
 }
 
@@ -295,7 +295,7 @@ impl KyberPreKeyStore for KyberPreKeys {
     }
 
     async fn save_kyber_pre_key(&mut self, id: KyberPreKeyId, record: &KyberPreKeyRecord) -> Result<()> {
-        self.records.insert(id.into(), Zeroizing::new(record.serialize()?));
+        self.records.insert(id.into(), SecretBytes::new(record.serialize()?));
         Ok(())
     }
 
@@ -324,7 +324,7 @@ pub const MAX_SENDER_KEYS: usize = 2000;
 /// (a counter), so that the least recently used go first.
 #[derive(Default, Serialize, Deserialize)]
 pub struct SenderKeys {
-    records: BTreeMap<SenderKeyId, (u64, Zeroizing<Vec<u8>>)>,
+    records: BTreeMap<SenderKeyId, (u64, SecretBytes)>,
     next_use: u64,
 }
 
@@ -333,7 +333,7 @@ type SenderKeyId = (String, [u8; 16]);
 
 impl SenderKeys {
     /// The first format's records (a plain map), as if used in their order.
-    pub fn from_first_format(records: BTreeMap<SenderKeyId, Zeroizing<Vec<u8>>>) -> SenderKeys {
+    pub fn from_first_format(records: BTreeMap<SenderKeyId, SecretBytes>) -> SenderKeys {
         let next_use = records.len() as u64;
         SenderKeys {
             records: records.into_iter().zip(0..).map(|((key, record), n)| (key, (n, record))).collect(),
@@ -384,7 +384,7 @@ impl SenderKeyStore for SenderKeys {
     ) -> Result<()> {
         let key = (sender.name().to_owned(), *distribution.as_bytes());
         self.next_use += 1;
-        self.records.insert(key, (self.next_use, Zeroizing::new(record.serialize()?)));
+        self.records.insert(key, (self.next_use, SecretBytes::new(record.serialize()?)));
         self.evict(sender.name());
         Ok(())
     }

@@ -331,7 +331,7 @@ fn state_in_the_first_format_keeps_the_identity_and_holds_back_changed_peers() {
     let own = IdentityKeyPair::generate(&mut rng);
     let (bob, carol) = (IdentityKeyPair::generate(&mut rng), IdentityKeyPair::generate(&mut rng));
     let first = FirstFormat {
-        own: Zeroizing::new(own.serialize().into_vec()),
+        own: SecretBytes::new(own.serialize().into_vec()),
         registration_id: 7,
         peers: [
             ("bob".to_owned(), bob.identity_key().serialize().into_vec()),
