@@ -51,7 +51,7 @@ join *args: build
 # the attacks whose figures need the machine to themselves.
 test: setup
     cargo test --all-targets
-    cargo test --test main -- --ignored --test-threads=1 --nocapture a_handshake_flood a_voice_flood
+    cargo test --test main -- --ignored --test-threads=1 --nocapture a_handshake_flood a_voice_flood fifty_handshakes
 
 # Relay throughput and latency against a plain-UDP baseline, vault unlock time, chat message rates, voice codec and SFrame costs, then the micro-benchmarks.
 bench *args: build

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
+use tracing::debug;
 use zeroize::Zeroizing;
 
 use super::framing::{ReadFrameError, read_frame};
@@ -29,6 +30,8 @@ use crate::session::{Chat, Command, Event, Session, parse_line};
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one handshake may take before a new one replaces it (see [`connect_from`]).
+const HANDSHAKE_ATTEMPT: Duration = Duration::from_secs(20);
 
 /// Bytes of payload in a `/probe` datagram: about one 20 ms Opus voice frame.
 pub const PROBE_PAYLOAD: usize = 160;
@@ -158,8 +161,22 @@ pub async fn connect_from(
     let endpoint =
         quinn::Endpoint::client(bind).map_err(|e| ClientError::Setup(format!("cannot open a UDP socket: {e}")))?;
     let connect_error = |reason: String| ClientError::Connect { server: server.clone(), reason };
-    let connecting = endpoint.connect_with(config, addr, "voipc").map_err(|e| connect_error(e.to_string()))?;
-    let result = tokio::time::timeout(CONNECT_TIMEOUT, connecting).await;
+    // Each lost flight doubles the wait before a handshake tries again: on a very lossy
+    // link one still under way after HANDSHAKE_ATTEMPT is deep in its back-off (or about
+    // to meet quinn's 30 s idle timeout), and a fresh one, which starts again from a short
+    // wait, gets through sooner. So it is given up for a new one, until CONNECT_TIMEOUT.
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let result = loop {
+        let connecting =
+            endpoint.connect_with(config.clone(), addr, "voipc").map_err(|e| connect_error(e.to_string()))?;
+        let attempt_end = deadline.min(tokio::time::Instant::now() + HANDSHAKE_ATTEMPT);
+        match tokio::time::timeout_at(attempt_end, connecting).await {
+            Ok(Err(quinn::ConnectionError::TimedOut)) | Err(_) if tokio::time::Instant::now() < deadline => {
+                debug!(server = %server, "no handshake yet; starting a new one");
+            }
+            result => break result,
+        }
+    };
     let connection = match result {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {
