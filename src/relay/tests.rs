@@ -1127,6 +1127,7 @@ fn ciphertext_is_routed_to_its_recipients_with_delivery_counts() {
     let bob = sim.hello("bob", None);
     let carol = sim.hello("carol", None);
     let dave = sim.hello("dave", Some(JoinRequest::named("Duo")));
+    sim.advance(PRESENCE_DELAY);
     for conn in [alice, bob, carol, dave] {
         sim.take(conn);
     }
