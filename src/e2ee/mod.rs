@@ -14,6 +14,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
+use crate::crypto::SecretBytes;
 use libsignal_protocol::{
     CiphertextMessage, DeviceId, Fingerprint, GenericSignedPreKey, IdentityKey, IdentityKeyPair, KeyPair,
     KyberPreKeyRecord, KyberPreKeyStore, PreKeyBundle, PreKeyRecord, PreKeySignalMessage, PreKeyStore, ProtocolAddress,
@@ -23,7 +24,6 @@ use libsignal_protocol::{
 use rand::{CryptoRng, Rng};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use crate::crypto::SecretBytes;
 
 use crate::protocol::bundle::{BundleUpload, OneTimePreKey, PeerBundle, SignedPreKey};
 pub use store::IdentityStatus;
