@@ -16,8 +16,8 @@ use crate::net::client::{Connected, connect};
 use crate::net::framing::read_frame;
 use crate::net::tls::PinPolicy;
 use crate::protocol::{
-    ClientMsg, Fingerprint, JoinRequest, MEDIA_HEADER_LEN, MediaHeader, PROTOCOL_VERSION, ServerLink, ServerMsg,
-    encode_frame,
+    ChannelId, ClientMsg, Fingerprint, JoinRequest, MEDIA_HEADER_LEN, MediaHeader, PROTOCOL_VERSION, ServerLink,
+    ServerMsg, encode_frame,
 };
 
 /// Voice rate: one datagram every 20 ms.
@@ -328,10 +328,9 @@ async fn quic_member(
                 // Where we are shows in the listing's first page (joined with the hello)
                 // or in a presence batch (the channel we created).
                 ServerMsg::Users { users, .. } | ServerMsg::Presence { users, .. } => {
-                    let here =
-                        users.iter().find(|u| Some(u.session) == me && u.channel.is_some() && u.channel == channel_id);
-                    if let Some(user) = here {
-                        return anyhow::Ok((user.session, channel_id.expect("checked")));
+                    let placed = |c: ChannelId| users.iter().find(|u| Some(u.session) == me && u.channel == Some(c));
+                    if let Some((user, to)) = channel_id.and_then(|c| placed(c).map(|u| (u, c))) {
+                        return anyhow::Ok((user.session, to));
                     }
                 }
                 ServerMsg::Error { code, message } => bail!("{name}: {code}: {message}"),

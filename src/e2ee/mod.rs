@@ -14,7 +14,6 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
-use crate::crypto::SecretBytes;
 use libsignal_protocol::{
     CiphertextMessage, DeviceId, Fingerprint, GenericSignedPreKey, IdentityKey, IdentityKeyPair, KeyPair,
     KyberPreKeyRecord, KyberPreKeyStore, PreKeyBundle, PreKeyRecord, PreKeySignalMessage, PreKeyStore, ProtocolAddress,
@@ -25,6 +24,7 @@ use rand::{CryptoRng, Rng};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::crypto::SecretBytes;
 use crate::protocol::bundle::{BundleUpload, OneTimePreKey, PeerBundle, SignedPreKey};
 pub use store::IdentityStatus;
 use store::{Identities, KyberPreKeys, PreKeys, SenderKeys, Sessions, SignedPreKeys};

@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::crypto::SecretBytes;
 use async_trait::async_trait;
 use libsignal_protocol::{
     Direction, GenericSignedPreKey, IdentityChange, IdentityKey, IdentityKeyPair, IdentityKeyStore, KyberPreKeyId,
@@ -20,6 +19,8 @@ use libsignal_protocol::{
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use crate::crypto::SecretBytes;
 
 type Result<T> = std::result::Result<T, SignalProtocolError>;
 

@@ -734,16 +734,14 @@ impl Relay {
             changed.into_iter().partition(|session| self.sessions.contains_key(session));
         let here: Vec<UserInfo> = here.into_iter().map(|session| self.user(self.sessions[&session]).info()).collect();
         let mut users = here.into_iter().peekable();
-        let mut gone = Some(gone);
+        let mut gone = gone.into_iter();
         loop {
-            let (page, more) = presence::page(&mut users);
-            let gone = gone.take().unwrap_or_default();
-            if !page.is_empty() || !gone.is_empty() {
-                self.broadcast(ServerMsg::Presence { users: page, gone });
-            }
-            if !more {
+            let (page, _) = presence::page(&mut users);
+            let gone: Vec<SessionId> = gone.by_ref().take(presence::GONE_PER_MESSAGE).collect();
+            if page.is_empty() && gone.is_empty() {
                 break;
             }
+            self.broadcast(ServerMsg::Presence { users: page, gone });
         }
     }
 

@@ -19,6 +19,10 @@ pub const PRESENCE_DELAY: Duration = Duration::from_millis(100);
 /// cap, so that one connect is answered with a bounded amount).
 pub const PAGE_BYTES: usize = 16 * 1024;
 
+/// Departures one presence message carries at most (a session id takes at most 5 bytes):
+/// with a page of users, still far below the frame cap when everyone leaves at once.
+pub const GONE_PER_MESSAGE: usize = PAGE_BYTES / 5;
+
 /// An upper bound of a user's encoded length: the name with its length prefix, the
 /// session and channel ids as varints, the option tag and the voice flags.
 fn encoded_len_bound(user: &UserInfo) -> usize {

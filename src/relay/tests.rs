@@ -291,6 +291,32 @@ fn a_newcomer_pages_through_a_large_listing_in_bounded_pieces() {
 }
 
 #[test]
+fn when_thousands_leave_at_once_every_batch_still_fits_a_frame() {
+    let (mut sim, conns) = crowd(4_000);
+    sim.advance(PRESENCE_DELAY);
+    let watcher = conns[0];
+    sim.take(watcher);
+    // Half change channel, everyone else but the watcher drops (a network outage).
+    for (i, conn) in conns.iter().enumerate().skip(1) {
+        if i % 2 == 0 {
+            sim.send(*conn, ClientMsg::Leave);
+        } else {
+            sim.input(*conn, Input::Disconnected);
+        }
+    }
+    sim.advance(PRESENCE_DELAY);
+    let (mut changed, mut gone) = (0, 0);
+    for batch in sim.take(watcher) {
+        let frame = crate::protocol::encode_frame(&batch).expect("fits a frame");
+        assert!(frame.len() <= 2 * presence::PAGE_BYTES + 16, "{} bytes", frame.len());
+        let ServerMsg::Presence { users, gone: left } = batch else { panic!("not a batch") };
+        changed += users.len();
+        gone += left.len();
+    }
+    assert_eq!((changed, gone), (1_999, 2_000));
+}
+
+#[test]
 fn a_join_storm_reaches_each_user_as_a_few_batches_and_a_visit_inside_one_costs_an_id() {
     let (mut sim, conns) = crowd(200);
     sim.advance(PRESENCE_DELAY);
