@@ -17,3 +17,4 @@ pub mod net;
 pub mod protocol;
 pub mod relay;
 pub mod session;
+pub mod video;

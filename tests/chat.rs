@@ -174,6 +174,33 @@ impl Net {
         }
     }
 
+    /// Sends a media datagram from `from` through the relay, as the shells would, and
+    /// returns who it reached.
+    pub(crate) fn datagram(&mut self, from: &str, datagram: &[u8]) -> Vec<&'static str> {
+        let conn = self.clients[from].0;
+        let mut to = Vec::new();
+        if self.relay.route_datagram(self.now, conn, datagram, &mut to).is_err() {
+            return Vec::new();
+        }
+        let mut reached = Vec::new();
+        for (name, (c, session)) in &mut self.clients {
+            if to.contains(c) {
+                session.handle_datagram(self.now, datagram);
+                reached.push(*name);
+            }
+        }
+        self.run();
+        reached
+    }
+
+    pub(crate) fn session(&mut self, name: &str) -> &mut Session {
+        &mut self.clients.get_mut(name).unwrap().1
+    }
+
+    pub(crate) fn events_of(&self, name: &str) -> &[Event] {
+        self.events.get(name).map_or(&[], Vec::as_slice)
+    }
+
     /// Hands `msg` to the client on `to`, as the relay's shell would.
     fn deliver(&mut self, to: ConnId, mut msg: ServerMsg) {
         if let (ServerMsg::Bundle { peer, bundle }, Some((swapped, fake))) = (&mut msg, &self.swap_bundle)

@@ -6,4 +6,5 @@ mod support;
 mod chat;
 mod cli;
 mod relay;
+mod screen;
 mod voice;

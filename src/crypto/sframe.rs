@@ -63,6 +63,11 @@ impl Header {
         out.extend_from_slice(&self.ctr.to_be_bytes()[8 - ctr_len..]);
     }
 
+    /// Bytes of the encoded header.
+    pub fn encoded_len(&self) -> usize {
+        1 + field(self.kid).1 + field(self.ctr).1
+    }
+
     /// The header at the start of `bytes` and its length.
     pub fn parse(bytes: &[u8]) -> Result<(Header, usize), SframeError> {
         let config = *bytes.first().ok_or(SframeError::Truncated)?;
@@ -204,6 +209,11 @@ impl Sealer {
         Ok(())
     }
 
+    /// Bytes the next [`Sealer::seal`] of `plaintext_len` bytes appends.
+    pub fn sealed_len(&self, plaintext_len: usize) -> usize {
+        Header { kid: self.key.kid, ctr: self.next_ctr }.encoded_len() + plaintext_len + TAG_LEN
+    }
+
     /// Whether the sender should start a new epoch soon, before the key runs out.
     pub fn needs_new_key(&self) -> bool {
         self.next_ctr.saturating_add(REKEY_MARGIN.min(self.limit / 2)) >= self.limit
@@ -238,7 +248,18 @@ impl Opener {
 
 /// The KID of a sender's key in one epoch: the sender's session id above, the epoch below.
 pub fn media_kid(sender: u32, epoch: u32) -> u64 {
-    (u64::from(sender) << 32) | u64::from(epoch)
+    (u64::from(sender) << 32) | u64::from(epoch & EPOCH_MASK)
+}
+
+/// Epoch numbers use 31 bits: the top bit of a KID's lower half marks the screen key.
+pub const EPOCH_MASK: u32 = 0x7fff_ffff;
+const SCREEN_BIT: u32 = 0x8000_0000;
+
+/// The KID of a sender's screen-share key in one epoch: a key of its own beside the
+/// voice key, derived from the same base key (the KID is part of the derivation), so
+/// the two never share a counter.
+pub fn screen_kid(sender: u32, epoch: u32) -> u64 {
+    media_kid(sender, (epoch & EPOCH_MASK) | SCREEN_BIT)
 }
 
 /// The KID of an SFrame packet, without opening it.
@@ -273,6 +294,7 @@ mod tests {
             let mut out = Vec::new();
             Header { kid, ctr }.encode(&mut out);
             assert_eq!(hex::encode(&out), hex, "kid {kid:#x} ctr {ctr:#x}");
+            assert_eq!(Header { kid, ctr }.encoded_len(), out.len());
             assert_eq!(Header::parse(&out), Ok((Header { kid, ctr }, out.len())));
         }
     }

@@ -194,6 +194,8 @@ impl Model {
                 self.speaking.clear();
             }
             Event::Admin => self.admin = true,
+            // Screen share is not in the desktop app yet.
+            Event::Sharing { .. } | Event::Watching { .. } | Event::Viewers { .. } => {}
             Event::Trust { user, verified, identity_changed } => {
                 for (set, on) in [(&mut self.verified, *verified), (&mut self.identity_changed, *identity_changed)] {
                     if on {

@@ -104,6 +104,23 @@ pub enum ClientMsg {
     ListUsers {
         after: SessionId,
     },
+    /// Starts our screen share or changes what it announces; `None` ends it. A share
+    /// ends by itself when its sharer leaves the channel.
+    SetShare(Option<ShareInfo>),
+    /// Starts or stops receiving a sharer's screen datagrams (a member of our channel).
+    Watch {
+        sharer: SessionId,
+        watch: bool,
+    },
+    /// A viewer lost a frame and waits for a keyframe; the server merges these.
+    RequestKeyframe {
+        sharer: SessionId,
+    },
+    /// A viewer's figures for the last second, passed to the sharer.
+    ScreenReport {
+        sharer: SessionId,
+        report: ScreenReport,
+    },
 }
 
 /// What an admin signs: a fixed context (so that the signature can never pass for one
@@ -136,6 +153,38 @@ pub struct UserInfo {
     pub name: String,
     pub channel: Option<ChannelId>,
     pub voice: VoiceState,
+    /// What the user's screen share is, while it shares.
+    pub share: Option<ShareInfo>,
+}
+
+/// What a sharer announces about its screen stream, shown beside its name: the size and
+/// frame rate it encodes at now (they change as the sender adapts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareInfo {
+    pub width: u16,
+    pub height: u16,
+    pub fps: u8,
+}
+
+impl ShareInfo {
+    /// Whether a server accepts the announcement: a size an encoder can make, 1-60 fps.
+    pub fn is_plausible(&self) -> bool {
+        (16..=8192).contains(&self.width) && (16..=8192).contains(&self.height) && (1..=60).contains(&self.fps)
+    }
+}
+
+/// Screen shares one viewer may watch at once.
+pub const MAX_WATCHING: usize = 4;
+
+/// What a viewer saw of one screen stream over about a second, for the sharer to adapt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScreenReport {
+    pub fragments_received: u32,
+    /// Fragments of frames that never completed that did not arrive.
+    pub fragments_lost: u32,
+    pub frames_decoded: u32,
+    pub frames_lost: u32,
+    pub bytes_received: u32,
 }
 
 /// Whether a user has muted their microphone or deafened themselves, for others to see.
@@ -215,6 +264,17 @@ pub enum ServerMsg {
         code: ErrorCode,
         message: String,
     },
+    /// To a sharer: a viewer needs a keyframe (merged over `relay::KEYFRAME_MERGE`).
+    KeyframeRequested,
+    /// To a sharer: how many watch its stream now (none: it need not encode at all).
+    Viewers {
+        count: u32,
+    },
+    /// To a sharer: what one of its viewers saw.
+    ScreenReport {
+        viewer: SessionId,
+        report: ScreenReport,
+    },
 }
 
 /// Why a request was refused. The snake_case names are stable: scripts match on them.
@@ -255,6 +315,10 @@ pub enum ErrorCode {
     Kicked,
     /// An admin banned this source address for a while.
     Banned,
+    /// A watch or keyframe request for someone who is not sharing (or not watched).
+    NotSharing,
+    /// Watching more streams at once than the server allows.
+    TooManyStreams,
 }
 
 impl ErrorCode {
@@ -291,6 +355,8 @@ impl ErrorCode {
             ErrorCode::NotAdmin => "not_admin",
             ErrorCode::Kicked => "kicked",
             ErrorCode::Banned => "banned",
+            ErrorCode::NotSharing => "not_sharing",
+            ErrorCode::TooManyStreams => "too_many_streams",
         }
     }
 
@@ -355,9 +421,13 @@ mod tests {
             ClientMsg::CloseChannel { .. } => 13,
             ClientMsg::MoveUser { .. } => 14,
             ClientMsg::ListUsers { .. } => 15,
+            ClientMsg::SetShare(_) => 16,
+            ClientMsg::Watch { .. } => 17,
+            ClientMsg::RequestKeyframe { .. } => 18,
+            ClientMsg::ScreenReport { .. } => 19,
         }
     }
-    const CLIENT_VARIANTS: usize = 16;
+    const CLIENT_VARIANTS: usize = 20;
 
     fn server_variant(msg: &ServerMsg) -> usize {
         match msg {
@@ -375,9 +445,12 @@ mod tests {
             ServerMsg::Delivered { .. } => 11,
             ServerMsg::AdminGranted => 12,
             ServerMsg::NotDelivered { .. } => 13,
+            ServerMsg::KeyframeRequested => 14,
+            ServerMsg::Viewers { .. } => 15,
+            ServerMsg::ScreenReport { .. } => 16,
         }
     }
-    const SERVER_VARIANTS: usize = 14;
+    const SERVER_VARIANTS: usize = 17;
 
     fn error_variant(code: ErrorCode) -> usize {
         match code {
@@ -411,9 +484,11 @@ mod tests {
             ErrorCode::NotAdmin => 27,
             ErrorCode::Kicked => 28,
             ErrorCode::Banned => 29,
+            ErrorCode::NotSharing => 30,
+            ErrorCode::TooManyStreams => 31,
         }
     }
-    const ERROR_VARIANTS: usize = 30;
+    const ERROR_VARIANTS: usize = 32;
 
     /// Asserts that `samples` hold every variant (by `variant`) at least once.
     fn covers_every_variant<T>(samples: &[T], variant: impl Fn(&T) -> usize, count: usize) {
@@ -424,6 +499,16 @@ mod tests {
 
     fn signed(id: u32) -> SignedPreKey {
         SignedPreKey { id, public: vec![1; 33], signature: vec![2; 64] }
+    }
+
+    fn report() -> ScreenReport {
+        ScreenReport {
+            fragments_received: 900,
+            fragments_lost: 9,
+            frames_decoded: 30,
+            frames_lost: 1,
+            bytes_received: 1 << 20,
+        }
     }
 
     fn client_samples() -> Vec<ClientMsg> {
@@ -464,6 +549,11 @@ mod tests {
             ClientMsg::CloseChannel { channel: ChannelId(2) },
             ClientMsg::MoveUser { session: SessionId(4), channel: ChannelId(1) },
             ClientMsg::ListUsers { after: SessionId(4) },
+            ClientMsg::SetShare(Some(ShareInfo { width: 1280, height: 720, fps: 30 })),
+            ClientMsg::SetShare(None),
+            ClientMsg::Watch { sharer: SessionId(4), watch: true },
+            ClientMsg::RequestKeyframe { sharer: SessionId(4) },
+            ClientMsg::ScreenReport { sharer: SessionId(4), report: report() },
         ]
     }
 
@@ -477,7 +567,8 @@ mod tests {
             temporary: false,
         };
         let voice = VoiceState { muted: false, deafened: true };
-        let user = UserInfo { session: SessionId(9), name: "bob".into(), channel: Some(ChannelId(3)), voice };
+        let share = Some(ShareInfo { width: 1920, height: 1080, fps: 15 });
+        let user = UserInfo { session: SessionId(9), name: "bob".into(), channel: Some(ChannelId(3)), voice, share };
         let bundle = PeerBundle {
             registration_id: 7,
             identity_key: vec![5; 33],
@@ -501,6 +592,9 @@ mod tests {
             ServerMsg::Channel { from: SessionId(2), channel: ChannelId(3), ciphertext: vec![8; 40] },
             ServerMsg::Delivered { reached: 2, total: 3 },
             ServerMsg::NotDelivered { code: ErrorCode::RateLimited, message: "slow down".into() },
+            ServerMsg::KeyframeRequested,
+            ServerMsg::Viewers { count: 3 },
+            ServerMsg::ScreenReport { viewer: SessionId(5), report: report() },
         ]
     }
 
@@ -552,6 +646,8 @@ mod tests {
             ErrorCode::NotAdmin,
             ErrorCode::Kicked,
             ErrorCode::Banned,
+            ErrorCode::NotSharing,
+            ErrorCode::TooManyStreams,
         ];
         covers_every_variant(&all, |c| error_variant(*c), ERROR_VARIANTS);
         for code in all {

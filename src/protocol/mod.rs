@@ -7,12 +7,14 @@
 //!   reads to route them; the rest is end-to-end encrypted and never looked at.
 
 pub mod bundle;
+pub mod fragment;
 pub mod frame;
 pub mod link;
 pub mod media;
 mod messages;
 pub mod names;
 
+pub use fragment::{FragmentError, FragmentHeader, Reassembler, SealedFrame};
 pub use frame::{FrameError, MAX_FRAME_LEN, decode_frame, encode_frame};
 pub use link::{Fingerprint, LinkError, ServerLink, percent_encode};
 pub use media::{MEDIA_HEADER_LEN, MediaHeader, MediaHeaderError, StreamType};
@@ -20,8 +22,9 @@ pub use messages::*;
 pub use names::{NameError, canonical_name, check_visible};
 
 /// The version a hello carries; peers with another version are refused with both named.
-/// 2: the user listing in pages, presence changes in batches.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 2: the user listing in pages, presence changes in batches. 3: screen share (watching,
+/// keyframe requests, viewer reports; a user shows its share).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The TLS ALPN token of this protocol version.
 pub const ALPN: &[u8] = b"voipc/1";
@@ -63,6 +66,7 @@ mod robustness_tests {
                     name: "b".into(),
                     channel: Some(ChannelId(1)),
                     voice: Default::default(),
+                    share: None,
                 }],
                 gone: vec![SessionId(3)],
             },

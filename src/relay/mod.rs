@@ -12,6 +12,7 @@ pub mod limits;
 pub mod metrics;
 pub mod password;
 pub mod presence;
+pub mod screen;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
@@ -24,11 +25,12 @@ use zeroize::Zeroizing;
 use crate::config::{Limits, ServerConfig};
 use crate::protocol::{
     ChannelId, ChannelInfo, ClientMsg, ErrorCode, Fingerprint, JoinRequest, MediaHeader, MediaHeaderError,
-    PROTOCOL_VERSION, ServerMsg, SessionId, StreamType, UserInfo, VoiceState, canonical_name, check_visible,
+    PROTOCOL_VERSION, ServerMsg, SessionId, ShareInfo, StreamType, UserInfo, VoiceState, canonical_name, check_visible,
 };
 use keys::{BundleError, StoredBundle};
 use limits::TokenBucket;
 pub use presence::PRESENCE_DELAY;
+pub use screen::KEYFRAME_MERGE;
 
 /// Within this time, a second fetch of the same identity's bundle by the same requester
 /// (the same identity key, or the same source address, whatever its connections) gets no
@@ -204,6 +206,8 @@ pub enum DropReason {
     NotInChannel,
     #[error("over the media rate cap")]
     RateLimited,
+    #[error("screen datagram from a user who is not sharing")]
+    NotSharing,
 }
 
 /// Counters the shell can log or export.
@@ -334,6 +338,8 @@ pub struct Relay {
     creations: HashMap<Source, TokenBucket>,
     /// Sources an admin banned, until when.
     bans: HashMap<Source, Instant>,
+    /// Screen shares and who watches them.
+    screens: screen::Screens,
 }
 
 /// Wrong guesses of one channel's password from one source.
@@ -364,6 +370,7 @@ impl Relay {
             password_backoff: HashMap::new(),
             creations: HashMap::new(),
             bans: HashMap::new(),
+            screens: screen::Screens::default(),
             config,
         };
         for permanent in relay.config.channels.clone() {
@@ -415,7 +422,7 @@ impl Relay {
         let empty_timeout = Duration::from_secs(self.config.limits.empty_channel_timeout_secs);
         let channels = self.channels.values().filter_map(|c| c.empty_since.map(|t| t + empty_timeout));
         let invites = self.invites.values().map(|i| i.expires_at);
-        hellos.chain(channels).chain(invites).chain(self.changes.due()).min()
+        hellos.chain(channels).chain(invites).chain(self.changes.due()).chain(self.screens.poll_timeout()).min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -440,6 +447,9 @@ impl Relay {
         self.password_backoff.retain(|_, b| now.saturating_duration_since(b.last_failure) < PASSWORD_MEMORY);
         if let Some(changed) = self.changes.take_due(now) {
             self.send_presence(changed);
+        }
+        for sharer in self.screens.due_keyframe_requests(now) {
+            self.send(sharer, ServerMsg::KeyframeRequested);
         }
     }
 
@@ -513,7 +523,8 @@ impl Relay {
     }
 
     /// Decides where a media datagram goes: on success `to` holds every other member of
-    /// the sender's channel. Only the header is read; the payload is never looked at.
+    /// the sender's channel, or for a screen datagram those of them watching the sender.
+    /// Only the header is read; the payload is never looked at.
     pub fn route_datagram(
         &mut self,
         now: Instant,
@@ -525,26 +536,35 @@ impl Relay {
         self.stats.datagrams_in += 1;
         let result = self.check_datagram(now, from, datagram);
         match result {
-            Ok(channel) => {
+            Ok((_, StreamType::Screen)) => {
+                // Viewers are in the sharer's channel: a watch ends when either leaves it.
+                to.extend_from_slice(self.screens.viewers(from).unwrap_or_default());
+            }
+            Ok((channel, StreamType::Voice | StreamType::Probe)) => {
                 // Channels with members are never removed, so the lookup cannot miss.
                 let members = self.channels.get(&channel).map_or(&[][..], |c| &c.members[..]);
                 to.extend(members.iter().copied().filter(|m| *m != from));
-                self.stats.datagrams_forwarded += to.len() as u64;
-                self.stats.bytes_forwarded += (to.len() * datagram.len()) as u64;
-                Ok(())
             }
             Err(DropReason::RateLimited) => {
                 self.stats.dropped_rate_limited += 1;
-                Err(DropReason::RateLimited)
+                return Err(DropReason::RateLimited);
             }
             Err(reason) => {
                 self.stats.dropped_invalid += 1;
-                Err(reason)
+                return Err(reason);
             }
         }
+        self.stats.datagrams_forwarded += to.len() as u64;
+        self.stats.bytes_forwarded += (to.len() * datagram.len()) as u64;
+        Ok(())
     }
 
-    fn check_datagram(&mut self, now: Instant, from: ConnId, datagram: &[u8]) -> Result<ChannelId, DropReason> {
+    fn check_datagram(
+        &mut self,
+        now: Instant,
+        from: ConnId,
+        datagram: &[u8],
+    ) -> Result<(ChannelId, StreamType), DropReason> {
         let conn = self.conns.get_mut(&from).ok_or(DropReason::NotIntroduced)?;
         let user = conn.user.as_ref().ok_or(DropReason::NotIntroduced)?;
         let (header, _) = MediaHeader::parse(datagram)?;
@@ -559,12 +579,13 @@ impl Relay {
             StreamType::Voice | StreamType::Probe => {
                 conn.voice_packets.try_take(now, 1) && conn.voice_bytes.try_take(now, bytes)
             }
+            StreamType::Screen if self.screens.viewers(from).is_none() => return Err(DropReason::NotSharing),
             StreamType::Screen => true,
         };
         if !voice_ok || !conn.media_packets.try_take(now, 1) || !conn.media_bytes.try_take(now, bytes) {
             return Err(DropReason::RateLimited);
         }
-        Ok(header.channel)
+        Ok((header.channel, header.stream))
     }
 
     fn connect(&mut self, now: Instant, conn: ConnId, source: Source) {
@@ -712,8 +733,8 @@ impl Relay {
             .sessions
             .range((start, Bound::Unbounded))
             .filter(|(session, _)| **session != me.session)
-            .map(|(_, other)| self.user(*other).info());
-        let first = after.is_none().then(|| me.info());
+            .map(|(_, other)| self.user_info(*other));
+        let first = after.is_none().then(|| self.user_info(conn));
         let (users, more) = presence::page(&mut first.into_iter().chain(others).peekable());
         ServerMsg::Users { users, more }
     }
@@ -721,9 +742,8 @@ impl Relay {
     /// A message from `conn` may overtake the batch that tells its receivers who sent
     /// it (and from which channel): they learn that first. The batch repeats it.
     fn introduce(&mut self, conn: ConnId, to: Vec<ConnId>) {
-        let sender = self.user(conn);
-        if self.changes.pending(sender.session) && !to.is_empty() {
-            let msg = ServerMsg::Presence { users: vec![sender.info()], gone: vec![] };
+        if self.changes.pending(self.user(conn).session) && !to.is_empty() {
+            let msg = ServerMsg::Presence { users: vec![self.user_info(conn)], gone: vec![] };
             self.outputs.push_back(Output::Broadcast { to, msg });
         }
     }
@@ -732,7 +752,7 @@ impl Relay {
     fn send_presence(&mut self, changed: std::collections::BTreeSet<SessionId>) {
         let (here, gone): (Vec<SessionId>, Vec<SessionId>) =
             changed.into_iter().partition(|session| self.sessions.contains_key(session));
-        let here: Vec<UserInfo> = here.into_iter().map(|session| self.user(self.sessions[&session]).info()).collect();
+        let here: Vec<UserInfo> = here.into_iter().map(|session| self.user_info(self.sessions[&session])).collect();
         let mut users = here.into_iter().peekable();
         let mut gone = gone.into_iter();
         loop {
@@ -772,6 +792,21 @@ impl Relay {
                     let session = user.session;
                     self.changes.mark(now, session);
                 }
+                Ok(())
+            }
+            ClientMsg::SetShare(share) => self.set_share(now, conn, share),
+            ClientMsg::Watch { sharer, watch } => self.watch(now, conn, sharer, watch),
+            ClientMsg::RequestKeyframe { sharer } => {
+                let sharer = self.watched(conn, sharer)?;
+                if self.screens.request_keyframe(now, sharer) {
+                    self.send(sharer, ServerMsg::KeyframeRequested);
+                }
+                Ok(())
+            }
+            ClientMsg::ScreenReport { sharer, report } => {
+                let sharer = self.watched(conn, sharer)?;
+                let viewer = self.user(conn).session;
+                self.send(sharer, ServerMsg::ScreenReport { viewer, report });
                 Ok(())
             }
             ClientMsg::ListUsers { after } => {
@@ -904,6 +939,80 @@ impl Relay {
             return Err(Refusal::new(ErrorCode::MessageTooLarge, format!("a message may have at most {max} bytes")));
         }
         Ok(())
+    }
+
+    /// Starts, changes or ends `conn`'s screen share; everyone sees it in the presence.
+    fn set_share(&mut self, now: Instant, conn: ConnId, share: Option<ShareInfo>) -> Result<(), Refusal> {
+        let user = self.user(conn);
+        let session = user.session;
+        let changed = match share {
+            None => self.screens.stop(conn),
+            Some(_) if user.channel.is_none() => {
+                return Err(Refusal::new(ErrorCode::NotInChannel, "join a channel to share a screen in it"));
+            }
+            Some(info) if !info.is_plausible() => {
+                return Err(Refusal::new(ErrorCode::InvalidRequest, "a share is 16-8192 pixels each way at 1-60 fps"));
+            }
+            Some(info) => self.screens.set(conn, info),
+        };
+        if changed {
+            self.changes.mark(now, session);
+        }
+        Ok(())
+    }
+
+    /// `conn` starts or stops watching `sharer`, a member of its channel. A new viewer
+    /// needs a keyframe to start from: the relay asks for one on its behalf.
+    fn watch(&mut self, now: Instant, conn: ConnId, sharer: SessionId, watch: bool) -> Result<(), Refusal> {
+        let target = self.conn_of(sharer)?;
+        if !watch {
+            if self.screens.unwatch(conn, target) {
+                self.tell_viewer_count(target);
+            }
+            return Ok(());
+        }
+        let here = self.user(conn).channel;
+        if target == conn || here.is_none() || self.user(target).channel != here {
+            return Err(Refusal::new(ErrorCode::NotInChannel, "you can watch others in your channel"));
+        }
+        match self.screens.watch(conn, target) {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                self.tell_viewer_count(target);
+                if self.screens.request_keyframe(now, target) {
+                    self.send(target, ServerMsg::KeyframeRequested);
+                }
+                Ok(())
+            }
+            Err(screen::WatchError::NotSharing) => Err(Refusal::new(ErrorCode::NotSharing, "they are not sharing")),
+            Err(screen::WatchError::TooMany) => Err(Refusal::new(
+                ErrorCode::TooManyStreams,
+                format!("you can watch {} streams at once", screen::MAX_WATCHING),
+            )),
+        }
+    }
+
+    /// The sharer `conn` watches as `sharer`, for requests only a viewer may make.
+    fn watched(&self, conn: ConnId, sharer: SessionId) -> Result<ConnId, Refusal> {
+        let target = self.conn_of(sharer)?;
+        if !self.screens.is_watching(conn, target) {
+            return Err(Refusal::new(ErrorCode::NotSharing, "you are not watching them"));
+        }
+        Ok(target)
+    }
+
+    fn tell_viewer_count(&mut self, sharer: ConnId) {
+        let count = self.screens.viewers(sharer).map_or(0, <[ConnId]>::len) as u32;
+        self.send(sharer, ServerMsg::Viewers { count });
+    }
+
+    /// `conn` left its channel (or the server): its share and its watching end, and each
+    /// sharer it watched hears its new count.
+    fn leave_screens(&mut self, conn: ConnId) {
+        let (_, watched) = self.screens.forget(conn);
+        for sharer in watched {
+            self.tell_viewer_count(sharer);
+        }
     }
 
     fn conn_of(&self, session: SessionId) -> Result<ConnId, Refusal> {
@@ -1192,6 +1301,9 @@ impl Relay {
         let user = self.conns.get_mut(&conn).and_then(|c| c.user.as_mut()).expect("placed users are known");
         let from = std::mem::replace(&mut user.channel, to);
         let session = user.session;
+        if from != to {
+            self.leave_screens(conn);
+        }
         if let Some(old) = from.and_then(|id| self.channels.get_mut(&id)) {
             old.members.retain(|m| *m != conn);
             if old.members.is_empty() && old.info.temporary {
@@ -1210,6 +1322,7 @@ impl Relay {
         let Some(user) = state.user else { return };
         self.users -= 1;
         self.sessions.remove(&user.session);
+        self.leave_screens(conn);
         if let Some(channel) = user.channel.and_then(|id| self.channels.get_mut(&id)) {
             channel.members.retain(|m| *m != conn);
             if channel.members.is_empty() && channel.info.temporary {
@@ -1252,6 +1365,13 @@ impl Relay {
         self.conns[&conn].user.as_ref().expect("requests come from introduced users")
     }
 
+    /// How others see the user on `conn`.
+    fn user_info(&self, conn: ConnId) -> UserInfo {
+        let user = self.user(conn);
+        let (session, name, channel, voice) = (user.session, user.name.clone(), user.channel, user.voice);
+        UserInfo { session, name, channel, voice, share: self.screens.info(conn) }
+    }
+
     fn user_mut(&mut self, conn: ConnId) -> &mut User {
         self.conns.get_mut(&conn).and_then(|c| c.user.as_mut()).expect("requests come from introduced users")
     }
@@ -1277,12 +1397,6 @@ impl Relay {
         self.refuse(conn, refusal);
         self.outputs.push_back(Output::Close { conn, code });
         self.disconnect(now, conn);
-    }
-}
-
-impl User {
-    fn info(&self) -> UserInfo {
-        UserInfo { session: self.session, name: self.name.clone(), channel: self.channel, voice: self.voice }
     }
 }
 

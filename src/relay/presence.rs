@@ -24,9 +24,10 @@ pub const PAGE_BYTES: usize = 16 * 1024;
 pub const GONE_PER_MESSAGE: usize = PAGE_BYTES / 5;
 
 /// An upper bound of a user's encoded length: the name with its length prefix, the
-/// session and channel ids as varints, the option tag and the voice flags.
+/// session and channel ids as varints, the option tag and the voice flags, and the share
+/// (an option tag, then two u16 varints and a byte).
 fn encoded_len_bound(user: &UserInfo) -> usize {
-    user.name.len() + 5 + 5 + 6 + 2
+    user.name.len() + 5 + 5 + 6 + 2 + 1 + user.share.map_or(0, |_| 3 + 3 + 1)
 }
 
 /// Takes users from `users` while they fit in [`PAGE_BYTES`] (at least one); the flag says
@@ -80,7 +81,7 @@ impl Changes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{ChannelId, VoiceState, encode_frame};
+    use crate::protocol::{ChannelId, ShareInfo, VoiceState, encode_frame};
 
     fn user(session: u32, name_len: usize) -> UserInfo {
         UserInfo {
@@ -88,6 +89,7 @@ mod tests {
             name: "é".repeat(name_len / 2),
             channel: Some(ChannelId(u32::MAX)),
             voice: VoiceState { muted: true, deafened: true },
+            share: Some(ShareInfo { width: u16::MAX, height: u16::MAX, fps: u8::MAX }),
         }
     }
 

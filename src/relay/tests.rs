@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::config::ChannelConfig;
-use crate::protocol::{MediaHeader, StreamType};
+use crate::protocol::{MediaHeader, ScreenReport, StreamType};
 
 const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
@@ -195,6 +195,7 @@ fn hello_gets_welcome_channels_and_a_first_page_then_others_hear_in_a_batch() {
         name: "alice".into(),
         channel: Some(lobby),
         voice: Default::default(),
+        share: None,
     };
     // The first page already shows where she landed.
     assert_eq!(msgs.last(), Some(&ServerMsg::Users { users: vec![alice_info.clone()], more: false }));
@@ -202,8 +203,13 @@ fn hello_gets_welcome_channels_and_a_first_page_then_others_hear_in_a_batch() {
     sim.take(alice);
 
     let bob = sim.hello("bob", None);
-    let bob_info =
-        UserInfo { session: sim.sessions[&bob], name: "bob".into(), channel: Some(lobby), voice: Default::default() };
+    let bob_info = UserInfo {
+        session: sim.sessions[&bob],
+        name: "bob".into(),
+        channel: Some(lobby),
+        voice: Default::default(),
+        share: None,
+    };
     let bobs = sim.take(bob);
     assert_eq!(bobs.last(), Some(&ServerMsg::Users { users: vec![bob_info.clone(), alice_info], more: false }));
     // Alice hears of bob (arrived and placed: one entry) when the batch is due.
@@ -236,6 +242,7 @@ fn a_message_never_overtakes_the_news_of_who_sent_it() {
         name: "bob".into(),
         channel: Some(sim.channel_id("Lobby")),
         voice: Default::default(),
+        share: None,
     };
     let introduced = ServerMsg::Presence { users: vec![bob_info], gone: vec![] };
     let direct = ServerMsg::Direct { from: bob_session, ciphertext: vec![1] };
@@ -807,6 +814,7 @@ fn media_over_the_rate_cap_is_dropped_and_counted() {
     let mut sim = Sim::with(config(vec![channel("Lobby", None, 0)], limits));
     let a = sim.hello("a", None);
     let _b = sim.hello("b", None);
+    sim.send(a, ClientMsg::SetShare(Some(SHARE)));
     let screen = |sim: &Sim| {
         let voice = sim.datagram(a, sim.channel_id("Lobby"));
         let (header, payload) = MediaHeader::parse(&voice).unwrap();
@@ -832,6 +840,7 @@ fn voice_beyond_twice_a_talkers_rate_is_dropped_and_screen_share_is_not_held_to_
     assert_eq!((0..200).filter(|_| sim.route(a, &voice).is_ok()).count(), 20);
     let (header, payload) = MediaHeader::parse(&voice).unwrap();
     let screen = MediaHeader { stream: StreamType::Screen, ..header }.to_datagram(payload);
+    sim.send(a, ClientMsg::SetShare(Some(SHARE)));
     assert_eq!((0..200).filter(|_| sim.route(a, &screen).is_ok()).count(), 200, "under the media cap");
     // A talker at 50 a second never meets the cap.
     sim.now += Duration::from_secs(1);
@@ -1324,4 +1333,109 @@ fn no_moderation_without_a_proof_of_a_listed_key() {
     // The right one still works.
     sim.send(op, operator.proof(&SERVER_ID, &challenge, sim.sessions[&op]));
     assert_eq!(sim.take(op), [ServerMsg::AdminGranted]);
+}
+
+fn screen_datagram(sim: &Sim, conn: ConnId, channel: ChannelId) -> Vec<u8> {
+    let mut datagram = sim.datagram(conn, channel);
+    datagram[1] = 2; // StreamType::Screen
+    datagram
+}
+
+const SHARE: ShareInfo = ShareInfo { width: 1280, height: 720, fps: 30 };
+
+/// Opt-in watching: screen datagrams reach those who watch, not the rest of the channel
+/// nor anyone elsewhere, and a share ends (with its watches) when its sharer leaves.
+#[test]
+fn screen_datagrams_go_only_to_viewers() {
+    let mut sim = Sim::new();
+    let [alice, bob, carol, dave] = ["alice", "bob", "carol", "dave"].map(|n| sim.hello(n, None));
+    sim.send(dave, join("Duo"));
+    sim.advance(PRESENCE_DELAY);
+    let lobby = sim.channel_id("Lobby");
+    let (alice_s, bob_s) = (sim.sessions[&alice], sim.sessions[&bob]);
+    assert_eq!(sim.route(alice, &screen_datagram(&sim, alice, lobby)), Err(DropReason::NotSharing));
+    // Watching someone who does not share, or from another channel, is refused.
+    for conn in [alice, bob, carol, dave] {
+        sim.take(conn);
+    }
+    sim.send(bob, ClientMsg::Watch { sharer: alice_s, watch: true });
+    assert_eq!(sim.errors(bob), [ErrorCode::NotSharing]);
+    sim.send(alice, ClientMsg::SetShare(Some(SHARE)));
+    sim.advance(PRESENCE_DELAY);
+    let shown = sim.take(carol).into_iter().any(|m| match m {
+        ServerMsg::Presence { users, .. } => users.iter().any(|u| u.session == alice_s && u.share == Some(SHARE)),
+        _ => false,
+    });
+    assert!(shown, "everyone sees who shares, and at what size");
+    sim.take(bob);
+    sim.send(dave, ClientMsg::Watch { sharer: alice_s, watch: true });
+    assert_eq!(sim.errors(dave), [ErrorCode::NotInChannel]);
+    sim.send(alice, ClientMsg::Watch { sharer: alice_s, watch: true });
+    assert_eq!(sim.errors(alice), [ErrorCode::NotInChannel]);
+    // Bob watches: alice hears of her viewer and is asked for a keyframe for him.
+    sim.send(bob, ClientMsg::Watch { sharer: alice_s, watch: true });
+    assert_eq!(sim.take(alice), [ServerMsg::Viewers { count: 1 }, ServerMsg::KeyframeRequested]);
+    assert_eq!(sim.route(alice, &screen_datagram(&sim, alice, lobby)), Ok(vec![bob]));
+    // Voice still goes to the whole channel.
+    assert_eq!(sim.route(alice, &sim.datagram(alice, lobby)), Ok(vec![bob, carol]));
+    // Only a viewer may ask for keyframes or report.
+    sim.send(carol, ClientMsg::RequestKeyframe { sharer: alice_s });
+    sim.send(carol, ClientMsg::ScreenReport { sharer: alice_s, report: ScreenReport::default() });
+    assert_eq!(sim.errors(carol), [ErrorCode::NotSharing, ErrorCode::NotSharing]);
+    let report = ScreenReport { fragments_received: 10, ..ScreenReport::default() };
+    sim.send(bob, ClientMsg::ScreenReport { sharer: alice_s, report });
+    assert_eq!(sim.take(alice), [ServerMsg::ScreenReport { viewer: bob_s, report }]);
+    // Bob moves away: his watch ends and alice hears it.
+    sim.send(bob, join("Duo"));
+    assert_eq!(sim.take(alice), [ServerMsg::Viewers { count: 0 }]);
+    assert_eq!(sim.route(alice, &screen_datagram(&sim, alice, lobby)), Ok(vec![]));
+    sim.send(bob, join("Lobby"));
+    sim.send(bob, ClientMsg::Watch { sharer: alice_s, watch: true });
+    sim.take(alice);
+    // Alice leaves: her share is over, datagrams claiming it are dropped.
+    sim.send(alice, join("Duo"));
+    sim.advance(PRESENCE_DELAY);
+    let over = sim.take(carol).into_iter().any(|m| match m {
+        ServerMsg::Presence { users, .. } => users.iter().any(|u| u.session == alice_s && u.share.is_none()),
+        _ => false,
+    });
+    assert!(over);
+    let duo = sim.channel_id("Duo");
+    assert_eq!(sim.route(alice, &screen_datagram(&sim, alice, duo)), Err(DropReason::NotSharing));
+    assert_eq!(sim.relay.screens.watch_entries(), 0);
+}
+
+#[test]
+fn keyframe_requests_from_many_viewers_reach_the_sharer_merged() {
+    let mut sim = Sim::new();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| sim.hello(n, None));
+    let alice_s = sim.sessions[&alice];
+    sim.send(alice, ClientMsg::SetShare(Some(SHARE)));
+    sim.send(bob, ClientMsg::Watch { sharer: alice_s, watch: true });
+    sim.send(carol, ClientMsg::Watch { sharer: alice_s, watch: true });
+    sim.take(alice);
+    // Carol's watch came inside the window of bob's: one request is held.
+    sim.advance(KEYFRAME_MERGE);
+    let asked = |msgs: Vec<ServerMsg>| msgs.iter().filter(|m| **m == ServerMsg::KeyframeRequested).count();
+    assert_eq!(asked(sim.take(alice)), 1);
+    for _ in 0..10 {
+        sim.send(bob, ClientMsg::RequestKeyframe { sharer: alice_s });
+        sim.send(carol, ClientMsg::RequestKeyframe { sharer: alice_s });
+        sim.advance(KEYFRAME_MERGE / 10);
+    }
+    sim.advance(KEYFRAME_MERGE);
+    assert_eq!(asked(sim.take(alice)), 1, "20 requests inside one window are one");
+}
+
+#[test]
+fn a_share_needs_a_plausible_announcement_and_a_channel() {
+    let mut sim = Sim::new();
+    let alice = sim.hello("alice", None);
+    sim.send(alice, ClientMsg::SetShare(Some(ShareInfo { width: 0, height: 720, fps: 30 })));
+    sim.send(alice, ClientMsg::SetShare(Some(ShareInfo { fps: 200, ..SHARE })));
+    sim.send(alice, ClientMsg::Leave);
+    sim.send(alice, ClientMsg::SetShare(Some(SHARE)));
+    assert_eq!(sim.errors(alice), [ErrorCode::InvalidRequest, ErrorCode::InvalidRequest, ErrorCode::NotInChannel]);
+    sim.send(alice, ClientMsg::SetShare(None));
+    assert_eq!(sim.errors(alice), []);
 }

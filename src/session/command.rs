@@ -75,6 +75,11 @@ pub enum Command {
         minutes: u32,
     },
     Close(String),
+    /// Start (or stop) receiving a user's screen share.
+    Watch {
+        user: String,
+        watch: bool,
+    },
     Move {
         user: String,
         channel: String,
@@ -85,7 +90,7 @@ pub enum Command {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
     #[error(
-        "unknown command /{0}; try /join, /leave, /create, /invite, /msg, /safety, /verify, /channels, /mute, /deafen, /talk, /volume, /probe, /kick, /ban, /close, /move or /quit"
+        "unknown command /{0}; try /join, /leave, /create, /invite, /msg, /safety, /verify, /channels, /mute, /deafen, /talk, /volume, /probe, /watch, /unwatch, /kick, /ban, /close, /move or /quit"
     )]
     Unknown(String),
     #[error("usage: {0}")]
@@ -101,6 +106,7 @@ const PROBE_USAGE: &str = "/probe [COUNT]";
 const MSG_USAGE: &str = "/msg NAME TEXT";
 const SAFETY_USAGE: &str = "/safety NAME";
 const KICK_USAGE: &str = "/kick NAME";
+const WATCH_USAGE: &str = "/watch NAME, /unwatch NAME";
 const BAN_USAGE: &str = "/ban NAME [MINUTES]";
 const CLOSE_USAGE: &str = "/close CHANNEL";
 const MOVE_USAGE: &str = "/move NAME CHANNEL";
@@ -187,6 +193,8 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
             _ => return Err(ParseError::Usage(VOLUME_USAGE)),
         },
         "kick" => Command::Kick(one_name(args, KICK_USAGE)?),
+        "watch" => Command::Watch { user: one_name(args, WATCH_USAGE)?, watch: true },
+        "unwatch" => Command::Watch { user: one_name(args, WATCH_USAGE)?, watch: false },
         "ban" => {
             let minutes = number_at(args, 1, BAN_USAGE)?.unwrap_or(DEFAULT_BAN_MINUTES);
             match args {
@@ -325,6 +333,9 @@ mod tests {
         assert_eq!(parse("/ban mallory 5"), Command::Ban { user: "mallory".into(), minutes: 5 });
         assert_eq!(parse(r#"/close "Raid night""#), Command::Close("Raid night".into()));
         assert_eq!(parse("/move bob Staff"), Command::Move { user: "bob".into(), channel: "Staff".into() });
+        assert_eq!(parse("/watch alice"), Command::Watch { user: "alice".into(), watch: true });
+        assert_eq!(parse("/unwatch alice"), Command::Watch { user: "alice".into(), watch: false });
+        assert_eq!(parse_line("/watch"), Err(ParseError::Usage(WATCH_USAGE)));
         assert_eq!(parse("  hello there "), Command::Say("hello there".into()));
         assert_eq!(parse_line("   "), Ok(None));
     }

@@ -16,7 +16,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::crypto::sframe::{self, Opener, Sealer, SframeError, media_kid};
+use crate::crypto::sframe::{self, EPOCH_MASK, Opener, Sealer, SframeError, media_kid, screen_kid};
+use crate::protocol::fragment::{self, SealedFrame};
 use crate::protocol::{ChannelId, MEDIA_HEADER_LEN, MediaHeader, SessionId, StreamType};
 
 /// How long a sender's previous key still opens packets after its new one arrived.
@@ -61,17 +62,31 @@ pub struct MediaCounters {
     pub misrouted: u64,
     /// Keys for an epoch older than the sender's current one, refused.
     pub stale_keys: u64,
+    /// Screen frames sealed and screen frames opened.
+    pub screen_frames_sent: u64,
+    pub screen_frames_opened: u64,
 }
 
 struct OwnKey {
     channel: ChannelId,
     share: MediaKeyShare,
     sealer: Sealer,
+    /// The same epoch's screen key: its own KID and counter.
+    screen: Sealer,
+}
+
+impl OwnKey {
+    fn new(me: SessionId, channel: ChannelId, share: MediaKeyShare) -> Self {
+        let sealer = Sealer::new(media_kid(me.0, share.epoch), share.base_key.as_slice());
+        let screen = Sealer::new(screen_kid(me.0, share.epoch), share.base_key.as_slice());
+        OwnKey { channel, share, sealer, screen }
+    }
 }
 
 struct PeerKey {
     epoch: u32,
     opener: Opener,
+    screen: Opener,
     /// When a newer key replaced this one: `None` while current, then the instant from
     /// which it no longer opens anything (set on the first tick after replacement).
     retire: Retirement,
@@ -99,9 +114,8 @@ impl MediaKeys {
     /// the other members.
     pub fn start_epoch(&mut self, me: SessionId, channel: ChannelId, rng: &mut impl Rng) -> MediaKeyShare {
         let share = MediaKeyShare { epoch: self.next_epoch, base_key: Zeroizing::new(rng.random()) };
-        self.next_epoch = self.next_epoch.wrapping_add(1);
-        let sealer = Sealer::new(media_kid(me.0, share.epoch), share.base_key.as_slice());
-        self.own = Some(OwnKey { channel, share: share.clone(), sealer });
+        self.next_epoch = self.next_epoch.wrapping_add(1) & EPOCH_MASK;
+        self.own = Some(OwnKey::new(me, channel, share.clone()));
         share
     }
 
@@ -131,12 +145,16 @@ impl MediaKeys {
         channel: ChannelId,
         out: &mut VecDeque<MediaFrame>,
     ) {
+        if share.epoch > EPOCH_MASK {
+            self.counters.stale_keys += 1;
+            return;
+        }
         let kid = media_kid(peer.0, share.epoch);
         let keys = self.peers.entry(peer).or_default();
-        // Only a newer epoch than the current one (wrap-aware): a relay that reorders key
-        // messages cannot make an old key current again.
+        // Only a newer epoch than the current one (wrap-aware on 31 bits): a relay that
+        // reorders key messages cannot make an old key current again.
         let current = keys.iter().find(|k| matches!(k.retire, Retirement::Current)).map(|k| k.epoch);
-        if current.is_some_and(|epoch| share.epoch.wrapping_sub(epoch) as i32 <= 0) {
+        if current.is_some_and(|epoch| (share.epoch.wrapping_sub(epoch) << 1) as i32 <= 0) {
             self.counters.stale_keys += u64::from(current != Some(share.epoch));
             return;
         }
@@ -145,7 +163,8 @@ impl MediaKeys {
             key.retire = Retirement::Replaced;
         }
         let opener = Opener::new(kid, share.base_key.as_slice());
-        keys.push(PeerKey { epoch: share.epoch, opener, retire: Retirement::Current });
+        let screen = Opener::new(screen_kid(peer.0, share.epoch), share.base_key.as_slice());
+        keys.push(PeerKey { epoch: share.epoch, opener, screen, retire: Retirement::Current });
         for (header, packet) in self.held.remove(&peer).unwrap_or_default() {
             self.open(header, channel, &packet, out);
         }
@@ -198,6 +217,68 @@ impl MediaKeys {
         Some(datagram)
     }
 
+    /// One encoded screen frame, sealed whole under our screen key with its shape in the
+    /// AAD, as the datagrams that carry it; `None` when we are in no channel or the frame
+    /// is larger than a receiver takes.
+    pub fn seal_screen(
+        &mut self,
+        me: SessionId,
+        frame: u32,
+        timestamp: u32,
+        keyframe: bool,
+        payload: &[u8],
+    ) -> Option<Vec<Vec<u8>>> {
+        let own = self.own.as_mut()?;
+        let media = MediaHeader {
+            stream: StreamType::Screen,
+            flags: 0,
+            channel: own.channel,
+            sender: me,
+            sequence: frame,
+            timestamp,
+        };
+        let shape = fragment::frame_shape(own.screen.sealed_len(payload.len()), keyframe)?;
+        let mut sealed = Vec::with_capacity(shape.frame_len as usize);
+        own.screen.seal(&fragment::frame_aad(&media, &shape), payload, &mut sealed).ok()?;
+        self.counters.screen_frames_sent += 1;
+        Some(fragment::fragment_datagrams(&media, &shape, &sealed))
+    }
+
+    /// Opens a reassembled screen frame from a member of `channel`; `None` (counted) when
+    /// there is no key for it or it does not authenticate.
+    pub fn open_screen(&mut self, frame: &SealedFrame, channel: ChannelId) -> Option<Vec<u8>> {
+        let sender = frame.media.sender;
+        if frame.media.channel != channel {
+            self.counters.misrouted += 1;
+            return None;
+        }
+        let kid = sframe::peek_kid(&frame.sealed).ok();
+        let key = self.peers.get_mut(&sender).and_then(|keys| keys.iter_mut().find(|k| Some(k.screen.kid()) == kid));
+        let Some(key) = key else {
+            self.counters.no_key += 1;
+            return None;
+        };
+        match key.screen.open(&frame.aad(), &frame.sealed) {
+            Ok(payload) => {
+                self.counters.screen_frames_opened += 1;
+                Some(payload)
+            }
+            Err(e) => {
+                self.count_failure(&e);
+                None
+            }
+        }
+    }
+
+    fn count_failure(&mut self, e: &SframeError) {
+        use crate::crypto::replay::ReplayError;
+        match e {
+            SframeError::Replay(ReplayError::Duplicate(_)) => self.counters.duplicate += 1,
+            SframeError::Replay(ReplayError::TooOld { .. }) => self.counters.too_old += 1,
+            _ => self.counters.unauthentic += 1,
+        }
+    }
+
     /// Opens an encrypted media packet (`header` parsed from its first bytes) into `out`,
     /// or counts why not.
     pub fn open(&mut self, header: MediaHeader, channel: ChannelId, packet: &[u8], out: &mut VecDeque<MediaFrame>) {
@@ -241,9 +322,7 @@ impl MediaKeys {
                     payload,
                 });
             }
-            Err(SframeError::Replay(crate::crypto::replay::ReplayError::Duplicate(_))) => self.counters.duplicate += 1,
-            Err(SframeError::Replay(crate::crypto::replay::ReplayError::TooOld { .. })) => self.counters.too_old += 1,
-            Err(_) => self.counters.unauthentic += 1,
+            Err(e) => self.count_failure(&e),
         }
     }
 
@@ -313,13 +392,11 @@ mod tests {
         let datagram = alice.seal(ALICE, StreamType::Voice, 1, 0, b"now").unwrap();
         assert_eq!(open(&mut bob, &datagram)[0].payload, b"now", "the newer key stays current");
         // Someone who kept the old key cannot speak as alice with it.
-        let sealer = Sealer::new(media_kid(ALICE.0, old.epoch), old.base_key.as_slice());
-        let mut former =
-            MediaKeys { own: Some(OwnKey { channel: LOBBY, share: old.clone(), sealer }), ..MediaKeys::default() };
+        let mut former = MediaKeys { own: Some(OwnKey::new(ALICE, LOBBY, old.clone())), ..MediaKeys::default() };
         let forged = former.seal(ALICE, StreamType::Voice, 2, 0, b"forged").unwrap();
         assert!(open(&mut bob, &forged).is_empty());
-        // Epoch numbers wrap: after u32::MAX comes 0, which is newer.
-        let mut wrapping = MediaKeys { next_epoch: u32::MAX, ..MediaKeys::default() };
+        // Epoch numbers wrap: after 2^31 - 1 comes 0, which is newer.
+        let mut wrapping = MediaKeys { next_epoch: EPOCH_MASK, ..MediaKeys::default() };
         let last = wrapping.start_epoch(ALICE, LOBBY, &mut rng());
         let first = wrapping.start_epoch(ALICE, LOBBY, &mut rng());
         let mut carol = MediaKeys::default();

@@ -9,6 +9,7 @@ pub mod chat;
 pub mod command;
 pub mod history;
 pub mod media;
+pub mod screen;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Instant, SystemTime};
@@ -19,7 +20,7 @@ use serde::Serialize;
 
 use crate::protocol::{
     ChannelId, ChannelInfo, ClientMsg, JoinRequest, MEDIA_HEADER_LEN, MediaHeader, PROTOCOL_VERSION, ServerMsg,
-    SessionId, StreamType, UserInfo, VoiceState, canonical_name, percent_encode,
+    SessionId, ShareInfo, StreamType, UserInfo, VoiceState, canonical_name, percent_encode,
 };
 pub use chat::Chat;
 pub use command::{Command, ParseError, parse_line};
@@ -143,6 +144,23 @@ pub enum Event {
     /// until the user compares the safety number and accepts the new key.
     IdentityChanged {
         user: String,
+    },
+    /// A user started sharing a screen, changed what the share is, or stopped (`share`
+    /// null).
+    Sharing {
+        user: String,
+        session: u32,
+        share: Option<ShareInfo>,
+    },
+    /// We started or stopped receiving a user's screen.
+    Watching {
+        user: String,
+        session: u32,
+        watching: bool,
+    },
+    /// How many watch our share.
+    Viewers {
+        count: u32,
     },
     /// A user muted or deafened themselves, or stopped.
     VoiceState {
@@ -312,6 +330,13 @@ impl std::fmt::Display for Event {
                 write!(f, "* {} {}", Shown(&who), if *speaking { "is talking" } else { "stopped talking" })
             }
             Event::PlayFinished => write!(f, "* finished playing the file"),
+            Event::Sharing { user, share: Some(share), .. } => {
+                write!(f, "* {} shares a screen ({}x{}, {} fps)", Shown(user), share.width, share.height, share.fps)
+            }
+            Event::Sharing { user, share: None, .. } => write!(f, "* {} stopped sharing", Shown(user)),
+            Event::Watching { user, watching: true, .. } => write!(f, "* watching {}", Shown(user)),
+            Event::Watching { user, watching: false, .. } => write!(f, "* no longer watching {}", Shown(user)),
+            Event::Viewers { count } => write!(f, "* {count} watching your screen"),
             Event::VoiceState { user, muted, deafened, .. } => {
                 let state = match (muted, deafened) {
                     (_, true) => "deafened",
@@ -383,6 +408,7 @@ pub struct Session {
     media_out: VecDeque<MediaFrame>,
     /// Our own mute and deafen state, as last told to the server.
     voice: VoiceState,
+    screen: screen::ScreenState,
 }
 
 impl Session {
@@ -412,6 +438,7 @@ impl Session {
             media: MediaKeys::default(),
             media_out: VecDeque::new(),
             voice: VoiceState::default(),
+            screen: screen::ScreenState::default(),
         };
         let bundle = match session.chat.e2ee().bundle_upload() {
             Ok(bundle) => Some(Box::new(bundle)),
@@ -525,6 +552,9 @@ impl Session {
             ServerMsg::Error { code, message } => {
                 self.events.push_back(Event::Error { code: code.as_str().to_owned(), message });
             }
+            ServerMsg::KeyframeRequested => self.screen_message_keyframe(),
+            ServerMsg::Viewers { count } => self.screen_message_viewers(count),
+            ServerMsg::ScreenReport { viewer, report } => self.screen_message_report(viewer, report),
         }
         // Keys replaced by what arrived start their grace period now.
         self.media.handle_timeout(now);
@@ -576,12 +606,21 @@ impl Session {
                     let event = voice_event(session, &known.name, user.voice);
                     self.events.push_back(event);
                 }
+                if known.share != user.share {
+                    known.share = user.share;
+                    let event = Event::Sharing { user: known.name.clone(), session: session.0, share: user.share };
+                    self.events.push_back(event);
+                }
                 self.user_moved(now, session, user.channel);
+                self.screen_user_changed(session);
             }
             None => {
-                let (channel, voice) = (user.channel, user.voice);
+                let (channel, voice, share) = (user.channel, user.voice, user.share);
                 if voice != VoiceState::default() {
                     self.events.push_back(voice_event(session, &user.name, voice));
+                }
+                if share.is_some() {
+                    self.events.push_back(Event::Sharing { user: user.name.clone(), session: session.0, share });
                 }
                 self.users.insert(session, UserInfo { channel: None, ..user });
                 self.events.extend(self.trust_event(session));
@@ -600,6 +639,7 @@ impl Session {
         }
         let name = user.name.clone();
         if Some(session) == self.me {
+            self.screen_left_channel();
             if let Some(old) = from {
                 self.events.push_back(Event::Left { channel: old.0, name: self.channel_name(old) });
             }
@@ -613,6 +653,7 @@ impl Session {
         let mut ours_changed = false;
         if let Some(old) = from.filter(|c| Some(*c) == mine) {
             self.media.forget(session);
+            self.screen_user_changed(session);
             self.events.push_back(Event::UserLeft { user: name.clone(), session: session.0, channel: old.0 });
             ours_changed = true;
         }
@@ -631,6 +672,7 @@ impl Session {
         match command {
             Command::Join(request) => self.transmit.push_back(ClientMsg::Join(request)),
             Command::Kick(user) => self.moderate(&user, |session| ClientMsg::Kick { session }),
+            Command::Watch { user, watch } => self.watch(now, &user, watch),
             Command::Ban { user, minutes } => self.moderate(&user, |session| ClientMsg::Ban { session, minutes }),
             Command::Move { user, channel } => match self.channel_named(&channel) {
                 Some(channel) => self.moderate(&user, |session| ClientMsg::MoveUser { session, channel }),
@@ -705,6 +747,9 @@ impl Session {
             Ok((header, _)) => header,
             Err(e) => return self.events.push_back(Event::local_error("bad_datagram", e)),
         };
+        if header.stream == StreamType::Screen {
+            return self.screen_datagram(now, header, datagram);
+        }
         if header.stream != StreamType::Probe {
             self.media.handle_timeout(now);
             let channel = self.channel().unwrap_or(ChannelId(u32::MAX));
@@ -726,12 +771,14 @@ impl Session {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.media.handle_timeout(now);
         self.chat_timeout(now);
+        self.screen_timeout(now);
     }
 
     /// The next time [`Session::handle_timeout`] has work to do.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.chat_poll_timeout().into_iter().chain(self.media.poll_timeout()).min()
+        let screen = self.screen_poll_timeout();
+        self.chat_poll_timeout().into_iter().chain(self.media.poll_timeout()).chain(screen).min()
     }
 
     /// A media datagram carrying `payload` (an Opus packet, a video fragment), sealed
@@ -836,6 +883,9 @@ fn message_name(msg: &ServerMsg) -> &'static str {
         ServerMsg::Channel { .. } => "channel",
         ServerMsg::Delivered { .. } => "delivered",
         ServerMsg::NotDelivered { .. } => "not_delivered",
+        ServerMsg::KeyframeRequested => "keyframe_requested",
+        ServerMsg::Viewers { .. } => "viewers",
+        ServerMsg::ScreenReport { .. } => "screen_report",
     }
 }
 
@@ -869,6 +919,7 @@ mod tests {
             name: name.into(),
             channel: channel.map(ChannelId),
             voice: Default::default(),
+            share: None,
         }
     }
 
