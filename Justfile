@@ -5,8 +5,10 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 set positional-arguments
 
 # Debian packages the build and the tests need: gcc and make build aws-lc, protoc builds
-# libsignal, cmake builds libopus, ALSA's headers build cpal; iproute2 for `just netem`.
-packages := "build-essential pkg-config protobuf-compiler cmake libasound2-dev iproute2"
+# libsignal, cmake builds libopus, ALSA's headers build cpal; FFmpeg's headers and libclang
+# build ffmpeg-next (screen share: HEVC through libx265 and the hardware encoders Debian's
+# FFmpeg has); Xvfb is the screen the screen-share tests share; iproute2 for `just netem`.
+packages := "build-essential pkg-config protobuf-compiler cmake libasound2-dev iproute2 libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libclang-dev xvfb"
 
 # List the recipes.
 default:
@@ -51,7 +53,7 @@ join *args: build
 # the attacks whose figures need the machine to themselves.
 test: setup
     cargo test --all-targets
-    cargo test --test main -- --ignored --test-threads=1 --nocapture a_handshake_flood a_voice_flood fifty_handshakes
+    cargo test --test main -- --ignored --test-threads=1 --nocapture a_handshake_flood a_voice_flood fifty_handshakes a_shared_screen a_lossy_link_never
 
 # Relay throughput and latency against a plain-UDP baseline, vault unlock time, chat message rates, voice codec and SFrame costs, then the micro-benchmarks.
 bench *args: build
@@ -60,6 +62,7 @@ bench *args: build
     ./target/release/voipc bench chat
     ./target/release/voipc bench codec
     ./target/release/voipc bench voice
+    ./target/release/voipc bench video
     cargo bench --bench hot_paths
 
 # A server and two clients on a loopback-only host (a network namespace) that loses and

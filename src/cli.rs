@@ -108,12 +108,52 @@ pub struct JoinArgs {
     say: Option<String>,
     #[command(flatten)]
     voice: VoiceArgs,
+    #[command(flatten)]
+    screen: ScreenArgs,
     /// End the session after this many seconds (the end of stdin then does not).
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ScreenArgs {
+    /// Share a screen once in a channel: a monitor's name or number (nothing: the
+    /// primary one), window:TITLE, or a .y4m file (played over and over).
+    #[arg(long, value_name = "SOURCE", num_args = 0..=1, default_missing_value = "")]
+    share_screen: Option<String>,
+    /// The most the share may be: 480p, 720p or 1080p (it goes lower when the network
+    /// or the encoder cannot keep up).
+    #[arg(long, value_name = "RES")]
+    share_resolution: Option<crate::video::adapt::Resolution>,
+    /// The most frames a second the share may have (1-30).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=30))]
+    share_fps: Option<u32>,
+    /// Encode with this FFmpeg encoder (e.g. libx265) instead of the first that works;
+    /// fails if it cannot.
+    #[arg(long, value_name = "NAME")]
+    encoder: Option<String>,
+    /// Watch this user's screen share as soon as they share in our channel.
+    #[arg(long, value_name = "NAME")]
+    watch: Option<String>,
+    /// Write every decoded frame of the share watched to this 4:2:0 Y4M file.
+    #[arg(long, value_name = "FILE.y4m", requires = "watch")]
+    record_screen: Option<PathBuf>,
+}
+
+impl ScreenArgs {
+    fn options(self) -> crate::net::screen::ScreenOptions {
+        crate::net::screen::ScreenOptions {
+            share: self.share_screen.map(|s| Some(s).filter(|s| !s.is_empty())),
+            resolution: self.share_resolution,
+            fps: self.share_fps,
+            encoder: self.encoder,
+            watch: self.watch,
+            record: self.record_screen,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -357,6 +397,7 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
             vault_password,
             say: args.say,
             voice: args.voice.options()?,
+            screen: args.screen.options(),
             duration: args
                 .duration
                 .map(std::time::Duration::try_from_secs_f64)

@@ -26,7 +26,7 @@ use crate::session::{Chat, Session};
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name its corpus directory and fuzz binary have.
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("client_messages", client_messages),
     ("server_messages", server_messages),
     ("media_header", media_header),
@@ -34,6 +34,8 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("links", links),
     ("vault_file", vault_file),
     ("bundles", bundles),
+    ("screen_fragments", screen_fragments),
+    ("y4m_file", y4m_file),
 ];
 
 /// Splits `data` into messages, each a 2-byte big-endian length and that many bytes (the
@@ -163,6 +165,36 @@ pub fn bundles(data: &[u8]) {
     }
     if let Some(peer) = frames.next().and_then(|f| decode_frame::<PeerBundle>(f).ok()) {
         let _ = identity().start_session("h:1/bob", &peer, SystemTime::UNIX_EPOCH, &mut StdRng::seed_from_u64(3));
+    }
+}
+
+/// Screen datagrams (one per frame of [`frames`]; the first byte of each advances the
+/// clock) into one viewer's reassembly, and what completes opened under a fixed key:
+/// memory stays within the bound whatever the fragments claim.
+pub fn screen_fragments(data: &[u8]) {
+    use crate::protocol::fragment::{MAX_FRAME_BYTES, PARTIAL_FRAMES, Reassembler};
+    let sender = crate::protocol::SessionId(7);
+    let mut now = Instant::now();
+    let mut reassembler = Reassembler::new(sender, now);
+    let mut opener = sframe::Opener::new(sframe::screen_kid(7, 0), &[9; 32]);
+    for frame in frames(data) {
+        let Some((tick, datagram)) = frame.split_first() else { continue };
+        now += Duration::from_millis(u64::from(*tick));
+        reassembler.handle_timeout(now);
+        let Ok((mut header, _)) = MediaHeader::parse(datagram) else { continue };
+        header.sender = sender;
+        if let Ok(Some(sealed)) = reassembler.push(now, header, datagram) {
+            let _ = opener.open(&sealed.aad(), &sealed.sealed);
+        }
+        let _ = reassembler.take_keyframe_request(now);
+        assert!(reassembler.buffered_bytes() <= PARTIAL_FRAMES * MAX_FRAME_BYTES);
+    }
+}
+
+/// A Y4M file, as `--share-screen FILE.y4m` reads it: its frames until the end or an error.
+pub fn y4m_file(data: &[u8]) {
+    if let Ok(mut reader) = crate::video::y4m::Y4mReader::new(data) {
+        while let Ok(Some(_)) = reader.next_frame() {}
     }
 }
 

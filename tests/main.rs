@@ -7,4 +7,5 @@ mod chat;
 mod cli;
 mod relay;
 mod screen;
+mod video;
 mod voice;

@@ -60,7 +60,7 @@ class Client:
     def __init__(self, invite, name, extra=()):
         self.name = name
         self.joined_at = None
-        self.received = []  # (from, text)
+        self.received = set()  # (from, text): a set, so that counting an hour's soak is quick
         self.process = subprocess.Popen(
             [VOIPC, "join", invite, "--name", name, "--json", "--data-dir", os.path.join(work, name), *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -79,7 +79,7 @@ class Client:
             if kind == "joined" and self.joined_at is None:
                 self.joined_at = time.monotonic()
             elif kind == "message":
-                self.received.append((event.get("from"), event.get("text")))
+                self.received.add((event.get("from"), event.get("text")))
             elif kind == "error" and event.get("code") not in EXPECTED_ERRORS:
                 with lock:
                     errors.append({"client": self.name, **event})

@@ -11,6 +11,7 @@ mod codec;
 mod impair;
 mod load;
 pub mod udp_relay;
+mod video;
 mod voice;
 
 use std::net::SocketAddr;
@@ -53,6 +54,15 @@ enum BenchCommand {
     Codec {
         /// Seconds measured per case.
         #[arg(long, default_value_t = 1.0)]
+        secs: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Screen share: each HEVC encoder that opens here at 480p, 720p and 1080p (encode
+    /// speed, bitrate, Y-PSNR, capture-to-picture time), beside raw capture speed.
+    Video {
+        /// Seconds measured per case.
+        #[arg(long, default_value_t = 2.0)]
         secs: f64,
         #[arg(long)]
         json: bool,
@@ -187,6 +197,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || codec::run(window, json)).await.context("codec bench failed")?
         }
         BenchCommand::Voice { rounds, json } => voice::run(rounds.max(1), json).await,
+        BenchCommand::Video { secs, json } => {
+            let window = Duration::from_secs_f64(secs.clamp(0.1, 60.0));
+            tokio::task::spawn_blocking(move || video::run(window, json)).await.context("video bench failed")?
+        }
         BenchCommand::Impair { listen, to, loss, jitter_ms, down_kbps, seed } => {
             let how = impair::Impairment {
                 loss: loss.clamp(0.0, 1.0),

@@ -363,6 +363,7 @@ impl App {
                 muted: self.model.muted,
                 deafened: self.model.deafened,
             },
+            screen: Default::default(),
             duration: None,
             health: true,
             json: false,

@@ -136,6 +136,8 @@ pub struct Model {
     /// Others who muted or deafened themselves (ourselves too, as the server echoes it).
     pub muted_users: BTreeSet<String>,
     pub deafened_users: BTreeSet<String>,
+    /// Who shares a screen, at what size and rate (watching it is not in the app yet).
+    pub sharing: BTreeMap<String, crate::protocol::ShareInfo>,
     pub muted: bool,
     pub deafened: bool,
     pub conversations: BTreeMap<Conversation, Vec<Line>>,
@@ -192,10 +194,21 @@ impl Model {
                     set.clear();
                 }
                 self.speaking.clear();
+                self.sharing.clear();
             }
             Event::Admin => self.admin = true,
-            // Screen share is not in the desktop app yet.
-            Event::Sharing { .. } | Event::Watching { .. } | Event::Viewers { .. } => {}
+            Event::Sharing { user, share: Some(share), .. } => {
+                self.sharing.insert(user.clone(), *share);
+            }
+            Event::Sharing { user, share: None, .. } => {
+                self.sharing.remove(user);
+            }
+            // Sharing and watching from the app are not there yet.
+            Event::Watching { .. }
+            | Event::Viewers { .. }
+            | Event::ShareStarted { .. }
+            | Event::ShareStopped { .. }
+            | Event::VideoStats { .. } => {}
             Event::Trust { user, verified, identity_changed } => {
                 for (set, on) in [(&mut self.verified, *verified), (&mut self.identity_changed, *identity_changed)] {
                     if on {
@@ -242,6 +255,7 @@ impl Model {
                 self.speaking.remove(user);
                 self.muted_users.remove(user);
                 self.deafened_users.remove(user);
+                self.sharing.remove(user);
             }
             Event::ChannelCreated { channel } => {
                 self.channels.retain(|c| c.id != channel.id);

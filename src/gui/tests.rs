@@ -177,6 +177,18 @@ fn badges_are_widgets_a_name_cannot_spell_out() {
 }
 
 #[test]
+fn the_channel_list_shows_who_shares_a_screen_and_how() {
+    let mut model = Model::fixture();
+    let share = crate::protocol::ShareInfo { width: 1280, height: 720, fps: 30 };
+    model.apply(&Event::Sharing { user: "bob".into(), session: 2, share: Some(share) });
+    let (h, _rx) = harness(model.clone(), views::channels);
+    assert_eq!(h.query_all_by_label("sharing 1280×720, 30 fps").count(), 1);
+    model.apply(&Event::Sharing { user: "bob".into(), session: 2, share: None });
+    let (h, _rx) = harness(model, views::channels);
+    assert_eq!(h.query_all_by_label("sharing 1280×720, 30 fps").count(), 0);
+}
+
+#[test]
 fn channels_join_and_ask_for_a_password() {
     let mut model = Model::fixture();
     model.channels.push(empty_temporary_channel(3, "Games"));

@@ -430,6 +430,10 @@ fn user_row(ui: &mut Ui, model: &mut Model, user: &str, channels: &[ChannelView]
                 ui.label(RichText::new(badge).small().color(Color32::BLACK).background_color(color));
             }
         }
+        if let Some(share) = model.sharing.get(user) {
+            let badge = format!("sharing {}×{}, {} fps", share.width, share.height, share.fps);
+            ui.label(RichText::new(badge).small().color(Color32::BLACK).background_color(SPEAKING));
+        }
         response
     });
     if me {

@@ -14,6 +14,7 @@ use tracing::debug;
 use zeroize::Zeroizing;
 
 use super::framing::{ReadFrameError, read_frame};
+use super::screen::ScreenShell;
 use super::server::{CLOSE_ERROR, CLOSE_NORMAL};
 use super::tls::{PinPolicy, PinningVerifier, client_tls};
 use crate::audio::engine::{Control, Engine, EngineConfig, EngineError, EngineEvent, LOOPBACK_SENDER, Source};
@@ -107,6 +108,7 @@ pub struct JoinOptions {
     /// One channel message to send once in a channel.
     pub say: Option<String>,
     pub voice: VoiceOptions,
+    pub screen: super::screen::ScreenOptions,
     /// End the session after this long (stdin's end then no longer ends it).
     pub duration: Option<Duration>,
     /// Report the connection's health every second and the microphone's level (`health`
@@ -155,7 +157,7 @@ pub async fn connect_from(
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Setup(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(super::transport_config());
+    config.transport_config(super::transport_config(super::CLIENT_DATAGRAM_BUFFER));
     let wildcard = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
     let bind: SocketAddr = local.unwrap_or_else(|| wildcard.parse().expect("valid wildcard"));
     let endpoint =
@@ -365,6 +367,7 @@ pub async fn run_client(
     let end = options.duration.map(|d| tokio::time::Instant::now() + d);
     let mut health = Health::new(&connection);
     let mut health_timer = tokio::time::interval(Duration::from_secs(1));
+    let mut screen = ScreenShell::new(options.screen.clone());
 
     let result = loop {
         if !said && session.channel().is_some() {
@@ -377,6 +380,8 @@ pub async fn run_client(
         if let Some(source) = source.take_if(|s| matches!(s, Source::Device(_)) || session.channel().is_some()) {
             engine.start_capture(source, voice.capture)?;
         }
+        screen.start_when_ready(&mut session, &connection);
+        screen.poll_session(&mut session);
         while let Some(frame) = session.poll_media() {
             if frame.stream == StreamType::Voice {
                 let now = Instant::now();
@@ -384,7 +389,7 @@ pub async fn run_client(
                 engine.play(now, frame.sender.0, frame.sequence, frame.timestamp, frame.payload);
             }
         }
-        if let Err(e) = flush(&mut session, &mut send, emit, &mut engine, &listening).await {
+        if let Err(e) = flush(&mut session, &mut send, emit, &mut engine, &listening, &mut screen).await {
             last_words(&mut frames, &mut session, &mut fatal).await;
             break Err(fatal.take().unwrap_or(e));
         }
@@ -409,6 +414,7 @@ pub async fn run_client(
                     break Err(fatal.take().unwrap_or_else(|| connection_error(e)));
                 }
             },
+            input = screen.next() => screen.handle(input, &mut session, &connection, emit),
             event = engine_events.recv() => match event {
                 Some(event) => voice_event(&mut session, &connection, &mut engine, options.health, event, emit),
                 None => break Err(ClientError::Setup("the voice engine stopped".into())),
@@ -433,6 +439,9 @@ pub async fn run_client(
     };
     while let Some(event) = session.poll_event() {
         emit(&event);
+    }
+    if let Some(stats) = screen.stats(&session) {
+        emit(&Event::VideoStats { stats: Box::new(stats) });
     }
     match engine.finish() {
         Ok(playback) => {
@@ -550,8 +559,10 @@ async fn flush(
     emit: &mut (dyn FnMut(&Event) + Send),
     engine: &mut Engine,
     listening: &Listening,
+    screen: &mut ScreenShell,
 ) -> Result<(), ClientError> {
     while let Some(event) = session.poll_event() {
+        screen.on_event(session, &event);
         match &event {
             Event::UserLeft { session: sender, .. } => engine.control(Control::Forget(*sender)),
             Event::UserJoined { user, session: sender, .. } => listening.apply(user, SessionId(*sender), engine),
@@ -613,7 +624,7 @@ impl Health {
 }
 
 /// Waits until `end`, or forever without one.
-async fn sleep_until(end: Option<tokio::time::Instant>) {
+pub(super) async fn sleep_until(end: Option<tokio::time::Instant>) {
     match end {
         Some(end) => tokio::time::sleep_until(end).await,
         None => std::future::pending().await,

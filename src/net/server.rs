@@ -29,7 +29,7 @@ use crate::relay::{ConnId, Input, Output, Relay, Source, password};
 const CONTROL_QUEUE: usize = 1024;
 
 /// Media waiting for a receiver's full link is dropped after this long: late voice is
-/// worse than none. With quinn's own small buffer ([`super::DATAGRAM_SEND_BUFFER`]) on
+/// worse than none. With quinn's own small buffer ([`super::SERVER_DATAGRAM_BUFFER`]) on
 /// top, media waits at most about 100 ms on a link of 1 Mbit/s.
 const LEG_MAX_AGE: Duration = Duration::from_millis(60);
 /// Bytes of media waiting for one receiver at most.
@@ -160,7 +160,7 @@ impl Server {
         let tls = server_tls(identity)?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(super::transport_config());
+        config.transport_config(super::transport_config(super::SERVER_DATAGRAM_BUFFER));
         // A Retry token must outlive the slowest handshake it starts.
         config.retry_token_lifetime(HANDSHAKE_TIMEOUT);
         let endpoint = quinn::Endpoint::server(config, listen).with_context(|| format!("cannot listen on {listen}"))?;

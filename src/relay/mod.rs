@@ -796,17 +796,21 @@ impl Relay {
             }
             ClientMsg::SetShare(share) => self.set_share(now, conn, share),
             ClientMsg::Watch { sharer, watch } => self.watch(now, conn, sharer, watch),
+            // These race with the end of a share (the viewer has not heard of it yet): for
+            // a share not watched they are dropped without a reply.
             ClientMsg::RequestKeyframe { sharer } => {
-                let sharer = self.watched(conn, sharer)?;
-                if self.screens.request_keyframe(now, sharer) {
+                if let Some(sharer) = self.watched(conn, sharer)
+                    && self.screens.request_keyframe(now, sharer)
+                {
                     self.send(sharer, ServerMsg::KeyframeRequested);
                 }
                 Ok(())
             }
             ClientMsg::ScreenReport { sharer, report } => {
-                let sharer = self.watched(conn, sharer)?;
-                let viewer = self.user(conn).session;
-                self.send(sharer, ServerMsg::ScreenReport { viewer, report });
+                if let Some(sharer) = self.watched(conn, sharer) {
+                    let viewer = self.user(conn).session;
+                    self.send(sharer, ServerMsg::ScreenReport { viewer, report });
+                }
                 Ok(())
             }
             ClientMsg::ListUsers { after } => {
@@ -992,13 +996,11 @@ impl Relay {
         }
     }
 
-    /// The sharer `conn` watches as `sharer`, for requests only a viewer may make.
-    fn watched(&self, conn: ConnId, sharer: SessionId) -> Result<ConnId, Refusal> {
-        let target = self.conn_of(sharer)?;
-        if !self.screens.is_watching(conn, target) {
-            return Err(Refusal::new(ErrorCode::NotSharing, "you are not watching them"));
-        }
-        Ok(target)
+    /// The connection of `sharer` when `conn` watches it: only a viewer may ask for
+    /// keyframes or report.
+    fn watched(&self, conn: ConnId, sharer: SessionId) -> Option<ConnId> {
+        let target = *self.sessions.get(&sharer)?;
+        self.screens.is_watching(conn, target).then_some(target)
     }
 
     fn tell_viewer_count(&mut self, sharer: ConnId) {

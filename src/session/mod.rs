@@ -162,6 +162,20 @@ pub enum Event {
     Viewers {
         count: u32,
     },
+    /// Our share runs (again, after a change of size or rate) with this encoder.
+    ShareStarted {
+        encoder: String,
+        width: u32,
+        height: u32,
+        fps: u32,
+    },
+    ShareStopped {
+        reason: String,
+    },
+    /// What happened to screen share over the session, when it ends.
+    VideoStats {
+        stats: Box<screen::VideoStats>,
+    },
     /// A user muted or deafened themselves, or stopped.
     VoiceState {
         user: String,
@@ -337,6 +351,19 @@ impl std::fmt::Display for Event {
             Event::Watching { user, watching: true, .. } => write!(f, "* watching {}", Shown(user)),
             Event::Watching { user, watching: false, .. } => write!(f, "* no longer watching {}", Shown(user)),
             Event::Viewers { count } => write!(f, "* {count} watching your screen"),
+            Event::ShareStarted { encoder, width, height, fps } => {
+                write!(f, "* sharing your screen: {width}x{height} at {fps} fps with {encoder}")
+            }
+            Event::ShareStopped { reason } => write!(f, "! your screen share stopped: {}", Shown(reason)),
+            Event::VideoStats { stats } => write!(
+                f,
+                "* screen: {} encoded, {} sent, {} received, {} decoded, {} dropped",
+                stats.frames_encoded,
+                stats.frames_sent,
+                stats.frames_received,
+                stats.frames_decoded,
+                stats.frames_dropped
+            ),
             Event::VoiceState { user, muted, deafened, .. } => {
                 let state = match (muted, deafened) {
                     (_, true) => "deafened",
@@ -575,6 +602,13 @@ impl Session {
             .map(|u| voice_event(u.session, &u.name, u.voice))
             .collect();
         self.events.extend(voices);
+        let shares: Vec<Event> = self
+            .users
+            .values()
+            .filter(|u| u.share.is_some())
+            .map(|u| Event::Sharing { user: u.name.clone(), session: u.session.0, share: u.share })
+            .collect();
+        self.events.extend(shares);
         if let Some(channel) = self.channel() {
             let users = self.members(channel);
             self.events.push_back(Event::Joined { channel: channel.0, name: self.channel_name(channel), users });

@@ -28,6 +28,30 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Reports from viewers kept for the sharer's adapter.
 const REPORTS_WAITING: usize = 32;
 
+/// What a client's screen share did, for the `video_stats` event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VideoStats {
+    pub encoder: String,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    pub frames_encoded: u64,
+    pub frames_sent: u64,
+    /// Sending: frames the connection had no room for. Watching: frames the decoder
+    /// could not take in time.
+    pub frames_dropped: u64,
+    pub keyframes: u64,
+    pub keyframes_requested: u64,
+    pub viewers: u32,
+    pub frames_received: u64,
+    pub frames_decoded: u64,
+    pub decode_errors: u64,
+    /// Screen datagrams that came for streams we do not watch (a relay's doing), and
+    /// ones with a fragment header that makes no sense.
+    pub unwatched_datagrams: u64,
+    pub malformed_datagrams: u64,
+}
+
 /// One decrypted encoded frame of a stream we watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScreenFrame {
@@ -56,8 +80,10 @@ pub struct ScreenState {
     watched: BTreeMap<SessionId, Watched>,
     frames: VecDeque<ScreenFrame>,
     reports: VecDeque<(SessionId, ScreenReport)>,
-    /// Screen datagrams from streams we do not watch.
-    pub unwatched: u64,
+    /// Screen datagrams from streams we do not watch, and ones whose fragment header
+    /// makes no sense (counted, not reported one by one: a sender could flood those).
+    unwatched: u64,
+    malformed: u64,
 }
 
 impl Session {
@@ -70,6 +96,11 @@ impl Session {
             self.screen.sharing = share;
             self.transmit.push_back(ClientMsg::SetShare(share));
         }
+    }
+
+    /// Screen datagrams dropped unread: for streams we do not watch, and malformed.
+    pub fn dropped_screen_datagrams(&self) -> (u64, u64) {
+        (self.screen.unwatched, self.screen.malformed)
     }
 
     pub fn sharing(&self) -> Option<ShareInfo> {
@@ -172,7 +203,10 @@ impl Session {
         let frame = match watched.reassembler.push(now, header, datagram) {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
-            Err(e) => return self.events.push_back(Event::local_error("bad_datagram", e)),
+            Err(_) => {
+                self.screen.malformed += 1;
+                return;
+            }
         };
         let Some(payload) = self.media.open_screen(&frame, channel) else {
             return watched.reassembler.unusable(now);

@@ -180,7 +180,21 @@ impl TestClient {
     }
 
     pub fn join_with_data(target: &str, name: &str, extra: &[&str], data_dir: &Path) -> TestClient {
+        Self::spawn(target, name, extra, data_dir, &[])
+    }
+
+    /// As [`TestClient::join`], with `env` set for the client (its environment is
+    /// otherwise cleared), e.g. the `DISPLAY` to share.
+    pub fn join_with_env(target: &str, name: &str, extra: &[&str], env: &[(&str, &str)]) -> TestClient {
+        let data = tempfile::tempdir().unwrap();
+        let mut client = Self::spawn(target, name, extra, data.path(), env);
+        client._data_dir = Some(data);
+        client
+    }
+
+    fn spawn(target: &str, name: &str, extra: &[&str], data_dir: &Path, env: &[(&str, &str)]) -> TestClient {
         let mut child = voipc()
+            .envs(env.iter().copied())
             .env("VOIPC_VAULT_PASSWORD", "test vault password")
             .args(["join", target, "--name", name, "--json", "--data-dir"])
             .arg(data_dir)

@@ -1,0 +1,543 @@
+//! The screen share's shell: a thread that captures and encodes, a thread that decodes
+//! and records, the pacing of each frame's fragments onto the connection, and the
+//! adapter that the viewers' reports and the send buffer steer.
+//!
+//! Voice goes first: it is sent at once, never paced. A frame is admitted only while what
+//! waits in the connection's datagram buffer plus the frame stays under
+//! [`SCREEN_QUEUE_TIME`] of the share's bitrate (a frame larger than that only into an
+//! empty buffer), and its fragments are handed over as the buffer has room, never pushing
+//! queued voice out. A frame not admitted is dropped whole and the next one is a
+//! keyframe, so a viewer never waits on a frame that will not come.
+
+use std::io::BufWriter;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::protocol::{ScreenReport, SessionId, ShareInfo};
+use crate::session::screen::{ScreenFrame, VideoStats};
+use crate::session::{Event, Session};
+use crate::video::adapt::{Adapter, Resolution, Rung, ViewerLoss};
+use crate::video::capture::{CaptureError, FileSource, Source, X11Capture};
+use crate::video::codec::{
+    EncodedFrame, EncoderSettings, HevcDecoder, HevcEncoder, VideoError, choose_encoder, proven_encoder,
+};
+use crate::video::picture::{Scaler, from_ffmpeg, share_size, to_ffmpeg};
+use crate::video::y4m::{Y4mWriter, YuvFrame};
+
+/// How much of the share's bitrate may wait in the connection at once: beyond it frames
+/// are dropped, not queued in front of voice.
+pub const SCREEN_QUEUE_TIME: Duration = Duration::from_millis(100);
+/// A frame's fragments go out in at most this many bursts across half its interval.
+const PACE_BURSTS: usize = 8;
+/// Keyframes are at least this far apart, however often viewers ask.
+pub const KEYFRAME_SPACING: Duration = Duration::from_millis(500);
+/// A request this soon after a keyframe was made is taken as answered by it: it was
+/// asked before that keyframe arrived (a new viewer's, asked by the relay and by the end
+/// of the pause at once). One that was not re-asks after `fragment::KEYFRAME_RETRY`.
+const ANSWERED_WITHIN: Duration = Duration::from_millis(250);
+/// Encoded frames waiting for the network side; a full queue drops the frame.
+const ENCODED_WAITING: usize = 2;
+/// Decrypted frames waiting for the decoder.
+const DECODE_WAITING: usize = 8;
+
+/// What `voipc join` was asked to do with screens.
+#[derive(Debug, Clone, Default)]
+pub struct ScreenOptions {
+    /// Share this (`Some(None)`: the primary monitor).
+    pub share: Option<Option<String>>,
+    pub resolution: Option<Resolution>,
+    pub fps: Option<u32>,
+    /// Force this encoder instead of probing.
+    pub encoder: Option<String>,
+    /// Watch this user's share as soon as it is there.
+    pub watch: Option<String>,
+    /// Write every decoded frame here (4:2:0 Y4M, at the first frame's size).
+    pub record: Option<PathBuf>,
+}
+
+/// From the network side to the encoding thread.
+enum ToSender {
+    Rung(Rung),
+    Keyframe,
+    /// Nobody watches: capture and encode nothing (and start with a keyframe after).
+    Pause(bool),
+}
+
+/// From the encoding thread.
+pub enum FromSender {
+    Started { encoder: String, width: u32, height: u32, fps: u32, bitrate: u32 },
+    Frame { frame: EncodedFrame, timestamp: u32 },
+    Failed(String),
+}
+
+/// What the encoding thread notes without waiting for the network side.
+#[derive(Default)]
+struct SenderNotes {
+    /// An encoding took longer than a frame interval since the adapter last looked.
+    behind: AtomicBool,
+    /// Frames encoded that the network side had no room for.
+    skipped: AtomicU64,
+}
+
+/// From the decoding thread.
+pub enum FromViewer {
+    Decoded,
+    Unusable(SessionId),
+    Failed(String),
+}
+
+pub struct ScreenShell {
+    options: ScreenOptions,
+    sender: Option<(std_mpsc::Sender<ToSender>, mpsc::Receiver<FromSender>)>,
+    notes: Arc<SenderNotes>,
+    adapter: Option<Adapter>,
+    pacer: Option<mpsc::Sender<(Vec<Bytes>, Duration)>>,
+    fps: u32,
+    bitrate: u32,
+    /// The most room the connection's datagram buffer ever had: what it has when empty
+    /// (quinn counts some bookkeeping of its own against the configured size).
+    empty_space: usize,
+    viewer: Option<(std_mpsc::SyncSender<ScreenFrame>, mpsc::Receiver<FromViewer>)>,
+    stats: VideoStats,
+    watch_asked: bool,
+}
+
+impl ScreenShell {
+    pub fn new(options: ScreenOptions) -> Self {
+        ScreenShell {
+            options,
+            sender: None,
+            notes: Arc::default(),
+            adapter: None,
+            pacer: None,
+            fps: 0,
+            bitrate: 0,
+            empty_space: 0,
+            viewer: None,
+            stats: VideoStats::default(),
+            watch_asked: false,
+        }
+    }
+
+    /// Starts sharing once in a channel (if asked to), and the decoder with the first
+    /// watch.
+    pub fn start_when_ready(&mut self, session: &mut Session, connection: &quinn::Connection) {
+        if self.sender.is_none()
+            && session.channel().is_some()
+            && let Some(spec) = self.options.share.clone()
+        {
+            let resolution = self.options.resolution.unwrap_or(Resolution::P720);
+            let fps = self.options.fps.unwrap_or(30).clamp(1, 30);
+            let (to_tx, to_rx) = std_mpsc::channel();
+            let (from_tx, from_rx) = mpsc::channel(ENCODED_WAITING);
+            let forced = self.options.encoder.clone();
+            let source = Source::parse(spec.as_deref());
+            let notes = self.notes.clone();
+            std::thread::Builder::new()
+                .name("voipc-share".into())
+                .spawn(move || run_sender(source, resolution, fps, forced, to_rx, from_tx, &notes))
+                .expect("a thread can be spawned");
+            self.sender = Some((to_tx, from_rx));
+            self.adapter = Some(Adapter::new(Instant::now(), resolution, fps));
+            let (pace_tx, pace_rx) = mpsc::channel(1);
+            tokio::spawn(pace(connection.clone(), pace_rx));
+            self.pacer = Some(pace_tx);
+            // Nobody watches yet.
+            self.control(ToSender::Pause(true));
+        }
+    }
+
+    fn control(&self, message: ToSender) {
+        if let Some((tx, _)) = &self.sender {
+            let _ = tx.send(message);
+        }
+    }
+
+    /// Events the shell acts on: a sharer to watch appeared, our viewers changed.
+    pub fn on_event(&mut self, session: &mut Session, event: &Event) {
+        match event {
+            Event::Sharing { user, share: Some(_), .. }
+                if !self.watch_asked && self.options.watch.as_deref().is_some_and(|w| w == user.as_str()) =>
+            {
+                self.watch_asked = true;
+                session.command(Instant::now(), crate::session::Command::Watch { user: user.clone(), watch: true });
+            }
+            Event::Watching { watching: true, .. } if self.viewer.is_none() => {
+                let (tx, rx) = std_mpsc::sync_channel(DECODE_WAITING);
+                let (events_tx, events_rx) = mpsc::channel(64);
+                let record = self.options.record.clone();
+                std::thread::Builder::new()
+                    .name("voipc-watch".into())
+                    .spawn(move || run_viewer(record, rx, events_tx))
+                    .expect("a thread can be spawned");
+                self.viewer = Some((tx, events_rx));
+            }
+            Event::Viewers { count } => self.control(ToSender::Pause(*count == 0)),
+            _ => {}
+        }
+    }
+
+    /// What the session has for the threads: decrypted frames to the decoder (one that
+    /// does not fit waits for a keyframe), a viewer's keyframe request to the encoder,
+    /// viewers' reports to the adapter.
+    pub fn poll_session(&mut self, session: &mut Session) {
+        if session.take_keyframe_request() {
+            self.stats.keyframes_requested += 1;
+            self.control(ToSender::Keyframe);
+        }
+        while let Some(frame) = session.poll_screen_frame() {
+            self.stats.frames_received += 1;
+            let sender = frame.sender;
+            let Some((tx, _)) = &self.viewer else { continue };
+            if tx.try_send(frame).is_err() {
+                self.stats.frames_dropped += 1;
+                session.screen_frame_unusable(Instant::now(), sender);
+            }
+        }
+        while let Some((viewer, report)) = session.poll_viewer_report() {
+            self.viewer_report(viewer, report);
+        }
+    }
+
+    fn viewer_report(&mut self, _viewer: SessionId, report: ScreenReport) {
+        let Some(adapter) = &mut self.adapter else { return };
+        let total = f64::from(report.fragments_received) + f64::from(report.fragments_lost);
+        let loss = if total > 0.0 { f64::from(report.fragments_lost) / total } else { 0.0 };
+        adapter.viewer_report(ViewerLoss { loss, frames_lost: report.frames_lost });
+    }
+
+    /// Waits for what the threads have to say, or for the adapter's next decision
+    /// (forever when there is nothing).
+    pub async fn next(&mut self) -> ShellInput {
+        let adapter_due = self.adapter.as_ref().map(|a| tokio::time::Instant::from_std(a.poll_timeout()));
+        let (sender, viewer) = (&mut self.sender, &mut self.viewer);
+        tokio::select! {
+            Some(from) = async { sender.as_mut()?.1.recv().await } => ShellInput::Sender(from),
+            Some(from) = async { viewer.as_mut()?.1.recv().await } => ShellInput::Viewer(from),
+            () = super::client::sleep_until(adapter_due), if adapter_due.is_some() => ShellInput::Decide,
+            else => std::future::pending().await,
+        }
+    }
+
+    /// Acts on what [`ScreenShell::next`] returned.
+    pub fn handle(
+        &mut self,
+        input: ShellInput,
+        session: &mut Session,
+        connection: &quinn::Connection,
+        emit: &mut (dyn FnMut(&Event) + Send),
+    ) {
+        match input {
+            ShellInput::Sender(FromSender::Started { encoder, width, height, fps, bitrate }) => {
+                (self.fps, self.bitrate) = (fps, bitrate);
+                self.stats.encoder = encoder.clone();
+                (self.stats.width, self.stats.height, self.stats.fps) = (width, height, fps);
+                let info = ShareInfo { width: width as u16, height: height as u16, fps: fps as u8 };
+                session.set_share(Some(info));
+                emit(&Event::ShareStarted { encoder, width, height, fps });
+            }
+            ShellInput::Sender(FromSender::Frame { frame, timestamp }) => {
+                self.send_frame(session, connection, frame, timestamp)
+            }
+            ShellInput::Sender(FromSender::Failed(reason)) => {
+                session.set_share(None);
+                self.sender = None;
+                self.adapter = None;
+                emit(&Event::ShareStopped { reason });
+            }
+            ShellInput::Viewer(FromViewer::Decoded) => self.stats.frames_decoded += 1,
+            ShellInput::Viewer(FromViewer::Unusable(sender)) => {
+                self.stats.decode_errors += 1;
+                session.screen_frame_unusable(Instant::now(), sender);
+            }
+            ShellInput::Viewer(FromViewer::Failed(reason)) => {
+                self.viewer = None;
+                emit(&Event::local_error("watch", reason));
+            }
+            ShellInput::Decide => {
+                let behind = self.notes.behind.swap(false, Ordering::Relaxed);
+                if let (true, Some(a)) = (behind, &mut self.adapter) {
+                    a.encoder_behind();
+                }
+                if let Some(rung) = self.adapter.as_mut().and_then(|a| a.handle_timeout(Instant::now())) {
+                    self.control(ToSender::Rung(rung));
+                }
+            }
+        }
+        self.poll_session(session);
+    }
+
+    /// Seals one encoded frame and hands its fragments to the pacer, if the connection
+    /// has room for it beside voice.
+    fn send_frame(
+        &mut self,
+        session: &mut Session,
+        connection: &quinn::Connection,
+        frame: EncodedFrame,
+        timestamp: u32,
+    ) {
+        self.stats.frames_encoded += 1;
+        self.stats.keyframes += u64::from(frame.keyframe);
+        let Some(datagrams) = session.screen_datagrams(Instant::now(), timestamp, frame.keyframe, &frame.data) else {
+            return;
+        };
+        let bytes: usize = datagrams.iter().map(Vec::len).sum();
+        let space = connection.datagram_send_buffer_space();
+        self.empty_space = self.empty_space.max(space);
+        let waiting = self.empty_space - space;
+        let limit = (SCREEN_QUEUE_TIME.as_secs_f64() * f64::from(self.bitrate) / 8.0) as usize;
+        let datagrams: Vec<Bytes> = datagrams.into_iter().map(Bytes::from).collect();
+        let interval = Duration::from_secs(1) / self.fps.max(1);
+        let admitted = (waiting == 0 || waiting + bytes <= limit)
+            && self.pacer.as_ref().is_some_and(|p| p.try_send((datagrams, interval)).is_ok());
+        if admitted {
+            self.stats.frames_sent += 1;
+        } else {
+            self.stats.frames_dropped += 1;
+            self.control(ToSender::Keyframe);
+            if let Some(a) = &mut self.adapter {
+                a.send_buffer_full();
+            }
+        }
+    }
+
+    /// What happened, for the `video_stats` event at the end.
+    pub fn stats(&self, session: &Session) -> Option<VideoStats> {
+        let mut stats = self.stats.clone();
+        stats.viewers = session.viewers();
+        stats.frames_dropped += self.notes.skipped.load(Ordering::Relaxed);
+        (stats.unwatched_datagrams, stats.malformed_datagrams) = session.dropped_screen_datagrams();
+        let idle = self.sender.is_none() && self.viewer.is_none() && stats == VideoStats::default();
+        (!idle).then_some(stats)
+    }
+}
+
+pub enum ShellInput {
+    Sender(FromSender),
+    Viewer(FromViewer),
+    Decide,
+}
+
+/// Sends each frame's datagrams in a few bursts across half its interval, so that a
+/// keyframe does not leave as one block of hundreds of packets.
+async fn pace(connection: quinn::Connection, mut frames: mpsc::Receiver<(Vec<Bytes>, Duration)>) {
+    while let Some((datagrams, interval)) = frames.recv().await {
+        let bursts = datagrams.len().clamp(1, PACE_BURSTS);
+        let per_burst = datagrams.len().div_ceil(bursts);
+        let gap = interval / 2 / bursts as u32;
+        for (i, burst) in datagrams.chunks(per_burst).enumerate() {
+            if i > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            for datagram in burst {
+                // Waits for room rather than pushing out what is queued (voice).
+                match connection.send_datagram_wait(datagram.clone()).await {
+                    Ok(()) => {}
+                    Err(quinn::SendDatagramError::ConnectionLost(_)) => return,
+                    // Too large for the path (never at the fixed MTU), or datagrams off.
+                    Err(e) => tracing::warn!("a screen fragment was not sent: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// What the encoding thread captures from.
+enum Capture {
+    Screen(Box<X11Capture>),
+    File(FileSource),
+}
+
+impl Capture {
+    fn open(source: Source) -> Result<Capture, CaptureError> {
+        match source {
+            Source::File(path) => FileSource::open(path).map(Capture::File),
+            other => X11Capture::open(None, &other).map(|c| Capture::Screen(Box::new(c))),
+        }
+    }
+
+    fn size(&self) -> (u32, u32) {
+        match self {
+            Capture::Screen(c) => c.size(),
+            Capture::File(f) => f.size(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ShareError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Video(#[from] VideoError),
+}
+
+/// The encoding thread: captures at the frame rate, scales, encodes, and passes each
+/// frame on (or drops it when the network side has not taken the last ones).
+fn run_sender(
+    source: Source,
+    resolution: Resolution,
+    fps: u32,
+    forced: Option<String>,
+    control: std_mpsc::Receiver<ToSender>,
+    out: mpsc::Sender<FromSender>,
+    notes: &SenderNotes,
+) {
+    if let Err(e) = share(source, resolution, fps, forced, &control, &out, notes) {
+        let _ = out.blocking_send(FromSender::Failed(e.to_string()));
+    }
+}
+
+fn share(
+    source: Source,
+    resolution: Resolution,
+    max_fps: u32,
+    forced: Option<String>,
+    control: &std_mpsc::Receiver<ToSender>,
+    out: &mpsc::Sender<FromSender>,
+    notes: &SenderNotes,
+) -> Result<(), ShareError> {
+    let mut capture = Capture::open(source)?;
+    let (src_w, src_h) = capture.size();
+    let mut rung = Rung { resolution, fps: max_fps, bitrate: resolution.bitrate(max_fps) };
+    let settings = |rung: &Rung| {
+        let (width, height) = share_size(src_w, src_h, rung.resolution.height());
+        EncoderSettings { width, height, fps: rung.fps, bitrate: rung.bitrate }
+    };
+    let mut encoder = choose_encoder(forced.as_deref(), settings(&rung))?;
+    let started = |encoder: &HevcEncoder| {
+        let s = encoder.settings();
+        let (width, height, fps, bitrate) = (s.width, s.height, s.fps, s.bitrate);
+        FromSender::Started { encoder: encoder.name().to_owned(), width, height, fps, bitrate }
+    };
+    if out.blocking_send(started(&encoder)).is_err() {
+        return Ok(());
+    }
+    let mut scaler = Scaler::new(encoder.settings().width, encoder.settings().height);
+    let start = Instant::now();
+    let (mut keyframe_due, mut last_keyframe, mut paused) = (true, None::<Instant>, false);
+    let mut next = start;
+    let mut encoded = Vec::new();
+    loop {
+        loop {
+            match control.try_recv() {
+                Ok(ToSender::Keyframe) => {
+                    keyframe_due |= last_keyframe.is_none_or(|at| at.elapsed() > ANSWERED_WITHIN);
+                }
+                Ok(ToSender::Pause(p)) => {
+                    keyframe_due |= paused && !p;
+                    paused = p;
+                }
+                Ok(ToSender::Rung(new)) => {
+                    let changed = settings(&new) != settings(&rung);
+                    rung = new;
+                    if changed {
+                        // libx265 cannot change its bitrate while running, and no encoder
+                        // its size: reopen, and start with a keyframe.
+                        encoder = proven_encoder(encoder.name(), settings(&rung))?;
+                        scaler = Scaler::new(encoder.settings().width, encoder.settings().height);
+                        keyframe_due = true;
+                        last_keyframe = None;
+                        if out.blocking_send(started(&encoder)).is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(std_mpsc::TryRecvError::Empty) => break,
+                Err(std_mpsc::TryRecvError::Disconnected) => return Ok(()),
+            }
+        }
+        let interval = Duration::from_secs(1) / rung.fps.max(1);
+        if paused {
+            std::thread::sleep(interval);
+            next = Instant::now();
+            continue;
+        }
+        let captured = Instant::now();
+        let picture = match &mut capture {
+            Capture::Screen(c) => scaler.scale_bgra(&c.capture()?)?,
+            Capture::File(f) => scaler.scale(&to_ffmpeg(&f.next_frame()?))?,
+        };
+        let keyframe = keyframe_due && last_keyframe.is_none_or(|at| captured >= at + KEYFRAME_SPACING);
+        encoded.clear();
+        encoder.encode(picture, keyframe, &mut encoded)?;
+        if keyframe {
+            keyframe_due = false;
+            last_keyframe = Some(captured);
+        }
+        // The capture time on a 90 kHz clock, as video timestamps are.
+        let timestamp = ((captured - start).as_micros() * 9 / 100) as u32;
+        for frame in encoded.drain(..) {
+            match out.try_send(FromSender::Frame { frame, timestamp }) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    notes.skipped.fetch_add(1, Ordering::Relaxed);
+                    keyframe_due = true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+            }
+        }
+        next += interval;
+        let now = Instant::now();
+        if now > next {
+            notes.behind.store(true, Ordering::Relaxed);
+            next = now;
+        } else {
+            std::thread::sleep(next - now);
+        }
+    }
+}
+
+/// The decoding thread: decodes each whole frame and records it.
+fn run_viewer(record: Option<PathBuf>, frames: std_mpsc::Receiver<ScreenFrame>, events: mpsc::Sender<FromViewer>) {
+    if let Err(e) = watch(record, &frames, &events) {
+        let _ = events.blocking_send(FromViewer::Failed(e));
+    }
+}
+
+fn watch(
+    record: Option<PathBuf>,
+    frames: &std_mpsc::Receiver<ScreenFrame>,
+    events: &mpsc::Sender<FromViewer>,
+) -> Result<(), String> {
+    let mut decoder = HevcDecoder::new().map_err(|e| e.to_string())?;
+    let mut writer: Option<(Y4mWriter<BufWriter<std::fs::File>>, Scaler)> = None;
+    for frame in frames {
+        let picture = match decoder.decode(&frame.payload) {
+            Ok(Some(picture)) => picture,
+            Ok(None) => continue,
+            Err(_) => {
+                let _ = events.blocking_send(FromViewer::Unusable(frame.sender));
+                continue;
+            }
+        };
+        if let Some(path) = &record {
+            if writer.is_none() {
+                let file = std::fs::File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                let y4m = Y4mWriter::new(BufWriter::new(file), picture.width(), picture.height(), 30)
+                    .map_err(|e| e.to_string())?;
+                writer = Some((y4m, Scaler::new(picture.width(), picture.height())));
+            }
+            let (y4m, scaler) = writer.as_mut().expect("made above");
+            // The file keeps the first frame's size when the share's changes.
+            let yuv: YuvFrame = if scaler.size() == (picture.width(), picture.height())
+                && picture.format() == ffmpeg_next::format::Pixel::YUV420P
+            {
+                from_ffmpeg(picture)
+            } else {
+                from_ffmpeg(scaler.scale(picture).map_err(|e| e.to_string())?)
+            };
+            y4m.write(&yuv).and_then(|()| y4m.flush()).map_err(|e| e.to_string())?;
+        }
+        if events.blocking_send(FromViewer::Decoded).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
