@@ -144,6 +144,9 @@ pub async fn connect(link: &ServerLink, policy: PinPolicy) -> Result<Connected, 
     connect_from(link, policy, None).await
 }
 
+/// The wait before a handshake the server dropped is started again.
+const HANDSHAKE_AGAIN_AFTER: Duration = Duration::from_millis(200);
+
 /// [`connect`] from a local address of our choosing (`None`: any).
 pub async fn connect_from(
     link: &ServerLink,
@@ -175,6 +178,16 @@ pub async fn connect_from(
         match tokio::time::timeout_at(attempt_end, connecting).await {
             Ok(Err(quinn::ConnectionError::TimedOut)) | Err(_) if tokio::time::Instant::now() < deadline => {
                 debug!(server = %server, "no handshake yet; starting a new one");
+            }
+            // A server whose handshake table is full (a flood) gives up the handshake under
+            // way longest for a newer one: ours, on a slow link. Start again, after a
+            // moment so as not to join the flood.
+            Ok(Err(quinn::ConnectionError::ConnectionClosed(close)))
+                if close.error_code == quinn::TransportErrorCode::APPLICATION_ERROR
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                debug!(server = %server, "the server dropped our handshake; starting a new one");
+                tokio::time::sleep(HANDSHAKE_AGAIN_AFTER).await;
             }
             result => break result,
         }

@@ -29,8 +29,7 @@ use crate::relay::{ConnId, Input, Output, Relay, Source, password};
 const CONTROL_QUEUE: usize = 1024;
 
 /// Media waiting for a receiver's full link is dropped after this long: late voice is
-/// worse than none. With quinn's own small buffer ([`super::SERVER_DATAGRAM_BUFFER`]) on
-/// top, media waits at most about 100 ms on a link of 1 Mbit/s.
+/// worse than none. quinn's own buffer ([`super::SERVER_DATAGRAM_BUFFER`]) comes first.
 const LEG_MAX_AGE: Duration = Duration::from_millis(60);
 /// Bytes of media waiting for one receiver at most.
 const LEG_MAX_BYTES: usize = 64 * 1024;
