@@ -63,7 +63,9 @@ class Client:
         self.received = set()  # (from, text): a set, so that counting an hour's soak is quick
         self.process = subprocess.Popen(
             [VOIPC, "join", invite, "--name", name, "--json", "--data-dir", os.path.join(work, name), *extra],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            # Its warnings, for a look after a miss (RUST_LOG=warn: a few lines at most).
+            stderr=open(os.path.join(work, f"{name}.log"), "a"))
         threading.Thread(target=self.read, daemon=True).start()
 
     def read(self):
@@ -112,6 +114,21 @@ def talk_file():
     return path
 
 
+def udp_drops(port):
+    """Datagrams the kernel dropped for want of room in UDP sockets on loopback (the
+    `drops` column of /proc/net/udp): those of the server's socket, and of all others."""
+    server = others = 0
+    with open("/proc/net/udp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local_port, drops = int(fields[1].split(":")[1], 16), int(fields[-1])
+            if local_port == port:
+                server += drops
+            else:
+                others += drops
+    return server, others
+
+
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -122,6 +139,7 @@ def rss_kib(pid):
 
 def main():
     server, invite = start_server()
+    port = int(invite.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
     stayers = []
     for i in range(STAYERS):
         stayers.append(Client(invite, f"stay{i:02}"))
@@ -188,6 +206,7 @@ def main():
             expected += 1
             if (sender, text) not in c.received:
                 lost.append({"to": c.name, "from": sender, "text": text, "secs_before_end": round(end - at, 1)})
+    server_drops, client_drops = udp_drops(port)
     for c in stayers + churners + talkers + listeners:
         c.stop()
     server.terminate()
@@ -205,6 +224,8 @@ def main():
         "server_rss_kib_after_warmup": base,
         "server_rss_kib_max": max(after_warmup) if after_warmup else 0,
         "server_rss_growth": round(growth, 4),
+        "server_udp_drops": server_drops,
+        "client_udp_drops": client_drops,
     }
     print(json.dumps(report))
     with open(os.path.join(work, "misses.json"), "w") as f:

@@ -183,24 +183,54 @@ impl IdentityKeyStore for Identities {
     }
 }
 
-/// Pairwise sessions by peer address.
+/// Pairwise sessions kept in all: each is several KiB (the post-quantum ratchet), the
+/// whole state is sealed into the vault on every save, and on a public server people
+/// keep coming. Room for everyone in a full channel (the default server holds 100); a
+/// session dropped for room is set up again from a fresh bundle when next needed.
+pub const MAX_SESSIONS: usize = 256;
+
+/// Pairwise sessions by peer address, the least recently stored going first beyond
+/// [`MAX_SESSIONS`]. When each was stored is not saved (the records are, as in the
+/// earlier formats): after a restart the loaded ones count as older than any stored since.
 #[derive(Default, Serialize, Deserialize)]
-pub struct Sessions(BTreeMap<String, SecretBytes>);
+pub struct Sessions {
+    records: BTreeMap<String, SecretBytes>,
+    #[serde(skip)]
+    stored: BTreeMap<String, u64>,
+    #[serde(skip)]
+    next_store: u64,
+}
 
 impl Sessions {
     pub fn rename(&mut self, rename: &dyn Fn(&str) -> Option<String>) {
-        rename_keys(&mut self.0, rename);
+        rename_keys(&mut self.records, rename);
+        rename_keys(&mut self.stored, rename);
+    }
+
+    /// Sessions kept.
+    pub fn count(&self) -> usize {
+        self.records.len()
     }
 }
 
 #[async_trait(?Send)]
 impl SessionStore for Sessions {
     async fn load_session(&self, address: &ProtocolAddress) -> Result<Option<SessionRecord>> {
-        self.0.get(address.name()).map(|bytes| SessionRecord::deserialize(bytes)).transpose()
+        self.records.get(address.name()).map(|bytes| SessionRecord::deserialize(bytes)).transpose()
     }
 
     async fn store_session(&mut self, address: &ProtocolAddress, record: &SessionRecord) -> Result<()> {
-        self.0.insert(address.name().to_owned(), SecretBytes::new(record.serialize()?));
+        let name = address.name().to_owned();
+        self.next_store += 1;
+        self.stored.insert(name.clone(), self.next_store);
+        self.records.insert(name, SecretBytes::new(record.serialize()?));
+        while self.records.len() > MAX_SESSIONS {
+            // Never stored since loading counts as 0: the oldest.
+            let oldest = self.records.keys().min_by_key(|name| self.stored.get(*name).copied().unwrap_or(0)).cloned();
+            let oldest = oldest.expect("over the bound, so not empty");
+            self.records.remove(&oldest);
+            self.stored.remove(&oldest);
+        }
         Ok(())
     }
 }
@@ -397,5 +427,21 @@ impl SenderKeyStore for SenderKeys {
     ) -> Result<Option<SenderKeyRecord>> {
         let key = (sender.name().to_owned(), *distribution.as_bytes());
         self.records.get(&key).map(|(_, bytes)| SenderKeyRecord::deserialize(bytes)).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_saved_as_the_plain_map_the_earlier_formats_wrote() {
+        let mut sessions = Sessions::default();
+        sessions.records.insert("server/bob".into(), SecretBytes::new(vec![1, 2, 3]));
+        sessions.stored.insert("server/bob".into(), 7);
+        let plain = postcard::to_allocvec(&sessions.records).unwrap();
+        assert_eq!(postcard::to_allocvec(&sessions).unwrap(), plain);
+        let back: Sessions = postcard::from_bytes(&plain).unwrap();
+        assert_eq!(back.count(), 1);
     }
 }

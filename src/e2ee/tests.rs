@@ -326,6 +326,29 @@ fn sender_keys_kept_are_bounded_per_sender_and_in_all() {
 }
 
 #[test]
+fn sessions_are_bounded_and_the_least_recently_used_go_first() {
+    use super::store::MAX_SESSIONS;
+    let mut alice = Client::new("alice", 60);
+    let bob = Client::new("bob", 61);
+    // A server full of newcomers: one bundle under many names is enough for the store.
+    let bundle = bob.bundle(false);
+    for i in 0..(MAX_SESSIONS + 10) {
+        alice.e2ee.start_session(&format!("peer{i}"), &bundle, now(), &mut alice.rng).unwrap();
+        if i % 16 == 0 {
+            alice.send("peer0", "still talking");
+        }
+    }
+    assert_eq!(alice.e2ee.sessions.count(), MAX_SESSIONS);
+    assert!(alice.e2ee.has_session("peer0"), "used all along, so kept");
+    assert!(!alice.e2ee.has_session("peer1") && !alice.e2ee.has_session("peer10"), "the least recently used went");
+    assert!(alice.e2ee.has_session("peer11") && alice.e2ee.has_session(&format!("peer{}", MAX_SESSIONS + 9)));
+    // The records are saved as before; a restored state keeps them all.
+    let restored = E2ee::from_bytes(&alice.e2ee.to_bytes()).unwrap();
+    assert_eq!(restored.sessions.count(), MAX_SESSIONS);
+    assert!(restored.has_session("peer0"));
+}
+
+#[test]
 fn state_in_the_first_format_keeps_the_identity_and_holds_back_changed_peers() {
     let mut rng = StdRng::seed_from_u64(50);
     let own = IdentityKeyPair::generate(&mut rng);

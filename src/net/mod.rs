@@ -8,6 +8,7 @@ pub mod screen;
 pub mod server;
 pub mod tls;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,4 +39,24 @@ pub fn transport_config(datagram_send_buffer: usize) -> Arc<quinn::TransportConf
         .initial_mtu(1200)
         .mtu_discovery_config(None);
     Arc::new(transport)
+}
+
+/// Bytes the kernel may hold for the server's UDP socket while the server is busy (a burst
+/// of handshakes, a flood): beyond it every datagram is dropped, the talk of everyone
+/// else with it. The kernel's default (208 KiB here) is a few milliseconds of a busy
+/// server's traffic; Linux grants up to `net.core.rmem_max` (4 MiB on Debian 12).
+pub const SERVER_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// A UDP socket bound to `addr` whose kernel buffers (both ways) hold up to `buffer`
+/// bytes, or as much as the kernel allows; the receive buffer it got, in bytes.
+pub fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<(std::net::UdpSocket, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Asking for more than the kernel allows is not an error: it grants its maximum.
+    socket.set_recv_buffer_size(buffer)?;
+    socket.set_send_buffer_size(buffer)?;
+    socket.bind(&addr.into())?;
+    // Linux reports twice what it grants (the rest is its bookkeeping).
+    let granted = socket.recv_buffer_size()? / 2;
+    Ok((socket.into(), granted))
 }

@@ -162,7 +162,19 @@ impl Server {
         config.transport_config(super::transport_config(super::SERVER_DATAGRAM_BUFFER));
         // A Retry token must outlive the slowest handshake it starts.
         config.retry_token_lifetime(HANDSHAKE_TIMEOUT);
-        let endpoint = quinn::Endpoint::server(config, listen).with_context(|| format!("cannot listen on {listen}"))?;
+        let (socket, buffer) =
+            super::bind_udp(listen, super::SERVER_SOCKET_BUFFER).with_context(|| format!("cannot listen on {listen}"))?;
+        if buffer < super::SERVER_SOCKET_BUFFER {
+            warn!(
+                granted_kib = buffer / 1024,
+                wanted_kib = super::SERVER_SOCKET_BUFFER / 1024,
+                "the kernel grants a smaller UDP receive buffer: a burst may drop everyone's voice \
+                 (raise net.core.rmem_max)"
+            );
+        }
+        let runtime = quinn::default_runtime().context("quinn needs a tokio runtime")?;
+        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime)
+            .with_context(|| format!("cannot listen on {listen}"))?;
         let max_pending = limits.max_pending_connections;
         let max_queued = limits.max_queued_control_bytes as usize;
         let shared = Arc::new(Shared {
@@ -477,7 +489,13 @@ impl Shared {
             let mut state = self.lock();
             state.conns.remove(&id);
             self.input(&mut state, id, Input::Disconnected);
-            debug!("disconnected");
+            drop(state);
+            // Who ended it and how (timed out, closed by either side and with which code,
+            // reset): what a lost connection in a soak or a user's report comes down to.
+            match connection.close_reason() {
+                Some(reason) => debug!(%reason, "disconnected"),
+                None => debug!("disconnected"),
+            }
         }
         .instrument(span)
         .await;

@@ -27,9 +27,15 @@ const MAX_QUEUED_CHANNEL: usize = 100;
 /// Joins and leaves in our channel start at most one new epoch of our keys per this
 /// long, however many arrive: the rest wait for the next (and chat waits with them).
 pub const REKEY_INTERVAL: Duration = Duration::from_secs(1);
-/// A bundle fetch unanswered this long (the server refused it) is asked again, each
-/// time waiting twice as long.
-const BUNDLE_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A bundle fetch unanswered this long is asked again, each time waiting twice as long.
+/// The answer comes on the reliable control stream, so only a refusal (over the fetch
+/// rate) goes unanswered; a busy server or client is merely slow, and asking it again
+/// sooner only adds to what it has to do.
+const BUNDLE_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a channel message waits for members' keys: then it goes to everyone who
+/// has ours, and the user hears who cannot read it. One member whose keys never come
+/// (a stuck client, a relay that withholds a bundle) holds up nobody's chat for longer.
+pub const CHANNEL_KEY_WAIT: Duration = Duration::from_secs(5);
 /// Tries of a bundle fetch or a key delivery before the member is reported as unreachable.
 const MAX_TRIES: u32 = 6;
 
@@ -109,6 +115,13 @@ enum Sent {
     Key { to: SessionId, distribution: Uuid, attempt: u32 },
 }
 
+/// A channel message waiting for keys: where it was written, and since when.
+struct Queued {
+    channel: ChannelId,
+    text: String,
+    since: Instant,
+}
+
 /// The client's end-to-end encryption state within one server session.
 pub struct Chat {
     e2ee: E2ee,
@@ -127,6 +140,8 @@ pub struct Chat {
     rekey_due: Option<Instant>,
     /// Members who still need our current sender key (waiting for their bundle).
     need_sender_key: BTreeSet<SessionId>,
+    /// Those of them our chat no longer waits for in this epoch ([`CHANNEL_KEY_WAIT`]).
+    not_waited_for: BTreeSet<SessionId>,
     /// Bundle fetches under way: when to ask again, unanswered.
     awaiting_bundle: BTreeMap<SessionId, Retry>,
     /// Key deliveries the server refused: when to send again, and the tries so far.
@@ -140,8 +155,9 @@ pub struct Chat {
     queued: BTreeMap<SessionId, Vec<String>>,
     /// Channel messages written while some member still waits for our sender key (or a
     /// new epoch is due), with the channel they were written in: sent once everyone
-    /// there has the key, so that nobody gets one they cannot read.
-    queued_channel: Vec<(ChannelId, String)>,
+    /// there has the key, so that nobody gets one they cannot read, or once the oldest
+    /// has waited [`CHANNEL_KEY_WAIT`].
+    queued_channel: Vec<Queued>,
     sent: VecDeque<Sent>,
     history: History,
     /// Whether the Signal state or the history changed since the shell last saved them.
@@ -161,6 +177,7 @@ impl Chat {
             last_rekey: None,
             rekey_due: None,
             need_sender_key: BTreeSet::new(),
+            not_waited_for: BTreeSet::new(),
             awaiting_bundle: BTreeMap::new(),
             key_retries: BTreeMap::new(),
             peer_epochs: BTreeMap::new(),
@@ -242,6 +259,7 @@ impl Session {
     /// does not get it; after a join, the newcomer gets only this one.
     pub(super) fn rekey(&mut self, now: Instant) {
         self.chat.need_sender_key.clear();
+        self.chat.not_waited_for.clear();
         self.chat.key_retries.clear();
         self.chat.rekey_due = None;
         self.chat.last_rekey = Some(now);
@@ -272,16 +290,29 @@ impl Session {
         self.flush_channel_queue(now);
     }
 
-    /// Sends the channel messages that waited, once every member has our key; those
-    /// written in a channel we have left since are dropped, and said so.
+    /// Sends the channel messages that waited, once every member has our key or the
+    /// oldest has waited [`CHANNEL_KEY_WAIT`] (then [`Event::WentWithoutKeys`] says who
+    /// cannot read them); those written in a channel we have left since are dropped, and
+    /// said so.
     fn flush_channel_queue(&mut self, now: Instant) {
-        if !self.chat.need_sender_key.is_empty() || self.chat.rekey_due.is_some() {
+        let Some(oldest) = self.chat.queued_channel.first().map(|q| q.since) else { return };
+        let waited_out = now >= oldest + CHANNEL_KEY_WAIT;
+        if self.chat.rekey_due.is_some() || (self.awaiting_keys() && !waited_out) {
             return;
         }
         let current = self.chat.epoch.map(|(channel, _)| channel);
-        for (channel, text) in std::mem::take(&mut self.chat.queued_channel) {
+        let late = self.waiting_for();
+        if let Some(channel) = current
+            && !late.is_empty()
+        {
+            let channel = self.channel_name(channel);
+            self.events.push_back(Event::WentWithoutKeys { channel, members: late });
+            // Nothing more waits for them in this epoch; their key still goes when it can.
+            self.chat.not_waited_for.extend(self.chat.need_sender_key.iter().copied());
+        }
+        for Queued { channel, text, .. } in std::mem::take(&mut self.chat.queued_channel) {
             if Some(channel) == current {
-                self.say(text, now);
+                self.send_channel_text(text, now);
             } else {
                 let name = self.channel_name(channel);
                 self.events.push_back(Event::local_error(
@@ -292,9 +323,15 @@ impl Session {
         }
     }
 
+    /// Whether our channel messages wait for some member's keys.
+    fn awaiting_keys(&self) -> bool {
+        self.chat.need_sender_key.iter().any(|m| !self.chat.not_waited_for.contains(m))
+    }
+
     /// The members our channel messages wait for, by name.
     fn waiting_for(&self) -> Vec<String> {
-        self.chat.need_sender_key.iter().filter_map(|s| self.users.get(s)).map(|u| u.name.clone()).collect()
+        let awaited = self.chat.need_sender_key.iter().filter(|m| !self.chat.not_waited_for.contains(m));
+        awaited.filter_map(|s| self.users.get(s)).map(|u| u.name.clone()).collect()
     }
 
     fn send_sender_key(&mut self, member: SessionId, now: Instant, attempt: u32) {
@@ -326,16 +363,20 @@ impl Session {
     /// The next time [`Session::chat_timeout`] has something to do.
     pub(super) fn chat_poll_timeout(&self) -> Option<Instant> {
         let retries = self.chat.awaiting_bundle.values().chain(self.chat.key_retries.values()).map(|r| r.due);
-        retries.chain(self.chat.rekey_due).min()
+        // While an epoch is due the queue waits for it (which flushes it), not for the clock.
+        let waited_out = self.chat.queued_channel.first().map(|q| q.since + CHANNEL_KEY_WAIT);
+        let waited_out = waited_out.filter(|_| self.chat.rekey_due.is_none());
+        retries.chain(self.chat.rekey_due).chain(waited_out).min()
     }
 
-    /// Starts a due epoch, asks again for bundles that got no answer, and sends again
-    /// the keys the server refused; a member still unreachable after [`MAX_TRIES`] is
-    /// reported and no longer waited for.
+    /// Starts a due epoch, asks again for bundles that got no answer, sends again the
+    /// keys the server refused, and sends channel messages that waited long enough; a
+    /// member still unreachable after [`MAX_TRIES`] is reported and no longer waited for.
     pub(super) fn chat_timeout(&mut self, now: Instant) {
         if self.chat.rekey_due.is_some_and(|due| due <= now) {
             self.rekey(now);
         }
+        self.flush_channel_queue(now);
         let unanswered: Vec<(SessionId, Retry)> =
             self.chat.awaiting_bundle.iter().filter(|(_, r)| r.due <= now).map(|(s, r)| (*s, *r)).collect();
         for (peer, retry) in unanswered {
@@ -500,21 +541,29 @@ impl Session {
         if let Err(event) = check_text(&text) {
             return self.events.push_back(event);
         }
-        let (Some((channel, distribution)), Some(me)) = (self.chat.epoch, self.me.and_then(|me| self.address(me)))
-        else {
+        let Some((channel, _)) = self.chat.epoch else {
             return self.events.push_back(Event::local_error("not_in_channel", "join a channel to talk in it"));
         };
-        if !self.chat.need_sender_key.is_empty() || self.chat.rekey_due.is_some() {
+        if self.awaiting_keys() || self.chat.rekey_due.is_some() {
             if self.chat.queued_channel.len() >= MAX_QUEUED_CHANNEL {
                 return self.events.push_back(Event::local_error(
                     "queue_full",
                     format!("{MAX_QUEUED_CHANNEL} messages are waiting for keys already; this one was not sent"),
                 ));
             }
-            self.chat.queued_channel.push((channel, text));
+            self.chat.queued_channel.push(Queued { channel, text, since: now });
             let members = self.waiting_for();
             return self.events.push_back(Event::WaitingForKeys { channel: self.channel_name(channel), members });
         }
+        self.send_channel_text(text, now);
+    }
+
+    /// Seals `text` under our current sender key for our channel, and sends it.
+    fn send_channel_text(&mut self, text: String, now: Instant) {
+        let (Some((channel, distribution)), Some(me)) = (self.chat.epoch, self.me.and_then(|me| self.address(me)))
+        else {
+            return;
+        };
         let time_ms = unix_millis(self.wall(now));
         let (conversation, my_name) = (format!("#{}", self.channel_name(channel)), self.name.clone());
         self.chat.record(&conversation, &my_name, &text, time_ms);

@@ -132,6 +132,12 @@ pub enum Event {
         channel: String,
         members: Vec<String>,
     },
+    /// Our waiting channel messages went after [`chat::CHANNEL_KEY_WAIT`] without these
+    /// members' keys: they cannot read them (what is sent after their keys come, they can).
+    WentWithoutKeys {
+        channel: String,
+        members: Vec<String>,
+    },
     /// What this device knows of a user's identity on this server (by the server's
     /// certificate and the user's pinned key, never by the display name alone): sent when
     /// a user with a verified or changed identity appears.
@@ -317,6 +323,12 @@ impl std::fmt::Display for Event {
                 "* [{}] your message waits for keys from {} members: {}",
                 Shown(channel),
                 members.len(),
+                ShownList(members)
+            ),
+            Event::WentWithoutKeys { channel, members } => write!(
+                f,
+                "* [{}] your message went without waiting longer for {}: they cannot read it",
+                Shown(channel),
                 ShownList(members)
             ),
             Event::Safety { user, number, verified, .. } => {
@@ -1069,6 +1081,33 @@ mod tests {
         s.command(now, Command::Say("anyone?".into()));
         assert!(events(&mut s).is_empty(), "no error");
         assert!(matches!(s.poll_transmit(), Some(ClientMsg::Channel { .. })));
+    }
+
+    #[test]
+    fn a_member_whose_keys_never_come_holds_up_channel_chat_for_a_bounded_time() {
+        let mut s = welcomed();
+        events(&mut s);
+        let start = Instant::now();
+        let sent: Vec<ClientMsg> = std::iter::from_fn(|| s.poll_transmit()).collect();
+        assert!(sent.iter().any(|m| matches!(m, ClientMsg::FetchBundle { peer: SessionId(2) })), "{sent:?}");
+        // Bob's bundle never comes (a stuck client, or a relay that withholds it).
+        s.command(start, Command::Say("first".into()));
+        assert_eq!(
+            events(&mut s),
+            [Event::WaitingForKeys { channel: "Lobby".into(), members: vec!["bob".into()] }]
+        );
+        let is_channel = |m: &ClientMsg| matches!(m, ClientMsg::Channel { .. });
+        assert!(!std::iter::from_fn(|| s.poll_transmit()).any(|m| is_channel(&m)));
+        let due = s.poll_timeout().expect("the wait ends");
+        assert!(due <= start + chat::CHANNEL_KEY_WAIT, "{:?}", due - start);
+        s.handle_timeout(start + chat::CHANNEL_KEY_WAIT);
+        let ev = events(&mut s);
+        assert_eq!(ev, [Event::WentWithoutKeys { channel: "Lobby".into(), members: vec!["bob".into()] }]);
+        assert_eq!(std::iter::from_fn(|| s.poll_transmit()).filter(is_channel).count(), 1, "the message went");
+        // What is written next goes at once: nothing waits for bob again in this epoch.
+        s.command(start + chat::CHANNEL_KEY_WAIT, Command::Say("second".into()));
+        assert!(events(&mut s).is_empty());
+        assert_eq!(std::iter::from_fn(|| s.poll_transmit()).filter(is_channel).count(), 1);
     }
 
     #[test]
