@@ -21,7 +21,7 @@ fn relay_with(members: u64, now: Instant) -> (Relay, ConnId) {
     for i in 1..=members {
         // Each member from an address of its own, as on a real server.
         let source = Source::of(std::net::Ipv4Addr::from_bits(0x0a00_0000 + i as u32).into());
-        relay.handle_input(now, ConnId(i), Input::Connected { source }).unwrap();
+        relay.handle_input(now, ConnId(i), Input::Connected { source, started_lately: 1 }).unwrap();
         let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: format!("user{i}"), join: None, bundle: None };
         relay.handle_input(now, ConnId(i), Input::Control(hello)).unwrap();
     }

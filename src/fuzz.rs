@@ -57,7 +57,7 @@ pub fn client_messages(data: &[u8]) {
     let mut now = Instant::now();
     let source = Source::of(std::net::Ipv4Addr::LOCALHOST.into());
     for conn in 0..3 {
-        let _ = relay.handle_input(now, ConnId(conn), Input::Connected { source });
+        let _ = relay.handle_input(now, ConnId(conn), Input::Connected { source, started_lately: 1 });
     }
     let mut to = Vec::new();
     for frame in frames(data) {

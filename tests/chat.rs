@@ -77,7 +77,9 @@ impl Net {
         let session = Session::new(name, None, String::new(), chat, self.now, SystemTime::now());
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
-        self.relay.handle_input(self.now, conn, Input::Connected { source: Source::of(source) }).unwrap();
+        self.relay
+            .handle_input(self.now, conn, Input::Connected { source: Source::of(source), started_lately: 1 })
+            .unwrap();
         self.clients.insert(name, (conn, session));
         self.run();
         // People arrive a moment apart: the new epochs their arrival calls for start.
@@ -90,7 +92,7 @@ impl Net {
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
         let source = Source::of(std::net::Ipv4Addr::new(10, 9, (conn.0 / 250) as u8, (conn.0 % 250) as u8).into());
-        self.relay.handle_input(self.now, conn, Input::Connected { source }).unwrap();
+        self.relay.handle_input(self.now, conn, Input::Connected { source, started_lately: 1 }).unwrap();
         let bundle = Some(Box::new(e2ee.bundle_upload().unwrap()));
         let hello =
             ClientMsg::Hello { version: voipc::protocol::PROTOCOL_VERSION, name: name.into(), join: None, bundle };
@@ -291,7 +293,7 @@ fn a_newcomer_to_a_crowded_server_pages_through_everyone_and_the_crowd_hears_of_
         .map(|i| {
             let conn = ConnId(10_000 + u64::from(i));
             let source = Source::of(std::net::Ipv4Addr::from(0x0a10_0000 + i).into());
-            net.relay.handle_input(net.now, conn, Input::Connected { source }).unwrap();
+            net.relay.handle_input(net.now, conn, Input::Connected { source, started_lately: 1 }).unwrap();
             let join = Some(voipc::protocol::JoinRequest::named("Crowd"));
             let hello = ClientMsg::Hello {
                 version: voipc::protocol::PROTOCOL_VERSION,
@@ -768,7 +770,9 @@ fn a_member_without_keys_does_not_hold_up_the_channel() {
     net.connect("alice");
     // A bot that speaks the protocol but publishes no keys (like the relay bench's).
     let bot = ConnId(999);
-    net.relay.handle_input(net.now, bot, Input::Connected { source: Source::of([127, 0, 0, 1].into()) }).unwrap();
+    net.relay
+        .handle_input(net.now, bot, Input::Connected { source: Source::of([127, 0, 0, 1].into()), started_lately: 1 })
+        .unwrap();
     let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, name: "bot".into(), join: None, bundle: None };
     net.relay.handle_input(net.now, bot, Input::Control(hello)).unwrap();
     net.run();

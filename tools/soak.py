@@ -61,6 +61,9 @@ class Client:
         self.name = name
         self.joined_at = None
         self.received = set()  # (from, text): a set, so that counting an hour's soak is quick
+        # Times a message of ours went before some member's keys came (not an error: those
+        # members cannot read it; a measure of how slow key exchange got under the load).
+        self.went_without_keys = 0
         self.process = subprocess.Popen(
             [VOIPC, "join", invite, "--name", name, "--json", "--data-dir", os.path.join(work, name), *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
@@ -80,6 +83,8 @@ class Client:
             kind = event.get("event")
             if kind == "joined" and self.joined_at is None:
                 self.joined_at = time.monotonic()
+            elif kind == "went_without_keys":
+                self.went_without_keys += 1
             elif kind == "message":
                 self.received.add((event.get("from"), event.get("text")))
             elif kind == "error" and event.get("code") not in EXPECTED_ERRORS:
@@ -224,10 +229,14 @@ def main():
         "server_rss_kib_after_warmup": base,
         "server_rss_kib_max": max(after_warmup) if after_warmup else 0,
         "server_rss_growth": round(growth, 4),
+        "went_without_keys": sum(c.went_without_keys for c in stayers),
         "server_udp_drops": server_drops,
         "client_udp_drops": client_drops,
     }
     print(json.dumps(report))
+    # The server's memory over the run, for a look at how it grew.
+    with open(os.path.join(work, "rss.json"), "w") as f:
+        json.dump([(round(t - settled, 1), k) for t, k in rss], f)
     with open(os.path.join(work, "misses.json"), "w") as f:
         json.dump({"lost": lost, "errors": errors}, f)
     for item in (lost[:10] + errors[:10]):

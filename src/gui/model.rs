@@ -286,7 +286,8 @@ impl Model {
             Event::WaitingForKeys { members, .. } => self.waiting_for_keys = Some(members.clone()),
             Event::WentWithoutKeys { members, .. } => {
                 self.waiting_for_keys = None;
-                self.error = Some(format!("{} cannot read your last messages: their keys did not come", members.join(", ")));
+                self.error =
+                    Some(format!("{} cannot read your last messages: their keys did not come", members.join(", ")));
             }
             Event::Delivered { reached, total } => {
                 self.waiting_for_keys = None;

@@ -162,8 +162,8 @@ impl Server {
         config.transport_config(super::transport_config(super::SERVER_DATAGRAM_BUFFER));
         // A Retry token must outlive the slowest handshake it starts.
         config.retry_token_lifetime(HANDSHAKE_TIMEOUT);
-        let (socket, buffer) =
-            super::bind_udp(listen, super::SERVER_SOCKET_BUFFER).with_context(|| format!("cannot listen on {listen}"))?;
+        let (socket, buffer) = super::bind_udp(listen, super::SERVER_SOCKET_BUFFER)
+            .with_context(|| format!("cannot listen on {listen}"))?;
         if buffer < super::SERVER_SOCKET_BUFFER {
             warn!(
                 granted_kib = buffer / 1024,
@@ -267,7 +267,8 @@ impl Server {
                 }
                 let mut handshakes = self.shared.lock_handshakes();
                 let source = Source::of(incoming.remote_address().ip());
-                let (id, abandon) = match handshakes.slots.admit(Instant::now(), source) {
+                let now = Instant::now();
+                let (id, abandon) = match handshakes.slots.admit(now, source) {
                     Admission::Admitted { id, abandon } => (id, abandon),
                     Admission::Refused => {
                         drop(handshakes);
@@ -278,6 +279,7 @@ impl Server {
                         continue;
                     }
                 };
+                let started_lately = handshakes.slots.started_lately(now, source);
                 if let Some(task) = abandon.and_then(|old| handshakes.tasks.remove(&old)) {
                     // Dropping its handshake closes that connection.
                     task.abort();
@@ -305,7 +307,7 @@ impl Server {
                             return debug!(%remote, "handshake timed out");
                         }
                     };
-                    shared.serve_connection(connection).await;
+                    shared.serve_connection(connection, started_lately).await;
                 });
                 handshakes.tasks.insert(id, task.abort_handle());
             }
@@ -461,7 +463,7 @@ impl Shared {
         self.handshakes.lock().expect("handshake lock is never poisoned: nothing panics holding it")
     }
 
-    async fn serve_connection(self: Arc<Self>, connection: quinn::Connection) {
+    async fn serve_connection(self: Arc<Self>, connection: quinn::Connection, started_lately: u32) {
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let queued = Arc::new(AtomicUsize::new(0));
         let leg = Arc::new(Leg::new());
@@ -472,7 +474,8 @@ impl Shared {
             let handle =
                 ConnHandle { connection: connection.clone(), control: tx, queued: queued.clone(), leg: leg.clone() };
             state.conns.insert(id, handle);
-            self.input(&mut state, id, Input::Connected { source: Source::of(connection.remote_address().ip()) });
+            let source = Source::of(connection.remote_address().ip());
+            self.input(&mut state, id, Input::Connected { source, started_lately });
             id
         };
         let span = info_span!("conn", id = id.0, remote = %self.logged(connection.remote_address()));

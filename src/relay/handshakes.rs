@@ -21,12 +21,13 @@ pub enum Admission {
     Admitted { id: u64, abandon: Option<u64> },
 }
 
-/// When every slot is taken, the handshake under way longest from the source with the
-/// most under way makes room: a real client finishes in a round trip or two, so a flood of
-/// handshakes that never finish (or finish slowly) cannot keep a newcomer out, only churn
-/// among themselves. Each source
-/// may also start only so many a minute, so that a flood from many addresses churns
-/// slowly enough for a newcomer's handshake to finish.
+/// When every slot is taken, a handshake of the source that started the most lately makes
+/// room (of several such, the source with the most under way; of its handshakes, the one
+/// under way longest). A flood that starts handshakes again as fast as the server ends
+/// them (even ones that finish: a server busy with the flood finishes them slowly) churns
+/// among its own, and a newcomer that started one handshake keeps its slot until it is
+/// done, however many younger ones come. Each source may also start only so many a
+/// minute, so that a flood from many addresses churns slowly enough.
 #[derive(Debug)]
 pub struct HandshakeSlots {
     max: usize,
@@ -77,20 +78,31 @@ impl HandshakeSlots {
         if !rate.try_take(now, 1) {
             return Admission::Refused;
         }
-        let abandon = if self.under_way.len() >= self.max { self.make_room() } else { None };
+        let abandon = if self.under_way.len() >= self.max { self.make_room(now) } else { None };
         let id = self.next;
         self.next += 1;
         self.under_way.push_back((id, source));
         Admission::Admitted { id, abandon }
     }
 
-    /// Drops the handshake under way longest from the source with the most under way: a
-    /// flood's sources hold several each, a newcomer one.
-    fn make_room(&mut self) -> Option<u64> {
+    /// Drops the handshake under way longest from the source that started the most
+    /// lately (the emptiest rate bucket), then the most under way.
+    fn make_room(&mut self, now: Instant) -> Option<u64> {
         let count = |source: &Source| self.under_way.iter().filter(|(_, s)| s == source).count();
-        let most = self.under_way.iter().map(|(_, s)| count(s)).max()?;
-        let at = self.under_way.iter().position(|(_, s)| count(s) == most)?;
+        // Every source under way has a bucket: admitting one makes it.
+        let left = |source: &Source| self.rates.get(source).map_or(f64::MAX, |bucket| bucket.available(now));
+        let busiest = |a: &Source, b: &Source| left(b).total_cmp(&left(a)).then(count(a).cmp(&count(b)));
+        // `max_by` keeps the last of equals: reversed, the first (the oldest) wins ties.
+        let (_, victim) = self.under_way.iter().rev().max_by(|(_, a), (_, b)| busiest(a, b))?;
+        let at = self.under_way.iter().position(|(_, s)| s == victim)?;
         self.under_way.remove(at).map(|(id, _)| id)
+    }
+
+    /// Handshakes `source` started lately: its rate bucket's burst less what is left (0
+    /// for a source not seen lately).
+    pub fn started_lately(&self, now: Instant, source: Source) -> u32 {
+        let left = self.rates.get(&source).map_or(f64::from(self.burst), |bucket| bucket.available(now));
+        (f64::from(self.burst) - left).max(0.0).ceil() as u32
     }
 
     /// The handshake ended (done, failed or timed out): its slot is free.
@@ -118,22 +130,54 @@ mod tests {
         assert_eq!(slots.admit(now, source(1)), Admission::Refused, "two per source");
         assert_eq!(slots.admit(now, source(2)), Admission::Admitted { id: 2, abandon: None });
         // Full: a newcomer from elsewhere takes the place of the one under way longest
-        // from the source with most under way.
+        // from the source that started the most.
         assert_eq!(slots.admit(now, source(3)), Admission::Admitted { id: 3, abandon: Some(0) });
         assert_eq!(slots.len(), 3);
-        // Source 1 has one under way again, so it may start another; every source has one,
-        // so the oldest (1) goes.
+        // Source 1 starts again and again: it churns among its own, and the newcomers of
+        // sources 2 and 3 keep their slots.
         assert_eq!(slots.admit(now, source(1)), Admission::Admitted { id: 4, abandon: Some(1) });
-        assert_eq!(slots.admit(now, source(1)), Admission::Admitted { id: 5, abandon: Some(2) });
-        // Now source 1 holds two (4, 5) beside source 3's one (3): a newcomer pushes out 4,
-        // not the older 3.
-        assert_eq!(slots.admit(now, source(6)), Admission::Admitted { id: 6, abandon: Some(4) });
-        for id in [3, 5, 6] {
+        assert_eq!(slots.admit(now, source(1)), Admission::Admitted { id: 5, abandon: Some(4) });
+        assert_eq!(slots.admit(now, source(1)), Admission::Admitted { id: 6, abandon: Some(5) });
+        // Sources that started as many: the one with more under way makes room, and of
+        // equals the one under way longest.
+        assert_eq!(slots.admit(now, source(4)), Admission::Admitted { id: 7, abandon: Some(6) });
+        assert_eq!(slots.admit(now, source(5)), Admission::Admitted { id: 8, abandon: Some(2) });
+        for id in [3, 7, 8] {
             slots.finish(id);
         }
         assert!(slots.is_empty());
         slots.finish(6);
-        assert_eq!(slots.admit(now, source(9)), Admission::Admitted { id: 7, abandon: None });
+        assert_eq!(slots.admit(now, source(9)), Admission::Admitted { id: 9, abandon: None });
+    }
+
+    #[test]
+    fn a_newcomer_keeps_its_slot_through_a_churning_flood_from_many_addresses() {
+        let mut now = Instant::now();
+        // The flood test's shape: 64 slots, 4 per source, 60 a minute with bursts of 16.
+        let mut slots = HandshakeSlots::new(64, 4, 60, 16);
+        let flood: Vec<Source> = (1..=160).map(source).collect();
+        let mut flood_ids = std::collections::HashSet::new();
+        let mut start_flood = |slots: &mut HandshakeSlots, now: Instant, round: usize| {
+            for source in &flood[(round * 40) % 160..(round * 40) % 160 + 40] {
+                if let Admission::Admitted { id, abandon } = slots.admit(now, *source) {
+                    flood_ids.insert(id);
+                    if let Some(gone) = abandon {
+                        assert!(flood_ids.contains(&gone), "only the flood makes room");
+                    }
+                }
+            }
+        };
+        for round in 0..8 {
+            start_flood(&mut slots, now, round);
+            now += Duration::from_millis(50);
+        }
+        let Admission::Admitted { id: newcomer, .. } = slots.admit(now, source(250)) else { panic!("refused") };
+        // Hundreds more from the flood while the newcomer's handshake takes its time.
+        for round in 8..40 {
+            now += Duration::from_millis(50);
+            start_flood(&mut slots, now, round);
+        }
+        assert!(slots.under_way.iter().any(|(id, _)| *id == newcomer), "the newcomer is still under way");
     }
 
     #[test]

@@ -29,6 +29,12 @@ impl TokenBucket {
         self.tokens + elapsed * self.rate >= self.burst
     }
 
+    /// Units it holds at `now`: the fewer, the more was taken lately.
+    pub fn available(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * self.rate).min(self.burst)
+    }
+
     /// Takes `amount` units if the bucket holds them; otherwise takes nothing.
     pub fn try_take(&mut self, now: Instant, amount: u32) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

@@ -93,7 +93,7 @@ mod tests {
         let mut relay = Relay::new(RelayConfig::from_server_config(&mut config), [1; 32]);
         let now = std::time::Instant::now();
         let source = Source::of(std::net::Ipv4Addr::new(203, 0, 113, 7).into());
-        relay.handle_input(now, ConnId(1), Input::Connected { source }).unwrap();
+        relay.handle_input(now, ConnId(1), Input::Connected { source, started_lately: 1 }).unwrap();
         let hello = crate::protocol::ClientMsg::Hello {
             version: crate::protocol::PROTOCOL_VERSION,
             name: "alice".into(),

@@ -137,9 +137,11 @@ impl RelayConfig {
 /// What happened on a connection.
 #[derive(Debug)]
 pub enum Input {
-    /// A new connection, not yet introduced.
+    /// A new connection, not yet introduced, and how many handshakes its source started
+    /// lately (the shell's handshake rate, [`handshakes::HandshakeSlots::started_lately`]).
     Connected {
         source: Source,
+        started_lately: u32,
     },
     Control(ClientMsg),
     /// The control stream carried something that is not a message
@@ -237,6 +239,8 @@ struct Conn {
     user: Option<User>,
     /// Set until hello: the time by which it must arrive.
     hello_deadline: Option<Instant>,
+    /// Handshakes its source had started lately when it connected.
+    started_lately: u32,
     control: TokenBucket,
     chat: TokenBucket,
     chat_bytes: TokenBucket,
@@ -456,8 +460,8 @@ impl Relay {
     pub fn handle_input(&mut self, now: Instant, conn: ConnId, input: Input) -> Result<(), RelayError> {
         let Some(state) = self.conns.get_mut(&conn) else {
             return match input {
-                Input::Connected { source } => {
-                    self.connect(now, conn, source);
+                Input::Connected { source, started_lately } => {
+                    self.connect(now, conn, source, started_lately);
                     Ok(())
                 }
                 // A connection the relay already closed can still report its end or a late answer.
@@ -588,7 +592,7 @@ impl Relay {
         Ok((header.channel, header.stream))
     }
 
-    fn connect(&mut self, now: Instant, conn: ConnId, source: Source) {
+    fn connect(&mut self, now: Instant, conn: ConnId, source: Source, started_lately: u32) {
         let pending = self.pending_count();
         let limits = &self.config.limits;
         let from_source = self.conns.values().filter(|c| c.source == source);
@@ -610,11 +614,13 @@ impl Relay {
             return;
         }
         if pending >= self.config.limits.max_pending_connections as usize {
-            // Full of connections that have not said hello: the one that has waited longest
-            // goes, not the newcomer. A real client says hello as soon as it is connected,
-            // so a flood of silent connections cannot keep people out.
-            let oldest =
-                self.conns.iter().filter(|(_, c)| c.user.is_none()).min_by_key(|(id, c)| (c.hello_deadline, **id));
+            // Full of connections that have not said hello: of those from the sources that
+            // started the most lately, the one that has waited longest goes, not the
+            // newcomer. A real client says hello as soon as it is connected, so a flood of
+            // silent connections cannot keep people out, even one from many addresses
+            // that connects again as fast as its connections go (it churns among its own).
+            let pending = self.conns.iter().filter(|(_, c)| c.user.is_none());
+            let oldest = pending.min_by_key(|(id, c)| (std::cmp::Reverse(c.started_lately), c.hello_deadline, **id));
             if let Some((&oldest, _)) = oldest {
                 self.stats.refused_connections += 1;
                 let busy =
@@ -629,6 +635,7 @@ impl Relay {
             Conn {
                 user: None,
                 hello_deadline: Some(now + Duration::from_secs(limits.hello_timeout_secs)),
+                started_lately,
                 control: TokenBucket::new(now, limits.control_messages_per_sec, limits.control_burst),
                 chat: TokenBucket::new(now, limits.chat_messages_per_sec, limits.chat_burst),
                 chat_bytes: TokenBucket::new(now, limits.chat_bytes_per_sec, limits.chat_burst_bytes),

@@ -92,7 +92,7 @@ impl Sim {
     fn open_from(&mut self, source: std::net::IpAddr) -> ConnId {
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
-        self.input(conn, Input::Connected { source: Source::of(source) });
+        self.input(conn, Input::Connected { source: Source::of(source), started_lately: 1 });
         conn
     }
 
@@ -404,6 +404,31 @@ fn max_users_is_enforced() {
     let late = sim.hello("late", None);
     assert_eq!(sim.errors(late), [ErrorCode::ServerFull]);
     assert_eq!(sim.closed[&late], ErrorCode::ServerFull);
+}
+
+#[test]
+fn a_churning_flood_of_silent_connections_makes_room_among_its_own() {
+    let limits = Limits { max_pending_connections: 3, ..Limits::default() };
+    let mut sim = Sim::with(config(vec![channel("Lobby", None, 0)], limits));
+    // Sources that keep starting handshakes (their connections arrive marked so).
+    let flood = |sim: &mut Sim, n: u8| {
+        let conn = ConnId(sim.next_conn);
+        sim.next_conn += 1;
+        sim.input(conn, Input::Connected { source: Source::of([10, 0, 0, n].into()), started_lately: 12 });
+        conn
+    };
+    let early = flood(&mut sim, 1);
+    sim.advance(Duration::from_secs(1));
+    let newcomer = sim.open_from([192, 0, 2, 1].into());
+    // Dozens more while the newcomer's hello is on its way: they push out each other.
+    for n in 2..40 {
+        sim.advance(Duration::from_millis(10));
+        flood(&mut sim, n);
+    }
+    assert_eq!(sim.closed.get(&early), Some(&ErrorCode::ServerBusy), "waited longest of the flood");
+    assert!(!sim.closed.contains_key(&newcomer), "the newcomer kept its place");
+    sim.send(newcomer, ClientMsg::Hello { version: PROTOCOL_VERSION, name: "new".into(), join: None, bundle: None });
+    assert_eq!(sim.relay.user_count(), 1);
 }
 
 #[test]
@@ -916,7 +941,7 @@ fn random_traffic_keeps_the_relay_consistent() {
         // Drawn from the seeded generator, so that a failure replays exactly.
         let name = names[rng.random_range(0..names.len())].to_owned();
         let input = match rng.random_range(0..14) {
-            0 => Input::Connected { source: Source::of(LOCAL) },
+            0 => Input::Connected { source: Source::of(LOCAL), started_lately: 1 },
             1 => Input::Disconnected,
             2 => Input::Control(ClientMsg::Hello { version: PROTOCOL_VERSION, name, join: None, bundle: None }),
             3 | 4 => {

@@ -1092,10 +1092,7 @@ mod tests {
         assert!(sent.iter().any(|m| matches!(m, ClientMsg::FetchBundle { peer: SessionId(2) })), "{sent:?}");
         // Bob's bundle never comes (a stuck client, or a relay that withholds it).
         s.command(start, Command::Say("first".into()));
-        assert_eq!(
-            events(&mut s),
-            [Event::WaitingForKeys { channel: "Lobby".into(), members: vec!["bob".into()] }]
-        );
+        assert_eq!(events(&mut s), [Event::WaitingForKeys { channel: "Lobby".into(), members: vec!["bob".into()] }]);
         let is_channel = |m: &ClientMsg| matches!(m, ClientMsg::Channel { .. });
         assert!(!std::iter::from_fn(|| s.poll_transmit()).any(|m| is_channel(&m)));
         let due = s.poll_timeout().expect("the wait ends");
