@@ -138,8 +138,8 @@ mod tests {
         assert_eq!(slots.admit(now, source(1)), Admission::Admitted { id: 4, abandon: Some(1) });
         assert_eq!(slots.admit(now, source(1)), Admission::Admitted { id: 5, abandon: Some(4) });
         assert_eq!(slots.admit(now, source(1)), Admission::Admitted { id: 6, abandon: Some(5) });
-        // Sources that started as many: the one with more under way makes room, and of
-        // equals the one under way longest.
+        // Source 1 still started the most; then sources 2, 3 and 4 have started as many,
+        // one under way each: the one under way longest goes.
         assert_eq!(slots.admit(now, source(4)), Admission::Admitted { id: 7, abandon: Some(6) });
         assert_eq!(slots.admit(now, source(5)), Admission::Admitted { id: 8, abandon: Some(2) });
         for id in [3, 7, 8] {
