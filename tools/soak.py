@@ -10,6 +10,9 @@ the rest.)
 At the end: every message one stayer wrote while another was there reached that other
 (0 lost), no client reported an error, and the server's resident memory after the
 warm-up grew by less than 10 %. Prints the figures as one JSON line; exits 1 on a miss.
+
+SOAK_SERVER_WRAP, if set, is a command put in front of the server's (for a heap profiler;
+it must exec the server, so that the memory read is the server's own).
 """
 
 import json
@@ -46,7 +49,8 @@ def start_server():
         f.write("max_users = 100\n[limits]\nmax_connections_per_source = 100\n"
                 "max_pending_per_source = 100\nhandshakes_per_source_per_minute = 6000\n"
                 "[[channels]]\nname = \"Lobby\"\n[[channels]]\nname = \"Voice\"\n")
-    server = subprocess.Popen([VOIPC, "serve", "--config", config, "--listen", "127.0.0.1:0",
+    wrap = os.environ.get("SOAK_SERVER_WRAP", "").split()
+    server = subprocess.Popen(wrap + [VOIPC, "serve", "--config", config, "--listen", "127.0.0.1:0",
                                "--ephemeral-cert", "--json"], stdout=subprocess.PIPE,
                               stderr=open(os.path.join(work, "server.log"), "w"), text=True,
                               env=dict(env, RUST_LOG="voipc=debug"))
