@@ -12,7 +12,8 @@ At the end: every message one stayer wrote while another was there reached that 
 warm-up grew by less than 10 %. Prints the figures as one JSON line; exits 1 on a miss.
 
 SOAK_SERVER_WRAP, if set, is a command put in front of the server's (for a heap profiler;
-it must exec the server, so that the memory read is the server's own).
+it must exec the server, so that the memory read is the server's own:
+tools/heaptrack-exec.sh does).
 """
 
 import json
