@@ -3,7 +3,7 @@
 # as the parent, so a reader of /proc/PID would measure the script). For the soak:
 #   SOAK_SERVER_WRAP=tools/heaptrack-exec.sh python3 tools/soak.py BIN MINUTES
 # The profile goes to $HEAPTRACK_DIR (default /tmp/heaptrack) as server.PID.zst; read it
-# with heaptrack_print. Needs Debian's heaptrack and zstd.
+# with heaptrack_print (its fifo stays beside it). Needs Debian's heaptrack and zstd.
 set -euo pipefail
 dir=${HEAPTRACK_DIR:-/tmp/heaptrack}
 mkdir -p "$dir"

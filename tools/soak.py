@@ -51,8 +51,9 @@ def start_server():
                 "max_pending_per_source = 100\nhandshakes_per_source_per_minute = 6000\n"
                 "[[channels]]\nname = \"Lobby\"\n[[channels]]\nname = \"Voice\"\n")
     wrap = os.environ.get("SOAK_SERVER_WRAP", "").split()
-    server = subprocess.Popen(wrap + [VOIPC, "serve", "--config", config, "--listen", "127.0.0.1:0",
-                               "--ephemeral-cert", "--json"], stdout=subprocess.PIPE,
+    command = wrap + [VOIPC, "serve", "--config", config, "--listen", "127.0.0.1:0",
+                      "--ephemeral-cert", "--json"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE,
                               stderr=open(os.path.join(work, "server.log"), "w"), text=True,
                               env=dict(env, RUST_LOG="voipc=debug"))
     listening = json.loads(server.stdout.readline())
