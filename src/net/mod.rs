@@ -26,12 +26,16 @@ pub const CLIENT_DATAGRAM_BUFFER: usize = 64 * 1024;
 /// inside the idle timeout, and a fixed 1200-byte path MTU (no discovery): every hop then
 /// carries the same datagram sizes, and a screen fragment fits WireGuard and OpenVPN
 /// tunnels.
+///
+/// Until the first round trip is measured, quinn takes it to be `INITIAL_RTT`, and a lost
+/// handshake packet is sent again after three times that, doubling each time.
 pub fn transport_config(datagram_send_buffer: usize) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(1u8.into())
         .max_concurrent_uni_streams(0u8.into())
         .stream_receive_window((256u32 * 1024).into())
+        .initial_rtt(INITIAL_RTT)
         .max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout")))
         .keep_alive_interval(Some(Duration::from_secs(5)))
         .datagram_receive_buffer_size(Some(2 * 1024 * 1024))
@@ -40,6 +44,14 @@ pub fn transport_config(datagram_send_buffer: usize) -> Arc<quinn::TransportConf
         .mtu_discovery_config(None);
     Arc::new(transport)
 }
+
+/// The round trip assumed before one is measured: 100 ms, as Chromium's QUIC does, not
+/// RFC 9002's 333 ms. At 333 ms a lost first flight is probed again only after 1 s,
+/// doubling: through the impairer at 30 % loss each way, the median of 50 concurrent
+/// handshakes (to the welcome) was 1.05-1.83 s in 15 runs of `bench handshakes`, and
+/// 0.38-1.0 s in 18 runs at 100 ms. A path slower than 100 ms (a satellite link) pays a
+/// spurious probe or two of at most 1200 bytes.
+pub const INITIAL_RTT: Duration = Duration::from_millis(100);
 
 /// Bytes the kernel may hold for the server's UDP socket while the server is busy (a burst
 /// of handshakes, a flood): beyond it every datagram is dropped, the talk of everyone
