@@ -53,7 +53,7 @@ join *args: build
 # the attacks whose figures need the machine to themselves.
 test: setup
     cargo test --all-targets
-    cargo test --test main -- --ignored --test-threads=1 --nocapture a_voice_flood a_handshake_flood a_shared_screen a_lossy_link_never
+    cargo test --test main -- --ignored --test-threads=1 --nocapture a_voice_flood a_handshake_flood fifty_handshakes a_shared_screen an_xvfb_screen a_lossy_link_never
 
 # Relay throughput and latency against a plain-UDP baseline, vault unlock time, chat message rates, voice codec and SFrame costs, then the micro-benchmarks.
 bench *args: build

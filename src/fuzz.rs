@@ -268,4 +268,65 @@ mod tests {
         }
         println!("{ran} fuzz inputs replayed");
     }
+
+    /// Mutants of `input`: bits flipped, bytes set to edge values, spans cut, repeated or
+    /// inserted, the end cut off, or a piece of `other` spliced in; a few at once.
+    fn mutate(rng: &mut StdRng, input: &[u8], other: &[u8]) -> Vec<u8> {
+        use rand::Rng;
+        let mut out = input.to_vec();
+        for _ in 0..rng.random_range(1..=4) {
+            let len = out.len();
+            let at = if len == 0 { 0 } else { rng.random_range(0..len) };
+            let span = rng.random_range(1..=16).min(len - at.min(len)).max(1);
+            match rng.random_range(0..7) {
+                0 if len > 0 => out[at] ^= 1 << rng.random_range(0..8),
+                1 if len > 0 => out[at] = [0, 1, 0x7f, 0x80, 0xff][rng.random_range(0..5)],
+                2 if len > 0 => drop(out.drain(at..(at + span).min(len))),
+                3 if len > 0 => {
+                    let piece = out[at..(at + span).min(len)].to_vec();
+                    out.splice(at..at, piece);
+                }
+                4 => {
+                    let piece: Vec<u8> = (0..rng.random_range(1..=8)).map(|_| rng.random()).collect();
+                    out.splice(at..at, piece);
+                }
+                5 => out.truncate(at),
+                _ if !other.is_empty() => {
+                    let from = rng.random_range(0..other.len());
+                    let piece = &other[from..(from + rng.random_range(1..=64)).min(other.len())];
+                    out.splice(at..at, piece.iter().copied());
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// What CI can afford of fuzzing (the coverage-guided build, `just fuzz`, takes longer
+    /// than CI has): blind mutants of every target's corpus for a moment each, from a seed
+    /// that changes each run (`VOIPC_FUZZ_SEED` replays one).
+    #[test]
+    fn mutants_of_every_corpus_run_clean() {
+        const PER_TARGET: Duration = Duration::from_secs(2);
+        let seed = std::env::var("VOIPC_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+        println!("fuzz mutants from seed {seed} (VOIPC_FUZZ_SEED={seed} replays them)");
+        let mut rng = StdRng::seed_from_u64(seed);
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        for (name, target) in TARGETS {
+            let mut inputs: Vec<Vec<u8>> = std::fs::read_dir(root.join(name))
+                .map(|entries| entries.map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect())
+                .unwrap_or_default();
+            inputs.push(Vec::new());
+            let (began, mut ran) = (Instant::now(), 0);
+            while began.elapsed() < PER_TARGET {
+                ran += 1;
+                use rand::seq::IndexedRandom;
+                let (input, other) = (inputs.choose(&mut rng).unwrap(), inputs.choose(&mut rng).unwrap());
+                let mutant = mutate(&mut rng, input, other);
+                let outcome = std::panic::catch_unwind(|| target(&mutant));
+                assert!(outcome.is_ok(), "{name} panics on its mutant {ran} (seed {seed}): {mutant:02x?}");
+            }
+            println!("fuzz: {name}: {ran} mutants, 0 panics");
+        }
+    }
 }

@@ -213,6 +213,9 @@ fn a_lossy_link_never_shows_a_corrupt_frame_and_recovers_by_keyframe() {
 struct Display {
     child: std::process::Child,
     name: String,
+    /// The connection that drew the background, held open: an X server whose last client
+    /// leaves resets, and its root shows the default weave again.
+    _painter: x11rb::rust_connection::RustConnection,
 }
 
 impl Display {
@@ -221,7 +224,7 @@ impl Display {
         use x11rb::protocol::xproto::{ChangeWindowAttributesAux, ConnectionExt as _, CreateGCAux, ImageFormat};
         let name = format!(":{number}");
         let child = std::process::Command::new("Xvfb")
-            .args([&name, "-screen", "0", &format!("{width}x{height}x24"), "-nolisten", "tcp"])
+            .args([&name, "-screen", "0", &format!("{width}x{height}x24"), "-nolisten", "tcp", "-noreset"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -249,10 +252,7 @@ impl Display {
         conn.change_window_attributes(root, &ChangeWindowAttributesAux::new().background_pixmap(pixmap)).unwrap();
         conn.clear_area(false, root, 0, 0, 0, 0).unwrap();
         conn.get_input_focus().unwrap().reply().unwrap();
-        // The background stays when this client goes.
-        conn.set_close_down_mode(x11rb::protocol::xproto::CloseDown::RETAIN_PERMANENT).unwrap();
-        conn.get_input_focus().unwrap().reply().unwrap();
-        Display { child, name }
+        Display { child, name, _painter: conn }
     }
 }
 
@@ -290,8 +290,7 @@ fn desktop(width: u16, height: u16) -> Vec<u8> {
 
 /// Alice shares a real (virtual) X11 screen: bob's frames match a capture of it.
 #[test]
-#[ignore = "does not pass yet: the share's frames (mean luma 128) and the test's own \
-            capture after it (16) both differ from the picture it drew; cause not found yet"]
+#[ignore = "needs the machine to itself: `just test` runs it alone, after the rest"]
 fn an_xvfb_screen_shared_matches_what_is_on_it() {
     use voipc::video::capture::{Source, X11Capture};
     use voipc::video::picture::{Scaler, from_ffmpeg};

@@ -350,7 +350,7 @@ impl E2ee {
         };
         let identity = IdentityKey::decode(&bundle.identity_key)?;
         let known = self.identities.pinned(peer).is_some() || self.identities.status(peer) == IdentityStatus::Changed;
-        if known && self.identities.see(peer, &identity) {
+        if known && self.identities.see(peer, &identity)? {
             return Ok(IdentityStatus::Changed);
         }
         let bundle = PreKeyBundle::new(

@@ -48,6 +48,18 @@ fn missing(what: &str) -> SignalProtocolError {
     SignalProtocolError::InvalidArgument(format!("no such {what}"))
 }
 
+/// Identities pinned per server at most. A pin is never dropped for room: that would let a
+/// hostile server that makes up people push a real peer's pin out and then hand out another
+/// key for it as a first sight. So past the bound new people on that server cannot be
+/// pinned (nor written to) and the server can only fill its own share of the vault: about
+/// 1.3 MB of keys and names.
+pub const MAX_PINS_PER_SERVER: usize = 10_000;
+
+/// The server part of a peer's address (`server/name`; see `Chat::new`).
+fn server_of(peer: &str) -> &str {
+    peer.split_once('/').map_or(peer, |(server, _)| server)
+}
+
 /// Our identity and the identities of peers, pinned at first sight.
 #[derive(Serialize, Deserialize)]
 pub struct Identities {
@@ -98,10 +110,18 @@ impl Identities {
 
     /// Pins `key` for `peer` if it has none (first use); a different key from the pinned
     /// one becomes pending. Whether the key differs from the pinned one (or is pending).
-    pub fn see(&mut self, peer: &str, key: &IdentityKey) -> bool {
+    /// A first key for a server that has [`MAX_PINS_PER_SERVER`] pinned already is refused.
+    pub fn see(&mut self, peer: &str, key: &IdentityKey) -> Result<bool> {
         let key = key.serialize().into_vec();
-        match self.peers.get(peer) {
+        Ok(match self.peers.get(peer) {
             None if !self.pending.contains_key(peer) => {
+                let prefix = format!("{}/", server_of(peer));
+                let pinned = self.peers.range(prefix.clone()..).take_while(|(p, _)| p.starts_with(&prefix)).count();
+                if pinned >= MAX_PINS_PER_SERVER {
+                    return Err(SignalProtocolError::InvalidArgument(format!(
+                        "{MAX_PINS_PER_SERVER} identities are pinned for this server already: no more are taken"
+                    )));
+                }
                 self.peers.insert(peer.to_owned(), key);
                 false
             }
@@ -111,7 +131,7 @@ impl Identities {
                 self.pending.insert(peer.to_owned(), key);
                 true
             }
-        }
+        })
     }
 
     /// The first format's identities: `peers` held the newest key seen, `changed` the
@@ -160,7 +180,7 @@ impl IdentityKeyStore for Identities {
     }
 
     async fn save_identity(&mut self, address: &ProtocolAddress, identity: &IdentityKey) -> Result<IdentityChange> {
-        Ok(IdentityChange::from_changed(self.see(address.name(), identity)))
+        Ok(IdentityChange::from_changed(self.see(address.name(), identity)?))
     }
 
     async fn is_trusted_identity(
@@ -220,10 +240,12 @@ impl SessionStore for Sessions {
     }
 
     async fn store_session(&mut self, address: &ProtocolAddress, record: &SessionRecord) -> Result<()> {
+        // Serialized first: a record that cannot be leaves no stamp behind.
+        let bytes = SecretBytes::new(record.serialize()?);
         let name = address.name().to_owned();
         self.next_store += 1;
         self.stored.insert(name.clone(), self.next_store);
-        self.records.insert(name, SecretBytes::new(record.serialize()?));
+        self.records.insert(name, bytes);
         while self.records.len() > MAX_SESSIONS {
             // Never stored since loading counts as 0: the oldest.
             let oldest = self.records.keys().min_by_key(|name| self.stored.get(*name).copied().unwrap_or(0)).cloned();
@@ -433,6 +455,28 @@ impl SenderKeyStore for SenderKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_gets_its_share_of_pins_and_no_more_and_no_pin_is_dropped_for_room() {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(9);
+        let own = IdentityKeyPair::generate(&mut rng);
+        let key = *IdentityKeyPair::generate(&mut rng).identity_key();
+        let mut identities = Identities::new(&own, 1);
+        assert!(!identities.see("honest/alice", &key).unwrap());
+        // Sorts between "hostile" and "hostile/...": must not hide the hostile server's pins.
+        assert!(!identities.see("hostile-too/eve", &key).unwrap());
+        for i in 0..MAX_PINS_PER_SERVER {
+            identities.see(&format!("hostile/made-up-{i}"), &key).unwrap();
+        }
+        assert!(identities.see("hostile/one-more", &key).is_err());
+        assert!(identities.pinned("hostile/one-more").is_none());
+        // Those pinned stay so, a changed key is still caught, and other servers are free.
+        assert!(identities.pinned("hostile/made-up-0").is_some());
+        let other = *IdentityKeyPair::generate(&mut rng).identity_key();
+        assert!(identities.see("hostile/made-up-0", &other).unwrap());
+        assert!(!identities.see("honest/alice", &key).unwrap());
+        assert!(!identities.see("honest/bob", &key).unwrap());
+    }
 
     #[test]
     fn sessions_are_saved_as_the_plain_map_the_earlier_formats_wrote() {

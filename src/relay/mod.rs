@@ -540,10 +540,14 @@ impl Relay {
         self.stats.datagrams_in += 1;
         let result = self.check_datagram(now, from, datagram);
         match result {
-            Ok((_, StreamType::Screen)) => {
-                // Viewers are in the sharer's channel: a watch ends when either leaves it.
-                to.extend_from_slice(self.screens.viewers(from).unwrap_or_default());
-            }
+            // Viewers are in the sharer's channel: a watch ends when either leaves it.
+            Ok((_, StreamType::Screen)) => match self.screens.viewers(from) {
+                Some(viewers) => to.extend_from_slice(viewers),
+                None => {
+                    self.stats.dropped_invalid += 1;
+                    return Err(DropReason::NotSharing);
+                }
+            },
             Ok((channel, StreamType::Voice | StreamType::Probe)) => {
                 // Channels with members are never removed, so the lookup cannot miss.
                 let members = self.channels.get(&channel).map_or(&[][..], |c| &c.members[..]);
@@ -583,7 +587,7 @@ impl Relay {
             StreamType::Voice | StreamType::Probe => {
                 conn.voice_packets.try_take(now, 1) && conn.voice_bytes.try_take(now, bytes)
             }
-            StreamType::Screen if self.screens.viewers(from).is_none() => return Err(DropReason::NotSharing),
+            // Whether it shares is looked at once, with its viewers (`route_datagram`).
             StreamType::Screen => true,
         };
         if !voice_ok || !conn.media_packets.try_take(now, 1) || !conn.media_bytes.try_take(now, bytes) {
@@ -814,7 +818,9 @@ impl Relay {
                 Ok(())
             }
             ClientMsg::ScreenReport { sharer, report } => {
-                if let Some(sharer) = self.watched(conn, sharer) {
+                if let Some(sharer) = self.watched(conn, sharer)
+                    && self.screens.take_report(now, conn, sharer)
+                {
                     let viewer = self.user(conn).session;
                     self.send(sharer, ServerMsg::ScreenReport { viewer, report });
                 }

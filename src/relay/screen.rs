@@ -7,6 +7,8 @@
 //! watch that crossed it. Keyframe requests from all viewers (and the relay's own, for a
 //! new viewer) reach the sharer at most once per [`KEYFRAME_MERGE`]; one arriving inside
 //! that window is held and sent when it ends, so none is lost and none is repeated.
+//! Viewers' reports (one a second) reach the sharer at most once per [`REPORT_INTERVAL`]
+//! from each viewer: viewers cannot flood a sharer's control stream through the relay.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -19,6 +21,10 @@ use crate::protocol::ShareInfo;
 /// one keyframe per 500 ms anyway).
 pub const KEYFRAME_MERGE: Duration = Duration::from_millis(250);
 
+/// The least time between two reports from one viewer that the relay passes on (viewers
+/// report every second: `session::screen::REPORT_EVERY`; half that leaves room for jitter).
+pub const REPORT_INTERVAL: Duration = Duration::from_millis(500);
+
 #[derive(Debug)]
 struct Share {
     info: ShareInfo,
@@ -27,6 +33,8 @@ struct Share {
     last_keyframe_request: Option<Instant>,
     /// A request arrived inside the merge window: send it when the window ends.
     held_request: bool,
+    /// Per viewer, when its last report was passed on.
+    last_report: HashMap<ConnId, Instant>,
 }
 
 /// Why a watch was refused.
@@ -53,7 +61,13 @@ impl Screens {
         match self.shares.get_mut(&sharer) {
             Some(share) => std::mem::replace(&mut share.info, info) != info,
             None => {
-                let share = Share { info, viewers: Vec::new(), last_keyframe_request: None, held_request: false };
+                let share = Share {
+                    info,
+                    viewers: Vec::new(),
+                    last_keyframe_request: None,
+                    held_request: false,
+                    last_report: HashMap::new(),
+                };
                 self.shares.insert(sharer, share);
                 true
             }
@@ -82,6 +96,7 @@ impl Screens {
         for sharer in &watched {
             if let Some(share) = self.shares.get_mut(sharer) {
                 share.viewers.retain(|v| *v != conn);
+                share.last_report.remove(&conn);
             }
         }
         (was_sharing, watched)
@@ -114,6 +129,7 @@ impl Screens {
         }
         if let Some(share) = self.shares.get_mut(&sharer) {
             share.viewers.retain(|v| *v != viewer);
+            share.last_report.remove(&viewer);
         }
         was
     }
@@ -137,6 +153,22 @@ impl Screens {
         }
         share.last_keyframe_request = Some(now);
         true
+    }
+
+    /// A report from `viewer` on `sharer`'s stream: whether to pass it on (it watches, and
+    /// its last report passed at least [`REPORT_INTERVAL`] ago).
+    pub fn take_report(&mut self, now: Instant, viewer: ConnId, sharer: ConnId) -> bool {
+        let Some(share) = self.shares.get_mut(&sharer) else { return false };
+        if !share.viewers.contains(&viewer) {
+            return false;
+        }
+        match share.last_report.get(&viewer) {
+            Some(at) if now < *at + REPORT_INTERVAL => false,
+            _ => {
+                share.last_report.insert(viewer, now);
+                true
+            }
+        }
     }
 
     /// Sharers whose held request is due now.
@@ -165,7 +197,7 @@ impl Screens {
     #[cfg(test)]
     pub fn watch_entries(&self) -> usize {
         self.watching.values().map(Vec::len).sum::<usize>()
-            + self.shares.values().map(|s| s.viewers.len()).sum::<usize>()
+            + self.shares.values().map(|s| s.viewers.len() + s.last_report.len()).sum::<usize>()
     }
 }
 
@@ -228,5 +260,27 @@ mod tests {
         assert!(s.due_keyframe_requests(now + KEYFRAME_MERGE * 4).is_empty());
         assert!(s.request_keyframe(now + KEYFRAME_MERGE * 4, ConnId(1)));
         assert!(!s.request_keyframe(now, ConnId(9)), "no share, nothing to ask");
+    }
+
+    #[test]
+    fn a_viewer_flooding_reports_gets_one_through_per_interval_and_others_are_untouched() {
+        let mut s = Screens::default();
+        let now = Instant::now();
+        s.set(ConnId(1), INFO);
+        assert!(!s.take_report(now, ConnId(2), ConnId(1)), "only a viewer reports");
+        s.watch(ConnId(2), ConnId(1)).unwrap();
+        s.watch(ConnId(3), ConnId(1)).unwrap();
+        // 1 000 reports a second for 2 s: one per interval passes.
+        let passed =
+            (0..2000).filter(|ms| s.take_report(now + Duration::from_millis(*ms), ConnId(2), ConnId(1))).count();
+        assert_eq!(passed, 4);
+        assert!(s.take_report(now + Duration::from_millis(1999), ConnId(3), ConnId(1)), "another viewer's report");
+        // Watching again does not carry the old stamp, nor does it pile up.
+        s.unwatch(ConnId(2), ConnId(1));
+        s.watch(ConnId(2), ConnId(1)).unwrap();
+        assert!(s.take_report(now + Duration::from_millis(2000), ConnId(2), ConnId(1)));
+        s.forget(ConnId(2));
+        s.forget(ConnId(3));
+        assert_eq!(s.watch_entries(), 0);
     }
 }

@@ -1457,6 +1457,32 @@ fn keyframe_requests_from_many_viewers_reach_the_sharer_merged() {
 }
 
 #[test]
+fn a_viewer_flooding_reports_reaches_the_sharer_once_per_interval() {
+    let mut sim = Sim::new();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| sim.hello(n, None));
+    let (alice_s, bob_s, carol_s) = (sim.sessions[&alice], sim.sessions[&bob], sim.sessions[&carol]);
+    sim.send(alice, ClientMsg::SetShare(Some(SHARE)));
+    sim.send(bob, ClientMsg::Watch { sharer: alice_s, watch: true });
+    sim.send(carol, ClientMsg::Watch { sharer: alice_s, watch: true });
+    sim.take(alice);
+    let reports = |msgs: Vec<ServerMsg>, from: SessionId| {
+        msgs.iter().filter(|m| matches!(m, ServerMsg::ScreenReport { viewer, .. } if *viewer == from)).count()
+    };
+    // Bob sends 10 a second for a second (within his control rate), carol her one.
+    let mut to_alice = Vec::new();
+    for _ in 0..10 {
+        sim.send(bob, ClientMsg::ScreenReport { sharer: alice_s, report: ScreenReport::default() });
+        to_alice.extend(sim.take(alice));
+        sim.advance(screen::REPORT_INTERVAL / 5);
+    }
+    sim.send(carol, ClientMsg::ScreenReport { sharer: alice_s, report: ScreenReport::default() });
+    to_alice.extend(sim.take(alice));
+    assert_eq!(reports(to_alice.clone(), bob_s), 2, "one per interval: {to_alice:?}");
+    assert_eq!(reports(to_alice, carol_s), 1);
+    assert_eq!(sim.errors(bob), []);
+}
+
+#[test]
 fn a_share_needs_a_plausible_announcement_and_a_channel() {
     let mut sim = Sim::new();
     let alice = sim.hello("alice", None);

@@ -82,11 +82,13 @@ impl<R: BufRead> Y4mReader<R> {
         }
         let (mut width, mut height, mut fps) = (None, None, 30);
         for field in fields {
-            let (tag, value) = field.split_at(field.len().min(1));
+            // The tag is the first character, which need not be ASCII in a file from disk.
+            let mut chars = field.chars();
+            let (tag, value) = (chars.next(), chars.as_str());
             match tag {
-                "W" => width = value.parse().ok().filter(|w| (1..=MAX_SIDE).contains(w)),
-                "H" => height = value.parse().ok().filter(|h| (1..=MAX_SIDE).contains(h)),
-                "F" => {
+                Some('W') => width = value.parse().ok().filter(|w| (1..=MAX_SIDE).contains(w)),
+                Some('H') => height = value.parse().ok().filter(|h| (1..=MAX_SIDE).contains(h)),
+                Some('F') => {
                     let (n, d) = value.split_once(':').ok_or(Y4mError::Field("frame rate"))?;
                     let (n, d): (u32, u32) = (n.parse().unwrap_or(0), d.parse().unwrap_or(0));
                     if n == 0 || d == 0 {
@@ -94,7 +96,7 @@ impl<R: BufRead> Y4mReader<R> {
                     }
                     fps = (n as f64 / d as f64).round().max(1.0) as u32;
                 }
-                "C" if !value.starts_with("420") => return Err(Y4mError::Colorspace(value.to_owned())),
+                Some('C') if !value.starts_with("420") => return Err(Y4mError::Colorspace(value.to_owned())),
                 _ => {}
             }
         }
