@@ -159,7 +159,7 @@ impl Server {
         let tls = server_tls(identity)?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(super::transport_config(super::SERVER_DATAGRAM_BUFFER));
+        config.transport_config(super::transport_config(super::SERVER_DATAGRAM_BUFFER, super::SERVER_INITIAL_RTT));
         // A Retry token must outlive the slowest handshake it starts.
         config.retry_token_lifetime(HANDSHAKE_TIMEOUT);
         let (socket, buffer) = super::bind_udp(listen, super::SERVER_SOCKET_BUFFER)
