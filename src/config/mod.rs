@@ -118,7 +118,10 @@ pub struct Limits {
     pub max_temporary_channels_per_user: u32,
     pub channel_creations_per_minute: u32,
     /// With this many QUIC handshakes under way, new ones must first prove their source
-    /// address (a stateless QUIC Retry), so spoofed packets hold no handshake slot.
+    /// address (a stateless QUIC Retry), so spoofed packets hold no handshake slot. The
+    /// default, 0, sends every handshake a Retry: one more round trip per join, but the
+    /// only way the server never answers an unproven address with more than three times
+    /// what it sent (without it quinn overshoots that by up to one datagram, quinn issue 1082).
     pub retry_above_pending_handshakes: u32,
     /// QUIC handshakes one source may start a minute, twice `max_connections_per_source` at once.
     pub handshakes_per_source_per_minute: u32,
@@ -158,7 +161,7 @@ impl Default for Limits {
             max_pending_per_source: 4,
             max_temporary_channels_per_user: 3,
             channel_creations_per_minute: 6,
-            retry_above_pending_handshakes: 8,
+            retry_above_pending_handshakes: 0,
             handshakes_per_source_per_minute: 60,
         }
     }
