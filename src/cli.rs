@@ -127,7 +127,7 @@ struct ScreenArgs {
     /// The most the share may be: 480p, 720p or 1080p (it goes lower when the network
     /// or the encoder cannot keep up).
     #[arg(long, value_name = "RES")]
-    share_resolution: Option<crate::video::adapt::Resolution>,
+    share_resolution: Option<crate::protocol::Resolution>,
     /// The most frames a second the share may have (1-30).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=30))]
     share_fps: Option<u32>,
@@ -145,13 +145,18 @@ struct ScreenArgs {
 
 impl ScreenArgs {
     fn options(self) -> crate::net::screen::ScreenOptions {
+        use crate::session::command::ShareRequest;
+        let share = self.share_screen.map(|source| ShareRequest {
+            source: Some(source).filter(|s| !s.is_empty()),
+            resolution: self.share_resolution.unwrap_or(ShareRequest::DEFAULT_RESOLUTION),
+            fps: self.share_fps.unwrap_or(ShareRequest::DEFAULT_FPS),
+        });
         crate::net::screen::ScreenOptions {
-            share: self.share_screen.map(|s| Some(s).filter(|s| !s.is_empty())),
-            resolution: self.share_resolution,
-            fps: self.share_fps,
+            share,
             encoder: self.encoder,
             watch: self.watch,
             record: self.record_screen,
+            show: None,
         }
     }
 }

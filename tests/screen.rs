@@ -95,6 +95,18 @@ fn a_lost_fragment_means_no_corrupt_frame_a_keyframe_request_and_recovery() {
     let (viewer, report) = net.session("alice").poll_viewer_report().expect("a report");
     assert_eq!(viewer, net.session("bob").me().unwrap());
     assert_eq!((report.frames_lost, report.fragments_lost, report.frames_decoded), (1, 1, 3));
+    // Bob is shown the same second: whole frames, kilobits, fragments lost.
+    let figures = net.events_of("bob").iter().find_map(|e| match e {
+        Event::WatchStats { user, fps, kbps, loss_percent, .. } if user == "alice" => {
+            Some((*fps, *kbps, *loss_percent))
+        }
+        _ => None,
+    });
+    let (fps, kbps, loss) = figures.expect("bob's figures of the second");
+    assert_eq!(fps, 3);
+    // 20 000 + 5 000 (less a fragment) + 5 000 + 20 000 + 5 000 bytes of frames, and headers.
+    assert!((400..=480).contains(&kbps), "{kbps} kbit");
+    assert!(loss > 0.0 && loss < 5.0, "{loss} %");
 }
 
 #[test]

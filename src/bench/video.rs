@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use ffmpeg_next::format::Pixel;
 use serde_json::json;
 
+use crate::protocol::Resolution;
 use crate::protocol::fragment::Reassembler;
 use crate::protocol::{ChannelId, MediaHeader, SessionId};
 use crate::session::media::MediaKeys;
-use crate::video::adapt::Resolution;
+use crate::video::adapt::start_bitrate;
 use crate::video::capture::{Source, X11Capture};
 use crate::video::codec::{ENCODER_ORDER, EncoderSettings, HevcDecoder, proven_encoder};
 use crate::video::picture::{Bgra, Scaler, from_ffmpeg, share_size};
@@ -67,7 +68,7 @@ pub fn run(window: Duration, json: bool) -> anyhow::Result<()> {
     for name in ENCODER_ORDER {
         for resolution in Resolution::ALL {
             let (width, height) = share_size(SOURCE.0, SOURCE.1, resolution.height());
-            let settings = EncoderSettings { width, height, fps: 30, bitrate: resolution.bitrate(30) };
+            let settings = EncoderSettings { width, height, fps: 30, bitrate: start_bitrate(resolution, 30) };
             let mut encoder = match proven_encoder(name, settings) {
                 Ok(e) => e,
                 Err(e) => {

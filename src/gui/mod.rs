@@ -15,6 +15,7 @@ mod tests;
 
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use zeroize::Zeroizing;
@@ -25,9 +26,11 @@ use crate::config::client_store::{ClientStore, StoreError, VAULT_FILE};
 use crate::crypto::vault::{KdfParams, VaultError};
 use crate::e2ee::E2ee;
 use crate::net::client::{ClientError, JoinOptions, VoiceOptions, run_client};
-use crate::protocol::ServerLink;
+use crate::net::screen::{PictureSink, ScreenOptions};
+use crate::protocol::{ServerLink, SessionId};
 use crate::session::{Command, Event};
-use model::{Conversation, Model, Screen};
+use crate::video::picture::Rgba;
+use model::{Conversation, Model, Screen, ShareDraft};
 use settings::Settings;
 
 /// What the views ask for.
@@ -68,6 +71,8 @@ pub enum UiCommand {
     },
     ToggleMute,
     ToggleDeafen,
+    /// Find what can be shared and open the share dialog.
+    OpenShareDialog,
     MicrophoneTest,
     SaveSettings(Box<Settings>),
     /// Anything the client core takes as it is.
@@ -134,6 +139,10 @@ pub struct App {
     /// With `VOIPC_FRAME_STATS` set: frames drawn and the time spent drawing them, logged
     /// every 100 frames.
     frame_stats: Option<(u32, Duration)>,
+    /// The newest decoded picture of the share watched, left here by the decoding thread.
+    picture: Arc<Mutex<Option<(SessionId, Rgba)>>>,
+    /// The texture it is shown from.
+    texture: Option<egui::TextureHandle>,
 }
 
 impl App {
@@ -159,6 +168,8 @@ impl App {
             mic_test: false,
             global_key: None,
             frame_stats: std::env::var_os("VOIPC_FRAME_STATS").map(|_| (0, Duration::ZERO)),
+            picture: Arc::default(),
+            texture: None,
         };
         app.apply_look();
         let (updates, ctx) = (app.updates.0.clone(), app.ctx.clone());
@@ -247,6 +258,10 @@ impl App {
                 self.model.deafened = !self.model.deafened;
                 self.send_to_client(Command::Deafen(self.model.deafened));
             }
+            UiCommand::OpenShareDialog => match crate::video::capture::sources(None) {
+                Ok(sources) => self.model.drafts.share = Some(ShareDraft::new(sources)),
+                Err(e) => self.model.error = Some(format!("cannot share a screen: {e}")),
+            },
             UiCommand::MicrophoneTest => {
                 self.mic_test = !self.mic_test;
                 self.send_to_client(Command::MicrophoneTest(self.mic_test));
@@ -363,7 +378,7 @@ impl App {
                 muted: self.model.muted,
                 deafened: self.model.deafened,
             },
-            screen: Default::default(),
+            screen: ScreenOptions { show: Some(self.picture_sink()), ..ScreenOptions::default() },
             duration: None,
             health: true,
             json: false,
@@ -395,6 +410,36 @@ impl App {
             let _ = updates.send(Update::Ended { target, result });
             ctx.request_repaint();
         });
+    }
+
+    /// Where the decoding thread leaves each picture: only the newest waits, and the
+    /// window repaints to show it.
+    fn picture_sink(&self) -> PictureSink {
+        let (slot, ctx) = (self.picture.clone(), self.ctx.clone());
+        PictureSink(Arc::new(move |sender, picture| {
+            *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((sender, picture));
+            ctx.request_repaint();
+        }))
+    }
+
+    /// Puts the newest picture of the share watched on its texture.
+    fn show_picture(&mut self) {
+        let newest = self.picture.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let Some(watching) = &mut self.model.watching else {
+            self.texture = None;
+            return;
+        };
+        let Some((_, picture)) = newest.filter(|(sender, _)| sender.0 == watching.session) else { return };
+        let size = [picture.width as usize, picture.height as usize];
+        let image = egui::ColorImage::from_rgba_unmultiplied(size, &picture.data);
+        let texture = match &mut self.texture {
+            Some(texture) => {
+                texture.set(image, egui::TextureOptions::LINEAR);
+                texture
+            }
+            None => self.texture.insert(self.ctx.load_texture("watched screen", image, egui::TextureOptions::LINEAR)),
+        };
+        watching.picture = Some((texture.id(), size));
     }
 
     fn send_to_client(&mut self, command: Command) {
@@ -549,6 +594,7 @@ impl App {
 impl eframe::App for App {
     fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
         self.drain_updates();
+        self.show_picture();
         self.tick_reconnect();
         self.shortcuts(ctx);
     }

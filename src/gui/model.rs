@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::audio::device::DeviceList;
+use crate::protocol::{Resolution, ShareInfo};
+use crate::session::command::ShareRequest;
 use crate::session::history::History;
 use crate::session::{ChannelView, Event};
 
@@ -100,6 +102,60 @@ pub struct Drafts {
     pub host_address: String,
     /// On the certificate-changed screen: the beginning of the new fingerprint, typed.
     pub replace_confirmation: String,
+    /// The share dialog, while it is open.
+    pub share: Option<ShareDraft>,
+}
+
+/// The share dialog: what can be shared here and what is picked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareDraft {
+    /// Monitors by name, then `window:TITLE` for each titled window (the first is the
+    /// primary monitor).
+    pub sources: Vec<String>,
+    pub source: usize,
+    pub resolution: Resolution,
+    pub fps: u32,
+}
+
+impl ShareDraft {
+    pub fn new(sources: Vec<String>) -> Self {
+        ShareDraft { sources, source: 0, resolution: ShareRequest::DEFAULT_RESOLUTION, fps: ShareRequest::DEFAULT_FPS }
+    }
+
+    pub fn request(&self) -> ShareRequest {
+        ShareRequest { source: self.sources.get(self.source).cloned(), resolution: self.resolution, fps: self.fps }
+    }
+}
+
+/// Our own share while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MyShare {
+    pub encoder: String,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    pub viewers: u32,
+}
+
+/// The share we watch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Watching {
+    pub user: String,
+    /// The sharer's session, which the decoded pictures name.
+    pub session: u32,
+    /// The last second's figures, once there are some.
+    pub stats: Option<WatchFigures>,
+    /// The newest picture, as the app uploaded it: its texture and size.
+    pub picture: Option<(egui::TextureId, [usize; 2])>,
+    /// Shown in a window of its own.
+    pub popped_out: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WatchFigures {
+    pub fps: u32,
+    pub kbps: u32,
+    pub loss_percent: f32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -136,8 +192,12 @@ pub struct Model {
     /// Others who muted or deafened themselves (ourselves too, as the server echoes it).
     pub muted_users: BTreeSet<String>,
     pub deafened_users: BTreeSet<String>,
-    /// Who shares a screen, at what size and rate (watching it is not in the app yet).
-    pub sharing: BTreeMap<String, crate::protocol::ShareInfo>,
+    /// Who shares a screen, at what size and rate.
+    pub sharing: BTreeMap<String, ShareInfo>,
+    /// Our share, while it runs.
+    pub my_share: Option<MyShare>,
+    /// The share we watch (one at a time in the app).
+    pub watching: Option<Watching>,
     pub muted: bool,
     pub deafened: bool,
     pub conversations: BTreeMap<Conversation, Vec<Line>>,
@@ -195,6 +255,7 @@ impl Model {
                 }
                 self.speaking.clear();
                 self.sharing.clear();
+                (self.my_share, self.watching) = (None, None);
             }
             Event::Admin => self.admin = true,
             Event::Sharing { user, share: Some(share), .. } => {
@@ -203,12 +264,36 @@ impl Model {
             Event::Sharing { user, share: None, .. } => {
                 self.sharing.remove(user);
             }
-            // Sharing and watching from the app are not there yet.
-            Event::Watching { .. }
-            | Event::Viewers { .. }
-            | Event::ShareStarted { .. }
-            | Event::ShareStopped { .. }
-            | Event::VideoStats { .. } => {}
+            Event::Watching { user, session, watching: true } => {
+                let watching =
+                    Watching { user: user.clone(), session: *session, stats: None, picture: None, popped_out: false };
+                self.watching = Some(watching);
+            }
+            Event::Watching { session, watching: false, .. } => {
+                self.watching.take_if(|w| w.session == *session);
+            }
+            Event::WatchStats { session, fps, kbps, loss_percent, .. } => {
+                if let Some(watching) = self.watching.as_mut().filter(|w| w.session == *session) {
+                    watching.stats = Some(WatchFigures { fps: *fps, kbps: *kbps, loss_percent: *loss_percent });
+                }
+            }
+            Event::ShareStarted { encoder, width, height, fps } => {
+                let viewers = self.my_share.as_ref().map_or(0, |s| s.viewers);
+                let share = MyShare { encoder: encoder.clone(), width: *width, height: *height, fps: *fps, viewers };
+                self.my_share = Some(share);
+            }
+            Event::Viewers { count } => {
+                if let Some(share) = &mut self.my_share {
+                    share.viewers = *count;
+                }
+            }
+            Event::ShareStopped { reason } => {
+                self.my_share = None;
+                if reason != crate::session::SHARE_STOPPED_BY_USER {
+                    self.error = Some(format!("your screen share stopped: {reason}"));
+                }
+            }
+            Event::VideoStats { .. } => {}
             Event::Trust { user, verified, identity_changed } => {
                 for (set, on) in [(&mut self.verified, *verified), (&mut self.identity_changed, *identity_changed)] {
                     if on {

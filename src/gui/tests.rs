@@ -6,9 +6,10 @@ use std::sync::mpsc::{Receiver, channel};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 
-use super::model::{Conversation, Model, Screen};
+use super::model::{Conversation, Model, Screen, ShareDraft};
 use super::{UiCommand, views};
-use crate::protocol::JoinRequest;
+use crate::protocol::{JoinRequest, Resolution, ShareInfo};
+use crate::session::command::ShareRequest;
 use crate::session::{ChannelView, Command, Event};
 
 /// A harness showing `view` over `model`, and the commands it sends.
@@ -381,6 +382,7 @@ fn wait_for(app: &mut super::App, what: &str, done: impl Fn(&Model) -> bool) {
     let start = std::time::SystemTime::now();
     loop {
         app.drain_updates();
+        app.show_picture();
         if done(&app.model) {
             return;
         }
@@ -492,4 +494,136 @@ fn connection_health_shows_the_latest_figures() {
     assert!(h.query_by_label("loss 0.5 %").is_some());
     assert!(h.query_by_label("jitter 3.2 ms").is_some());
     assert!(h.query_by_label("150 kbit/s").is_some());
+}
+
+#[test]
+fn the_voice_bar_opens_the_share_dialog_and_stops_a_share() {
+    let (mut h, rx) = harness(Model::fixture(), views::voice_bar);
+    h.get_by_label("Share screen").click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::OpenShareDialog]);
+    h.state_mut().apply(&Event::ShareStarted { encoder: "libx265".into(), width: 1280, height: 720, fps: 30 });
+    h.state_mut().apply(&Event::Viewers { count: 2 });
+    h.run();
+    assert!(h.query_by_label("Sharing 1280×720 at 30 fps, 2 watching").is_some());
+    h.get_by_label("Stop sharing").click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::Client(Command::Share(None))]);
+    // The stop we asked for is no error; a failure is shown.
+    h.state_mut().apply(&Event::ShareStopped { reason: crate::session::SHARE_STOPPED_BY_USER.into() });
+    assert_eq!((h.state().my_share.clone(), h.state().error.clone()), (None, None));
+    h.state_mut().apply(&Event::ShareStarted { encoder: "libx265".into(), width: 1280, height: 720, fps: 30 });
+    h.state_mut().apply(&Event::ShareStopped { reason: "cannot reach the X display".into() });
+    assert!(h.state().error.as_deref().is_some_and(|e| e.contains("X display")));
+}
+
+#[test]
+fn the_share_dialog_sends_the_source_size_and_rate_picked() {
+    let mut model = Model::fixture();
+    model.drafts.share = Some(ShareDraft::new(vec!["HDMI-1".into(), "window:Editor".into()]));
+    let (mut h, rx) = harness(model, views::window);
+    assert!(h.query_by_label("Share your screen").is_some());
+    h.get_by_label("what to share").click();
+    h.run();
+    h.get_by_label("Window: Editor").click();
+    h.run();
+    h.get_by_label("1080p").click();
+    h.run();
+    h.get_by_label("Share").click();
+    h.run();
+    let request = ShareRequest { source: Some("window:Editor".into()), resolution: Resolution::P1080, fps: 30 };
+    assert_eq!(sent(&rx), [UiCommand::Client(Command::Share(Some(request)))]);
+    assert!(h.state().drafts.share.is_none(), "the dialog closed");
+}
+
+/// Bob shares: "Watch" beside him watches; watching carol first lets her go.
+#[test]
+fn watch_on_a_sharer_and_one_share_at_a_time() {
+    let mut model = Model::fixture();
+    let carol = model.channels[1].users.pop().unwrap();
+    model.channels[0].users.push(carol);
+    for (user, session) in [("bob", 2), ("carol", 3)] {
+        let share = Some(ShareInfo { width: 1280, height: 720, fps: 30 });
+        model.apply(&Event::Sharing { user: user.into(), session, share });
+    }
+    model.apply(&Event::Watching { user: "carol".into(), session: 3, watching: true });
+    let (mut h, rx) = harness(model, views::channels);
+    assert_eq!(h.query_all_by_label("sharing 1280×720, 30 fps").count(), 2);
+    h.get_by_label("Watch").click();
+    h.run();
+    assert_eq!(
+        sent(&rx),
+        [
+            UiCommand::Client(Command::Watch { user: "carol".into(), watch: false }),
+            UiCommand::Client(Command::Watch { user: "bob".into(), watch: true })
+        ]
+    );
+    h.get_by_label("Stop watching").click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::Client(Command::Watch { user: "carol".into(), watch: false })]);
+}
+
+/// The share watched shows in the channel view with its figures, pops out into a window
+/// of its own and comes back.
+#[test]
+fn the_viewer_shows_the_picture_and_its_figures_and_pops_out() {
+    let mut model = Model::fixture();
+    let share = Some(ShareInfo { width: 1280, height: 720, fps: 30 });
+    model.apply(&Event::Sharing { user: "bob".into(), session: 2, share });
+    model.apply(&Event::Watching { user: "bob".into(), session: 2, watching: true });
+    model.apply(&Event::WatchStats { user: "bob".into(), session: 2, fps: 29, kbps: 1850, loss_percent: 0.25 });
+    let (mut h, rx) = harness(model, views::window);
+    assert!(h.query_by_label("Waiting for a picture...").is_some());
+    let image = egui::ColorImage::new([64, 36], vec![egui::Color32::from_rgb(200, 40, 40); 64 * 36]);
+    let texture = h.ctx.load_texture("screen", image, egui::TextureOptions::LINEAR);
+    h.state_mut().watching.as_mut().unwrap().picture = Some((texture.id(), [64, 36]));
+    h.run();
+    assert!(h.query_by_label("Waiting for a picture...").is_none());
+    assert!(h.query_by_label("bob's screen").is_some());
+    assert!(h.query_by_label("1280×720, 29 fps, 1850 kbit/s, 0.2 % lost").is_some());
+    h.get_by_label("Pop out").click();
+    h.run();
+    assert!(h.state().watching.as_ref().unwrap().popped_out);
+    // Without a second native window here, egui draws the pop-out inside this one.
+    h.get_by_label("Back to the channel").click();
+    h.run();
+    assert!(!h.state().watching.as_ref().unwrap().popped_out);
+    // One beside bob in the channel list, one over the picture: either stops.
+    h.get_all_by_label("Stop watching").next().unwrap().click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::Client(Command::Watch { user: "bob".into(), watch: false })]);
+    h.state_mut().apply(&Event::Watching { user: "bob".into(), session: 2, watching: false });
+    assert!(h.state().watching.is_none());
+}
+
+/// Through the real client core and a relay in this process: alice's app shares (a
+/// Y4M file stands in for her screen), bob's watches and gets her pictures on a texture,
+/// with the figures of each second.
+#[test]
+fn one_app_shares_and_the_other_watches_the_pictures() {
+    let (_runtime, dirs, _invite, _relay, mut apps) = alice_and_bob_in_the_lobby();
+    let [alice, bob] = &mut apps[..] else { unreachable!() };
+    let clip = dirs[0].path().join("screen.y4m");
+    let (w, h) = (320u32, 180u32);
+    let mut writer = crate::video::y4m::Y4mWriter::new(std::fs::File::create(&clip).unwrap(), w, h, 5).unwrap();
+    for i in 0..5u8 {
+        let mut data = vec![128u8; crate::video::y4m::YuvFrame::len_for(w, h)];
+        data[..(w * h) as usize].iter_mut().enumerate().for_each(|(p, y)| *y = (p as u32 % w) as u8 / 2 + i * 10);
+        writer.write(&crate::video::y4m::YuvFrame { width: w, height: h, data }).unwrap();
+    }
+    drop(writer);
+    let request = ShareRequest { source: Some(clip.to_str().unwrap().into()), resolution: Resolution::P480, fps: 5 };
+    alice.handle(UiCommand::Client(Command::Share(Some(request))));
+    wait_for(bob, "alice sharing", |m| m.sharing.contains_key("alice"));
+    bob.handle(UiCommand::Client(Command::Watch { user: "alice".into(), watch: true }));
+    wait_for(alice, "a viewer", |m| m.my_share.as_ref().is_some_and(|s| s.viewers == 1));
+    wait_for(bob, "a picture", |m| m.watching.as_ref().is_some_and(|w| w.picture.is_some()));
+    let texture = bob.texture.as_ref().unwrap();
+    assert_eq!(texture.size(), [w as usize, h as usize]);
+    wait_for(bob, "the figures", |m| m.watching.as_ref().is_some_and(|w| w.stats.is_some_and(|s| s.fps > 0)));
+    alice.handle(UiCommand::Client(Command::Share(None)));
+    wait_for(bob, "the share's end", |m| m.watching.is_none() && !m.sharing.contains_key("alice"));
+    wait_for(alice, "her share stopped", |m| m.my_share.is_none());
+    // (The machine may have no sound card: that error is the voice engine's.)
+    assert!(!alice.model.error.as_deref().is_some_and(|e| e.contains("share")), "{:?}", alice.model.error);
 }

@@ -6,9 +6,11 @@ use std::sync::mpsc::Sender;
 use egui::{Color32, RichText, Ui};
 
 use super::UiCommand;
-use super::model::{Conversation, Model, NewChannel, Screen, clock, password_strength};
+use super::model::{Conversation, Model, NewChannel, Screen, Watching, clock, password_strength};
 use crate::audio::dsp::VoiceMode;
+use crate::protocol::Resolution;
 use crate::session::chat::MAX_TEXT_CHARS;
+use crate::session::command::ShareRequest;
 use crate::session::{ChannelView, Command};
 
 const SPEAKING: Color32 = Color32::from_rgb(67, 181, 129);
@@ -51,6 +53,10 @@ pub fn window(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     }
     if model.show_settings {
         settings(ui.ctx(), model, tx);
+    }
+    if model.screen == Screen::Main {
+        share_dialog(ui.ctx(), model, tx);
+        popped_out_viewer(ui.ctx(), model, tx);
     }
 }
 
@@ -306,7 +312,13 @@ pub fn main(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
         });
         egui::ScrollArea::vertical().show(ui, |ui| channels(ui, model, tx));
     });
-    egui::CentralPanel::default().show(ui, |ui| chat(ui, model, tx));
+    egui::CentralPanel::default().show(ui, |ui| {
+        if model.watching.as_ref().is_some_and(|w| !w.popped_out) {
+            let height = ui.available_height() * 0.6;
+            egui::Panel::top("screen").resizable(true).default_size(height).show(ui, |ui| viewer(ui, model, tx));
+        }
+        chat(ui, model, tx)
+    });
 }
 
 fn top_bar(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
@@ -433,6 +445,9 @@ fn user_row(ui: &mut Ui, model: &mut Model, user: &str, channels: &[ChannelView]
         if let Some(share) = model.sharing.get(user) {
             let badge = format!("sharing {}×{}, {} fps", share.width, share.height, share.fps);
             ui.label(RichText::new(badge).small().color(Color32::BLACK).background_color(SPEAKING));
+            if !me {
+                watch_button(ui, model, user, tx);
+            }
         }
         response
     });
@@ -468,6 +483,142 @@ fn user_row(ui: &mut Ui, model: &mut Model, user: &str, channels: &[ChannelView]
             admin_menu(ui, user, channels, tx);
         }
     });
+}
+
+/// "Watch" on a sharer, or "Stop watching": the app shows one share at a time, so
+/// watching another lets the one watched go.
+fn watch_button(ui: &mut Ui, model: &Model, user: &str, tx: &Sender<UiCommand>) {
+    let watching = model.watching.as_ref().is_some_and(|w| w.user == user);
+    if ui.small_button(if watching { "Stop watching" } else { "Watch" }).clicked() {
+        if let Some(other) = model.watching.as_ref().filter(|w| w.user != user) {
+            client(tx, Command::Watch { user: other.user.clone(), watch: false });
+        }
+        client(tx, Command::Watch { user: user.to_owned(), watch: !watching });
+    }
+}
+
+/// The share watched, in the channel view: whose, its figures, the buttons, the picture.
+fn viewer(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
+    let Some(watching) = model.watching.clone() else { return };
+    ui.horizontal(|ui| {
+        ui.label(RichText::new(format!("{}'s screen", visible(&watching.user))).strong());
+        ui.label(stream_figures(model, &watching));
+        ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+            if ui.button("Stop watching").clicked() {
+                client(tx, Command::Watch { user: watching.user.clone(), watch: false });
+            }
+            if ui.button("Pop out").clicked()
+                && let Some(w) = &mut model.watching
+            {
+                w.popped_out = true;
+            }
+        });
+    });
+    picture(ui, &watching);
+}
+
+/// The size and rate the sharer announces, and what arrived of it in the last second.
+fn stream_figures(model: &Model, watching: &Watching) -> String {
+    let size = model.sharing.get(&watching.user).map(|s| format!("{}×{}", s.width, s.height));
+    let figures = watching.stats.map(|s| format!("{} fps, {} kbit/s, {:.1} % lost", s.fps, s.kbps, s.loss_percent));
+    [size, figures].into_iter().flatten().collect::<Vec<_>>().join(", ")
+}
+
+/// The newest picture, as large as the space allows without changing its shape.
+fn picture(ui: &mut Ui, watching: &Watching) {
+    match watching.picture {
+        Some((texture, [w, h])) => {
+            let size = egui::vec2(w as f32, h as f32);
+            let image = egui::Image::from_texture(egui::load::SizedTexture::new(texture, size));
+            ui.centered_and_justified(|ui| ui.add(image.max_size(ui.available_size()).maintain_aspect_ratio(true)));
+        }
+        None => {
+            ui.centered_and_justified(|ui| ui.label("Waiting for a picture..."));
+        }
+    }
+}
+
+/// The share watched in a window of its own: resizable, fullscreen on request; closing
+/// it puts the share back in the channel view.
+fn popped_out_viewer(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand>) {
+    let Some(watching) = model.watching.clone().filter(|w| w.popped_out) else { return };
+    let title = format!("{}'s screen - VoIPC", visible(&watching.user));
+    let builder = egui::ViewportBuilder::default().with_title(title).with_inner_size([960.0, 600.0]);
+    let id = egui::ViewportId::from_hash_of("watched screen");
+    let put_back = ctx.show_viewport_immediate(id, builder, |ui, _| {
+        let mut put_back = ui.ctx().input(|i| i.viewport().close_requested());
+        egui::Panel::top("figures").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                ui.label(stream_figures(model, &watching));
+                let fullscreen = ui.ctx().input(|i| i.viewport().fullscreen.unwrap_or(false));
+                if ui.button(if fullscreen { "Leave fullscreen" } else { "Fullscreen" }).clicked() {
+                    ui.ctx().send_viewport_cmd(egui::ViewportCommand::Fullscreen(!fullscreen));
+                }
+                put_back |= ui.button("Back to the channel").clicked();
+                if ui.button("Stop watching").clicked() {
+                    client(tx, Command::Watch { user: watching.user.clone(), watch: false });
+                }
+            });
+        });
+        egui::CentralPanel::default().show(ui, |ui| picture(ui, &watching));
+        put_back
+    });
+    if put_back && let Some(w) = &mut model.watching {
+        w.popped_out = false;
+    }
+}
+
+/// Picks what to share and how well, at most.
+fn share_dialog(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand>) {
+    let Some(draft) = &mut model.drafts.share else { return };
+    let (mut open, mut close) = (true, false);
+    egui::Window::new("Share your screen").collapsible(false).resizable(false).open(&mut open).show(ctx, |ui| {
+        match draft.sources.get(draft.source) {
+            None => {
+                ui.label("No screen or window to share was found.");
+            }
+            Some(chosen) => {
+                egui::ComboBox::from_label("what to share").selected_text(source_name(chosen)).show_ui(ui, |ui| {
+                    for (i, source) in draft.sources.iter().enumerate() {
+                        ui.selectable_value(&mut draft.source, i, source_name(source));
+                    }
+                });
+            }
+        }
+        ui.horizontal(|ui| {
+            ui.label("Size, at most:");
+            for resolution in Resolution::ALL {
+                ui.radio_value(&mut draft.resolution, resolution, resolution.to_string());
+            }
+        });
+        ui.add(egui::Slider::new(&mut draft.fps, 1..=ShareRequest::MAX_FPS).text("frames a second, at most"));
+        ui.label(
+            RichText::new(
+                "When the network or the encoder cannot keep up, the frame rate goes down first, then the \
+                 bitrate, then the size. It is encoded only while someone watches.",
+            )
+            .small(),
+        );
+        ui.horizontal(|ui| {
+            if ui.add_enabled(!draft.sources.is_empty(), egui::Button::new("Share")).clicked() {
+                client(tx, Command::Share(Some(draft.request())));
+                close = true;
+            }
+            close |= ui.button("Cancel").clicked();
+        });
+    });
+    if close || !open {
+        model.drafts.share = None;
+    }
+}
+
+/// A source as the picker shows it: "Window: Title", "Screen NAME" or "Whole screen".
+fn source_name(source: &str) -> String {
+    match source.strip_prefix("window:") {
+        Some(title) => format!("Window: {}", visible(title)),
+        None if source.is_empty() => "Whole screen".to_owned(),
+        None => format!("Screen {}", visible(source)),
+    }
 }
 
 /// What an admin of the server may do to a user.
@@ -597,6 +748,29 @@ pub fn voice_bar(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     if settings != model.settings {
         send(tx, UiCommand::SaveSettings(Box::new(settings)));
     }
+    ui.separator();
+    share_bar(ui, model, tx);
+}
+
+/// Our screen share: the button that opens the share dialog, or what is shared and a
+/// button that stops it.
+fn share_bar(ui: &mut Ui, model: &Model, tx: &Sender<UiCommand>) {
+    ui.horizontal_wrapped(|ui| match &model.my_share {
+        Some(share) => {
+            let text =
+                format!("Sharing {}×{} at {} fps, {} watching", share.width, share.height, share.fps, share.viewers);
+            ui.label(RichText::new(text).color(SPEAKING)).on_hover_text(format!("encoder: {}", share.encoder));
+            if ui.button("Stop sharing").clicked() {
+                client(tx, Command::Share(None));
+            }
+        }
+        None => {
+            let button = ui.add_enabled(model.my_channel.is_some(), egui::Button::new("Share screen"));
+            if button.on_disabled_hover_text("Join a channel first").clicked() {
+                send(tx, UiCommand::OpenShareDialog);
+            }
+        }
+    });
 }
 
 /// The microphone's level as a bar from -80 to -10 dBFS, with the threshold as a line

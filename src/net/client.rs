@@ -472,6 +472,7 @@ pub async fn run_client(
             command = commands.recv(), if session.is_ready() && commands_open => match command {
                 Some(Command::Quit) => break Ok(()),
                 Some(Command::Probe { count }) => send_probes(&mut session, &connection, count, emit),
+                Some(Command::Share(request)) => screen.share(request, &mut session, emit),
                 Some(command) => voice_command(&mut session, &mut engine, &mut listening, command),
                 None if end.is_some() => commands_open = false,
                 None => break Ok(()),

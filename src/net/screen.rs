@@ -9,6 +9,7 @@
 //! queued voice out. A frame not admitted is dropped whole and the next one is a
 //! keyframe, so a viewer never waits on a frame that will not come.
 
+use std::collections::VecDeque;
 use std::io::BufWriter;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,15 +20,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::protocol::{ScreenReport, SessionId, ShareInfo};
-use crate::session::screen::{ScreenFrame, VideoStats};
+use crate::protocol::{Resolution, ScreenReport, SessionId, ShareInfo};
+use crate::session::command::ShareRequest;
+use crate::session::screen::{MAX_WATCHED, ScreenFrame, VideoStats};
 use crate::session::{Event, Session};
-use crate::video::adapt::{Adapter, Resolution, Rung, ViewerLoss};
+use crate::video::adapt::{Adapter, Rung, ViewerLoss, start_bitrate};
 use crate::video::capture::{CaptureError, FileSource, Source, X11Capture};
 use crate::video::codec::{
     EncodedFrame, EncoderSettings, HevcDecoder, HevcEncoder, VideoError, choose_encoder, proven_encoder,
 };
-use crate::video::picture::{Scaler, from_ffmpeg, share_size, to_ffmpeg};
+use crate::video::picture::{Rgba, Scaler, from_ffmpeg, share_size, to_ffmpeg};
 use crate::video::y4m::{Y4mWriter, YuvFrame};
 
 /// How much of the share's bitrate may wait in the connection at once: beyond it frames
@@ -46,19 +48,32 @@ const ENCODED_WAITING: usize = 2;
 /// Decrypted frames waiting for the decoder.
 const DECODE_WAITING: usize = 8;
 
-/// What `voipc join` was asked to do with screens.
+/// What `voipc join` (or the desktop app) was asked to do with screens.
 #[derive(Debug, Clone, Default)]
 pub struct ScreenOptions {
-    /// Share this (`Some(None)`: the primary monitor).
-    pub share: Option<Option<String>>,
-    pub resolution: Option<Resolution>,
-    pub fps: Option<u32>,
+    /// Share this once in a channel ([`crate::session::Command::Share`] starts, changes
+    /// and stops a share later).
+    pub share: Option<ShareRequest>,
     /// Force this encoder instead of probing.
     pub encoder: Option<String>,
     /// Watch this user's share as soon as it is there.
     pub watch: Option<String>,
     /// Write every decoded frame here (4:2:0 Y4M, at the first frame's size).
     pub record: Option<PathBuf>,
+    /// Show every decoded frame (the desktop app).
+    pub show: Option<PictureSink>,
+}
+
+/// Takes each decoded picture of a share we watch, with its sharer, on the decoding
+/// thread: it keeps what it needs and returns at once (the desktop app keeps the newest
+/// and asks for a repaint).
+#[derive(Clone)]
+pub struct PictureSink(pub Arc<dyn Fn(SessionId, Rgba) + Send + Sync>);
+
+impl std::fmt::Debug for PictureSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PictureSink")
+    }
 }
 
 /// From the network side to the encoding thread.
@@ -128,16 +143,21 @@ impl ScreenShell {
     /// Starts sharing once in a channel (if asked to), and the decoder with the first
     /// watch.
     pub fn start_when_ready(&mut self, session: &mut Session, connection: &quinn::Connection) {
+        // A share ends with its channel (the server ends it too); it starts again in the
+        // next one.
+        if self.sender.is_some() && session.channel().is_none() {
+            self.stop_sharing(session);
+        }
         if self.sender.is_none()
             && session.channel().is_some()
-            && let Some(spec) = self.options.share.clone()
+            && let Some(request) = self.options.share.clone()
         {
-            let resolution = self.options.resolution.unwrap_or(Resolution::P720);
-            let fps = self.options.fps.unwrap_or(30).clamp(1, 30);
+            let resolution = request.resolution;
+            let fps = request.fps.clamp(1, ShareRequest::MAX_FPS);
             let (to_tx, to_rx) = std_mpsc::channel();
             let (from_tx, from_rx) = mpsc::channel(ENCODED_WAITING);
             let forced = self.options.encoder.clone();
-            let source = Source::parse(spec.as_deref());
+            let source = Source::parse(request.source.as_deref());
             let notes = self.notes.clone();
             std::thread::Builder::new()
                 .name("voipc-share".into())
@@ -151,6 +171,27 @@ impl ScreenShell {
             // Nobody watches yet.
             self.control(ToSender::Pause(true));
         }
+    }
+
+    /// Starts sharing `request` (in place of what is shared now), or stops.
+    pub fn share(
+        &mut self,
+        request: Option<ShareRequest>,
+        session: &mut Session,
+        emit: &mut (dyn FnMut(&Event) + Send),
+    ) {
+        if self.sender.is_some() {
+            self.stop_sharing(session);
+            emit(&Event::ShareStopped { reason: crate::session::SHARE_STOPPED_BY_USER.into() });
+        }
+        self.options.share = request;
+    }
+
+    /// Lets the encoding thread go (it ends when it finds its control channel closed)
+    /// and tells the others.
+    fn stop_sharing(&mut self, session: &mut Session) {
+        session.set_share(None);
+        (self.sender, self.adapter, self.pacer) = (None, None, None);
     }
 
     fn control(&self, message: ToSender) {
@@ -171,10 +212,10 @@ impl ScreenShell {
             Event::Watching { watching: true, .. } if self.viewer.is_none() => {
                 let (tx, rx) = std_mpsc::sync_channel(DECODE_WAITING);
                 let (events_tx, events_rx) = mpsc::channel(64);
-                let record = self.options.record.clone();
+                let (record, show) = (self.options.record.clone(), self.options.show.clone());
                 std::thread::Builder::new()
                     .name("voipc-watch".into())
-                    .spawn(move || run_viewer(record, rx, events_tx))
+                    .spawn(move || run_viewer(record, show, rx, events_tx))
                     .expect("a thread can be spawned");
                 self.viewer = Some((tx, events_rx));
             }
@@ -246,9 +287,8 @@ impl ScreenShell {
                 self.send_frame(session, connection, frame, timestamp)
             }
             ShellInput::Sender(FromSender::Failed(reason)) => {
-                session.set_share(None);
-                self.sender = None;
-                self.adapter = None;
+                self.stop_sharing(session);
+                self.options.share = None;
                 emit(&Event::ShareStopped { reason });
             }
             ShellInput::Viewer(FromViewer::Decoded) => self.stats.frames_decoded += 1,
@@ -405,7 +445,7 @@ fn share(
 ) -> Result<(), ShareError> {
     let mut capture = Capture::open(source)?;
     let (src_w, src_h) = capture.size();
-    let mut rung = Rung { resolution, fps: max_fps, bitrate: resolution.bitrate(max_fps) };
+    let mut rung = Rung { resolution, fps: max_fps, bitrate: start_bitrate(resolution, max_fps) };
     let settings = |rung: &Rung| {
         let (width, height) = share_size(src_w, src_h, rung.resolution.height());
         EncoderSettings { width, height, fps: rung.fps, bitrate: rung.bitrate }
@@ -494,22 +534,48 @@ fn share(
     }
 }
 
-/// The decoding thread: decodes each whole frame and records it.
-fn run_viewer(record: Option<PathBuf>, frames: std_mpsc::Receiver<ScreenFrame>, events: mpsc::Sender<FromViewer>) {
-    if let Err(e) = watch(record, &frames, &events) {
+/// The decoding thread: decodes each whole frame, records it and shows it.
+fn run_viewer(
+    record: Option<PathBuf>,
+    show: Option<PictureSink>,
+    frames: std_mpsc::Receiver<ScreenFrame>,
+    events: mpsc::Sender<FromViewer>,
+) {
+    if let Err(e) = watch(record, show, &frames, &events) {
         let _ = events.blocking_send(FromViewer::Failed(e));
+    }
+}
+
+/// A decoder for each stream watched (their frames must not mix), the most recently
+/// used last; no more than can be watched at once.
+struct Decoders(VecDeque<(SessionId, HevcDecoder)>);
+
+impl Decoders {
+    fn of(&mut self, sender: SessionId) -> Result<&mut HevcDecoder, String> {
+        if let Some(at) = self.0.iter().position(|(s, _)| *s == sender) {
+            let used = self.0.remove(at).expect("found");
+            self.0.push_back(used);
+        } else {
+            if self.0.len() == MAX_WATCHED {
+                self.0.pop_front();
+            }
+            self.0.push_back((sender, HevcDecoder::new().map_err(|e| e.to_string())?));
+        }
+        Ok(&mut self.0.back_mut().expect("pushed").1)
     }
 }
 
 fn watch(
     record: Option<PathBuf>,
+    show: Option<PictureSink>,
     frames: &std_mpsc::Receiver<ScreenFrame>,
     events: &mpsc::Sender<FromViewer>,
 ) -> Result<(), String> {
-    let mut decoder = HevcDecoder::new().map_err(|e| e.to_string())?;
+    let mut decoders = Decoders(VecDeque::new());
     let mut writer: Option<(Y4mWriter<BufWriter<std::fs::File>>, Scaler)> = None;
+    let mut to_rgba = Scaler::rgba(2, 2);
     for frame in frames {
-        let picture = match decoder.decode(&frame.payload) {
+        let picture = match decoders.of(frame.sender)?.decode(&frame.payload) {
             Ok(Some(picture)) => picture,
             Ok(None) => continue,
             Err(_) => {
@@ -534,6 +600,12 @@ fn watch(
                 from_ffmpeg(scaler.scale(picture).map_err(|e| e.to_string())?)
             };
             y4m.write(&yuv).and_then(|()| y4m.flush()).map_err(|e| e.to_string())?;
+        }
+        if let Some(PictureSink(show)) = &show {
+            if to_rgba.size() != (picture.width(), picture.height()) {
+                to_rgba = Scaler::rgba(picture.width(), picture.height());
+            }
+            show(frame.sender, to_rgba.to_rgba(picture).map_err(|e| e.to_string())?);
         }
         if events.blocking_send(FromViewer::Decoded).is_err() {
             return Ok(());

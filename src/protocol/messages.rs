@@ -173,6 +173,44 @@ impl ShareInfo {
     }
 }
 
+/// The sizes a share can be asked for, by height (the width follows the source's shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Resolution {
+    P480,
+    P720,
+    P1080,
+}
+
+impl Resolution {
+    pub const ALL: [Resolution; 3] = [Resolution::P480, Resolution::P720, Resolution::P1080];
+
+    pub fn height(self) -> u32 {
+        match self {
+            Resolution::P480 => 480,
+            Resolution::P720 => 720,
+            Resolution::P1080 => 1080,
+        }
+    }
+}
+
+impl std::str::FromStr for Resolution {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "480p" => Ok(Resolution::P480),
+            "720p" => Ok(Resolution::P720),
+            "1080p" => Ok(Resolution::P1080),
+            other => Err(format!("unknown resolution {other:?}: use 480p, 720p or 1080p")),
+        }
+    }
+}
+
+impl std::fmt::Display for Resolution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}p", self.height())
+    }
+}
+
 /// Screen shares one viewer may watch at once.
 pub const MAX_WATCHING: usize = 4;
 

@@ -1,6 +1,6 @@
 //! The commands a user types into a headless client (`/join Lobby`), parsed.
 
-use crate::protocol::JoinRequest;
+use crate::protocol::{JoinRequest, Resolution};
 
 /// Uses and lifetime of an invite when `/invite` names none.
 pub const DEFAULT_INVITE_USES: u32 = 1;
@@ -84,13 +84,33 @@ pub enum Command {
         user: String,
         channel: String,
     },
+    /// Start sharing a screen (or change what is shared), or stop (`None`).
+    Share(Option<ShareRequest>),
     Quit,
+}
+
+/// What to share and how well, at most: the adapter goes lower when it must.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareRequest {
+    /// A monitor's name or number, `window:TITLE` or a `.y4m` file; `None`: the primary
+    /// monitor.
+    pub source: Option<String>,
+    pub resolution: Resolution,
+    /// 1-30.
+    pub fps: u32,
+}
+
+impl ShareRequest {
+    /// What a share starts at when nothing is said: 720p at 30 fps.
+    pub const DEFAULT_RESOLUTION: Resolution = Resolution::P720;
+    pub const DEFAULT_FPS: u32 = 30;
+    pub const MAX_FPS: u32 = 30;
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
     #[error(
-        "unknown command /{0}; try /join, /leave, /create, /invite, /msg, /safety, /verify, /channels, /mute, /deafen, /talk, /volume, /probe, /watch, /unwatch, /kick, /ban, /close, /move or /quit"
+        "unknown command /{0}; try /join, /leave, /create, /invite, /msg, /safety, /verify, /channels, /mute, /deafen, /talk, /volume, /probe, /watch, /unwatch, /share, /unshare, /kick, /ban, /close, /move or /quit"
     )]
     Unknown(String),
     #[error("usage: {0}")]
@@ -107,6 +127,7 @@ const MSG_USAGE: &str = "/msg NAME TEXT";
 const SAFETY_USAGE: &str = "/safety NAME";
 const KICK_USAGE: &str = "/kick NAME";
 const WATCH_USAGE: &str = "/watch NAME, /unwatch NAME";
+const SHARE_USAGE: &str = "/share [SOURCE] [--resolution 480p|720p|1080p] [--fps 1-30], /unshare";
 const BAN_USAGE: &str = "/ban NAME [MINUTES]";
 const CLOSE_USAGE: &str = "/close CHANNEL";
 const MOVE_USAGE: &str = "/move NAME CHANNEL";
@@ -195,6 +216,9 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
         "kick" => Command::Kick(one_name(args, KICK_USAGE)?),
         "watch" => Command::Watch { user: one_name(args, WATCH_USAGE)?, watch: true },
         "unwatch" => Command::Watch { user: one_name(args, WATCH_USAGE)?, watch: false },
+        "share" => parse_share(args)?,
+        "unshare" if args.is_empty() => Command::Share(None),
+        "unshare" => return Err(ParseError::Usage(SHARE_USAGE)),
         "ban" => {
             let minutes = number_at(args, 1, BAN_USAGE)?.unwrap_or(DEFAULT_BAN_MINUTES);
             match args {
@@ -229,6 +253,28 @@ fn parse_join(args: &[String]) -> Result<Command, ParseError> {
         return Err(ParseError::Usage(JOIN_USAGE));
     }
     Ok(Command::Join(JoinRequest { channel, password, invite }))
+}
+
+fn parse_share(args: &[String]) -> Result<Command, ParseError> {
+    let mut request =
+        ShareRequest { source: None, resolution: ShareRequest::DEFAULT_RESOLUTION, fps: ShareRequest::DEFAULT_FPS };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(ParseError::Usage(SHARE_USAGE));
+        match arg.as_str() {
+            "--resolution" => request.resolution = value()?.parse().map_err(|_| ParseError::Usage(SHARE_USAGE))?,
+            "--fps" => {
+                request.fps = value()?
+                    .parse()
+                    .ok()
+                    .filter(|f| (1..=ShareRequest::MAX_FPS).contains(f))
+                    .ok_or(ParseError::Usage(SHARE_USAGE))?;
+            }
+            _ if request.source.is_none() && !arg.starts_with("--") => request.source = Some(arg.clone()),
+            _ => return Err(ParseError::Usage(SHARE_USAGE)),
+        }
+    }
+    Ok(Command::Share(Some(request)))
 }
 
 fn parse_create(args: &[String]) -> Result<Command, ParseError> {
@@ -336,6 +382,22 @@ mod tests {
         assert_eq!(parse("/watch alice"), Command::Watch { user: "alice".into(), watch: true });
         assert_eq!(parse("/unwatch alice"), Command::Watch { user: "alice".into(), watch: false });
         assert_eq!(parse_line("/watch"), Err(ParseError::Usage(WATCH_USAGE)));
+        assert_eq!(
+            parse("/share"),
+            Command::Share(Some(ShareRequest { source: None, resolution: Resolution::P720, fps: 30 }))
+        );
+        assert_eq!(
+            parse(r#"/share "window:My Editor" --resolution 1080p --fps 15"#),
+            Command::Share(Some(ShareRequest {
+                source: Some("window:My Editor".into()),
+                resolution: Resolution::P1080,
+                fps: 15
+            }))
+        );
+        assert_eq!(parse("/unshare"), Command::Share(None));
+        for bad in ["/share --fps 0", "/share --fps 31", "/share --resolution 4k", "/share a b", "/unshare x"] {
+            assert_eq!(parse_line(bad), Err(ParseError::Usage(SHARE_USAGE)), "{bad}");
+        }
         assert_eq!(parse("  hello there "), Command::Say("hello there".into()));
         assert_eq!(parse_line("   "), Ok(None));
     }

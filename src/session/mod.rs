@@ -19,8 +19,8 @@ pub use chat::REKEY_INTERVAL;
 use serde::Serialize;
 
 use crate::protocol::{
-    ChannelId, ChannelInfo, ClientMsg, JoinRequest, MEDIA_HEADER_LEN, MediaHeader, PROTOCOL_VERSION, ServerMsg,
-    SessionId, ShareInfo, StreamType, UserInfo, VoiceState, canonical_name, percent_encode,
+    ChannelId, ChannelInfo, ClientMsg, JoinRequest, MEDIA_HEADER_LEN, MediaHeader, PROTOCOL_VERSION, ScreenReport,
+    ServerMsg, SessionId, ShareInfo, StreamType, UserInfo, VoiceState, canonical_name, percent_encode,
 };
 pub use chat::Chat;
 pub use command::{Command, ParseError, parse_line};
@@ -164,6 +164,15 @@ pub enum Event {
         session: u32,
         watching: bool,
     },
+    /// What we received of a share we watch over the last second (also sent to the
+    /// sharer): whole frames, kilobits, and the fragments that never came in percent.
+    WatchStats {
+        user: String,
+        session: u32,
+        fps: u32,
+        kbps: u32,
+        loss_percent: f32,
+    },
     /// How many watch our share.
     Viewers {
         count: u32,
@@ -226,10 +235,27 @@ pub enum Event {
     },
 }
 
+/// The reason of a `ShareStopped` that the user asked for (every other one is a failure).
+pub const SHARE_STOPPED_BY_USER: &str = "stopped by you";
+
 impl Event {
     /// An error of the client's own (not one the server sent).
     pub fn local_error(code: &str, message: impl std::fmt::Display) -> Event {
         Event::Error { code: code.to_owned(), message: message.to_string() }
+    }
+
+    /// The figures of a second of `user`'s share, from the report we send them.
+    pub(super) fn watch_stats(user: String, sharer: SessionId, report: &ScreenReport) -> Event {
+        let fragments = u64::from(report.fragments_received) + u64::from(report.fragments_lost);
+        let loss_percent =
+            if fragments == 0 { 0.0 } else { (100.0 * f64::from(report.fragments_lost) / fragments as f64) as f32 };
+        Event::WatchStats {
+            user,
+            session: sharer.0,
+            fps: report.frames_decoded,
+            kbps: u32::try_from(u64::from(report.bytes_received) * 8 / 1000).unwrap_or(u32::MAX),
+            loss_percent,
+        }
     }
 }
 
@@ -363,6 +389,9 @@ impl std::fmt::Display for Event {
             Event::Watching { user, watching: true, .. } => write!(f, "* watching {}", Shown(user)),
             Event::Watching { user, watching: false, .. } => write!(f, "* no longer watching {}", Shown(user)),
             Event::Viewers { count } => write!(f, "* {count} watching your screen"),
+            Event::WatchStats { user, fps, kbps, loss_percent, .. } => {
+                write!(f, "* {}'s screen: {fps} fps, {kbps} kbit/s, {loss_percent:.1} % lost", Shown(user))
+            }
             Event::ShareStarted { encoder, width, height, fps } => {
                 write!(f, "* sharing your screen: {width}x{height} at {fps} fps with {encoder}")
             }
@@ -753,7 +782,9 @@ impl Session {
             Command::Verify(name) => self.verify(&name, now),
             Command::Mute(muted) => self.set_voice_state(VoiceState { muted, ..self.voice }),
             Command::Deafen(deafened) => self.set_voice_state(VoiceState { deafened, ..self.voice }),
-            Command::Probe { .. }
+            // The shell's: it owns the capture and the encoder.
+            Command::Share(_)
+            | Command::Probe { .. }
             | Command::Quit
             | Command::Talk(_)
             | Command::Volume { .. }

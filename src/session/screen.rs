@@ -290,6 +290,8 @@ impl Session {
                     bytes_received: delta(|c| c.bytes),
                 };
                 self.transmit.push_back(ClientMsg::ScreenReport { sharer: *sharer, report });
+                let user = self.users.get(sharer).map_or_else(String::new, |u| u.name.clone());
+                self.events.push_back(Event::watch_stats(user, *sharer, &report));
             }
         }
     }

@@ -12,6 +12,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::protocol::Resolution;
+
 /// Decisions are at most this frequent.
 pub const DECIDE_EVERY: Duration = Duration::from_secs(1);
 /// Trouble-free time before the first step up.
@@ -29,57 +31,19 @@ const FPS_STEPS: [u32; 3] = [15, 10, 5];
 /// Bitrate cuts at the lowest frame rate of each resolution, before the resolution goes.
 const BITRATE_CUTS: [f64; 2] = [0.75, 0.5625];
 
-/// The resolutions a share can have, by height (the width follows the source's shape).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
-pub enum Resolution {
-    P480,
-    P720,
-    P1080,
-}
-
-impl Resolution {
-    pub const ALL: [Resolution; 3] = [Resolution::P480, Resolution::P720, Resolution::P1080];
-
-    pub fn height(self) -> u32 {
-        match self {
-            Resolution::P480 => 480,
-            Resolution::P720 => 720,
-            Resolution::P1080 => 1080,
-        }
-    }
-
-    /// Bits per second at `fps` to start from, after LiveKit's screen-share presets
-    /// (720p: 5 fps 0.8, 15 fps 1.5, 30 fps 2 Mbit/s; 1080p: 15 fps 2.5, 30 fps 5), in
-    /// straight lines between them.
-    pub fn bitrate(self, fps: u32) -> u32 {
-        let points: &[(u32, u32)] = match self {
-            Resolution::P480 => &[(5, 400_000), (15, 800_000), (30, 1_200_000)],
-            Resolution::P720 => &[(5, 800_000), (15, 1_500_000), (30, 2_000_000)],
-            Resolution::P1080 => &[(5, 1_500_000), (15, 2_500_000), (30, 5_000_000)],
-        };
-        let fps = fps.clamp(points[0].0, points[points.len() - 1].0);
-        let at = points.windows(2).find(|w| fps <= w[1].0).expect("fps is clamped into the table");
-        let ((f0, b0), (f1, b1)) = (at[0], at[1]);
-        b0 + (b1 - b0) * (fps - f0) / (f1 - f0)
-    }
-}
-
-impl std::str::FromStr for Resolution {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "480p" => Ok(Resolution::P480),
-            "720p" => Ok(Resolution::P720),
-            "1080p" => Ok(Resolution::P1080),
-            other => Err(format!("unknown resolution {other:?}: use 480p, 720p or 1080p")),
-        }
-    }
-}
-
-impl std::fmt::Display for Resolution {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}p", self.height())
-    }
+/// Bits per second at `fps` to start from, after LiveKit's screen-share presets
+/// (720p: 5 fps 0.8, 15 fps 1.5, 30 fps 2 Mbit/s; 1080p: 15 fps 2.5, 30 fps 5), in
+/// straight lines between them.
+pub fn start_bitrate(resolution: Resolution, fps: u32) -> u32 {
+    let points: &[(u32, u32)] = match resolution {
+        Resolution::P480 => &[(5, 400_000), (15, 800_000), (30, 1_200_000)],
+        Resolution::P720 => &[(5, 800_000), (15, 1_500_000), (30, 2_000_000)],
+        Resolution::P1080 => &[(5, 1_500_000), (15, 2_500_000), (30, 5_000_000)],
+    };
+    let fps = fps.clamp(points[0].0, points[points.len() - 1].0);
+    let at = points.windows(2).find(|w| fps <= w[1].0).expect("fps is clamped into the table");
+    let ((f0, b0), (f1, b1)) = (at[0], at[1]);
+    b0 + (b1 - b0) * (fps - f0) / (f1 - f0)
 }
 
 /// One quality a share can run at.
@@ -103,11 +67,15 @@ pub fn ladder(resolution: Resolution, max_fps: u32) -> Vec<Rung> {
             vec![FPS_STEPS[FPS_STEPS.len() - 1].min(max_fps)]
         };
         for fps in &rates {
-            rungs.push(Rung { resolution: res, fps: *fps, bitrate: res.bitrate(*fps) });
+            rungs.push(Rung { resolution: res, fps: *fps, bitrate: start_bitrate(res, *fps) });
         }
         let lowest = *rates.last().expect("at least one rate");
         for cut in BITRATE_CUTS {
-            rungs.push(Rung { resolution: res, fps: lowest, bitrate: (f64::from(res.bitrate(lowest)) * cut) as u32 });
+            rungs.push(Rung {
+                resolution: res,
+                fps: lowest,
+                bitrate: (f64::from(start_bitrate(res, lowest)) * cut) as u32,
+            });
         }
     }
     rungs

@@ -224,29 +224,65 @@ pub fn monitors(conn: &RustConnection, root: xproto::Window) -> Result<Vec<Monit
     Ok(out)
 }
 
-/// Where the top-level window titled `title` is on the root window.
-fn window_area(conn: &RustConnection, root: xproto::Window, title: &str) -> Result<(i16, i16, u16, u16), CaptureError> {
+/// What can be shared on `display` (or `$DISPLAY`), as `--share-screen` names it: each
+/// monitor by name, the primary first (an empty name, the whole screen, where RandR lists
+/// none), then `window:TITLE` for each top-level window with a title.
+pub fn sources(display: Option<&str>) -> Result<Vec<String>, CaptureError> {
+    let (conn, screen) = x11rb::connect(display).map_err(|e| CaptureError::Connect(e.to_string()))?;
+    let root = conn.setup().roots[screen].root;
+    let mut monitors = monitors(&conn, root).unwrap_or_default();
+    monitors.sort_by_key(|m| !m.primary);
+    let mut out: Vec<String> = monitors.into_iter().map(|m| m.name).collect();
+    if out.is_empty() {
+        out.push(String::new());
+    }
+    let mut titles: Vec<String> = titled_windows(&conn, root)?
+        .into_iter()
+        .flat_map(|(_, names)| names.into_iter().next())
+        .filter(|t| !t.is_empty())
+        .collect();
+    titles.sort();
+    titles.dedup();
+    out.extend(titles.into_iter().map(|t| format!("window:{t}")));
+    Ok(out)
+}
+
+/// The top-level windows with the titles they give (`_NET_WM_NAME`, then `WM_NAME`).
+fn titled_windows(
+    conn: &RustConnection,
+    root: xproto::Window,
+) -> Result<Vec<(xproto::Window, Vec<String>)>, CaptureError> {
     let atom = |name: &[u8]| -> Result<u32, CaptureError> {
         Ok(conn.intern_atom(false, name).map_err(x11)?.reply().map_err(x11)?.atom)
     };
     let (net_name, utf8) = (atom(b"_NET_WM_NAME")?, atom(b"UTF8_STRING")?);
     let tree = conn.query_tree(root).map_err(x11)?.reply().map_err(x11)?;
+    let mut out = Vec::new();
     for window in tree.children {
         let mut names = Vec::new();
         for (property, kind) in
             [(net_name, utf8), (u32::from(xproto::AtomEnum::WM_NAME), u32::from(xproto::AtomEnum::STRING))]
         {
-            if let Ok(reply) = conn.get_property(false, window, property, kind, 0, 1024).map_err(x11)?.reply() {
+            if let Ok(reply) = conn.get_property(false, window, property, kind, 0, 1024).map_err(x11)?.reply()
+                && !reply.value.is_empty()
+            {
                 names.push(String::from_utf8_lossy(&reply.value).into_owned());
             }
         }
-        if names.iter().any(|n| n == title) {
-            let g = conn.get_geometry(window).map_err(x11)?.reply().map_err(x11)?;
-            let at = conn.translate_coordinates(window, root, 0, 0).map_err(x11)?.reply().map_err(x11)?;
-            return Ok((at.dst_x, at.dst_y, g.width, g.height));
+        if !names.is_empty() {
+            out.push((window, names));
         }
     }
-    Err(CaptureError::NoWindow(title.to_owned()))
+    Ok(out)
+}
+
+/// Where the top-level window titled `title` is on the root window.
+fn window_area(conn: &RustConnection, root: xproto::Window, title: &str) -> Result<(i16, i16, u16, u16), CaptureError> {
+    let found = titled_windows(conn, root)?.into_iter().find(|(_, names)| names.iter().any(|n| n == title));
+    let Some((window, _)) = found else { return Err(CaptureError::NoWindow(title.to_owned())) };
+    let g = conn.get_geometry(window).map_err(x11)?.reply().map_err(x11)?;
+    let at = conn.translate_coordinates(window, root, 0, 0).map_err(x11)?.reply().map_err(x11)?;
+    Ok((at.dst_x, at.dst_y, g.width, g.height))
 }
 
 /// Blends the cursor (premultiplied ARGB) into the picture of the area at `(ax, ay)`.

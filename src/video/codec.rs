@@ -1,8 +1,9 @@
 //! HEVC through FFmpeg: the encoder, chosen by trying each in order until one really
 //! encodes, and the decoder. Both are set for the least delay: no B-frames, keyframes
-//! only when asked for, constant bitrate with a one-frame buffer, slice threads only, and
-//! parameter sets repeated in every keyframe (the global-header flag is never set), so a
-//! viewer can start at any keyframe.
+//! only when asked for, slice threads only, and parameter sets repeated in every keyframe
+//! (the global-header flag is never set), so a viewer can start at any keyframe. The
+//! bitrate is held to the share's over any [`VBV_SECONDS`], which lets a keyframe be as
+//! large as a sharp page of text needs (see there).
 
 use ffmpeg::codec::{self, threading};
 use ffmpeg::format::Pixel;
@@ -74,18 +75,30 @@ pub fn encoder_options(name: &str) -> Vec<(&'static str, String)> {
             ("preset", "ultrafast"),
             ("tune", "zerolatency"),
             ("forced-idr", "1"),
-            ("x265-params", "keyint=-1:repeat-headers=1:info=0:log-level=error"),
+            // ultrafast's smallest coding unit is 16x16, which smears text (a keyframe of a
+            // page of text: 17 dB at 16, 30 dB at 8 on the same budget, measured here);
+            // vbv-init=1 starts with the buffer full, so the first keyframe is sharp too.
+            ("x265-params", "keyint=-1:repeat-headers=1:info=0:log-level=error:min-cu-size=8:vbv-init=1"),
         ],
         _ => &[],
     };
     pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
 }
 
-/// The VBV buffer in bits: one frame's worth (libx265 gets one and a half, as Sunshine
-/// gives it: its rate control overshoots a single frame's budget on scene changes).
-fn vbv_bits(name: &str, settings: &EncoderSettings) -> u32 {
-    let frame = settings.bitrate / settings.fps.max(1);
-    if name == "libx265" { frame + frame / 2 } else { frame }
+/// The rate-control (VBV) buffer, in seconds of the bitrate: the bitrate holds over any
+/// window this long, and a single frame may take up to this much.
+///
+/// Game streamers use one frame's worth at tens of Mbit/s. At a share's 0.4-5 Mbit/s a
+/// keyframe of a page of text held to one frame is unreadable (17-20 dB measured here at
+/// 480p, 680 kbit/s). With two seconds it takes what it needs (a dense page at 480p: about
+/// 55 kB, 0.65 s of that bitrate, 40 dB) and the mostly unchanged frames after it stay
+/// small, so the average still holds. The price: on a link no faster than the share, such
+/// a keyframe takes that long to arrive.
+pub const VBV_SECONDS: u32 = 2;
+
+/// The VBV buffer in bits.
+fn vbv_bits(settings: &EncoderSettings) -> u32 {
+    settings.bitrate.saturating_mul(VBV_SECONDS)
 }
 
 /// One encoded frame.
@@ -126,7 +139,10 @@ impl HevcEncoder {
         unsafe {
             let ctx = video.as_mut_ptr();
             (*ctx).rc_min_rate = i64::from(settings.bitrate);
-            (*ctx).rc_buffer_size = vbv_bits(name, &settings) as i32;
+            let vbv = i32::try_from(vbv_bits(&settings)).unwrap_or(i32::MAX);
+            (*ctx).rc_buffer_size = vbv;
+            // Start with the buffer full: the first keyframe may use all of it.
+            (*ctx).rc_initial_buffer_occupancy = vbv;
         }
         let mut options = Dictionary::new();
         for (key, value) in encoder_options(name) {
@@ -238,6 +254,12 @@ pub fn choose_encoder(forced: Option<&str>, settings: EncoderSettings) -> Result
     Ok(encoder)
 }
 
+/// The most pixels a decoded picture may have: 3840×2160, room for a 1080-line share of
+/// a 32:9 screen. A sharer's parameter sets name any size up to what HEVC allows (a few
+/// bytes can declare 16 384 × 8 704), and each such picture would cost every viewer
+/// hundreds of MB to decode, convert and show: FFmpeg refuses larger ones.
+pub const MAX_DECODED_PIXELS: u32 = 3840 * 2160;
+
 /// The HEVC decoder, for the least delay: low-delay flag, slice threads only (frame
 /// threads would hold frames back).
 pub struct HevcDecoder {
@@ -252,6 +274,8 @@ impl HevcDecoder {
         let mut context = codec::Context::new_with_codec(codec);
         context.set_flags(codec::Flags::LOW_DELAY);
         context.set_threading(threading::Config { kind: threading::Type::Slice, ..Default::default() });
+        // SAFETY: the context is allocated and not yet opened; a plain field.
+        unsafe { (*context.as_mut_ptr()).max_pixels = i64::from(MAX_DECODED_PIXELS) };
         let decoder = context.decoder().open_as(codec)?.video()?;
         Ok(HevcDecoder { decoder, frame: frame::Video::empty() })
     }
@@ -262,6 +286,11 @@ impl HevcDecoder {
         self.decoder.send_packet(&Packet::copy(data))?;
         match self.decoder.receive_frame(&mut self.frame) {
             Ok(()) if self.frame.is_corrupt() || self.frame.has_decode_errors() => {
+                Err(ffmpeg::Error::InvalidData.into())
+            }
+            Ok(())
+                if u64::from(self.frame.width()) * u64::from(self.frame.height()) > u64::from(MAX_DECODED_PIXELS) =>
+            {
                 Err(ffmpeg::Error::InvalidData.into())
             }
             Ok(()) => Ok(Some(&self.frame)),
@@ -304,8 +333,8 @@ mod tests {
         assert!(
             x265.iter().any(|(k, v)| *k == "x265-params" && v.contains("keyint=-1") && v.contains("repeat-headers=1"))
         );
-        assert_eq!(vbv_bits("libx265", &settings()), 500_000 / 30 * 3 / 2);
-        assert_eq!(vbv_bits("hevc_nvenc", &settings()), 500_000 / 30);
+        assert!(x265.iter().any(|(k, v)| *k == "x265-params" && v.contains("min-cu-size=8")), "sharp text");
+        assert_eq!(vbv_bits(&settings()), 2 * 500_000);
     }
 
     /// On this machine (no GPU) the hardware encoders fail with a reason and libx265
@@ -346,5 +375,29 @@ mod tests {
             }
         }
         assert!(decoded >= 9, "decoded {decoded}");
+    }
+
+    /// A sharer that sends a picture larger than any share gets an error, not a
+    /// picture (nor the memory it would take).
+    #[test]
+    fn a_picture_larger_than_any_share_is_refused() {
+        let (width, height) = (4096, 2304);
+        let huge = EncoderSettings { width, height, fps: 5, bitrate: 500_000 };
+        let mut encoder = HevcEncoder::open("libx265", huge).unwrap();
+        let mut frame = frame::Video::new(Pixel::YUV420P, width, height);
+        for plane in 0..3 {
+            frame.data_mut(plane).fill(100);
+        }
+        let mut out = Vec::new();
+        encoder.encode(&mut frame, true, &mut out).unwrap();
+        let mut decoder = HevcDecoder::new().unwrap();
+        assert!(decoder.decode(&out[0].data).is_err(), "{}x{} decoded", width, height);
+        // The same decoder still takes a stream of a sane size afterwards.
+        let mut encoder = choose_encoder(Some("libx265"), settings()).unwrap();
+        let mut small = frame::Video::new(Pixel::YUV420P, 320, 192);
+        small.data_mut(0).fill(90);
+        out.clear();
+        encoder.encode(&mut small, true, &mut out).unwrap();
+        assert!(decoder.decode(&out[0].data).unwrap().is_some());
     }
 }

@@ -1,5 +1,6 @@
-//! Pictures between capture, FFmpeg and files: captured BGRA scaled to the share's size
-//! as YUV 4:2:0 (swscale), and FFmpeg frames to and from contiguous [`YuvFrame`]s.
+//! Pictures between capture, FFmpeg, files and the screen: captured BGRA scaled to the
+//! share's size as YUV 4:2:0 (swscale), decoded frames as RGBA for showing, and FFmpeg
+//! frames to and from contiguous [`YuvFrame`]s.
 
 use ffmpeg::format::Pixel;
 use ffmpeg::frame;
@@ -16,6 +17,20 @@ pub struct Bgra {
     pub height: u32,
     pub stride: usize,
     pub data: Vec<u8>,
+}
+
+/// A picture to show: 32-bit RGBA rows, packed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Rgba {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Rgba {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Rgba({}x{})", self.width, self.height)
+    }
 }
 
 /// Copies `rows` rows of `width` bytes between buffers with their own strides.
@@ -56,8 +71,9 @@ pub fn from_ffmpeg(frame: &frame::Video) -> YuvFrame {
     YuvFrame { width, height, data }
 }
 
-/// Converts pictures of any size and pixel format to YUV 4:2:0 at one size, making
-/// its swscale context again only when what comes in changes.
+/// Converts pictures of any size and pixel format to one size and format (YUV 4:2:0
+/// unless made with [`Scaler::rgba`]), making its swscale context again only when what
+/// comes in changes.
 pub struct Scaler {
     to: (u32, u32),
     context: Option<(Pixel, u32, u32, scaling::Context)>,
@@ -66,7 +82,16 @@ pub struct Scaler {
 
 impl Scaler {
     pub fn new(width: u32, height: u32) -> Self {
-        Scaler { to: (width, height), context: None, out: frame::Video::new(Pixel::YUV420P, width, height) }
+        Self::to_format(Pixel::YUV420P, width, height)
+    }
+
+    /// One that makes RGBA, for showing.
+    pub fn rgba(width: u32, height: u32) -> Self {
+        Self::to_format(Pixel::RGBA, width, height)
+    }
+
+    fn to_format(format: Pixel, width: u32, height: u32) -> Self {
+        Scaler { to: (width, height), context: None, out: frame::Video::new(format, width, height) }
     }
 
     pub fn size(&self) -> (u32, u32) {
@@ -82,7 +107,7 @@ impl Scaler {
                 key.0,
                 key.1,
                 key.2,
-                Pixel::YUV420P,
+                self.out.format(),
                 self.to.0,
                 self.to.1,
                 scaling::Flags::BILINEAR,
@@ -92,6 +117,16 @@ impl Scaler {
         let (.., context) = self.context.as_mut().expect("made above");
         context.run(input, &mut self.out)?;
         Ok(&mut self.out)
+    }
+
+    /// `input` as a packed RGBA picture (a scaler made with [`Scaler::rgba`]).
+    pub fn to_rgba(&mut self, input: &frame::Video) -> Result<Rgba, VideoError> {
+        let out = self.scale(input)?;
+        let (width, height) = (out.width(), out.height());
+        let row = width as usize * 4;
+        let mut data = vec![0; row * height as usize];
+        copy_plane(out.data(0), out.stride(0), &mut data, row, row, height as usize);
+        Ok(Rgba { width, height, data })
     }
 
     /// A captured BGRA picture, scaled.
@@ -148,5 +183,19 @@ mod tests {
             from_ffmpeg(scaler.scale_bgra(&Bgra { width: w, height: h, stride: (w * 4) as usize, data }).unwrap());
         let luma = out.luma();
         assert!(luma[0] > 230 && luma[31] < 25, "{} {}", luma[0], luma[31]);
+    }
+
+    #[test]
+    fn decoded_pictures_show_as_packed_rgba() {
+        ffmpeg::init().unwrap();
+        // A mid-grey 4:2:0 picture with an odd width (padded rows in FFmpeg's frame).
+        let (w, h) = (33u32, 8u32);
+        let mut data = vec![128u8; YuvFrame::len_for(w, h)];
+        data[..(w * h) as usize].fill(126);
+        let rgba = Scaler::rgba(w, h).to_rgba(&to_ffmpeg(&YuvFrame { width: w, height: h, data })).unwrap();
+        assert_eq!((rgba.width, rgba.height, rgba.data.len()), (w, h, (w * h * 4) as usize));
+        for px in rgba.data.chunks(4) {
+            assert!(px[..3].iter().all(|c| c.abs_diff(128) <= 4) && px[3] == 255, "{px:?}");
+        }
     }
 }
