@@ -147,7 +147,8 @@ fn measure(
         encoder.encode(input, count == 0, &mut out)?;
         for frame in out.drain(..) {
             bytes += frame.data.len() as u64;
-            let datagrams = alice.seal_screen(me, count as u32, 0, frame.keyframe, &frame.data).expect("in a channel");
+            let datagrams =
+                alice.seal_screen(me, count as u32, 0, frame.keyframe, &frame.data, 0.0).expect("in a channel");
             for datagram in datagrams {
                 let (header, _) = MediaHeader::parse(&datagram)?;
                 let Some(sealed) = reassembler.push(Instant::now(), header, &datagram)? else { continue };

@@ -250,7 +250,7 @@ impl ScreenShell {
         let Some(adapter) = &mut self.adapter else { return };
         let total = f64::from(report.fragments_received) + f64::from(report.fragments_lost);
         let loss = if total > 0.0 { f64::from(report.fragments_lost) / total } else { 0.0 };
-        adapter.viewer_report(ViewerLoss { loss, frames_lost: report.frames_lost });
+        adapter.viewer_report(Instant::now(), ViewerLoss { loss, frames_lost: report.frames_lost });
     }
 
     /// Waits for what the threads have to say, or for the adapter's next decision
@@ -324,7 +324,9 @@ impl ScreenShell {
     ) {
         self.stats.frames_encoded += 1;
         self.stats.keyframes += u64::from(frame.keyframe);
-        let Some(datagrams) = session.screen_datagrams(Instant::now(), timestamp, frame.keyframe, &frame.data) else {
+        let now = Instant::now();
+        let loss = self.adapter.as_ref().map_or(0.0, |a| a.loss_to_cover(now));
+        let Some(datagrams) = session.screen_datagrams(now, timestamp, frame.keyframe, &frame.data, loss) else {
             return;
         };
         let bytes: usize = datagrams.iter().map(Vec::len).sum();
@@ -526,7 +528,11 @@ fn share(
         next += interval;
         let now = Instant::now();
         if now > next {
-            notes.behind.store(true, Ordering::Relaxed);
+            // A keyframe takes several times a frame's encoding and comes at most every
+            // half second: only other frames late say the encoder cannot keep up.
+            if !keyframe {
+                notes.behind.store(true, Ordering::Relaxed);
+            }
             next = now;
         } else {
             std::thread::sleep(next - now);

@@ -218,7 +218,8 @@ pub const MAX_WATCHING: usize = 4;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScreenReport {
     pub fragments_received: u32,
-    /// Fragments of frames that never completed that did not arrive.
+    /// Fragments sent that did not arrive, whether or not the erasure code made up for
+    /// them (the network's loss, which the sender sizes its recovery fragments on).
     pub fragments_lost: u32,
     pub frames_decoded: u32,
     pub frames_lost: u32,

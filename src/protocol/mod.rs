@@ -23,8 +23,9 @@ pub use names::{NameError, canonical_name, check_visible};
 
 /// The version a hello carries; peers with another version are refused with both named.
 /// 2: the user listing in pages, presence changes in batches. 3: screen share (watching,
-/// keyframe requests, viewer reports; a user shows its share).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// keyframe requests, viewer reports; a user shows its share). 4: screen frames carry
+/// recovery fragments (an erasure code), counted in the fragment header's flags byte.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The TLS ALPN token of this protocol version.
 pub const ALPN: &[u8] = b"voipc/1";

@@ -218,8 +218,9 @@ impl MediaKeys {
     }
 
     /// One encoded screen frame, sealed whole under our screen key with its shape in the
-    /// AAD, as the datagrams that carry it; `None` when we are in no channel or the frame
-    /// is larger than a receiver takes.
+    /// AAD, as the datagrams that carry it (with recovery fragments for viewers who lose
+    /// about `loss` of them); `None` when we are in no channel or the frame is larger
+    /// than a receiver takes.
     pub fn seal_screen(
         &mut self,
         me: SessionId,
@@ -227,6 +228,7 @@ impl MediaKeys {
         timestamp: u32,
         keyframe: bool,
         payload: &[u8],
+        loss: f64,
     ) -> Option<Vec<Vec<u8>>> {
         let own = self.own.as_mut()?;
         let media = MediaHeader {
@@ -237,7 +239,7 @@ impl MediaKeys {
             sequence: frame,
             timestamp,
         };
-        let shape = fragment::frame_shape(own.screen.sealed_len(payload.len()), keyframe)?;
+        let shape = fragment::frame_shape(own.screen.sealed_len(payload.len()), keyframe, loss)?;
         let mut sealed = Vec::with_capacity(shape.frame_len as usize);
         own.screen.seal(&fragment::frame_aad(&media, &shape), payload, &mut sealed).ok()?;
         self.counters.screen_frames_sent += 1;

@@ -117,21 +117,23 @@ impl Session {
         std::mem::take(&mut self.screen.keyframe_wanted)
     }
 
-    /// One encoded frame of our share as sealed datagrams, or `None` when we share
-    /// nothing, are in no channel, or the frame is too large.
+    /// One encoded frame of our share as sealed datagrams, with recovery fragments for
+    /// viewers who lose about `loss` of them, or `None` when we share nothing, are in no
+    /// channel, or the frame is too large.
     pub fn screen_datagrams(
         &mut self,
         now: Instant,
         timestamp: u32,
         keyframe: bool,
         payload: &[u8],
+        loss: f64,
     ) -> Option<Vec<Vec<u8>>> {
         self.screen.sharing?;
         if self.media.needs_new_key() {
             self.rekey(now);
         }
         let frame = self.screen.next_frame;
-        let datagrams = self.media.seal_screen(self.me?, frame, timestamp, keyframe, payload)?;
+        let datagrams = self.media.seal_screen(self.me?, frame, timestamp, keyframe, payload, loss)?;
         self.screen.next_frame = frame.wrapping_add(1);
         Some(datagrams)
     }
@@ -284,7 +286,9 @@ impl Session {
                 let delta = |f: fn(&ReassemblyCounters) -> u64| u32::try_from(f(&is) - f(&was)).unwrap_or(u32::MAX);
                 let report = ScreenReport {
                     fragments_received: delta(|c| c.fragments),
-                    fragments_lost: delta(|c| c.fragments_missing),
+                    // What the network lost, before the erasure code rebuilt any of it:
+                    // what the sender sizes its recovery fragments on.
+                    fragments_lost: delta(|c| c.fragments_expected).saturating_sub(delta(|c| c.fragments)),
                     frames_decoded: delta(|c| c.frames_delivered),
                     frames_lost: delta(|c| c.frames_lost),
                     bytes_received: delta(|c| c.bytes),

@@ -5,10 +5,15 @@
 //! Screen content wants sharp text, so under pressure the frame rate goes first, then the
 //! bitrate, and the resolution last; coming back up retraces the same rungs. The rules
 //! follow Sunshine's adaptive bitrate: decide at most once a second; step down on any
-//! lost frame or at least 1 % loss reported by a viewer, a frame the send buffer had no
-//! room for, or an encoder that fell behind; step up only after [`STABLE_BEFORE_UP`]
+//! frame a viewer lost (one the erasure code could not rebuild), a loss of fragments too
+//! large for the code ([`LOSS_TOLERATED`]), a frame the send buffer had no room for, or
+//! an encoder that fell behind; step up only after [`STABLE_BEFORE_UP`]
 //! without trouble and at most every [`UP_EVERY`]; and after a step up that had to be
 //! taken back, hold for [`REVERSAL_HOLD`] before trying again.
+//!
+//! The adapter also remembers the worst loss viewers reported lately
+//! ([`Adapter::loss_to_cover`]): the recovery fragments sent with each frame are sized
+//! on it.
 
 use std::time::{Duration, Instant};
 
@@ -24,8 +29,11 @@ pub const UP_EVERY: Duration = Duration::from_secs(2);
 pub const REVERSAL_WINDOW: Duration = Duration::from_secs(10);
 /// After a reversal, no step up for this long.
 pub const REVERSAL_HOLD: Duration = Duration::from_secs(30);
-/// Loss a viewer may report in a second without it counting as trouble.
-pub const LOSS_TOLERATED: f64 = 0.01;
+/// Loss of fragments a viewer may report in a second without it counting as trouble: the
+/// recovery fragments make up for it (a frame they could not rebuild is trouble anyway).
+pub const LOSS_TOLERATED: f64 = 0.10;
+/// How long a viewer's report of loss keeps sizing the recovery fragments.
+pub const LOSS_MEMORY: Duration = Duration::from_secs(10);
 /// Frame rates the ladder steps through below the chosen one.
 const FPS_STEPS: [u32; 3] = [15, 10, 5];
 /// Bitrate cuts at the lowest frame rate of each resolution, before the resolution goes.
@@ -98,6 +106,8 @@ pub struct Adapter {
     trouble_free_since: Instant,
     last_up: Option<Instant>,
     hold_until: Option<Instant>,
+    /// The worst loss reported lately, and when.
+    worst_loss: Option<(f64, Instant)>,
 }
 
 impl Adapter {
@@ -111,6 +121,7 @@ impl Adapter {
             trouble_free_since: now,
             last_up: None,
             hold_until: None,
+            worst_loss: None,
         }
     }
 
@@ -118,9 +129,21 @@ impl Adapter {
         self.ladder[self.at]
     }
 
-    pub fn viewer_report(&mut self, report: ViewerLoss) {
+    pub fn viewer_report(&mut self, now: Instant, report: ViewerLoss) {
         if report.frames_lost > 0 || report.loss >= LOSS_TOLERATED || report.loss.is_nan() {
             self.trouble = true;
+        }
+        if report.loss > 0.0 && report.loss >= self.loss_to_cover(now) {
+            self.worst_loss = Some((report.loss.min(1.0), now));
+        }
+    }
+
+    /// The worst fragment loss a viewer reported in the last [`LOSS_MEMORY`] (0 when
+    /// none did).
+    pub fn loss_to_cover(&self, now: Instant) -> f64 {
+        match self.worst_loss {
+            Some((loss, at)) if now < at + LOSS_MEMORY => loss,
+            _ => 0.0,
         }
     }
 
@@ -213,8 +236,8 @@ mod tests {
         // Trouble in every second: one rung a second, to the floor and no further.
         let mut changes = 0;
         for _ in 0..30 {
-            a.viewer_report(ViewerLoss { loss: 0.02, frames_lost: 0 });
-            a.viewer_report(ViewerLoss { loss: 0.0, frames_lost: 0 });
+            a.viewer_report(now, ViewerLoss { loss: 0.2, frames_lost: 0 });
+            a.viewer_report(now, ViewerLoss { loss: 0.0, frames_lost: 0 });
             now += Duration::from_millis(500);
             changes += usize::from(a.handle_timeout(now).is_some());
         }
@@ -238,10 +261,10 @@ mod tests {
     fn tolerated_loss_is_not_trouble_but_a_lost_frame_is() {
         let mut now = Instant::now();
         let mut a = Adapter::new(now, Resolution::P720, 30);
-        a.viewer_report(ViewerLoss { loss: 0.005, frames_lost: 0 });
+        a.viewer_report(now, ViewerLoss { loss: 0.05, frames_lost: 0 });
         now += DECIDE_EVERY;
-        assert_eq!(a.handle_timeout(now), None);
-        a.viewer_report(ViewerLoss { loss: 0.0, frames_lost: 1 });
+        assert_eq!(a.handle_timeout(now), None, "the recovery fragments cover 5 %");
+        a.viewer_report(now, ViewerLoss { loss: 0.0, frames_lost: 1 });
         now += DECIDE_EVERY;
         assert_eq!(a.handle_timeout(now).map(|r| r.fps), Some(15));
         a.send_buffer_full();
@@ -250,6 +273,20 @@ mod tests {
         a.encoder_behind();
         now += DECIDE_EVERY;
         assert_eq!(a.handle_timeout(now).map(|r| r.fps), Some(5));
+    }
+
+    #[test]
+    fn the_worst_loss_lately_sizes_the_recovery() {
+        let start = Instant::now();
+        let mut a = Adapter::new(start, Resolution::P720, 30);
+        assert_eq!(a.loss_to_cover(start), 0.0);
+        a.viewer_report(start, ViewerLoss { loss: 0.05, frames_lost: 0 });
+        a.viewer_report(start + Duration::from_secs(1), ViewerLoss { loss: 0.01, frames_lost: 0 });
+        a.viewer_report(start + Duration::from_secs(2), ViewerLoss { loss: 0.0, frames_lost: 0 });
+        assert_eq!(a.loss_to_cover(start + Duration::from_secs(9)), 0.05, "the worst, not the last");
+        assert_eq!(a.loss_to_cover(start + LOSS_MEMORY), 0.0, "forgotten after a calm while");
+        a.viewer_report(start + LOSS_MEMORY, ViewerLoss { loss: 0.02, frames_lost: 0 });
+        assert_eq!(a.loss_to_cover(start + LOSS_MEMORY), 0.02);
     }
 
     #[test]
