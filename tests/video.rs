@@ -78,9 +78,7 @@ fn recorded_psnr(recording: &Path, source: &[YuvFrame]) -> Vec<f64> {
     scores
 }
 
-/// The worst, the median and the best of the scores. A keyframe made to the CBR
-/// budget of these bitrates is blurry (18-20 dB here) and the frames after it sharpen
-/// the picture step by step: the best frame is where the stream settles.
+/// The worst, the median and the best of the scores.
 fn summary(scores: &[f64]) -> (f64, f64, f64) {
     let mut sorted = scores.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -154,7 +152,8 @@ fn a_shared_screen_reaches_its_viewer_whole_and_no_one_else() {
     let scores = recorded_psnr(&recording, &source);
     let (worst, median, best) = summary(&scores);
     println!("{} frames recorded, Y-PSNR worst {worst:.1}, median {median:.1}, best {best:.1} dB", scores.len());
-    assert!(scores.len() >= 40 && best >= 35.0, "{scores:?}");
+    // Every frame shown is sharp, the first keyframe too (the target: 35 dB).
+    assert!(scores.len() >= 40 && worst >= 35.0, "{scores:?}");
     // Voice beside the share.
     let (erin_sent, frank_opened) =
         (voice_media(&erin)["sent"].as_f64().unwrap(), voice_media(&frank)["opened"].as_f64().unwrap());
@@ -201,11 +200,12 @@ fn a_lossy_link_never_shows_a_corrupt_frame_and_recovers_by_keyframe() {
         "{} frames recorded through 5 % loss, Y-PSNR worst {worst:.1}, median {median:.1}, best {best:.1} dB",
         scores.len()
     );
-    // No frame with a lost fragment reached the decoder (it never errs), and every frame
-    // shown is the source's picture: blurry after each keyframe at this bitrate (see the
-    // README), never something else (a flat frame scores about 7 dB against this page).
-    assert!(scores.len() >= 20, "the picture kept coming: {} frames", scores.len());
-    assert!(worst >= 15.0, "{scores:?}");
+    // No frame with a lost fragment reached the decoder (it never errs); the recovery
+    // fragments rebuild most frames, so the picture keeps coming, and sharp; every frame
+    // shown is the source's picture, never something else (a flat frame scores about
+    // 7 dB against this page).
+    assert!(scores.len() >= 40, "the picture kept coming: {} frames", scores.len());
+    assert!(median >= 35.0 && worst >= 20.0, "{scores:?}");
 }
 
 /// An Xvfb display of `width` × `height` showing `pattern` (BGRA) as its root window's
@@ -328,5 +328,5 @@ fn an_xvfb_screen_shared_matches_what_is_on_it() {
         "{} frames of an Xvfb screen, Y-PSNR worst {worst:.1}, median {median:.1}, best {best:.1} dB",
         scores.len()
     );
-    assert!(scores.len() >= 30 && best >= 35.0, "{scores:?}");
+    assert!(scores.len() >= 30 && worst >= 35.0, "{scores:?}");
 }
