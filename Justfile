@@ -217,6 +217,11 @@ screenshots: build
     at 871 12
     shot settings 1
     at 338 33
+    # A share being watched: frank shares a made-up desktop, alice clicks "Watch" beside him.
+    python3 tools/screen_clip.py "$work/desktop.y4m" 1280 720 60
+    join frank --share-screen "$work/desktop.y4m" --share-resolution 720p --share-fps 10
+    sleep 6; at 202 198
+    shot watching-a-share 6
     # The server comes back with another certificate: the client refuses it.
     kill "$server"
     sleep 1
