@@ -626,4 +626,14 @@ fn one_app_shares_and_the_other_watches_the_pictures() {
     wait_for(alice, "her share stopped", |m| m.my_share.is_none());
     // (The machine may have no sound card: that error is the voice engine's.)
     assert!(!alice.model.error.as_deref().is_some_and(|e| e.contains("share")), "{:?}", alice.model.error);
+    // A share does not follow its sharer into another channel.
+    let request = ShareRequest { source: Some(clip.to_str().unwrap().into()), resolution: Resolution::P480, fps: 5 };
+    alice.handle(UiCommand::Client(Command::Share(Some(request))));
+    wait_for(alice, "sharing again", |m| m.my_share.is_some());
+    let create = Command::Create { name: "Elsewhere".into(), description: String::new(), password: None, user_limit: 0 };
+    alice.handle(UiCommand::Client(create));
+    wait_for(alice, "the share ended with the channel", |m| {
+        m.my_share.is_none() && m.error.as_deref().is_some_and(|e| e.contains("you left the channel"))
+    });
+    wait_for(bob, "alice no longer sharing", |m| !m.sharing.contains_key("alice"));
 }

@@ -604,7 +604,7 @@ async fn flush(
     screen: &mut ScreenShell,
 ) -> Result<(), ClientError> {
     while let Some(event) = session.poll_event() {
-        screen.on_event(session, &event);
+        screen.on_event(session, &event, emit);
         match &event {
             Event::UserLeft { session: sender, .. } => engine.control(Control::Forget(*sender)),
             Event::UserJoined { user, session: sender, .. } => listening.apply(user, SessionId(*sender), engine),

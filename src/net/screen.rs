@@ -140,14 +140,8 @@ impl ScreenShell {
         }
     }
 
-    /// Starts sharing once in a channel (if asked to), and the decoder with the first
-    /// watch.
+    /// Starts sharing once in a channel (if asked to).
     pub fn start_when_ready(&mut self, session: &mut Session, connection: &quinn::Connection) {
-        // A share ends with its channel (the server ends it too); it starts again in the
-        // next one.
-        if self.sender.is_some() && session.channel().is_none() {
-            self.stop_sharing(session);
-        }
         if self.sender.is_none()
             && session.channel().is_some()
             && let Some(request) = self.options.share.clone()
@@ -200,9 +194,19 @@ impl ScreenShell {
         }
     }
 
-    /// Events the shell acts on: a sharer to watch appeared, our viewers changed.
-    pub fn on_event(&mut self, session: &mut Session, event: &Event) {
+    /// Events the shell acts on: a sharer to watch appeared, our viewers changed, we left
+    /// the channel we share in.
+    pub fn on_event(&mut self, session: &mut Session, event: &Event, emit: &mut (dyn FnMut(&Event) + Send)) {
         match event {
+            // A share ends with its channel (the server ends it too) and does not follow
+            // us into the next one: those people were not meant to see it.
+            Event::Left { .. } if self.sender.is_some() || self.options.share.is_some() => {
+                self.options.share = None;
+                if self.sender.is_some() {
+                    self.stop_sharing(session);
+                    emit(&Event::ShareStopped { reason: "you left the channel".into() });
+                }
+            }
             Event::Sharing { user, share: Some(_), .. }
                 if !self.watch_asked && self.options.watch.as_deref().is_some_and(|w| w == user.as_str()) =>
             {
