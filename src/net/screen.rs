@@ -79,7 +79,10 @@ impl std::fmt::Debug for PictureSink {
 /// From the network side to the encoding thread.
 enum ToSender {
     Rung(Rung),
+    /// A viewer asked (it may have asked before the last keyframe reached it).
     Keyframe,
+    /// A frame was dropped before it was sent: only a keyframe helps, even right after one.
+    Dropped,
     /// Nobody watches: capture and encode nothing (and start with a keyframe after).
     Pause(bool),
 }
@@ -121,6 +124,8 @@ pub struct ScreenShell {
     viewer: Option<(std_mpsc::SyncSender<ScreenFrame>, mpsc::Receiver<FromViewer>)>,
     stats: VideoStats,
     watch_asked: bool,
+    /// A frame was dropped since the last keyframe sent.
+    broken: bool,
 }
 
 impl ScreenShell {
@@ -137,6 +142,7 @@ impl ScreenShell {
             viewer: None,
             stats: VideoStats::default(),
             watch_asked: false,
+            broken: false,
         }
     }
 
@@ -185,7 +191,7 @@ impl ScreenShell {
     /// and tells the others.
     fn stop_sharing(&mut self, session: &mut Session) {
         session.set_share(None);
-        (self.sender, self.adapter, self.pacer) = (None, None, None);
+        (self.sender, self.adapter, self.pacer, self.broken) = (None, None, None, false);
     }
 
     fn control(&self, message: ToSender) {
@@ -328,6 +334,12 @@ impl ScreenShell {
     ) {
         self.stats.frames_encoded += 1;
         self.stats.keyframes += u64::from(frame.keyframe);
+        // After a frame dropped here, the frames that refer to it are no use to anyone
+        // until the next keyframe (asked for when it was dropped).
+        if self.broken && !frame.keyframe {
+            self.stats.frames_dropped += 1;
+            return;
+        }
         let now = Instant::now();
         let loss = self.adapter.as_ref().map_or(0.0, |a| a.loss_to_cover(now));
         let Some(datagrams) = session.screen_datagrams(now, timestamp, frame.keyframe, &frame.data, loss) else {
@@ -342,11 +354,12 @@ impl ScreenShell {
         let interval = Duration::from_secs(1) / self.fps.max(1);
         let admitted = (waiting == 0 || waiting + bytes <= limit)
             && self.pacer.as_ref().is_some_and(|p| p.try_send((datagrams, interval)).is_ok());
+        self.broken = !admitted;
         if admitted {
             self.stats.frames_sent += 1;
         } else {
             self.stats.frames_dropped += 1;
-            self.control(ToSender::Keyframe);
+            self.control(ToSender::Dropped);
             if let Some(a) = &mut self.adapter {
                 a.send_buffer_full();
             }
@@ -468,11 +481,14 @@ fn share(
     let mut scaler = Scaler::new(encoder.settings().width, encoder.settings().height);
     let start = Instant::now();
     let (mut keyframe_due, mut last_keyframe, mut paused) = (true, None::<Instant>, false);
+    // A frame was skipped since the last keyframe: the frames after it refer to it.
+    let mut broken = false;
     let mut next = start;
     let mut encoded = Vec::new();
     loop {
         loop {
             match control.try_recv() {
+                Ok(ToSender::Dropped) => keyframe_due = true,
                 Ok(ToSender::Keyframe) => {
                     keyframe_due |= last_keyframe.is_none_or(|at| at.elapsed() > ANSWERED_WITHIN);
                 }
@@ -516,15 +532,22 @@ fn share(
         if keyframe {
             keyframe_due = false;
             last_keyframe = Some(captured);
+            broken = false;
         }
         // The capture time on a 90 kHz clock, as video timestamps are.
         let timestamp = ((captured - start).as_micros() * 9 / 100) as u32;
         for frame in encoded.drain(..) {
+            // After a frame skipped, the frames that refer to it are no use to anyone
+            // until the next keyframe.
+            if broken && !frame.keyframe {
+                notes.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             match out.try_send(FromSender::Frame { frame, timestamp }) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     notes.skipped.fetch_add(1, Ordering::Relaxed);
-                    keyframe_due = true;
+                    (keyframe_due, broken) = (true, true);
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
             }

@@ -394,10 +394,20 @@ impl Reassembler {
         self.counters.fragments_expected += partial.shape.total() as u64;
         let count = usize::from(partial.shape.count);
         self.counters.fragments_recovered += partial.chunks[..count].iter().filter(|c| c.is_none()).count() as u64;
-        // Older partial frames can no longer be decoded in order.
+        // Frames between the last one finished and this one: those begun can no longer
+        // be decoded in order; those of which nothing came were lost whole (or dropped
+        // by their sender). Either way what follows them cannot be decoded.
+        let between = self.done.map_or(0, |done| frame.wrapping_sub(done).wrapping_sub(1));
+        let mut begun = 0;
         while self.partial.front().is_some_and(|p| newer(frame, p.media.sequence)) {
             let older = self.partial.pop_front().expect("front exists");
             self.lose(now, &older);
+            begun += 1;
+        }
+        let unseen = between.saturating_sub(begun);
+        if unseen > 0 {
+            self.counters.frames_lost += u64::from(unseen);
+            self.wait_for_keyframe(now);
         }
         self.done = Some(frame);
         self.counters.frames_complete += 1;
@@ -703,6 +713,25 @@ mod tests {
         let late = frame(2, 5000, false).1;
         assert!(push_all(&mut r, now, &late[2..3]).is_empty());
         assert_eq!(r.counters().late, 1);
+    }
+
+    /// A frame of which no fragment came (lost whole, or dropped by its sender) breaks
+    /// the chain as a half-arrived one does: the next frame is not decoded against a
+    /// picture the decoder never had (FFmpeg would show grey in its place).
+    #[test]
+    fn a_frame_that_never_came_is_a_loss_too() {
+        let now = Instant::now();
+        let mut r = Reassembler::new(ALICE, now);
+        assert_eq!(push_all(&mut r, now, &frame(1, 3000, true).1).len(), 1);
+        assert_eq!(push_all(&mut r, now, &frame(2, 900, false).1).len(), 1);
+        // Frames 3 and 4 never arrive.
+        assert!(push_all(&mut r, now, &frame(5, 900, false).1).is_empty());
+        assert_eq!(r.counters().frames_lost, 2);
+        assert!(r.take_keyframe_request(now));
+        assert_eq!(push_all(&mut r, now, &frame(6, 3000, true).1).len(), 1, "a keyframe resumes");
+        // A gap just before a keyframe costs nothing.
+        assert_eq!(push_all(&mut r, now, &frame(8, 3000, true).1).len(), 1);
+        assert_eq!(push_all(&mut r, now, &frame(9, 900, false).1).len(), 1);
     }
 
     #[test]
