@@ -630,7 +630,8 @@ fn one_app_shares_and_the_other_watches_the_pictures() {
     let request = ShareRequest { source: Some(clip.to_str().unwrap().into()), resolution: Resolution::P480, fps: 5 };
     alice.handle(UiCommand::Client(Command::Share(Some(request))));
     wait_for(alice, "sharing again", |m| m.my_share.is_some());
-    let create = Command::Create { name: "Elsewhere".into(), description: String::new(), password: None, user_limit: 0 };
+    let create =
+        Command::Create { name: "Elsewhere".into(), description: String::new(), password: None, user_limit: 0 };
     alice.handle(UiCommand::Client(create));
     wait_for(alice, "the share ended with the channel", |m| {
         m.my_share.is_none() && m.error.as_deref().is_some_and(|e| e.contains("you left the channel"))
