@@ -258,9 +258,7 @@ impl ScreenShell {
 
     fn viewer_report(&mut self, _viewer: SessionId, report: ScreenReport) {
         let Some(adapter) = &mut self.adapter else { return };
-        let total = f64::from(report.fragments_received) + f64::from(report.fragments_lost);
-        let loss = if total > 0.0 { f64::from(report.fragments_lost) / total } else { 0.0 };
-        adapter.viewer_report(Instant::now(), ViewerLoss { loss, frames_lost: report.frames_lost });
+        adapter.viewer_report(Instant::now(), ViewerLoss { loss: report.loss(), frames_lost: report.frames_lost });
     }
 
     /// Waits for what the threads have to say, or for the adapter's next decision

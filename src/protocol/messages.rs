@@ -226,6 +226,14 @@ pub struct ScreenReport {
     pub bytes_received: u32,
 }
 
+impl ScreenReport {
+    /// The fraction of fragments sent that did not arrive (0 when none were sent).
+    pub fn loss(&self) -> f64 {
+        let sent = f64::from(self.fragments_received) + f64::from(self.fragments_lost);
+        if sent > 0.0 { f64::from(self.fragments_lost) / sent } else { 0.0 }
+    }
+}
+
 /// Whether a user has muted their microphone or deafened themselves, for others to see.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VoiceState {

@@ -246,9 +246,7 @@ impl Event {
 
     /// The figures of a second of `user`'s share, from the report we send them.
     pub(super) fn watch_stats(user: String, sharer: SessionId, report: &ScreenReport) -> Event {
-        let fragments = u64::from(report.fragments_received) + u64::from(report.fragments_lost);
-        let loss_percent =
-            if fragments == 0 { 0.0 } else { (100.0 * f64::from(report.fragments_lost) / fragments as f64) as f32 };
+        let loss_percent = (100.0 * report.loss()) as f32;
         Event::WatchStats {
             user,
             session: sharer.0,
