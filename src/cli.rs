@@ -131,6 +131,10 @@ struct ScreenArgs {
     /// The most frames a second the share may have (1-30).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=30))]
     share_fps: Option<u32>,
+    /// Share desktop audio with the screen: what the other applications play on the
+    /// default output (PulseAudio or PipeWire), never what this client plays.
+    #[arg(long, requires = "share_screen")]
+    share_audio: bool,
     /// Encode with this FFmpeg encoder (e.g. libx265) instead of the first that works;
     /// fails if it cannot.
     #[arg(long, value_name = "NAME")]
@@ -141,6 +145,9 @@ struct ScreenArgs {
     /// Write every decoded frame of the share watched to this 4:2:0 Y4M file.
     #[arg(long, value_name = "FILE.y4m", requires = "watch")]
     record_screen: Option<PathBuf>,
+    /// Write the desktop audio of the share watched to this 48 kHz stereo WAV file.
+    #[arg(long, value_name = "FILE.wav", requires = "watch")]
+    record_screen_audio: Option<PathBuf>,
 }
 
 impl ScreenArgs {
@@ -150,12 +157,14 @@ impl ScreenArgs {
             source: Some(source).filter(|s| !s.is_empty()),
             resolution: self.share_resolution.unwrap_or(ShareRequest::DEFAULT_RESOLUTION),
             fps: self.share_fps.unwrap_or(ShareRequest::DEFAULT_FPS),
+            audio: self.share_audio,
         });
         crate::net::screen::ScreenOptions {
             share,
             encoder: self.encoder,
             watch: self.watch,
             record: self.record_screen,
+            record_audio: self.record_screen_audio,
             show: None,
         }
     }

@@ -112,6 +112,10 @@ pub enum Control {
 
 /// The sender id our own voice plays under in the microphone test.
 pub const LOOPBACK_SENDER: u32 = u32::MAX;
+/// The sender id the desktop audio of the share we watch plays under (a relay could give
+/// a member this session id; its voice and the share's sound would then share a jitter
+/// buffer, and nothing else).
+pub const SHARE_AUDIO_SENDER: u32 = u32::MAX - 1;
 
 enum PlaybackInput {
     Packet { arrival: Instant, sender: u32, sequence: u32, timestamp: u32, payload: Vec<u8> },

@@ -1,8 +1,11 @@
 //! Voice: devices, DSP (RNNoise, the talk gate, resampling), Opus, the jitter buffer and
-//! the mixer. Everything but [`engine`] and [`device`] is sans-IO: it takes samples,
-//! packets and the time as arguments. Depends on nothing of ours but plain numbers.
+//! the mixer; and a screen share's desktop audio ([`desktop`]). Everything but
+//! [`engine`], [`device`] and desktop's capture is sans-IO: it takes samples, packets and
+//! the time as arguments. Depends on nothing of ours but plain numbers.
 
 pub mod codec;
+#[cfg(unix)]
+pub mod desktop;
 pub mod device;
 pub mod dsp;
 pub mod engine;
@@ -18,3 +21,5 @@ pub const SAMPLE_RATE: u32 = 48_000;
 pub const FRAME_10MS: usize = 480;
 /// 20 ms: one Opus packet.
 pub const FRAME_20MS: usize = 960;
+/// 20 ms of interleaved stereo (desktop audio).
+pub const STEREO_20MS: usize = 2 * FRAME_20MS;

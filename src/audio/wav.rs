@@ -38,7 +38,8 @@ pub fn read_voice(path: &Path) -> Result<Vec<f32>, WavError> {
         .map_err(|e| WavError::Unsupported { path: path.to_owned(), reason: e.to_string() })
 }
 
-/// A 48 kHz mono 16-bit recording that appears at its path only when finished.
+/// A 48 kHz 16-bit recording (mono, or interleaved stereo) that appears at its path
+/// only when finished.
 pub struct Recorder {
     writer: hound::WavWriter<std::io::BufWriter<std::fs::File>>,
     temporary: PathBuf,
@@ -47,8 +48,16 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn create(path: &Path) -> Result<Recorder, WavError> {
+        Self::with_channels(path, 1)
+    }
+
+    pub fn stereo(path: &Path) -> Result<Recorder, WavError> {
+        Self::with_channels(path, 2)
+    }
+
+    fn with_channels(path: &Path, channels: u16) -> Result<Recorder, WavError> {
         let spec = hound::WavSpec {
-            channels: 1,
+            channels,
             sample_rate: SAMPLE_RATE,
             bits_per_sample: 16,
             sample_format: hound::SampleFormat::Int,

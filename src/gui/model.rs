@@ -115,15 +115,18 @@ pub struct ShareDraft {
     pub source: usize,
     pub resolution: Resolution,
     pub fps: u32,
+    pub audio: bool,
 }
 
 impl ShareDraft {
     pub fn new(sources: Vec<String>) -> Self {
-        ShareDraft { sources, source: 0, resolution: ShareRequest::DEFAULT_RESOLUTION, fps: ShareRequest::DEFAULT_FPS }
+        let (resolution, fps) = (ShareRequest::DEFAULT_RESOLUTION, ShareRequest::DEFAULT_FPS);
+        ShareDraft { sources, source: 0, resolution, fps, audio: false }
     }
 
     pub fn request(&self) -> ShareRequest {
-        ShareRequest { source: self.sources.get(self.source).cloned(), resolution: self.resolution, fps: self.fps }
+        let source = self.sources.get(self.source).cloned();
+        ShareRequest { source, resolution: self.resolution, fps: self.fps, audio: self.audio }
     }
 }
 

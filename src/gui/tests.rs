@@ -529,9 +529,12 @@ fn the_share_dialog_sends_the_source_size_and_rate_picked() {
     h.run();
     h.get_by_label("1080p").click();
     h.run();
+    h.get_by_label("Share desktop audio (what other applications play; never your call)").click();
+    h.run();
     h.get_by_label("Share").click();
     h.run();
-    let request = ShareRequest { source: Some("window:Editor".into()), resolution: Resolution::P1080, fps: 30 };
+    let request =
+        ShareRequest { source: Some("window:Editor".into()), resolution: Resolution::P1080, fps: 30, audio: true };
     assert_eq!(sent(&rx), [UiCommand::Client(Command::Share(Some(request)))]);
     assert!(h.state().drafts.share.is_none(), "the dialog closed");
 }
@@ -612,7 +615,12 @@ fn one_app_shares_and_the_other_watches_the_pictures() {
         writer.write(&crate::video::y4m::YuvFrame { width: w, height: h, data }).unwrap();
     }
     drop(writer);
-    let request = ShareRequest { source: Some(clip.to_str().unwrap().into()), resolution: Resolution::P480, fps: 5 };
+    let request = ShareRequest {
+        source: Some(clip.to_str().unwrap().into()),
+        resolution: Resolution::P480,
+        fps: 5,
+        audio: false,
+    };
     alice.handle(UiCommand::Client(Command::Share(Some(request))));
     wait_for(bob, "alice sharing", |m| m.sharing.contains_key("alice"));
     bob.handle(UiCommand::Client(Command::Watch { user: "alice".into(), watch: true }));
@@ -627,7 +635,12 @@ fn one_app_shares_and_the_other_watches_the_pictures() {
     // (The machine may have no sound card: that error is the voice engine's.)
     assert!(!alice.model.error.as_deref().is_some_and(|e| e.contains("share")), "{:?}", alice.model.error);
     // A share does not follow its sharer into another channel.
-    let request = ShareRequest { source: Some(clip.to_str().unwrap().into()), resolution: Resolution::P480, fps: 5 };
+    let request = ShareRequest {
+        source: Some(clip.to_str().unwrap().into()),
+        resolution: Resolution::P480,
+        fps: 5,
+        audio: false,
+    };
     alice.handle(UiCommand::Client(Command::Share(Some(request))));
     wait_for(alice, "sharing again", |m| m.my_share.is_some());
     let create =

@@ -592,6 +592,7 @@ fn share_dialog(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand>) 
             }
         });
         ui.add(egui::Slider::new(&mut draft.fps, 1..=ShareRequest::MAX_FPS).text("frames a second, at most"));
+        ui.checkbox(&mut draft.audio, "Share desktop audio (what other applications play; never your call)");
         ui.label(
             RichText::new(
                 "When the network or the encoder cannot keep up, the frame rate goes down first, then the \

@@ -17,7 +17,9 @@ use super::framing::{ReadFrameError, read_frame};
 use super::screen::ScreenShell;
 use super::server::{CLOSE_ERROR, CLOSE_NORMAL};
 use super::tls::{PinPolicy, PinningVerifier, client_tls};
-use crate::audio::engine::{Control, Engine, EngineConfig, EngineError, EngineEvent, LOOPBACK_SENDER, Source};
+use crate::audio::engine::{
+    Control, Engine, EngineConfig, EngineError, EngineEvent, LOOPBACK_SENDER, SHARE_AUDIO_SENDER, Source,
+};
 use crate::audio::jitter::InterarrivalJitter;
 use crate::audio::pipeline::CaptureSettings;
 use crate::config::client_store::{ClientStore, StoreError};
@@ -424,10 +426,22 @@ pub async fn run_client(
         screen.start_when_ready(&mut session, &connection);
         screen.poll_session(&mut session);
         while let Some(frame) = session.poll_media() {
-            if frame.stream == StreamType::Voice {
-                let now = Instant::now();
-                health.voice(frame.sender.0, now, frame.timestamp);
-                engine.play(now, frame.sender.0, frame.sequence, frame.timestamp, frame.payload);
+            let now = Instant::now();
+            match frame.stream {
+                StreamType::Voice => {
+                    health.voice(frame.sender.0, now, frame.timestamp);
+                    engine.play(now, frame.sender.0, frame.sequence, frame.timestamp, frame.payload);
+                }
+                StreamType::ScreenAudio => {
+                    if let Err(e) = screen.desktop_audio(frame.sequence, &frame.payload) {
+                        emit(&Event::local_error("record", format!("cannot record the desktop audio: {e}")));
+                    }
+                    // The voice decoder mixes the stereo packets down; the jitter buffer
+                    // counts in 48 kHz samples, the share's clock in 90 kHz ticks.
+                    let timestamp = (u64::from(frame.timestamp) * 48 / 90) as u32;
+                    engine.play(now, SHARE_AUDIO_SENDER, frame.sequence, timestamp, frame.payload);
+                }
+                StreamType::Screen | StreamType::Probe => {}
             }
         }
         if let Err(e) = flush(&mut session, &mut send, emit, &mut engine, &listening, &mut screen).await {
@@ -481,6 +495,9 @@ pub async fn run_client(
     };
     while let Some(event) = session.poll_event() {
         emit(&event);
+    }
+    if let Err(e) = screen.finish_recording() {
+        emit(&Event::local_error("record", format!("cannot record the desktop audio: {e}")));
     }
     if let Some(stats) = screen.stats(&session) {
         emit(&Event::VideoStats { stats: Box::new(stats) });
@@ -707,6 +724,8 @@ fn voice_event(
                 emit(&session.speaking(me, on));
             }
         }
+        // The share's sound is not somebody speaking.
+        EngineEvent::Speaking(change) if change.sender == SHARE_AUDIO_SENDER => {}
         EngineEvent::Speaking(change) => emit(&session.speaking(SessionId(change.sender), change.speaking)),
         EngineEvent::PlayFinished => emit(&Event::PlayFinished),
         EngineEvent::Device(message) => emit(&Event::Device { message }),

@@ -8,6 +8,10 @@
 //! empty buffer), and its fragments are handed over as the buffer has room, never pushing
 //! queued voice out. A frame not admitted is dropped whole and the next one is a
 //! keyframe, so a viewer never waits on a frame that will not come.
+//!
+//! A share's desktop audio has a thread of its own (capture and Opus); its packets go
+//! out at once, like voice, timestamped on the video's clock. A viewer records them
+//! (`--record-screen-audio`); the client plays them with voice.
 
 use std::collections::VecDeque;
 use std::io::BufWriter;
@@ -20,6 +24,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::audio::STEREO_20MS;
+use crate::audio::codec::{StereoDecoder, StereoEncoder};
+use crate::audio::wav::Recorder;
 use crate::protocol::{Resolution, ScreenReport, SessionId, ShareInfo};
 use crate::session::command::ShareRequest;
 use crate::session::screen::{MAX_WATCHED, ScreenFrame, VideoStats};
@@ -47,6 +54,10 @@ const ANSWERED_WITHIN: Duration = Duration::from_millis(250);
 const ENCODED_WAITING: usize = 2;
 /// Decrypted frames waiting for the decoder.
 const DECODE_WAITING: usize = 8;
+/// Desktop audio packets waiting for the network side (100 ms).
+const DESKTOP_WAITING: usize = 5;
+/// Desktop audio packets a recording conceals in a row (1 s); a longer gap is a pause.
+const MAX_CONCEALED: u32 = 50;
 
 /// What `voipc join` (or the desktop app) was asked to do with screens.
 #[derive(Debug, Clone, Default)]
@@ -60,6 +71,8 @@ pub struct ScreenOptions {
     pub watch: Option<String>,
     /// Write every decoded frame here (4:2:0 Y4M, at the first frame's size).
     pub record: Option<PathBuf>,
+    /// Write the desktop audio of the share watched here (48 kHz stereo WAV).
+    pub record_audio: Option<PathBuf>,
     /// Show every decoded frame (the desktop app).
     pub show: Option<PictureSink>,
 }
@@ -103,6 +116,20 @@ struct SenderNotes {
     skipped: AtomicU64,
 }
 
+/// From the desktop audio thread.
+pub enum FromDesktop {
+    Packet { payload: Vec<u8>, timestamp: u32 },
+    Failed(String),
+}
+
+/// A share's desktop audio as it is written to a file: decoded in order, a lost packet
+/// concealed, a late one dropped.
+struct AudioRecording {
+    recorder: Recorder,
+    decoder: StereoDecoder,
+    next: Option<u32>,
+}
+
 /// From the decoding thread.
 pub enum FromViewer {
     Decoded,
@@ -126,6 +153,11 @@ pub struct ScreenShell {
     watch_asked: bool,
     /// A frame was dropped since the last keyframe sent.
     broken: bool,
+    /// Our desktop audio's packets, while we share it.
+    desktop: Option<mpsc::Receiver<FromDesktop>>,
+    /// Nobody watches: the desktop audio thread lets the sound go.
+    nobody_watches: Arc<AtomicBool>,
+    audio_recording: Option<AudioRecording>,
 }
 
 impl ScreenShell {
@@ -143,6 +175,9 @@ impl ScreenShell {
             stats: VideoStats::default(),
             watch_asked: false,
             broken: false,
+            desktop: None,
+            nobody_watches: Arc::new(AtomicBool::new(true)),
+            audio_recording: None,
         }
     }
 
@@ -159,10 +194,21 @@ impl ScreenShell {
             let forced = self.options.encoder.clone();
             let source = Source::parse(request.source.as_deref());
             let notes = self.notes.clone();
+            // The video's and the desktop audio's timestamps count from here.
+            let clock = Instant::now();
             std::thread::Builder::new()
                 .name("voipc-share".into())
-                .spawn(move || run_sender(source, resolution, fps, forced, to_rx, from_tx, &notes))
+                .spawn(move || run_sender(source, resolution, fps, forced, clock, to_rx, from_tx, &notes))
                 .expect("a thread can be spawned");
+            if request.audio {
+                let (audio_tx, audio_rx) = mpsc::channel(DESKTOP_WAITING);
+                let nobody_watches = self.nobody_watches.clone();
+                std::thread::Builder::new()
+                    .name("voipc-desktop-audio".into())
+                    .spawn(move || run_desktop_audio(clock, &nobody_watches, &audio_tx))
+                    .expect("a thread can be spawned");
+                self.desktop = Some(audio_rx);
+            }
             self.sender = Some((to_tx, from_rx));
             self.adapter = Some(Adapter::new(Instant::now(), resolution, fps));
             let (pace_tx, pace_rx) = mpsc::channel(1);
@@ -191,7 +237,7 @@ impl ScreenShell {
     /// and tells the others.
     fn stop_sharing(&mut self, session: &mut Session) {
         session.set_share(None);
-        (self.sender, self.adapter, self.pacer, self.broken) = (None, None, None, false);
+        (self.sender, self.adapter, self.pacer, self.broken, self.desktop) = (None, None, None, false, None);
     }
 
     fn control(&self, message: ToSender) {
@@ -229,7 +275,10 @@ impl ScreenShell {
                     .expect("a thread can be spawned");
                 self.viewer = Some((tx, events_rx));
             }
-            Event::Viewers { count } => self.control(ToSender::Pause(*count == 0)),
+            Event::Viewers { count } => {
+                self.nobody_watches.store(*count == 0, Ordering::Relaxed);
+                self.control(ToSender::Pause(*count == 0));
+            }
             _ => {}
         }
     }
@@ -265,9 +314,10 @@ impl ScreenShell {
     /// (forever when there is nothing).
     pub async fn next(&mut self) -> ShellInput {
         let adapter_due = self.adapter.as_ref().map(|a| tokio::time::Instant::from_std(a.poll_timeout()));
-        let (sender, viewer) = (&mut self.sender, &mut self.viewer);
+        let (sender, viewer, desktop) = (&mut self.sender, &mut self.viewer, &mut self.desktop);
         tokio::select! {
             Some(from) = async { sender.as_mut()?.1.recv().await } => ShellInput::Sender(from),
+            Some(from) = async { desktop.as_mut()?.recv().await } => ShellInput::Desktop(from),
             Some(from) = async { viewer.as_mut()?.1.recv().await } => ShellInput::Viewer(from),
             () = super::client::sleep_until(adapter_due), if adapter_due.is_some() => ShellInput::Decide,
             else => std::future::pending().await,
@@ -298,6 +348,17 @@ impl ScreenShell {
                 self.stop_sharing(session);
                 self.options.share = None;
                 emit(&Event::ShareStopped { reason });
+            }
+            ShellInput::Desktop(FromDesktop::Packet { payload, timestamp }) => {
+                if let Some(datagram) = session.desktop_audio_datagram(Instant::now(), timestamp, &payload) {
+                    self.stats.audio_packets_sent += 1;
+                    // Small and steady, like voice: sent at once.
+                    let _ = connection.send_datagram(datagram.into());
+                }
+            }
+            ShellInput::Desktop(FromDesktop::Failed(reason)) => {
+                self.desktop = None;
+                emit(&Event::local_error("desktop_audio", format!("desktop audio stopped: {reason}")));
             }
             ShellInput::Viewer(FromViewer::Decoded) => self.stats.frames_decoded += 1,
             ShellInput::Viewer(FromViewer::Unusable(sender)) => {
@@ -364,6 +425,45 @@ impl ScreenShell {
         }
     }
 
+    /// A packet of desktop audio from a share we watch: counted, and written to the
+    /// recording if there is one.
+    pub fn desktop_audio(&mut self, sequence: u32, payload: &[u8]) -> Result<(), String> {
+        self.stats.audio_packets_received += 1;
+        let Some(path) = &self.options.record_audio else { return Ok(()) };
+        if self.audio_recording.is_none() {
+            let recorder = Recorder::stereo(path).map_err(|e| e.to_string())?;
+            let decoder = StereoDecoder::new().map_err(|e| e.to_string())?;
+            self.audio_recording = Some(AudioRecording { recorder, decoder, next: None });
+        }
+        let recording = self.audio_recording.as_mut().expect("made above");
+        let mut pcm = [0.0; STEREO_20MS];
+        let missing = recording.next.map_or(0, |next| sequence.wrapping_sub(next));
+        if missing > MAX_CONCEALED {
+            // Late (reordered) is dropped; a gap longer than concealment is a pause
+            // (nobody listened, or the sharer's applications were silent).
+            if (missing as i32) < 0 {
+                return Ok(());
+            }
+        } else {
+            for _ in 0..missing {
+                recording.decoder.decode(None, &mut pcm).map_err(|e| e.to_string())?;
+                recording.recorder.write(&pcm).map_err(|e| e.to_string())?;
+            }
+        }
+        recording.decoder.decode(Some(payload), &mut pcm).map_err(|e| e.to_string())?;
+        recording.recorder.write(&pcm).map_err(|e| e.to_string())?;
+        recording.next = Some(sequence.wrapping_add(1));
+        Ok(())
+    }
+
+    /// Completes the desktop audio recording, if there is one.
+    pub fn finish_recording(&mut self) -> Result<(), String> {
+        match self.audio_recording.take() {
+            Some(recording) => recording.recorder.finish().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
     /// What happened, for the `video_stats` event at the end.
     pub fn stats(&self, session: &Session) -> Option<VideoStats> {
         let mut stats = self.stats.clone();
@@ -377,6 +477,7 @@ impl ScreenShell {
 
 pub enum ShellInput {
     Sender(FromSender),
+    Desktop(FromDesktop),
     Viewer(FromViewer),
     Decide,
 }
@@ -437,25 +538,29 @@ enum ShareError {
 
 /// The encoding thread: captures at the frame rate, scales, encodes, and passes each
 /// frame on (or drops it when the network side has not taken the last ones).
+#[allow(clippy::too_many_arguments, reason = "one thread's whole start, passed on once")]
 fn run_sender(
     source: Source,
     resolution: Resolution,
     fps: u32,
     forced: Option<String>,
+    clock: Instant,
     control: std_mpsc::Receiver<ToSender>,
     out: mpsc::Sender<FromSender>,
     notes: &SenderNotes,
 ) {
-    if let Err(e) = share(source, resolution, fps, forced, &control, &out, notes) {
+    if let Err(e) = share(source, resolution, fps, forced, clock, &control, &out, notes) {
         let _ = out.blocking_send(FromSender::Failed(e.to_string()));
     }
 }
 
+#[allow(clippy::too_many_arguments, reason = "one thread's whole start, passed on once")]
 fn share(
     source: Source,
     resolution: Resolution,
     max_fps: u32,
     forced: Option<String>,
+    clock: Instant,
     control: &std_mpsc::Receiver<ToSender>,
     out: &mpsc::Sender<FromSender>,
     notes: &SenderNotes,
@@ -477,11 +582,10 @@ fn share(
         return Ok(());
     }
     let mut scaler = Scaler::new(encoder.settings().width, encoder.settings().height);
-    let start = Instant::now();
     let (mut keyframe_due, mut last_keyframe, mut paused) = (true, None::<Instant>, false);
     // A frame was skipped since the last keyframe: the frames after it refer to it.
     let mut broken = false;
-    let mut next = start;
+    let mut next = Instant::now();
     let mut encoded = Vec::new();
     loop {
         loop {
@@ -532,8 +636,7 @@ fn share(
             last_keyframe = Some(captured);
             broken = false;
         }
-        // The capture time on a 90 kHz clock, as video timestamps are.
-        let timestamp = ((captured - start).as_micros() * 9 / 100) as u32;
+        let timestamp = media_timestamp(clock, captured);
         for frame in encoded.drain(..) {
             // After a frame skipped, the frames that refer to it are no use to anyone
             // until the next keyframe.
@@ -563,6 +666,48 @@ fn share(
             std::thread::sleep(next - now);
         }
     }
+}
+
+/// When something was captured, on the share's 90 kHz clock (as video timestamps are).
+fn media_timestamp(clock: Instant, captured: Instant) -> u32 {
+    (captured.saturating_duration_since(clock).as_micros() * 9 / 100) as u32
+}
+
+/// The desktop audio thread: records what the other applications play, encodes it and
+/// passes each 20 ms on (dropped when the network side has not taken the last ones),
+/// until the share ends.
+fn run_desktop_audio(clock: Instant, nobody_watches: &AtomicBool, out: &mpsc::Sender<FromDesktop>) {
+    if let Err(e) = desktop_audio(clock, nobody_watches, out) {
+        let _ = out.blocking_send(FromDesktop::Failed(e));
+    }
+}
+
+#[cfg(unix)]
+fn desktop_audio(clock: Instant, nobody_watches: &AtomicBool, out: &mpsc::Sender<FromDesktop>) -> Result<(), String> {
+    use crate::audio::desktop::{Wanted, capture};
+    let mut encoder = StereoEncoder::new().map_err(|e| e.to_string())?;
+    let failed = std::cell::RefCell::new(None);
+    let wanted = || match () {
+        () if out.is_closed() || failed.borrow().is_some() => Wanted::Stop,
+        () if nobody_watches.load(Ordering::Relaxed) => Wanted::Pause,
+        () => Wanted::Record,
+    };
+    capture(&wanted, &mut |frame| {
+        let payload = match encoder.encode(&frame.samples) {
+            Ok(packet) => packet.to_vec(),
+            Err(e) => return *failed.borrow_mut() = Some(e.to_string()),
+        };
+        let timestamp = media_timestamp(clock, frame.captured);
+        // Full: the network side is behind, and 20 ms of sound is let go.
+        let _ = out.try_send(FromDesktop::Packet { payload, timestamp });
+    })
+    .map_err(|e| e.to_string())?;
+    failed.into_inner().map_or(Ok(()), Err)
+}
+
+#[cfg(not(unix))]
+fn desktop_audio(_: Instant, _: &AtomicBool, _: &mpsc::Sender<FromDesktop>) -> Result<(), String> {
+    Err("desktop audio is captured on Linux only so far".into())
 }
 
 /// The decoding thread: decodes each whole frame, records it and shows it.

@@ -26,6 +26,9 @@ pub const MEDIA_VERSION: u8 = 1;
 pub enum StreamType {
     Voice,
     Screen,
+    /// A screen share's desktop audio: Opus stereo, sealed under the screen key, routed
+    /// like the screen (only to who watches).
+    ScreenAudio,
     /// Test and benchmark traffic: opaque payload, routed like voice.
     Probe,
 }
@@ -36,6 +39,7 @@ impl StreamType {
             StreamType::Voice => 1,
             StreamType::Screen => 2,
             StreamType::Probe => 3,
+            StreamType::ScreenAudio => 4,
         }
     }
 
@@ -44,6 +48,7 @@ impl StreamType {
             1 => Some(StreamType::Voice),
             2 => Some(StreamType::Screen),
             3 => Some(StreamType::Probe),
+            4 => Some(StreamType::ScreenAudio),
             _ => None,
         }
     }

@@ -25,7 +25,8 @@ pub use names::{NameError, canonical_name, check_visible};
 /// 2: the user listing in pages, presence changes in batches. 3: screen share (watching,
 /// keyframe requests, viewer reports; a user shows its share). 4: screen frames carry
 /// recovery fragments (an erasure code), counted in the fragment header's flags byte.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: a share's desktop audio (a media stream type of its own).
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The TLS ALPN token of this protocol version.
 pub const ALPN: &[u8] = b"voipc/1";

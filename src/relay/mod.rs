@@ -527,7 +527,8 @@ impl Relay {
     }
 
     /// Decides where a media datagram goes: on success `to` holds every other member of
-    /// the sender's channel, or for a screen datagram those of them watching the sender.
+    /// the sender's channel, or for a screen (or desktop audio) datagram those of them
+    /// watching the sender.
     /// Only the header is read; the payload is never looked at.
     pub fn route_datagram(
         &mut self,
@@ -541,7 +542,7 @@ impl Relay {
         let result = self.check_datagram(now, from, datagram);
         match result {
             // Viewers are in the sharer's channel: a watch ends when either leaves it.
-            Ok((_, StreamType::Screen)) => match self.screens.viewers(from) {
+            Ok((_, StreamType::Screen | StreamType::ScreenAudio)) => match self.screens.viewers(from) {
                 Some(viewers) => to.extend_from_slice(viewers),
                 None => {
                     self.stats.dropped_invalid += 1;
@@ -588,7 +589,7 @@ impl Relay {
                 conn.voice_packets.try_take(now, 1) && conn.voice_bytes.try_take(now, bytes)
             }
             // Whether it shares is looked at once, with its viewers (`route_datagram`).
-            StreamType::Screen => true,
+            StreamType::Screen | StreamType::ScreenAudio => true,
         };
         if !voice_ok || !conn.media_packets.try_take(now, 1) || !conn.media_bytes.try_take(now, bytes) {
             return Err(DropReason::RateLimited);

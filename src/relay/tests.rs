@@ -1366,6 +1366,12 @@ fn screen_datagram(sim: &Sim, conn: ConnId, channel: ChannelId) -> Vec<u8> {
     datagram
 }
 
+fn desktop_audio_datagram(sim: &Sim, conn: ConnId, channel: ChannelId) -> Vec<u8> {
+    let mut datagram = sim.datagram(conn, channel);
+    datagram[1] = 4; // StreamType::ScreenAudio
+    datagram
+}
+
 const SHARE: ShareInfo = ShareInfo { width: 1280, height: 720, fps: 30 };
 
 /// Opt-in watching: screen datagrams reach those who watch, not the rest of the channel
@@ -1379,6 +1385,7 @@ fn screen_datagrams_go_only_to_viewers() {
     let lobby = sim.channel_id("Lobby");
     let (alice_s, bob_s) = (sim.sessions[&alice], sim.sessions[&bob]);
     assert_eq!(sim.route(alice, &screen_datagram(&sim, alice, lobby)), Err(DropReason::NotSharing));
+    assert_eq!(sim.route(alice, &desktop_audio_datagram(&sim, alice, lobby)), Err(DropReason::NotSharing));
     // Watching someone who does not share, or from another channel, is refused.
     for conn in [alice, bob, carol, dave] {
         sim.take(conn);
@@ -1401,6 +1408,8 @@ fn screen_datagrams_go_only_to_viewers() {
     sim.send(bob, ClientMsg::Watch { sharer: alice_s, watch: true });
     assert_eq!(sim.take(alice), [ServerMsg::Viewers { count: 1 }, ServerMsg::KeyframeRequested]);
     assert_eq!(sim.route(alice, &screen_datagram(&sim, alice, lobby)), Ok(vec![bob]));
+    // Desktop audio goes with the screen, to its viewers only.
+    assert_eq!(sim.route(alice, &desktop_audio_datagram(&sim, alice, lobby)), Ok(vec![bob]));
     // Voice still goes to the whole channel.
     assert_eq!(sim.route(alice, &sim.datagram(alice, lobby)), Ok(vec![bob, carol]));
     // Only a viewer may ask for keyframes or report; others' requests are dropped unanswered
@@ -1418,6 +1427,7 @@ fn screen_datagrams_go_only_to_viewers() {
     sim.send(bob, join("Duo"));
     assert_eq!(sim.take(alice), [ServerMsg::Viewers { count: 0 }]);
     assert_eq!(sim.route(alice, &screen_datagram(&sim, alice, lobby)), Ok(vec![]));
+    assert_eq!(sim.route(alice, &desktop_audio_datagram(&sim, alice, lobby)), Ok(vec![]));
     sim.send(bob, join("Lobby"));
     sim.send(bob, ClientMsg::Watch { sharer: alice_s, watch: true });
     sim.take(alice);

@@ -98,6 +98,8 @@ pub struct ShareRequest {
     pub resolution: Resolution,
     /// 1-30.
     pub fps: u32,
+    /// Share what the other applications play too (desktop audio).
+    pub audio: bool,
 }
 
 impl ShareRequest {
@@ -127,7 +129,7 @@ const MSG_USAGE: &str = "/msg NAME TEXT";
 const SAFETY_USAGE: &str = "/safety NAME";
 const KICK_USAGE: &str = "/kick NAME";
 const WATCH_USAGE: &str = "/watch NAME, /unwatch NAME";
-const SHARE_USAGE: &str = "/share [SOURCE] [--resolution 480p|720p|1080p] [--fps 1-30], /unshare";
+const SHARE_USAGE: &str = "/share [SOURCE] [--resolution 480p|720p|1080p] [--fps 1-30] [--audio], /unshare";
 const BAN_USAGE: &str = "/ban NAME [MINUTES]";
 const CLOSE_USAGE: &str = "/close CHANNEL";
 const MOVE_USAGE: &str = "/move NAME CHANNEL";
@@ -256,8 +258,12 @@ fn parse_join(args: &[String]) -> Result<Command, ParseError> {
 }
 
 fn parse_share(args: &[String]) -> Result<Command, ParseError> {
-    let mut request =
-        ShareRequest { source: None, resolution: ShareRequest::DEFAULT_RESOLUTION, fps: ShareRequest::DEFAULT_FPS };
+    let mut request = ShareRequest {
+        source: None,
+        resolution: ShareRequest::DEFAULT_RESOLUTION,
+        fps: ShareRequest::DEFAULT_FPS,
+        audio: false,
+    };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(ParseError::Usage(SHARE_USAGE));
@@ -270,6 +276,7 @@ fn parse_share(args: &[String]) -> Result<Command, ParseError> {
                     .filter(|f| (1..=ShareRequest::MAX_FPS).contains(f))
                     .ok_or(ParseError::Usage(SHARE_USAGE))?;
             }
+            "--audio" => request.audio = true,
             _ if request.source.is_none() && !arg.starts_with("--") => request.source = Some(arg.clone()),
             _ => return Err(ParseError::Usage(SHARE_USAGE)),
         }
@@ -384,14 +391,15 @@ mod tests {
         assert_eq!(parse_line("/watch"), Err(ParseError::Usage(WATCH_USAGE)));
         assert_eq!(
             parse("/share"),
-            Command::Share(Some(ShareRequest { source: None, resolution: Resolution::P720, fps: 30 }))
+            Command::Share(Some(ShareRequest { source: None, resolution: Resolution::P720, fps: 30, audio: false }))
         );
         assert_eq!(
-            parse(r#"/share "window:My Editor" --resolution 1080p --fps 15"#),
+            parse(r#"/share "window:My Editor" --resolution 1080p --fps 15 --audio"#),
             Command::Share(Some(ShareRequest {
                 source: Some("window:My Editor".into()),
                 resolution: Resolution::P1080,
-                fps: 15
+                fps: 15,
+                audio: true,
             }))
         );
         assert_eq!(parse("/unshare"), Command::Share(None));

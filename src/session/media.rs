@@ -92,6 +92,18 @@ struct PeerKey {
     retire: Retirement,
 }
 
+impl PeerKey {
+    /// What opens a packet of `stream`: desktop audio comes under the screen key.
+    fn opener(&mut self, stream: StreamType) -> &mut Opener {
+        if stream == StreamType::ScreenAudio { &mut self.screen } else { &mut self.opener }
+    }
+
+    fn opens(&self, stream: StreamType, kid: u64) -> bool {
+        let opener = if stream == StreamType::ScreenAudio { &self.screen } else { &self.opener };
+        opener.kid() == kid
+    }
+}
+
 enum Retirement {
     Current,
     Replaced,
@@ -196,8 +208,9 @@ impl MediaKeys {
         self.own.as_ref().is_some_and(|own| own.sealer.needs_new_key())
     }
 
-    /// A datagram carrying `payload` encrypted under our current key, or `None` when we
-    /// have no key (not in a channel).
+    /// A datagram carrying `payload` encrypted under our current key (desktop audio
+    /// under our screen key: it shares that key's counter, never voice's), or `None` when
+    /// we have no key (not in a channel).
     pub fn seal(
         &mut self,
         me: SessionId,
@@ -212,7 +225,8 @@ impl MediaKeys {
         header.write(&mut metadata);
         let mut datagram = Vec::with_capacity(MEDIA_HEADER_LEN + sframe::MAX_OVERHEAD + payload.len());
         datagram.extend_from_slice(&metadata);
-        own.sealer.seal(&metadata, payload, &mut datagram).ok()?;
+        let sealer = if stream == StreamType::ScreenAudio { &mut own.screen } else { &mut own.sealer };
+        sealer.seal(&metadata, payload, &mut datagram).ok()?;
         self.counters.sent += 1;
         Some(datagram)
     }
@@ -298,7 +312,8 @@ impl MediaKeys {
             self.counters.unauthentic += 1;
             return;
         }
-        let key = self.peers.get_mut(&header.sender).and_then(|keys| keys.iter_mut().find(|k| k.opener.kid() == kid));
+        let key =
+            self.peers.get_mut(&header.sender).and_then(|keys| keys.iter_mut().find(|k| k.opens(header.stream, kid)));
         let Some(key) = key else {
             if self.held.len() >= HELD_SENDERS && !self.held.contains_key(&header.sender) {
                 self.counters.no_key += 1;
@@ -312,7 +327,7 @@ impl MediaKeys {
             held.push_back((header, packet.to_vec()));
             return;
         };
-        match key.opener.open(&packet[..MEDIA_HEADER_LEN], sframe_packet) {
+        match key.opener(header.stream).open(&packet[..MEDIA_HEADER_LEN], sframe_packet) {
             Ok(payload) => {
                 self.counters.opened += 1;
                 out.push_back(MediaFrame {
@@ -407,6 +422,27 @@ mod tests {
         assert_eq!(carol.counters().stale_keys, 0);
         let datagram = wrapping.seal(ALICE, StreamType::Voice, 1, 0, b"wrapped").unwrap();
         assert_eq!(open(&mut carol, &datagram)[0].payload, b"wrapped");
+    }
+
+    #[test]
+    fn desktop_audio_travels_under_the_screen_key_and_cannot_pass_for_voice() {
+        let (mut alice, mut bob) = (MediaKeys::default(), MediaKeys::default());
+        let share = alice.start_epoch(ALICE, LOBBY, &mut rng());
+        bob.install(ALICE, &share, LOBBY, &mut VecDeque::new());
+        let audio = alice.seal(ALICE, StreamType::ScreenAudio, 1, 90, b"music").unwrap();
+        let (header, _) = sframe::Header::parse(&audio[MEDIA_HEADER_LEN..]).unwrap();
+        assert_eq!(header.kid, screen_kid(ALICE.0, share.epoch));
+        let voice = alice.seal(ALICE, StreamType::Voice, 1, 90, b"voice").unwrap();
+        let (voice_header, _) = sframe::Header::parse(&voice[MEDIA_HEADER_LEN..]).unwrap();
+        assert_eq!((voice_header.kid, voice_header.ctr), (media_kid(ALICE.0, share.epoch), 0), "voice's own counter");
+        let frames = open(&mut bob, &audio);
+        assert_eq!((frames[0].stream, &frames[0].payload[..]), (StreamType::ScreenAudio, &b"music"[..]));
+        // Relabelled, neither opens as the other.
+        let mut as_voice = alice.seal(ALICE, StreamType::ScreenAudio, 2, 0, b"x").unwrap();
+        as_voice[1] = 1;
+        let mut as_audio = alice.seal(ALICE, StreamType::Voice, 2, 0, b"x").unwrap();
+        as_audio[1] = 4;
+        assert!(open(&mut bob, &as_voice).is_empty() && open(&mut bob, &as_audio).is_empty());
     }
 
     #[test]

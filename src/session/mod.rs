@@ -815,8 +815,8 @@ impl Session {
         Some(header.to_datagram(payload))
     }
 
-    /// A datagram the relay forwarded to us. Media opens into [`Session::poll_media`];
-    /// probes become events.
+    /// A datagram the relay forwarded to us. Media (voice, and the desktop audio of a
+    /// share we watch) opens into [`Session::poll_media`]; probes become events.
     pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
         let header = match MediaHeader::parse(datagram) {
             Ok((header, _)) => header,
@@ -824,6 +824,9 @@ impl Session {
         };
         if header.stream == StreamType::Screen {
             return self.screen_datagram(now, header, datagram);
+        }
+        if header.stream == StreamType::ScreenAudio && !self.take_desktop_audio_from(header.sender) {
+            return;
         }
         if header.stream != StreamType::Probe {
             self.media.handle_timeout(now);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::{Event, Session};
 use crate::protocol::fragment::{Reassembler, ReassemblyCounters};
-use crate::protocol::{ClientMsg, MediaHeader, ScreenReport, SessionId, ShareInfo};
+use crate::protocol::{ClientMsg, MediaHeader, ScreenReport, SessionId, ShareInfo, StreamType};
 
 /// Streams watched at once (the server allows as many).
 pub const MAX_WATCHED: usize = crate::protocol::MAX_WATCHING;
@@ -50,6 +50,9 @@ pub struct VideoStats {
     /// ones with a fragment header that makes no sense.
     pub unwatched_datagrams: u64,
     pub malformed_datagrams: u64,
+    /// Desktop audio packets sent (sharing) and received (watching).
+    pub audio_packets_sent: u64,
+    pub audio_packets_received: u64,
 }
 
 /// One decrypted encoded frame of a stream we watch.
@@ -75,6 +78,8 @@ pub struct ScreenState {
     /// What we announce while we share.
     sharing: Option<ShareInfo>,
     next_frame: u32,
+    /// The sequence number of our desktop audio's next packet.
+    next_audio: u32,
     viewers: u32,
     keyframe_wanted: bool,
     watched: BTreeMap<SessionId, Watched>,
@@ -136,6 +141,24 @@ impl Session {
         let datagrams = self.media.seal_screen(self.me?, frame, timestamp, keyframe, payload, loss)?;
         self.screen.next_frame = frame.wrapping_add(1);
         Some(datagrams)
+    }
+
+    /// 20 ms of our share's desktop audio (an Opus packet) as a sealed datagram, or
+    /// `None` when we share nothing or are in no channel.
+    pub fn desktop_audio_datagram(&mut self, now: Instant, timestamp: u32, payload: &[u8]) -> Option<Vec<u8>> {
+        self.screen.sharing?;
+        let sequence = self.screen.next_audio;
+        let datagram = self.media_datagram(now, StreamType::ScreenAudio, sequence, timestamp, payload)?;
+        self.screen.next_audio = sequence.wrapping_add(1);
+        Some(datagram)
+    }
+
+    /// Whether we watch `sharer`'s stream: its desktop audio is opened only then, and
+    /// counted as unwatched otherwise.
+    pub(super) fn take_desktop_audio_from(&mut self, sharer: SessionId) -> bool {
+        let watched = self.screen.watched.contains_key(&sharer);
+        self.screen.unwatched += u64::from(!watched);
+        watched
     }
 
     /// Starts or stops watching a member of our channel who shares.

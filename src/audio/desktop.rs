@@ -1,0 +1,373 @@
+//! Desktop audio for a screen share: what the applications on the default output play,
+//! less what VoIPC itself plays (the others would hear themselves), as 20 ms stereo
+//! frames at 48 kHz.
+//!
+//! Linux, through the PulseAudio protocol (PulseAudio itself, or PipeWire's
+//! pipewire-pulse): one record stream per application playing on the default output,
+//! each tied to that application's stream (a monitor stream, `direct_on_input`), so that
+//! our own playback is never in the mix, as it would be in the output's monitor. Which
+//! streams are there is looked at once a second. [`DesktopMix`] (sans-IO) adds them up
+//! on the capture's own 20 ms clock.
+//!
+//! Bounds: at most [`MAX_APPLICATIONS`] streams, each holding at most [`MAX_BUFFERED`];
+//! a stream that runs dry waits for [`PREBUFFER`] again before it is heard.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::io::BufReader;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pulseaudio::protocol;
+
+use super::{FRAME_20MS, SAMPLE_RATE, STEREO_20MS};
+
+/// Applications recorded at once; beyond them the newest are not heard.
+pub const MAX_APPLICATIONS: usize = 16;
+/// What one application's stream may hold (in frames of two samples): 200 ms. A stream
+/// whose clock runs ahead of ours loses its oldest samples.
+pub const MAX_BUFFERED: usize = 10 * FRAME_20MS;
+/// What a stream must hold (in frames) before it is heard, after its start or after it
+/// ran dry: 40 ms, the jitter of the server's deliveries.
+pub const PREBUFFER: usize = 2 * FRAME_20MS;
+/// How often the applications playing are looked at: a sound that starts is heard from
+/// at most this late.
+const REFRESH_EVERY: Duration = Duration::from_millis(250);
+/// How far behind its clock the capture catches up (a longer stall is let go).
+const CATCH_UP: Duration = Duration::from_millis(200);
+const TICK: Duration = Duration::from_millis(20);
+
+/// One application's samples waiting to be mixed.
+#[derive(Default)]
+struct Pending {
+    samples: std::collections::VecDeque<f32>,
+    /// Heard since it last held [`PREBUFFER`].
+    flowing: bool,
+}
+
+/// Adds up the streams of several applications, 20 ms at a time.
+#[derive(Default)]
+pub struct DesktopMix {
+    streams: BTreeMap<u32, Pending>,
+}
+
+impl DesktopMix {
+    /// Interleaved stereo samples from the stream of `application` (by any id); a new
+    /// one beyond [`MAX_APPLICATIONS`] is not taken.
+    pub fn push(&mut self, application: u32, samples: &[f32]) {
+        if !self.streams.contains_key(&application) && self.streams.len() >= MAX_APPLICATIONS {
+            return;
+        }
+        // Whole frames only: left stays left.
+        let samples = &samples[..samples.len() & !1];
+        let pending = &mut self.streams.entry(application).or_default().samples;
+        pending.extend(samples.iter().map(|s| if s.is_finite() { *s } else { 0.0 }));
+        let excess = pending.len().saturating_sub(2 * MAX_BUFFERED);
+        pending.drain(..excess);
+    }
+
+    /// Forgets the streams `keep` says no to.
+    pub fn retain(&mut self, keep: impl Fn(u32) -> bool) {
+        self.streams.retain(|id, _| keep(*id));
+    }
+
+    /// Empties every stream (nobody listens; what waits would be stale after).
+    pub fn clear(&mut self) {
+        for pending in self.streams.values_mut() {
+            pending.samples.clear();
+            pending.flowing = false;
+        }
+    }
+
+    /// The next 20 ms: the sum of what each flowing stream has for it, limited to ±1.
+    /// Returns whether anything was heard.
+    pub fn mix(&mut self, out: &mut [f32; STEREO_20MS]) -> bool {
+        out.fill(0.0);
+        let mut heard = false;
+        for pending in self.streams.values_mut() {
+            pending.flowing |= pending.samples.len() >= 2 * PREBUFFER;
+            if !pending.flowing {
+                continue;
+            }
+            let take = pending.samples.len().min(STEREO_20MS);
+            for (o, s) in out.iter_mut().zip(pending.samples.drain(..take)) {
+                *o += s;
+            }
+            heard |= take > 0;
+            pending.flowing = take == STEREO_20MS;
+        }
+        for o in out.iter_mut() {
+            *o = o.clamp(-1.0, 1.0);
+        }
+        heard
+    }
+}
+
+/// Whether a sound-server stream is one of this process's own (our playback).
+pub fn is_own(props: &protocol::Props, pid: u32) -> bool {
+    let value = props.get(protocol::Prop::ApplicationProcessId).unwrap_or_default();
+    let value = value.strip_suffix(&[0]).unwrap_or(value);
+    std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<u32>().ok()) == Some(pid)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DesktopAudioError {
+    #[error("no PulseAudio or PipeWire sound server to take desktop audio from (PULSE_SERVER, XDG_RUNTIME_DIR)")]
+    NoServer,
+    #[error("sound server: {0}")]
+    Server(String),
+}
+
+fn server_error(e: impl std::fmt::Display) -> DesktopAudioError {
+    DesktopAudioError::Server(e.to_string())
+}
+
+/// A blocking connection for the one request the client library does not make: the
+/// list of the streams playing (sink inputs).
+struct Lister {
+    socket: BufReader<UnixStream>,
+    version: u16,
+    sequence: u32,
+}
+
+impl Lister {
+    fn connect() -> Result<Lister, DesktopAudioError> {
+        let path = pulseaudio::socket_path_from_env().ok_or(DesktopAudioError::NoServer)?;
+        let cookie = pulseaudio::cookie_path_from_env().and_then(|p| std::fs::read(p).ok()).unwrap_or_default();
+        let socket = UnixStream::connect(&path).map_err(|e| server_error(format!("{}: {e}", path.display())))?;
+        socket.set_read_timeout(Some(Duration::from_secs(5))).map_err(server_error)?;
+        let mut lister = Lister { socket: BufReader::new(socket), version: protocol::MAX_VERSION, sequence: 0 };
+        let auth =
+            protocol::AuthParams { version: protocol::MAX_VERSION, supports_shm: false, supports_memfd: false, cookie };
+        let reply: protocol::AuthReply = lister.request(protocol::Command::Auth(auth))?;
+        lister.version = reply.version.min(protocol::MAX_VERSION);
+        let mut props = protocol::Props::new();
+        props.set(protocol::Prop::ApplicationName, c"VoIPC desktop audio");
+        let pid = CString::new(std::process::id().to_string()).expect("digits");
+        props.set(protocol::Prop::ApplicationProcessId, pid.as_c_str());
+        let _: protocol::SetClientNameReply = lister.request(protocol::Command::SetClientName(props))?;
+        Ok(lister)
+    }
+
+    fn request<R: protocol::CommandReply>(&mut self, command: protocol::Command) -> Result<R, DesktopAudioError> {
+        self.sequence += 1;
+        protocol::write_command_message(self.socket.get_mut(), self.sequence, &command, self.version)
+            .map_err(server_error)?;
+        let (sequence, reply) = protocol::read_reply_message(&mut self.socket, self.version).map_err(server_error)?;
+        if sequence != self.sequence {
+            return Err(server_error("a reply out of turn"));
+        }
+        Ok(reply)
+    }
+
+    fn sink_inputs(&mut self) -> Result<protocol::SinkInputInfoList, DesktopAudioError> {
+        self.request(protocol::Command::GetSinkInputInfoList)
+    }
+}
+
+/// What the capture hands on: 20 ms of desktop sound, and when its last sample reached
+/// us.
+pub struct DesktopFrame {
+    pub samples: Box<[f32; STEREO_20MS]>,
+    pub captured: Instant,
+}
+
+/// What the capture is to do next, asked every 20 ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    Record,
+    /// Nobody listens: what the applications play is let go.
+    Pause,
+    Stop,
+}
+
+/// Records the applications playing on the default output (not us) and calls `frame`
+/// every 20 ms while anything is heard, until `wanted` says stop.
+pub fn capture(wanted: &dyn Fn() -> Wanted, frame: &mut dyn FnMut(DesktopFrame)) -> Result<(), DesktopAudioError> {
+    let client = pulseaudio::Client::from_env(c"VoIPC desktop audio").map_err(|e| match e {
+        pulseaudio::ClientError::ServerUnavailable => DesktopAudioError::NoServer,
+        other => server_error(other),
+    })?;
+    let mut lister = Lister::connect()?;
+    let mix = Arc::new(Mutex::new(DesktopMix::default()));
+    let mut recording: BTreeMap<u32, pulseaudio::RecordStream> = BTreeMap::new();
+    let mut held: Option<(u32, pulseaudio::RecordStream)> = None;
+    let own = std::process::id();
+    let mut next_refresh = Instant::now();
+    let mut next_tick = Instant::now();
+    let mut samples = Box::new([0.0; STEREO_20MS]);
+    loop {
+        let now = Instant::now();
+        if now >= next_refresh {
+            next_refresh = now + REFRESH_EVERY;
+            let output = futures::executor::block_on(client.sink_info_by_name(protocol::DEFAULT_SINK.to_owned()))
+                .map_err(server_error)?;
+            let Some(monitor) = output.monitor_source_index else {
+                return Err(server_error("the default output has no monitor"));
+            };
+            if held.as_ref().is_none_or(|(m, _)| *m != monitor) {
+                if let Some((_, stream)) = held.take() {
+                    let _ = futures::executor::block_on(stream.delete());
+                }
+                held = Some((monitor, hold_latency(&client, monitor)?));
+            }
+            let playing: Vec<u32> = lister
+                .sink_inputs()?
+                .into_iter()
+                .filter(|input| input.sink_index == output.index && !is_own(&input.props, own))
+                .map(|input| input.index)
+                .take(MAX_APPLICATIONS)
+                .collect();
+            for gone in recording.keys().copied().filter(|id| !playing.contains(id)).collect::<Vec<_>>() {
+                if let Some(stream) = recording.remove(&gone) {
+                    // It may have gone with its application already.
+                    let _ = futures::executor::block_on(stream.delete());
+                }
+            }
+            mix.lock().expect("no panics while held").retain(|id| playing.contains(&id));
+            for input in playing {
+                if !recording.contains_key(&input) {
+                    recording.insert(input, record(&client, monitor, input, &mix)?);
+                }
+            }
+        }
+        // Every 20 ms that passed is mixed, so that the streams are taken at the rate
+        // they come; a wake-up late (this thread shares the cores with the encoder)
+        // mixes several.
+        let now = Instant::now();
+        if now > next_tick + CATCH_UP {
+            next_tick = now;
+        }
+        while next_tick <= now {
+            match wanted() {
+                Wanted::Stop => return Ok(()),
+                Wanted::Pause => mix.lock().expect("no panics while held").clear(),
+                Wanted::Record => {
+                    if mix.lock().expect("no panics while held").mix(&mut samples) {
+                        frame(DesktopFrame { samples: samples.clone(), captured: next_tick });
+                    }
+                }
+            }
+            next_tick += TICK;
+        }
+        std::thread::sleep(next_tick.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// A record stream of the one application `input` (or with `None`, of the whole output),
+/// as float stereo at 48 kHz in 10 ms pieces.
+fn record_params(monitor: u32, input: Option<u32>) -> protocol::RecordStreamParams {
+    let spec =
+        protocol::SampleSpec { format: protocol::SampleFormat::Float32Le, channels: 2, sample_rate: SAMPLE_RATE };
+    let fragment = (FRAME_20MS / 2 * 2 * 4) as u32;
+    protocol::RecordStreamParams {
+        sample_spec: spec,
+        channel_map: protocol::ChannelMap::stereo(),
+        source_index: Some(monitor),
+        buffer_attr: protocol::stream::BufferAttr { fragment_size: fragment, ..Default::default() },
+        // The output's monitor is asked for 10 ms pieces, and so the output renders in
+        // pieces that small (not seconds ahead, which a stream would miss).
+        flags: protocol::stream::StreamFlags { adjust_latency: true, ..Default::default() },
+        direct_on_input_index: input,
+        ..Default::default()
+    }
+}
+
+/// Holds the default output to low latency while desktop audio is shared: left alone, an
+/// output that plays only streams with large buffers renders them up to 2 s ahead, all
+/// at once, and an application's record stream opened after that misses what was
+/// rendered. What this stream records is let go.
+fn hold_latency(client: &pulseaudio::Client, monitor: u32) -> Result<pulseaudio::RecordStream, DesktopAudioError> {
+    futures::executor::block_on(client.create_record_stream(record_params(monitor, None), |_: &[u8]| {}))
+        .map_err(server_error)
+}
+
+/// A record stream of the one application `input` into `mix`.
+fn record(
+    client: &pulseaudio::Client,
+    monitor: u32,
+    input: u32,
+    mix: &Arc<Mutex<DesktopMix>>,
+) -> Result<pulseaudio::RecordStream, DesktopAudioError> {
+    let params = record_params(monitor, Some(input));
+    let mix = mix.clone();
+    let mut floats = Vec::new();
+    let sink = move |bytes: &[u8]| {
+        floats.clear();
+        floats.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        if let Ok(mut mix) = mix.lock() {
+            mix.push(input, &floats);
+        }
+    };
+    let stream = futures::executor::block_on(client.create_record_stream(params, sink)).map_err(server_error)?;
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stereo(frames: usize, left: f32, right: f32) -> Vec<f32> {
+        (0..frames).flat_map(|_| [left, right]).collect()
+    }
+
+    #[test]
+    fn streams_are_heard_after_their_prebuffer_and_added_up() {
+        let mut mix = DesktopMix::default();
+        let mut out = [0.0; STEREO_20MS];
+        mix.push(1, &stereo(FRAME_20MS, 0.25, -0.25));
+        assert!(!mix.mix(&mut out), "20 ms is less than the prebuffer");
+        mix.push(1, &stereo(FRAME_20MS, 0.25, -0.25));
+        mix.push(2, &stereo(PREBUFFER, 0.5, 0.5));
+        assert!(mix.mix(&mut out));
+        assert_eq!((out[0], out[1]), (0.75, 0.25), "left stays left");
+        // Stream 1 held 40 ms: one frame left; then it runs dry and waits again.
+        assert!(mix.mix(&mut out));
+        assert!(!mix.mix(&mut out) && out.iter().all(|s| *s == 0.0));
+        mix.push(1, &stereo(FRAME_20MS, 0.25, -0.25));
+        assert!(!mix.mix(&mut out), "a stream that ran dry waits for its prebuffer again");
+    }
+
+    #[test]
+    fn loud_sums_are_limited_and_bad_samples_are_silence() {
+        let mut mix = DesktopMix::default();
+        let mut out = [0.0; STEREO_20MS];
+        mix.push(1, &stereo(PREBUFFER, 0.9, f32::NAN));
+        mix.push(2, &stereo(PREBUFFER, 0.9, f32::INFINITY));
+        assert!(mix.mix(&mut out));
+        assert_eq!((out[0], out[1]), (1.0, 0.0));
+    }
+
+    #[test]
+    fn memory_stays_bounded_whatever_the_streams_send() {
+        let mut mix = DesktopMix::default();
+        for application in 0..100 {
+            for _ in 0..50 {
+                // An odd count: a torn frame must not swap the channels.
+                mix.push(application, &stereo(FRAME_20MS, 0.1, -0.1)[..2 * FRAME_20MS - 1]);
+            }
+        }
+        assert_eq!(mix.streams.len(), MAX_APPLICATIONS);
+        for pending in mix.streams.values() {
+            assert!(pending.samples.len() <= 2 * MAX_BUFFERED);
+            assert_eq!(pending.samples.front(), Some(&0.1), "left first");
+        }
+        mix.retain(|id| id == 3);
+        assert_eq!(mix.streams.keys().copied().collect::<Vec<_>>(), [3]);
+        mix.clear();
+        let mut out = [0.0; STEREO_20MS];
+        assert!(!mix.mix(&mut out));
+    }
+
+    #[test]
+    fn our_own_streams_are_known_by_process_id() {
+        let mut props = protocol::Props::new();
+        assert!(!is_own(&props, 42));
+        props.set(protocol::Prop::ApplicationProcessId, c"42");
+        assert!(is_own(&props, 42));
+        assert!(!is_own(&props, 4));
+        props.set(protocol::Prop::ApplicationProcessId, c"not a number");
+        assert!(!is_own(&props, 42));
+    }
+}
