@@ -334,3 +334,125 @@ fn an_xvfb_screen_shared_matches_what_is_on_it() {
     );
     assert!(scores.len() >= 30 && worst >= 35.0, "{scores:?}");
 }
+
+/// A desktop's sound: a second of quiet (the application's stream opens before it plays,
+/// as a player's does), three seconds of tone bursts of changing pitch and length, then
+/// eight of quiet with the stream still open; a faint hiss (-51 dBFS) throughout, as in
+/// any recording (digital silence would measure the codec's fade-outs instead).
+fn desktop_sound(path: &Path) -> Vec<f32> {
+    let rate = 48_000usize;
+    let mut samples = vec![0.0f32; rate];
+    let mut k = 7u32;
+    while samples.len() < 4 * rate {
+        k = k.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let (on, off) = (rate * (150 + (k >> 8) as usize % 250) / 1000, rate * (100 + (k >> 18) as usize % 200) / 1000);
+        let pitch = 300.0 + ((k >> 4) % 900) as f32;
+        let start = samples.len();
+        samples.extend((0..on).map(|n| 0.3 * (std::f32::consts::TAU * pitch * (start + n) as f32 / rate as f32).sin()));
+        samples.extend(std::iter::repeat_n(0.0, off));
+    }
+    samples.resize(12 * rate, 0.0);
+    for s in &mut samples {
+        k = k.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        *s += ((k >> 16) as f32 / 65_536.0 - 0.5) * 0.01;
+    }
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 48_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(path, spec).unwrap();
+    for s in &samples {
+        writer.write_sample((s * 32_767.0) as i16).unwrap();
+    }
+    writer.finalize().unwrap();
+    samples
+}
+
+/// Seconds from the first to the last 10 ms of `samples` (48 kHz) louder than -40 dBFS.
+fn loud_span(samples: &[f32]) -> f32 {
+    let loud: Vec<usize> = samples
+        .chunks(480)
+        .enumerate()
+        .filter(|(_, c)| voipc::audio::dsp::level_dbfs(c) > -40.0)
+        .map(|(i, _)| i)
+        .collect();
+    match (loud.first(), loud.last()) {
+        (Some(first), Some(last)) => (last - first + 1) as f32 / 100.0,
+        _ => 0.0,
+    }
+}
+
+/// Alice shares her desktop's sound through a real sound server: bob's recording of it
+/// is what another application played, and carol's voice, which alice's client plays on
+/// the same output while that application is quiet, is not in it (carol would hear
+/// herself).
+#[test]
+#[ignore = "plays sound in real time: `just test` runs it alone, after the rest"]
+fn desktop_audio_reaches_the_viewer_without_the_sharers_own_playback() {
+    use voipc::audio::quality::compare;
+    use voipc::audio::wav::read_voice;
+
+    use crate::support::{SoundServer, read_raw};
+    let dir = tempfile::tempdir().unwrap();
+    let sound = SoundServer::start();
+    let server = TestServer::start(dir.path(), None);
+    let clip = dir.path().join("clip.y4m");
+    screen_clip(&clip);
+    let desktop_wav = dir.path().join("desktop.wav");
+    let desktop = desktop_sound(&desktop_wav);
+    let speech_wav = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/speech.wav");
+    let heard = dir.path().join("bob-desktop.wav");
+
+    let watch = ["--watch", "alice", "--record-screen-audio", heard.to_str().unwrap(), "--duration", "24"];
+    let mut bob = TestClient::join(&server.invite, "bob", &watch);
+    bob.expect_joined("Lobby");
+    let clip = clip.to_str().unwrap();
+    let share = ["--share-screen", clip, "--share-resolution", "480p", "--share-fps", "5", "--share-audio"];
+    let env = sound.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let alice_args = [&share[..], &["--output-device", "default", "--duration", "20"]].concat();
+    let mut alice = TestClient::join_with_env(&server.invite, "alice", &alice_args, &env);
+    alice.expect_event("share_started");
+    bob.expect("watching alice", |e| e["event"] == "watching" && e["watching"] == true);
+    alice.expect("a viewer", |e| e["event"] == "viewers" && e["count"] == 1);
+
+    // Another application plays; when it has gone quiet, carol talks and alice's client
+    // plays her on the same output.
+    let output = dir.path().join("output.raw");
+    let mut monitor = sound.record_output(&output);
+    let mut player = sound.play(&desktop_wav);
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let mut carol =
+        TestClient::join(&server.invite, "carol", &["--play", speech_wav.to_str().unwrap(), "--duration", "8"]);
+    carol.expect_joined("Lobby");
+    assert!(player.wait().unwrap().success());
+    carol.wait();
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    alice.wait();
+    bob.wait();
+
+    for client in [&alice, &bob] {
+        assert!(client.seen_events("error").is_empty(), "{:?}", client.seen_events("error"));
+    }
+    let sent = &alice.seen_events("video_stats")[0]["stats"];
+    let received = bob.seen_events("video_stats")[0]["stats"]["audio_packets_received"].as_u64().unwrap();
+    let shared = read_voice(&heard).unwrap();
+    // Half a second into the application's quiet start: the share hears a stream from
+    // at most a quarter of a second after it opens.
+    let (played, application) = (loud_span(&read_raw(&output)), compare(&desktop[24_000..], &shared));
+    eprintln!(
+        "desktop audio: {received} packets received of {sent}; the application {application:?}; \
+         sound on alice's output for {played:.2} s, in what she shared for {:.2} s",
+        loud_span(&shared)
+    );
+    assert!(received >= 500, "the application's 12 s: {received}");
+    // What must be there: the voice tests' threshold (a clean call scores above 0.9).
+    assert!(application.correlation > 0.85, "{application:?}");
+    // Carol played on alice's output after the application's sound, and none of it
+    // was shared: the loud part of the share is the application's 3 s alone.
+    assert!(played > loud_span(&desktop) + 2.0, "{played} s");
+    assert!((loud_span(&shared) - loud_span(&desktop)).abs() < 0.2, "{} s", loud_span(&shared));
+}

@@ -228,6 +228,7 @@ pub fn capture(wanted: &dyn Fn() -> Wanted, frame: &mut dyn FnMut(DesktopFrame))
             mix.lock().expect("no panics while held").retain(|id| playing.contains(&id));
             for input in playing {
                 if !recording.contains_key(&input) {
+                    tracing::debug!("desktop audio: recording the application stream {input}");
                     recording.insert(input, record(&client, monitor, input, &mix)?);
                 }
             }

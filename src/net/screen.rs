@@ -114,6 +114,8 @@ struct SenderNotes {
     behind: AtomicBool,
     /// Frames encoded that the network side had no room for.
     skipped: AtomicU64,
+    /// Desktop audio packets the network side had no room for.
+    audio_dropped: AtomicU64,
 }
 
 /// From the desktop audio thread.
@@ -202,10 +204,10 @@ impl ScreenShell {
                 .expect("a thread can be spawned");
             if request.audio {
                 let (audio_tx, audio_rx) = mpsc::channel(DESKTOP_WAITING);
-                let nobody_watches = self.nobody_watches.clone();
+                let (nobody_watches, notes) = (self.nobody_watches.clone(), self.notes.clone());
                 std::thread::Builder::new()
                     .name("voipc-desktop-audio".into())
-                    .spawn(move || run_desktop_audio(clock, &nobody_watches, &audio_tx))
+                    .spawn(move || run_desktop_audio(clock, &nobody_watches, &notes.audio_dropped, &audio_tx))
                     .expect("a thread can be spawned");
                 self.desktop = Some(audio_rx);
             }
@@ -469,6 +471,7 @@ impl ScreenShell {
         let mut stats = self.stats.clone();
         stats.viewers = session.viewers();
         stats.frames_dropped += self.notes.skipped.load(Ordering::Relaxed);
+        stats.audio_packets_dropped = self.notes.audio_dropped.load(Ordering::Relaxed);
         (stats.unwatched_datagrams, stats.malformed_datagrams) = session.dropped_screen_datagrams();
         let idle = self.sender.is_none() && self.viewer.is_none() && stats == VideoStats::default();
         (!idle).then_some(stats)
@@ -676,14 +679,24 @@ fn media_timestamp(clock: Instant, captured: Instant) -> u32 {
 /// The desktop audio thread: records what the other applications play, encodes it and
 /// passes each 20 ms on (dropped when the network side has not taken the last ones),
 /// until the share ends.
-fn run_desktop_audio(clock: Instant, nobody_watches: &AtomicBool, out: &mpsc::Sender<FromDesktop>) {
-    if let Err(e) = desktop_audio(clock, nobody_watches, out) {
+fn run_desktop_audio(
+    clock: Instant,
+    nobody_watches: &AtomicBool,
+    dropped: &AtomicU64,
+    out: &mpsc::Sender<FromDesktop>,
+) {
+    if let Err(e) = desktop_audio(clock, nobody_watches, dropped, out) {
         let _ = out.blocking_send(FromDesktop::Failed(e));
     }
 }
 
 #[cfg(unix)]
-fn desktop_audio(clock: Instant, nobody_watches: &AtomicBool, out: &mpsc::Sender<FromDesktop>) -> Result<(), String> {
+fn desktop_audio(
+    clock: Instant,
+    nobody_watches: &AtomicBool,
+    dropped: &AtomicU64,
+    out: &mpsc::Sender<FromDesktop>,
+) -> Result<(), String> {
     use crate::audio::desktop::{Wanted, capture};
     let mut encoder = StereoEncoder::new().map_err(|e| e.to_string())?;
     let failed = std::cell::RefCell::new(None);
@@ -699,14 +712,16 @@ fn desktop_audio(clock: Instant, nobody_watches: &AtomicBool, out: &mpsc::Sender
         };
         let timestamp = media_timestamp(clock, frame.captured);
         // Full: the network side is behind, and 20 ms of sound is let go.
-        let _ = out.try_send(FromDesktop::Packet { payload, timestamp });
+        if out.try_send(FromDesktop::Packet { payload, timestamp }).is_err() {
+            dropped.fetch_add(1, Ordering::Relaxed);
+        }
     })
     .map_err(|e| e.to_string())?;
     failed.into_inner().map_or(Ok(()), Err)
 }
 
 #[cfg(not(unix))]
-fn desktop_audio(_: Instant, _: &AtomicBool, _: &mpsc::Sender<FromDesktop>) -> Result<(), String> {
+fn desktop_audio(_: Instant, _: &AtomicBool, _: &AtomicU64, _: &mpsc::Sender<FromDesktop>) -> Result<(), String> {
     Err("desktop audio is captured on Linux only so far".into())
 }
 

@@ -50,8 +50,10 @@ pub struct VideoStats {
     /// ones with a fragment header that makes no sense.
     pub unwatched_datagrams: u64,
     pub malformed_datagrams: u64,
-    /// Desktop audio packets sent (sharing) and received (watching).
+    /// Desktop audio packets sent, and dropped before they could be (sharing); received
+    /// (watching).
     pub audio_packets_sent: u64,
+    pub audio_packets_dropped: u64,
     pub audio_packets_received: u64,
 }
 

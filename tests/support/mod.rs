@@ -296,3 +296,79 @@ impl Drop for TestClient {
         let _ = self.child.wait();
     }
 }
+
+/// A private PulseAudio server (Debian's `pulseaudio`, installed by `just setup`) whose
+/// one output, a null sink named "desktop", is the default: the sound card of a machine
+/// that has none. Killed on drop.
+pub struct SoundServer {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl SoundServer {
+    pub fn start() -> SoundServer {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("native");
+        let child = Command::new("pulseaudio")
+            .env_clear()
+            .env("HOME", dir.path())
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .args(["-n", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no", "-L"])
+            .arg(format!("module-native-protocol-unix socket={} auth-anonymous=1", socket.display()))
+            .args(["-L", "module-null-sink sink_name=desktop rate=48000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pulseaudio runs (just setup installs it)");
+        // ALSA programs (cpal, ours) reach it through ALSA's pulse plugin.
+        std::fs::write(dir.path().join(".asoundrc"), "pcm.!default { type pulse }\nctl.!default { type pulse }\n")
+            .unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "pulseaudio did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        SoundServer { child, dir }
+    }
+
+    /// What a client needs to use it: the server's socket, and a home whose `.asoundrc`
+    /// makes it ALSA's default device.
+    pub fn env(&self) -> [(&'static str, String); 2] {
+        let socket = format!("unix:{}", self.dir.path().join("native").display());
+        [("PULSE_SERVER", socket), ("HOME", self.dir.path().display().to_string())]
+    }
+
+    fn tool(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command.env_clear().envs(self.env()).stdout(Stdio::null()).stderr(Stdio::null());
+        command
+    }
+
+    /// Plays `wav` on the default output, as any other application would.
+    pub fn play(&self, wav: &Path) -> Child {
+        self.tool("paplay").arg(wav).spawn().expect("paplay runs (just setup installs pulseaudio-utils)")
+    }
+
+    /// Records everything the default output plays, 48 kHz mono float, into `raw` until
+    /// killed ([`read_raw`] reads it).
+    pub fn record_output(&self, raw: &Path) -> Child {
+        self.tool("parec")
+            .args(["--device=desktop.monitor", "--raw", "--format=float32le", "--rate=48000", "--channels=1"])
+            .stdout(std::fs::File::create(raw).unwrap())
+            .spawn()
+            .expect("parec runs")
+    }
+}
+
+impl Drop for SoundServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Samples that [`SoundServer::record_output`] wrote.
+pub fn read_raw(raw: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(raw).unwrap();
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
