@@ -7,8 +7,10 @@ set positional-arguments
 # Debian packages the build and the tests need: gcc and make build aws-lc, protoc builds
 # libsignal, cmake builds libopus, ALSA's headers build cpal; FFmpeg's headers and libclang
 # build ffmpeg-next (screen share: HEVC through libx265 and the hardware encoders Debian's
-# FFmpeg has); Xvfb is the screen the screen-share tests share; iproute2 for `just netem`.
-packages := "build-essential pkg-config protobuf-compiler cmake libasound2-dev iproute2 libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libclang-dev xvfb"
+# FFmpeg has); Xvfb is the screen the screen-share tests share; PulseAudio (with paplay,
+# parec, and ALSA's plugin to reach it) is the sound card of the desktop-audio test;
+# iproute2 for `just netem`.
+packages := "build-essential pkg-config protobuf-compiler cmake libasound2-dev iproute2 libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libclang-dev xvfb pulseaudio pulseaudio-utils libasound2-plugins"
 
 # List the recipes.
 default:
@@ -53,7 +55,7 @@ join *args: build
 # the attacks whose figures need the machine to themselves.
 test: setup
     cargo test --all-targets
-    cargo test --test main -- --ignored --test-threads=1 --nocapture a_voice_flood a_handshake_flood fifty_handshakes a_shared_screen an_xvfb_screen a_lossy_link_never
+    cargo test --test main -- --ignored --test-threads=1 --nocapture a_voice_flood a_handshake_flood fifty_handshakes a_shared_screen an_xvfb_screen a_lossy_link_never desktop_audio
 
 # Relay throughput and latency against a plain-UDP baseline, vault unlock time, chat message rates, voice codec and SFrame costs, then the micro-benchmarks.
 bench *args: build
