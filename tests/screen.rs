@@ -73,6 +73,19 @@ fn only_the_viewer_receives_a_share_and_opens_it() {
     // Voice still reaches the whole channel while the share runs.
     let voice = net.session("alice").media_datagram(now, StreamType::Voice, 1, 960, b"opus").unwrap();
     assert_eq!(net.datagram("alice", &voice), ["bob", "carol"]);
+    // The share's desktop audio goes where its picture goes, and opens only for bob.
+    let audio = net.session("alice").desktop_audio_datagram(now, 1800, b"music").unwrap();
+    assert_eq!(net.datagram("alice", &audio), ["bob"]);
+    let heard: Vec<_> = std::iter::from_fn(|| net.session("bob").poll_media()).collect();
+    assert!(heard.iter().any(|f| f.stream == StreamType::ScreenAudio && f.payload == b"music" && f.timestamp == 1800));
+    // Handed to carol anyway, it is counted and dropped unopened.
+    let (_, malformed) = net.session("carol").dropped_screen_datagrams();
+    net.session("carol").handle_datagram(now, &audio);
+    assert!(std::iter::from_fn(|| net.session("carol").poll_media()).all(|f| f.stream != StreamType::ScreenAudio));
+    assert_eq!(net.session("carol").dropped_screen_datagrams(), (2, malformed));
+    // Nothing to send once the share is over.
+    net.session("alice").set_share(None);
+    assert!(net.session("alice").desktop_audio_datagram(now, 3600, b"music").is_none());
 }
 
 #[test]
