@@ -199,7 +199,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Voice { rounds, json } => voice::run(rounds.max(1), json).await,
         BenchCommand::Video { secs, json } => {
             let window = Duration::from_secs_f64(secs.clamp(0.1, 60.0));
-            tokio::task::spawn_blocking(move || video::run(window, json)).await.context("video bench failed")?
+            // Through a relay first, with the machine to itself; then each encoder alone.
+            let glass = video::glass_to_glass(window).await.map_err(|e| format!("{e:#}"));
+            tokio::task::spawn_blocking(move || video::run(window, json, glass)).await.context("video bench failed")?
         }
         BenchCommand::Impair { listen, to, loss, jitter_ms, down_kbps, seed } => {
             let how = impair::Impairment {

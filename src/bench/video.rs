@@ -3,17 +3,24 @@
 //! 30 fps), the bitrate it kept, and the luma PSNR of the decoded frames against what
 //! went in; the whole sender and receiver path in one process (scale, encode, seal,
 //! fragment, reassemble, open, decode) as capture-to-picture time; and, beside them as
-//! the baseline, how fast the screen itself can be captured (with a display).
+//! the baseline, how fast the screen itself can be captured (with a display); and
+//! glass-to-glass delay through a real relay (with a display, see [`glass_to_glass`]).
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use anyhow::Context;
 
 use ffmpeg_next::format::Pixel;
 use serde_json::json;
 
-use crate::protocol::Resolution;
+use crate::net::client::{JoinOptions, VoiceOptions, run_client};
+use crate::net::screen::{PictureSink, ScreenOptions};
 use crate::protocol::fragment::Reassembler;
-use crate::protocol::{ChannelId, MediaHeader, SessionId};
+use crate::protocol::{ChannelId, MediaHeader, Resolution, ServerLink, SessionId};
+use crate::session::Event;
+use crate::session::command::ShareRequest;
 use crate::session::media::MediaKeys;
 use crate::video::adapt::start_bitrate;
 use crate::video::capture::{Source, X11Capture};
@@ -61,7 +68,7 @@ struct Case {
     capture_to_picture_ms: f64,
 }
 
-pub fn run(window: Duration, json: bool) -> anyhow::Result<()> {
+pub fn run(window: Duration, json: bool, glass: Result<GlassToGlass, String>) -> anyhow::Result<()> {
     let frames: Vec<Bgra> = (0..30).map(desktop).collect();
     let mut cases = Vec::new();
     let mut unavailable = Vec::new();
@@ -90,7 +97,14 @@ pub fn run(window: Duration, json: bool) -> anyhow::Result<()> {
             })
             .collect();
         let unavailable: Vec<_> = unavailable.iter().map(|(n, why)| json!({"encoder": n, "why": why})).collect();
-        println!("{}", json!({"cases": cases, "unavailable": unavailable, "capture_fps": capture.as_ref().ok()}));
+        let glass = glass.as_ref().ok().map(|g| {
+            json!({"encoder": g.encoder, "markers": g.markers, "seen": g.seen, "median_ms": g.median_ms, "p95_ms": g.p95_ms})
+        });
+        let capture = capture.as_ref().ok();
+        println!(
+            "{}",
+            json!({"cases": cases, "unavailable": unavailable, "capture_fps": capture, "glass_to_glass": glass})
+        );
         return Ok(());
     }
     println!("screen share: HEVC on 1080p desktop content scaled to each size, 30 fps asked");
@@ -116,6 +130,13 @@ pub fn run(window: Duration, json: bool) -> anyhow::Result<()> {
     match capture {
         Ok(fps) => println!("baseline: raw X11 capture (MIT-SHM) of this display at {fps:.0} frames/s"),
         Err(why) => println!("baseline: no capture measured ({why})"),
+    }
+    match glass {
+        Ok(g) => println!(
+            "glass to glass through a loopback relay (720p, 30 fps asked, {}): median {:.0} ms, p95 {:.0} ms ({} of {} markers seen)",
+            g.encoder, g.median_ms, g.p95_ms, g.seen, g.markers
+        ),
+        Err(why) => println!("glass to glass: not measured ({why})"),
     }
     Ok(())
 }
@@ -187,4 +208,175 @@ fn capture_rate(window: Duration) -> Result<f64, String> {
         count += 1;
     }
     Ok(f64::from(count) / start.elapsed().as_secs_f64())
+}
+
+/// Marker blocks painted on the screen for glass-to-glass: a white guard, 14 bits of the
+/// marker's number, a black guard, each a square of this many pixels in a row at the top
+/// left (a square of 32 still has 21 pixels at 720p).
+const MARK_BLOCK: u32 = 48;
+const MARK_BITS: u32 = 14;
+/// Markers change this often: slower than a frame, so each is captured.
+const MARK_EVERY: Duration = Duration::from_millis(150);
+
+/// Glass-to-glass delay through a real relay: a `voipc serve` child and two real clients
+/// in this process, alice sharing `$DISPLAY`'s primary monitor at 720p and 30 fps with
+/// the first encoder that works, bob watching. Numbered markers are painted on the
+/// screen; the delay is from the X server having drawn one to bob holding the first
+/// decoded picture that shows it.
+pub async fn glass_to_glass(window: Duration) -> anyhow::Result<GlassToGlass> {
+    let (_server, line) =
+        super::spawn_self(&["serve", "--listen", "127.0.0.1:0", "--ephemeral-cert", "--json"]).await?;
+    let link: ServerLink = super::json_field(&line, "invite")?.parse()?;
+    let painter = MarkerPainter::open().context("glass-to-glass paints on $DISPLAY")?;
+    let root_width = painter.width;
+    let seen: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    let seen_by_bob = seen.clone();
+    let show = PictureSink(Arc::new(move |_, picture| {
+        if let Some(number) = read_marker(&picture, root_width) {
+            seen_by_bob.lock().expect("no panics while held").push((number, Instant::now()));
+        }
+    }));
+    let work = std::env::temp_dir().join(format!("voipc-glass-to-glass-{}", std::process::id()));
+    let client = |name: &str, screen: ScreenOptions| JoinOptions {
+        link: link.clone(),
+        replace_pin: None,
+        bind: None,
+        name: name.to_owned(),
+        join: None,
+        trust_on_first_use: false,
+        data_dir: work.join(name),
+        vault_password: zeroize::Zeroizing::new("glass to glass".to_owned()),
+        say: None,
+        voice: VoiceOptions::default(),
+        screen,
+        duration: None,
+        health: false,
+        json: false,
+    };
+    let share = ShareRequest { source: None, resolution: Resolution::P720, fps: 30, audio: false };
+    let alice = client("alice", ScreenOptions { share: Some(share), ..ScreenOptions::default() });
+    let bob =
+        client("bob", ScreenOptions { watch: Some("alice".into()), show: Some(show), ..ScreenOptions::default() });
+    let encoder: Arc<Mutex<Option<String>>> = Arc::default();
+    let started = encoder.clone();
+    let (alice_commands, alice_rx) = tokio::sync::mpsc::channel(1);
+    let (bob_commands, bob_rx) = tokio::sync::mpsc::channel(1);
+    let alice = tokio::spawn(async move {
+        run_client(alice, alice_rx, &mut |event| {
+            if let Event::ShareStarted { encoder, .. } = event {
+                *started.lock().expect("no panics while held") = Some(encoder.clone());
+            }
+        })
+        .await
+    });
+    let bob = tokio::spawn(async move { run_client(bob, bob_rx, &mut |_| {}).await });
+    // Until bob sees the screen (vaults made, keys exchanged, the first keyframe).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut painted = std::collections::BTreeMap::new();
+    let mut number = 0;
+    while seen.lock().expect("no panics while held").is_empty() {
+        anyhow::ensure!(Instant::now() < deadline, "bob saw no marker within 30 s");
+        painted.insert(number, painter.paint(number)?);
+        tokio::time::sleep(MARK_EVERY).await;
+    }
+    seen.lock().expect("no panics while held").clear();
+    let start = Instant::now();
+    while start.elapsed() < window.max(Duration::from_secs(5)) {
+        number = (number + 1) % (1 << MARK_BITS);
+        painted.insert(number, painter.paint(number)?);
+        tokio::time::sleep(MARK_EVERY).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop((alice_commands, bob_commands));
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { (alice.await, bob.await) }).await;
+    let _ = std::fs::remove_dir_all(&work);
+    // The first picture showing each marker painted since the clear.
+    let mut delays: Vec<f64> = Vec::new();
+    let mut counted = std::collections::BTreeSet::new();
+    for (number, at) in seen.lock().expect("no panics while held").iter() {
+        if let Some(drawn) = painted.get(number).filter(|d| **d >= start && *at >= **d)
+            && counted.insert(*number)
+        {
+            delays.push(at.duration_since(*drawn).as_secs_f64() * 1000.0);
+        }
+    }
+    anyhow::ensure!(!delays.is_empty(), "bob saw none of the markers");
+    delays.sort_by(f64::total_cmp);
+    let at = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize];
+    let encoder = encoder.lock().expect("no panics while held").clone().unwrap_or_default();
+    Ok(GlassToGlass { encoder, markers: painted.len(), seen: delays.len(), median_ms: at(0.5), p95_ms: at(0.95) })
+}
+
+pub struct GlassToGlass {
+    pub encoder: String,
+    pub markers: usize,
+    pub seen: usize,
+    pub median_ms: f64,
+    pub p95_ms: f64,
+}
+
+/// Paints numbered markers on the root window of `$DISPLAY`.
+struct MarkerPainter {
+    conn: x11rb::rust_connection::RustConnection,
+    root: u32,
+    black: u32,
+    white: u32,
+    width: u32,
+}
+
+impl MarkerPainter {
+    fn open() -> anyhow::Result<MarkerPainter> {
+        use x11rb::connection::Connection;
+        use x11rb::protocol::xproto::{ConnectionExt as _, CreateGCAux};
+        let (conn, screen) = x11rb::connect(None)?;
+        let screen = &conn.setup().roots[screen];
+        let (root, width) = (screen.root, u32::from(screen.width_in_pixels));
+        let (black, white) = (conn.generate_id()?, conn.generate_id()?);
+        conn.create_gc(black, root, &CreateGCAux::new().foreground(screen.black_pixel))?;
+        conn.create_gc(white, root, &CreateGCAux::new().foreground(screen.white_pixel))?;
+        Ok(MarkerPainter { conn, root, black, white, width })
+    }
+
+    /// Paints marker `number` and returns when the X server has drawn it.
+    fn paint(&self, number: u32) -> anyhow::Result<Instant> {
+        use x11rb::protocol::xproto::{ConnectionExt as _, Rectangle};
+        let block = |i: u32| Rectangle {
+            x: (i * MARK_BLOCK) as i16,
+            y: 0,
+            width: MARK_BLOCK as u16,
+            height: MARK_BLOCK as u16,
+        };
+        let ones = (0..MARK_BITS).filter(|bit| number >> bit & 1 == 1).map(|bit| block(bit + 1));
+        let zeros = (0..MARK_BITS).filter(|bit| number >> bit & 1 == 0).map(|bit| block(bit + 1));
+        let white: Vec<_> = std::iter::once(block(0)).chain(ones).collect();
+        let black: Vec<_> = std::iter::once(block(MARK_BITS + 1)).chain(zeros).collect();
+        self.conn.poly_fill_rectangle(self.root, self.white, &white)?;
+        self.conn.poly_fill_rectangle(self.root, self.black, &black)?;
+        // A round trip: everything before it has been drawn.
+        self.conn.get_input_focus()?.reply()?;
+        Ok(Instant::now())
+    }
+}
+
+/// The marker number a picture of a `root_width`-wide screen shows, if it shows one.
+fn read_marker(picture: &crate::video::picture::Rgba, root_width: u32) -> Option<u32> {
+    let scale = f64::from(picture.width) / f64::from(root_width);
+    let bright = |i: u32| -> Option<bool> {
+        let centre = ((f64::from(i * MARK_BLOCK + MARK_BLOCK / 2)) * scale) as u32;
+        let y = (f64::from(MARK_BLOCK / 2) * scale) as u32;
+        let at = ((y * picture.width + centre) * 4) as usize;
+        let px = picture.data.get(at..at + 3)?;
+        let luma = (u32::from(px[0]) + u32::from(px[1]) + u32::from(px[2])) / 3;
+        // A block half-way between two markers (neither black nor white) reads as none.
+        match luma {
+            0..=60 => Some(false),
+            196.. => Some(true),
+            _ => None,
+        }
+    };
+    if bright(0)? && !bright(MARK_BITS + 1)? {
+        (0..MARK_BITS).try_fold(0, |n, bit| Some(n | u32::from(bright(bit + 1)?) << bit))
+    } else {
+        None
+    }
 }
