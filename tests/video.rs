@@ -68,14 +68,24 @@ fn screen_clip(path: &Path) -> Vec<YuvFrame> {
 
 /// Every recorded frame, with the luma PSNR of the source frame it is closest to.
 fn recorded_psnr(recording: &Path, source: &[YuvFrame]) -> Vec<f64> {
+    recorded_frames(recording, source).into_iter().map(|(_, score)| score).collect()
+}
+
+/// Each recorded frame's closest source frame (its index in the clip) and Y-PSNR against it.
+fn recorded_frames(recording: &Path, source: &[YuvFrame]) -> Vec<(usize, f64)> {
     let mut reader = Y4mReader::new(std::io::BufReader::new(std::fs::File::open(recording).unwrap())).unwrap();
     assert_eq!((reader.width, reader.height), (source[0].width, source[0].height), "recorded at the share's size");
-    let mut scores = Vec::new();
+    let mut frames = Vec::new();
     while let Some(frame) = reader.next_frame().unwrap() {
-        let best = source.iter().map(|s| psnr(s.luma(), frame.luma())).fold(0.0, f64::max);
-        scores.push(best);
+        let scores = source.iter().map(|s| psnr(s.luma(), frame.luma())).enumerate();
+        frames.push(scores.fold((0, 0.0), |best, (i, score)| if score > best.1 { (i, score) } else { best }));
     }
-    scores
+    frames
+}
+
+/// The most source frames in a row that a recording of the looping clip skipped.
+fn longest_skip(frames: &[(usize, f64)], clip_len: usize) -> usize {
+    frames.windows(2).map(|w| (w[1].0 + clip_len - w[0].0 - 1) % clip_len).max().unwrap_or(0)
 }
 
 /// The worst, the median and the best of the scores.
@@ -197,10 +207,13 @@ fn a_lossy_link_never_shows_a_corrupt_frame_and_recovers_by_keyframe() {
     assert!(sent["keyframes_requested"].as_u64().unwrap() >= 1, "the new viewer's request: {sent}");
     assert!(sent["keyframes"].as_u64().unwrap() >= 1, "answered: {sent}");
     assert_eq!(watched["decode_errors"], 0, "{watched}");
-    let scores = recorded_psnr(&recording, &source);
+    let frames = recorded_frames(&recording, &source);
+    let scores: Vec<f64> = frames.iter().map(|(_, score)| *score).collect();
     let (worst, median, best) = summary(&scores);
+    let skip = longest_skip(&frames, source.len());
     println!(
-        "{} frames recorded through 5 % loss, Y-PSNR worst {worst:.1}, median {median:.1}, best {best:.1} dB",
+        "{} frames recorded through 5 % loss, Y-PSNR worst {worst:.1}, median {median:.1}, best {best:.1} dB; \
+         at most {skip} frames in a row not shown",
         scores.len()
     );
     // No frame with a lost fragment reached the decoder (it never errs); the recovery
@@ -210,6 +223,9 @@ fn a_lossy_link_never_shows_a_corrupt_frame_and_recovers_by_keyframe() {
     // about 7 dB against this page).
     assert!(scores.len() >= 40, "the picture kept coming: {} frames", scores.len());
     assert!(median >= 35.0 && worst >= 15.0, "{scores:?}");
+    // Back within a second: the sender goes no lower than 5 fps, so 5 frames skipped in
+    // a row is a second at most (half of one at the 10 fps asked).
+    assert!(skip <= 5, "{frames:?}");
 }
 
 /// An Xvfb display of `width` × `height` showing `pattern` (BGRA) as its root window's

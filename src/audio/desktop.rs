@@ -227,9 +227,16 @@ pub fn capture(wanted: &dyn Fn() -> Wanted, frame: &mut dyn FnMut(DesktopFrame))
             }
             mix.lock().expect("no panics while held").retain(|id| playing.contains(&id));
             for input in playing {
-                if !recording.contains_key(&input) {
-                    tracing::debug!("desktop audio: recording the application stream {input}");
-                    recording.insert(input, record(&client, monitor, input, &mix)?);
+                if recording.contains_key(&input) {
+                    continue;
+                }
+                // A stream can end between the list and this: tried again next time.
+                match record(&client, monitor, input, &mix) {
+                    Ok(stream) => {
+                        tracing::debug!("desktop audio: recording the application stream {input}");
+                        recording.insert(input, stream);
+                    }
+                    Err(e) => tracing::debug!("desktop audio: the application stream {input}: {e}"),
                 }
             }
         }

@@ -203,6 +203,8 @@ impl ScreenShell {
                 .spawn(move || run_sender(source, resolution, fps, forced, clock, to_rx, from_tx, &notes))
                 .expect("a thread can be spawned");
             if request.audio {
+                // Nobody watches yet (a previous share's viewers are not this one's).
+                self.nobody_watches = Arc::new(AtomicBool::new(true));
                 let (audio_tx, audio_rx) = mpsc::channel(DESKTOP_WAITING);
                 let (nobody_watches, notes) = (self.nobody_watches.clone(), self.notes.clone());
                 std::thread::Builder::new()
