@@ -31,7 +31,7 @@ use crate::protocol::{Resolution, ScreenReport, SessionId, ShareInfo};
 use crate::session::command::ShareRequest;
 use crate::session::screen::{MAX_WATCHED, ScreenFrame, VideoStats};
 use crate::session::{Event, Session};
-use crate::video::adapt::{Adapter, Rung, ViewerLoss, start_bitrate};
+use crate::video::adapt::{Adapter, KeepingUp, Rung, ViewerLoss, start_bitrate};
 use crate::video::capture::{CaptureError, FileSource, Source, X11Capture};
 use crate::video::codec::{
     EncodedFrame, EncoderSettings, HevcDecoder, HevcEncoder, VideoError, choose_encoder, proven_encoder,
@@ -110,7 +110,7 @@ pub enum FromSender {
 /// What the encoding thread notes without waiting for the network side.
 #[derive(Default)]
 struct SenderNotes {
-    /// An encoding took longer than a frame interval since the adapter last looked.
+    /// The encoder did not keep up with the frame rate since the adapter last looked.
     behind: AtomicBool,
     /// Frames encoded that the network side had no room for.
     skipped: AtomicU64,
@@ -591,6 +591,7 @@ fn share(
     // A frame was skipped since the last keyframe: the frames after it refer to it.
     let mut broken = false;
     let mut next = Instant::now();
+    let mut keeping_up = KeepingUp::new(next);
     let mut encoded = Vec::new();
     loop {
         loop {
@@ -606,6 +607,7 @@ fn share(
                 Ok(ToSender::Rung(new)) => {
                     let changed = settings(&new) != settings(&rung);
                     rung = new;
+                    keeping_up = KeepingUp::new(Instant::now());
                     if changed {
                         // libx265 cannot change its bitrate while running, and no encoder
                         // its size: reopen, and start with a keyframe.
@@ -626,6 +628,7 @@ fn share(
         if paused {
             std::thread::sleep(interval);
             next = Instant::now();
+            keeping_up = KeepingUp::new(next);
             continue;
         }
         let captured = Instant::now();
@@ -660,12 +663,10 @@ fn share(
         }
         next += interval;
         let now = Instant::now();
+        if keeping_up.frame(now, rung.fps, keyframe) {
+            notes.behind.store(true, Ordering::Relaxed);
+        }
         if now > next {
-            // A keyframe takes several times a frame's encoding and comes at most every
-            // half second: only other frames late say the encoder cannot keep up.
-            if !keyframe {
-                notes.behind.store(true, Ordering::Relaxed);
-            }
             next = now;
         } else {
             std::thread::sleep(next - now);

@@ -152,7 +152,7 @@ impl Adapter {
         self.trouble = true;
     }
 
-    /// The encoder took longer than a frame interval.
+    /// The encoder did not keep up with the frame rate ([`KeepingUp`]).
     pub fn encoder_behind(&mut self) {
         self.trouble = true;
     }
@@ -189,10 +189,67 @@ impl Adapter {
     }
 }
 
+/// Below this share of the frame rate asked, over a second, the encoder is behind.
+pub const KEEP_UP_SHARE: f64 = 0.8;
+
+/// Whether the capture and encoder keep up with the frame rate asked: counted a second
+/// at a time, so that one slow frame (a moment without a core) is not taken for a machine
+/// too slow, while 10 frames a second at 30 asked is. A keyframe (several frames' work,
+/// at most two a second) starts the count again: what it costs is not the encoder's
+/// pace.
+#[derive(Debug, Clone, Copy)]
+pub struct KeepingUp {
+    since: Instant,
+    frames: u32,
+}
+
+impl KeepingUp {
+    pub fn new(now: Instant) -> Self {
+        KeepingUp { since: now, frames: 0 }
+    }
+
+    /// A frame was made at `now` at `fps` asked; at the end of each second, whether
+    /// fewer than [`KEEP_UP_SHARE`] of the frames asked were made.
+    pub fn frame(&mut self, now: Instant, fps: u32, keyframe: bool) -> bool {
+        if keyframe {
+            *self = KeepingUp::new(now);
+            return false;
+        }
+        self.frames += 1;
+        let elapsed = now.saturating_duration_since(self.since);
+        if elapsed < Duration::from_secs(1) {
+            return false;
+        }
+        let behind = f64::from(self.frames) < KEEP_UP_SHARE * f64::from(fps) * elapsed.as_secs_f64();
+        *self = KeepingUp::new(now);
+        behind
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::disallowed_methods, reason = "the virtual clock starts at an arbitrary real instant")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keeping_up_is_judged_on_a_second_of_frames_not_one_slow_frame() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut check = KeepingUp::new(start);
+        // 30 fps asked: 25 frames in a second, one of them (a keyframe) 200 ms late.
+        let times: Vec<u64> = (1..=25).map(|i| i * 40).collect();
+        let behind: Vec<bool> = times.iter().map(|t| check.frame(at(*t), 30, false)).collect();
+        assert!(behind.iter().all(|b| !b), "25 of 30 is keeping up");
+        // The next second: 10 frames.
+        let behind: Vec<bool> = (1..=10).map(|i| check.frame(at(1000 + i * 100), 30, false)).collect();
+        assert_eq!(behind.iter().filter(|b| **b).count(), 1, "judged once, at the end of the second");
+        assert!(*behind.last().unwrap());
+        // A keyframe that took 300 ms starts a new count, and so does a new rung.
+        assert!(!check.frame(at(2300), 30, true));
+        assert!(!(1..=24).any(|i| check.frame(at(2300 + i * 41), 30, false)));
+        let mut check = KeepingUp::new(at(5000));
+        assert!(!(1..=6).any(|i| check.frame(at(5000 + i * 200), 5, false)), "5 fps asked, 5 made");
+    }
 
     #[test]
     fn the_ladder_drops_frame_rate_then_bitrate_then_resolution() {

@@ -110,7 +110,7 @@ impl Scaler {
                 self.out.format(),
                 self.to.0,
                 self.to.1,
-                scaling::Flags::BILINEAR,
+                scaling::Flags::FAST_BILINEAR,
             )?;
             self.context = Some((key.0, key.1, key.2, context));
         }
