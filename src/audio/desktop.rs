@@ -184,6 +184,7 @@ pub enum Wanted {
 
 /// Records the applications playing on the default output (not us) and calls `frame`
 /// every 20 ms while anything is heard, until `wanted` says stop.
+#[allow(clippy::disallowed_methods, reason = "the capture is a shell: it reads the clock to pace real time")]
 pub fn capture(wanted: &dyn Fn() -> Wanted, frame: &mut dyn FnMut(DesktopFrame)) -> Result<(), DesktopAudioError> {
     let client = pulseaudio::Client::from_env(c"VoIPC desktop audio").map_err(|e| match e {
         pulseaudio::ClientError::ServerUnavailable => DesktopAudioError::NoServer,
