@@ -214,7 +214,7 @@ fn capture_rate(window: Duration) -> Result<f64, String> {
 
 /// Marker blocks painted on the screen for glass-to-glass: a white guard, 14 bits of the
 /// marker's number, a black guard, each a square of this many pixels in a row at the top
-/// left (a square of 32 still has 21 pixels at 720p).
+/// left (48 on a 1080p screen are 32 in a 720p share, 21 in a 480p one).
 const MARK_BLOCK: u32 = 48;
 const MARK_BITS: u32 = 14;
 /// Markers change this often: slower than a frame, so each is captured.
@@ -317,7 +317,7 @@ pub async fn glass_to_glass(window: Duration) -> anyhow::Result<GlassToGlass> {
     delays.sort_by(f64::total_cmp);
     let at = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize];
     let encoder = encoder.lock().expect("no panics while held").clone().unwrap_or_default();
-    let (markers, seen) = (painted.len(), delays.len());
+    let (markers, seen) = (painted.values().filter(|drawn| **drawn >= start).count(), delays.len());
     Ok(GlassToGlass { encoder, fps, markers, seen, median_ms: at(0.5), p95_ms: at(0.95) })
 }
 
