@@ -624,6 +624,8 @@ async fn flush(
         screen.on_event(session, &event, emit);
         match &event {
             Event::UserLeft { session: sender, .. } => engine.control(Control::Forget(*sender)),
+            // The next share watched is another stream: its sound starts afresh.
+            Event::Watching { watching: false, .. } => engine.control(Control::Forget(SHARE_AUDIO_SENDER)),
             Event::UserJoined { user, session: sender, .. } => listening.apply(user, SessionId(*sender), engine),
             Event::Joined { users, .. } => {
                 for user in users {
