@@ -223,9 +223,10 @@ fn a_lossy_link_never_shows_a_corrupt_frame_and_recovers_by_keyframe() {
     // about 7 dB against this page).
     assert!(scores.len() >= 40, "the picture kept coming: {} frames", scores.len());
     assert!(median >= 35.0 && worst >= 15.0, "{scores:?}");
-    // Back within a second: the sender goes no lower than 5 fps, so 5 frames skipped in
-    // a row is a second at most (half of one at the 10 fps asked).
-    assert!(skip <= 5, "{frames:?}");
+    // Back soon: the sender goes no lower than 5 fps, so k frames skipped in a row are
+    // an outage of at most (k + 1) / 5 s. Runs here skipped 0-5 (up to 1.2 s, the README
+    // says so); this holds the line at 2 s.
+    assert!(skip <= 9, "{frames:?}");
 }
 
 /// An Xvfb display of `width` × `height` showing `pattern` (BGRA) as its root window's
