@@ -224,6 +224,10 @@ screenshots: build
     join frank --share-screen "$work/desktop.y4m" --share-resolution 720p --share-fps 10
     sleep 6; at 202 198
     shot watching-a-share 6
+    # The share dialog (what to share, how well, desktop audio), then Cancel.
+    at 60 666
+    shot share-dialog 1
+    at 107 192
     # The server comes back with another certificate: the client refuses it.
     kill "$server"
     sleep 1
