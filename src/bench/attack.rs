@@ -186,9 +186,43 @@ pub struct AmplificationReport {
 }
 
 /// A client whose address never proves itself: a proxy in front of the server passes on
-/// what the client sends until the server first answers (its Initial packets: the
-/// ClientHello with a post-quantum key share takes two) and nothing after, and everything
-/// the server sends back, counting both, for `window`.
+/// the client's datagrams that hold one Initial packet without a token and nothing else
+/// (its ClientHello, two with a post-quantum key share, and their repeats), never one
+/// with a token (from a Retry: a spoofer never sees one) or a Handshake packet (either
+/// would prove the address), and everything the server sends back, counting both, for
+/// `window`.
+///
+/// (It once passed on whatever came before the server's first answer: a server quick to
+/// acknowledge the first Initial then never got the second, and so never answered.)
+/// Whether a datagram is exactly one QUIC v1 Initial packet (long header, type 0) that
+/// carries no token, with nothing coalesced after it.
+fn only_an_initial(datagram: &[u8]) -> bool {
+    fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+        let first = *bytes.get(*at)?;
+        let len = 1usize << (first >> 6);
+        let raw = bytes.get(*at..*at + len)?;
+        *at += len;
+        Some(raw.iter().skip(1).fold(u64::from(first & 0x3f), |v, b| v << 8 | u64::from(*b)))
+    }
+    let parse = || -> Option<bool> {
+        let first = *datagram.first()?;
+        if first & 0xc0 != 0xc0 || (first >> 4) & 0x03 != 0 || datagram.get(1..5)? != [0, 0, 0, 1] {
+            return Some(false);
+        }
+        let mut at = 5;
+        for _ in 0..2 {
+            // Destination, then source connection id.
+            at += 1 + usize::from(*datagram.get(at)?);
+        }
+        if varint(datagram, &mut at)? != 0 {
+            return Some(false);
+        }
+        let length = varint(datagram, &mut at)?;
+        Some(at.checked_add(usize::try_from(length).ok()?)? == datagram.len())
+    };
+    parse().unwrap_or(false)
+}
+
 pub async fn amplification(
     target: &ServerLink,
     fingerprint: Fingerprint,
@@ -208,7 +242,7 @@ pub async fn amplification(
             let mut buf = vec![0u8; 65_536];
             while let Ok((len, from)) = front.recv_from(&mut buf).await {
                 *client_addr.lock().expect("never poisoned") = Some(from);
-                if server_bytes.load(Ordering::Relaxed) == 0 {
+                if only_an_initial(&buf[..len]) {
                     client_bytes.fetch_add(len as u64, Ordering::Relaxed);
                     let _ = upstream.send_to(&buf[..len], server).await;
                 }
@@ -235,4 +269,38 @@ pub async fn amplification(
     down.abort();
     let (client_bytes, server_bytes) = (client_bytes.load(Ordering::Relaxed), server_bytes.load(Ordering::Relaxed));
     Ok(AmplificationReport { client_bytes, server_bytes, ratio: server_bytes as f64 / client_bytes.max(1) as f64 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::only_an_initial;
+
+    /// A long-header packet of `kind` (0 Initial, 2 Handshake) with a 1 100-byte payload
+    /// (and for an Initial, a token of `token` bytes).
+    fn packet(kind: u8, token: u8) -> Vec<u8> {
+        let mut p = vec![0xc0 | kind << 4 | 0x03, 0, 0, 0, 1, 8];
+        p.extend([7; 8]);
+        p.push(8);
+        p.extend([9; 8]);
+        if kind == 0 {
+            p.push(token);
+            p.extend(std::iter::repeat_n(5, usize::from(token)));
+        }
+        p.extend([0x40 | (1100u16 >> 8) as u8, (1100 & 0xff) as u8]);
+        p.extend([0; 1100]);
+        p
+    }
+
+    #[test]
+    fn only_a_lone_initial_passes_for_an_address_that_never_proves_itself() {
+        assert!(only_an_initial(&packet(0, 0)));
+        assert!(!only_an_initial(&packet(0, 40)), "a Retry's token would prove the address");
+        let coalesced = [packet(0, 0), packet(2, 0)].concat();
+        assert!(!only_an_initial(&coalesced), "a Handshake packet after it would prove the address");
+        assert!(!only_an_initial(&packet(2, 0)));
+        assert!(!only_an_initial(&[0x40, 1, 2, 3]), "a short header");
+        let initial = packet(0, 0);
+        assert!(!only_an_initial(&initial[..initial.len() - 1]), "cut short");
+        assert!(!only_an_initial(&[]));
+    }
 }
