@@ -236,8 +236,8 @@ pub async fn amplification(
     let server_bytes = Arc::new(AtomicU64::new(0));
     let client_addr = Arc::new(std::sync::Mutex::new(None));
     let up = {
-        let (front, upstream, client_bytes, server_bytes, client_addr) =
-            (front.clone(), upstream.clone(), client_bytes.clone(), server_bytes.clone(), client_addr.clone());
+        let (front, upstream, client_bytes, client_addr) =
+            (front.clone(), upstream.clone(), client_bytes.clone(), client_addr.clone());
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             while let Ok((len, from)) = front.recv_from(&mut buf).await {
