@@ -6,7 +6,8 @@
 //! pipewire-pulse): one record stream per application playing on the default output,
 //! each tied to that application's stream (a monitor stream, `direct_on_input`), so that
 //! our own playback is never in the mix, as it would be in the output's monitor. Which
-//! streams are there is looked at once a second. [`DesktopMix`] (sans-IO) adds them up
+//! streams are there is looked at every [`REFRESH_EVERY`], and one more stream holds
+//! the output to low latency ([`hold_latency`]). [`DesktopMix`] (sans-IO) adds them up
 //! on the capture's own 20 ms clock.
 //!
 //! Bounds: at most [`MAX_APPLICATIONS`] streams, each holding at most [`MAX_BUFFERED`];
@@ -36,6 +37,7 @@ pub const PREBUFFER: usize = 2 * FRAME_20MS;
 const REFRESH_EVERY: Duration = Duration::from_millis(250);
 /// How far behind its clock the capture catches up (a longer stall is let go).
 const CATCH_UP: Duration = Duration::from_millis(200);
+/// The mix's clock: one 20 ms frame a tick.
 const TICK: Duration = Duration::from_millis(20);
 
 /// One application's samples waiting to be mixed.
