@@ -168,13 +168,6 @@ impl Lister {
     }
 }
 
-/// What the capture hands on: 20 ms of desktop sound, and when its last sample reached
-/// us.
-pub struct DesktopFrame {
-    pub samples: Box<[f32; STEREO_20MS]>,
-    pub captured: Instant,
-}
-
 /// What the capture is to do next, asked every 20 ms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wanted {
@@ -185,9 +178,13 @@ pub enum Wanted {
 }
 
 /// Records the applications playing on the default output (not us) and calls `frame`
-/// every 20 ms while anything is heard, until `wanted` says stop.
+/// every 20 ms while anything is heard, with the 20 ms and when their last sample reached
+/// us, until `wanted` says stop.
 #[allow(clippy::disallowed_methods, reason = "the capture is a shell: it reads the clock to pace real time")]
-pub fn capture(wanted: &dyn Fn() -> Wanted, frame: &mut dyn FnMut(DesktopFrame)) -> Result<(), DesktopAudioError> {
+pub fn capture(
+    wanted: &dyn Fn() -> Wanted,
+    frame: &mut dyn FnMut(&[f32; STEREO_20MS], Instant),
+) -> Result<(), DesktopAudioError> {
     let client = pulseaudio::Client::from_env(c"VoIPC desktop audio").map_err(|e| match e {
         pulseaudio::ClientError::ServerUnavailable => DesktopAudioError::NoServer,
         other => server_error(other),
@@ -199,7 +196,7 @@ pub fn capture(wanted: &dyn Fn() -> Wanted, frame: &mut dyn FnMut(DesktopFrame))
     let own = std::process::id();
     let mut next_refresh = Instant::now();
     let mut next_tick = Instant::now();
-    let mut samples = Box::new([0.0; STEREO_20MS]);
+    let mut samples = [0.0; STEREO_20MS];
     loop {
         let now = Instant::now();
         if now >= next_refresh {
@@ -256,7 +253,7 @@ pub fn capture(wanted: &dyn Fn() -> Wanted, frame: &mut dyn FnMut(DesktopFrame))
                 Wanted::Pause => mix.lock().expect("no panics while held").clear(),
                 Wanted::Record => {
                     if mix.lock().expect("no panics while held").mix(&mut samples) {
-                        frame(DesktopFrame { samples: samples.clone(), captured: next_tick });
+                        frame(&samples, next_tick);
                     }
                 }
             }
@@ -311,8 +308,7 @@ fn record(
             mix.push(input, &floats);
         }
     };
-    let stream = futures::executor::block_on(client.create_record_stream(params, sink)).map_err(server_error)?;
-    Ok(stream)
+    futures::executor::block_on(client.create_record_stream(params, sink)).map_err(server_error)
 }
 
 #[cfg(test)]

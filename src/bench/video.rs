@@ -410,3 +410,49 @@ fn read_marker(picture: &crate::video::picture::Rgba, root_width: u32) -> Option
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::video::picture::Rgba;
+
+    /// A 1280×720 picture of a 1920-wide screen showing marker `number` the way
+    /// `MarkerPainter::paint` draws it, and a grey background; `grey` blocks are mid-grey
+    /// (a picture caught between two markers).
+    fn picture(number: u32, grey: &[u32]) -> Rgba {
+        let (width, height) = (1280u32, 720u32);
+        let mut data = vec![128u8; (width * height * 4) as usize];
+        let scale = 1280.0 / 1920.0;
+        for block in 0..MARK_BITS + 2 {
+            let value = match block {
+                _ if grey.contains(&block) => 128,
+                0 => 255,
+                b if b == MARK_BITS + 1 => 0,
+                b if number >> (b - 1) & 1 == 1 => 255,
+                _ => 0,
+            };
+            let (x0, x1) =
+                ((f64::from(block * MARK_BLOCK) * scale) as u32, (f64::from((block + 1) * MARK_BLOCK) * scale) as u32);
+            for y in 0..(f64::from(MARK_BLOCK) * scale) as u32 {
+                for x in x0..x1 {
+                    let at = ((y * width + x) * 4) as usize;
+                    data[at..at + 3].fill(value);
+                }
+            }
+        }
+        Rgba { width, height, data }
+    }
+
+    #[test]
+    fn markers_read_back_from_a_scaled_picture_and_a_torn_one_reads_as_none() {
+        for number in [0, 1, 0b10_1010_1010_1010, (1 << MARK_BITS) - 1] {
+            assert_eq!(read_marker(&picture(number, &[]), 1920), Some(number));
+        }
+        assert_eq!(read_marker(&picture(5, &[3]), 1920), None, "a block between black and white");
+        assert_eq!(read_marker(&picture(5, &[0]), 1920), None, "no white guard: no marker");
+        let plain = Rgba { width: 1280, height: 720, data: vec![200; 1280 * 720 * 4] };
+        assert_eq!(read_marker(&plain, 1920), None, "a desktop with no marker");
+        let tiny = Rgba { width: 8, height: 8, data: vec![255; 8 * 8 * 4] };
+        assert_eq!(read_marker(&tiny, 1920), None);
+    }
+}

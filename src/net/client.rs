@@ -433,7 +433,7 @@ pub async fn run_client(
                     engine.play(now, frame.sender.0, frame.sequence, frame.timestamp, frame.payload);
                 }
                 StreamType::ScreenAudio => {
-                    if let Err(e) = screen.desktop_audio(frame.sequence, &frame.payload) {
+                    if let Err(e) = screen.desktop_audio(now, frame.sequence, &frame.payload) {
                         emit(&Event::local_error("record", format!("cannot record the desktop audio: {e}")));
                     }
                     // The voice decoder mixes the stereo packets down; the jitter buffer

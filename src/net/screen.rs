@@ -58,6 +58,11 @@ const DECODE_WAITING: usize = 8;
 const DESKTOP_WAITING: usize = 5;
 /// Desktop audio packets a recording conceals in a row (1 s); a longer gap is a pause.
 const MAX_CONCEALED: u32 = 50;
+/// How far (in 20 ms packets) a desktop audio recording may run ahead of the time it has
+/// been recording: packets come in bursts, but a sharer that sends faster than real time,
+/// or numbers its packets with gaps to be concealed, does not grow the file faster than
+/// real time beyond this.
+const RECORDING_AHEAD: u64 = 50;
 
 /// What `voipc join` (or the desktop app) was asked to do with screens.
 #[derive(Debug, Clone, Default)]
@@ -125,11 +130,14 @@ pub enum FromDesktop {
 }
 
 /// A share's desktop audio as it is written to a file: decoded in order, a lost packet
-/// concealed, a late one dropped.
+/// concealed, a late one dropped, never more than [`RECORDING_AHEAD`] ahead of real time.
 struct AudioRecording {
     recorder: Recorder,
     decoder: StereoDecoder,
     next: Option<u32>,
+    started: Instant,
+    /// 20 ms frames written.
+    written: u64,
 }
 
 /// From the decoding thread.
@@ -429,33 +437,35 @@ impl ScreenShell {
         }
     }
 
-    /// A packet of desktop audio from a share we watch: counted, and written to the
-    /// recording if there is one.
-    pub fn desktop_audio(&mut self, sequence: u32, payload: &[u8]) -> Result<(), String> {
+    /// A packet of desktop audio from a share we watch, arrived at `now`: counted, and
+    /// written to the recording if there is one.
+    pub fn desktop_audio(&mut self, now: Instant, sequence: u32, payload: &[u8]) -> Result<(), String> {
         self.stats.audio_packets_received += 1;
         let Some(path) = &self.options.record_audio else { return Ok(()) };
         if self.audio_recording.is_none() {
             let recorder = Recorder::stereo(path).map_err(|e| e.to_string())?;
             let decoder = StereoDecoder::new().map_err(|e| e.to_string())?;
-            self.audio_recording = Some(AudioRecording { recorder, decoder, next: None });
+            self.audio_recording = Some(AudioRecording { recorder, decoder, next: None, started: now, written: 0 });
         }
         let recording = self.audio_recording.as_mut().expect("made above");
-        let mut pcm = [0.0; STEREO_20MS];
+        let elapsed = (now.saturating_duration_since(recording.started).as_millis() / 20) as u64;
+        let room = (elapsed + RECORDING_AHEAD).saturating_sub(recording.written);
         let missing = recording.next.map_or(0, |next| sequence.wrapping_sub(next));
-        if missing > MAX_CONCEALED {
-            // Late (reordered) is dropped; a gap longer than concealment is a pause
-            // (nobody listened, or the sharer's applications were silent).
-            if (missing as i32) < 0 {
-                return Ok(());
-            }
-        } else {
-            for _ in 0..missing {
-                recording.decoder.decode(None, &mut pcm).map_err(|e| e.to_string())?;
-                recording.recorder.write(&pcm).map_err(|e| e.to_string())?;
-            }
+        // Late (reordered), or ahead of real time: dropped.
+        if (missing as i32) < 0 || room == 0 {
+            return Ok(());
+        }
+        // A gap longer than concealment is a pause (nobody listened, or the sharer's
+        // applications were silent).
+        let concealed = if missing > MAX_CONCEALED { 0 } else { u64::from(missing).min(room - 1) };
+        let mut pcm = [0.0; STEREO_20MS];
+        for _ in 0..concealed {
+            recording.decoder.decode(None, &mut pcm).map_err(|e| e.to_string())?;
+            recording.recorder.write(&pcm).map_err(|e| e.to_string())?;
         }
         recording.decoder.decode(Some(payload), &mut pcm).map_err(|e| e.to_string())?;
         recording.recorder.write(&pcm).map_err(|e| e.to_string())?;
+        recording.written += concealed + 1;
         recording.next = Some(sequence.wrapping_add(1));
         Ok(())
     }
@@ -708,12 +718,12 @@ fn desktop_audio(
         () if nobody_watches.load(Ordering::Relaxed) => Wanted::Pause,
         () => Wanted::Record,
     };
-    capture(&wanted, &mut |frame| {
-        let payload = match encoder.encode(&frame.samples) {
+    capture(&wanted, &mut |samples, captured| {
+        let payload = match encoder.encode(samples) {
             Ok(packet) => packet.to_vec(),
             Err(e) => return *failed.borrow_mut() = Some(e.to_string()),
         };
-        let timestamp = media_timestamp(clock, frame.captured);
+        let timestamp = media_timestamp(clock, captured);
         // Full: the network side is behind, and 20 ms of sound is let go.
         if out.try_send(FromDesktop::Packet { payload, timestamp }).is_err() {
             dropped.fetch_add(1, Ordering::Relaxed);
@@ -806,4 +816,42 @@ fn watch(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods, reason = "the virtual clock starts at an arbitrary real instant")]
+mod tests {
+    use super::*;
+
+    /// A sharer that numbers its packets with gaps (each to be concealed as a second of
+    /// sound) and sends them far faster than real time: the recording stays within a
+    /// second of the time it was recording.
+    #[test]
+    fn a_desktop_audio_recording_never_outgrows_real_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("heard.wav");
+        let mut shell =
+            ScreenShell::new(ScreenOptions { record_audio: Some(path.clone()), ..ScreenOptions::default() });
+        let mut encoder = StereoEncoder::new().unwrap();
+        let packet = encoder.encode(&[0.1; STEREO_20MS]).unwrap().to_vec();
+        let start = Instant::now();
+        // In order at the pace of real time: all of it.
+        for n in 0..100u32 {
+            shell.desktop_audio(start + Duration::from_millis(20 * u64::from(n)), n, &packet).unwrap();
+        }
+        // Then in 2 s of real time, 10 000 packets 50 apart.
+        let burst = start + Duration::from_secs(2);
+        for n in 0..10_000u32 {
+            let at = burst + Duration::from_micros(200 * u64::from(n));
+            shell.desktop_audio(at, 100 + 50 * n, &packet).unwrap();
+        }
+        // Late ones are dropped too.
+        shell.desktop_audio(burst + Duration::from_secs(2), 5, &packet).unwrap();
+        shell.finish_recording().unwrap();
+        let frames = hound::WavReader::open(&path).unwrap().duration() as u64;
+        let seconds = frames as f64 / 48_000.0;
+        // 4 s of recording, and at most one second ahead of it.
+        assert!((2.0..=5.0).contains(&seconds), "{seconds} s recorded");
+        assert_eq!(shell.stats.audio_packets_received, 10_101);
+    }
 }
