@@ -9,8 +9,10 @@ set positional-arguments
 # build ffmpeg-next (screen share: HEVC through libx265 and the hardware encoders Debian's
 # FFmpeg has); Xvfb is the screen the screen-share tests share; PulseAudio (with paplay,
 # parec, and ALSA's plugin to reach it) is the sound card of the desktop-audio test;
+# PipeWire's headers build the Wayland capture, and the Wayland test's desktop is D-Bus,
+# PipeWire with WirePlumber, the portal frontend and a GStreamer picture on PipeWire;
 # iproute2 for `just netem`.
-packages := "build-essential pkg-config protobuf-compiler cmake libasound2-dev iproute2 libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libclang-dev xvfb pulseaudio pulseaudio-utils libasound2-plugins"
+packages := "build-essential pkg-config protobuf-compiler cmake libasound2-dev iproute2 libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libclang-dev xvfb pulseaudio pulseaudio-utils libasound2-plugins libpipewire-0.3-dev libspa-0.2-dev dbus-daemon pipewire wireplumber xdg-desktop-portal gstreamer1.0-pipewire gstreamer1.0-plugins-base gstreamer1.0-tools"
 
 # List the recipes.
 default:
@@ -55,7 +57,7 @@ join *args: build
 # the attacks whose figures need the machine to themselves.
 test: setup
     cargo test --all-targets
-    cargo test --test main -- --ignored --test-threads=1 --nocapture a_voice_flood a_handshake_flood fifty_handshakes a_shared_screen an_xvfb_screen a_lossy_link_never desktop_audio
+    cargo test --test main -- --ignored --test-threads=1 --nocapture a_voice_flood a_handshake_flood fifty_handshakes a_shared_screen an_xvfb_screen a_wayland_screen a_lossy_link_never desktop_audio
 
 # Relay throughput and latency against a plain-UDP baseline, vault unlock time, chat message rates, voice codec and SFrame costs, then the micro-benchmarks.
 bench *args: build

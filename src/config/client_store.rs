@@ -1,6 +1,7 @@
 //! What a client keeps between runs, in its vault (`vault` in the data directory): the
-//! pinned server certificates and the end-to-end encryption state (identity, pre-keys,
-//! sessions, sender keys, pinned peer identities).
+//! pinned server certificates, the end-to-end encryption state (identity, pre-keys,
+//! sessions, sender keys, pinned peer identities), and the screen cast portal's grant (a
+//! standing permission to record the screen: not for a plaintext file).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,7 +25,8 @@ const LOCK_TRIES: u32 = 60;
 const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The contents' own version, first in the sealed bytes; the first version is still read.
-const CONTENTS_VERSION: u16 = 2;
+const CONTENTS_VERSION: u16 = 3;
+const SECOND_CONTENTS_VERSION: u16 = 2;
 const OLDEST_CONTENTS_VERSION: u16 = 1;
 /// The end-to-end state's format that the first version held (`e2ee::STATE_FORMAT` then).
 const FIRST_STATE_FORMAT: u16 = 1;
@@ -63,6 +65,8 @@ struct Contents {
     history: History,
     /// The format of `e2ee`: converted by the end-to-end layer when it loads an older one.
     e2ee_format: u16,
+    /// The screen cast portal's restore token, from the last share it granted.
+    screen_grant: Option<String>,
 }
 
 /// The client's persistent state, sealed in its vault; every change is saved at once.
@@ -130,12 +134,23 @@ impl ClientStore {
         &self.contents.history
     }
 
-    /// Replaces the end-to-end encryption state (`E2ee::to_bytes`, in `format`) and the
-    /// history, and saves.
-    pub fn save_chat(&mut self, e2ee: Zeroizing<Vec<u8>>, format: u16, history: &History) -> Result<(), StoreError> {
+    pub fn screen_grant(&self) -> Option<&str> {
+        self.contents.screen_grant.as_deref()
+    }
+
+    /// Replaces the end-to-end encryption state (`E2ee::to_bytes`, in `format`), the
+    /// history and the screen cast portal's grant, and saves.
+    pub fn save_session(
+        &mut self,
+        e2ee: Zeroizing<Vec<u8>>,
+        format: u16,
+        history: &History,
+        screen_grant: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.contents.e2ee = Some(e2ee.into());
         self.contents.e2ee_format = format;
         self.contents.history = history.clone();
+        self.contents.screen_grant = screen_grant.map(str::to_owned);
         self.save()
     }
 
@@ -151,6 +166,17 @@ fn decode(bytes: &[u8]) -> Result<Contents, StoreError> {
     let (version, _) = postcard::take_from_bytes::<u16>(bytes).map_err(unreadable)?;
     match version {
         CONTENTS_VERSION => postcard::from_bytes(bytes).map_err(unreadable),
+        SECOND_CONTENTS_VERSION => {
+            let second: SecondContents = postcard::from_bytes(bytes).map_err(unreadable)?;
+            Ok(Contents {
+                version: CONTENTS_VERSION,
+                pinned_servers: second.pinned_servers,
+                e2ee: second.e2ee,
+                history: second.history,
+                e2ee_format: second.e2ee_format,
+                screen_grant: None,
+            })
+        }
         OLDEST_CONTENTS_VERSION => {
             let first: FirstContents = postcard::from_bytes(bytes).map_err(unreadable)?;
             Ok(Contents {
@@ -159,10 +185,21 @@ fn decode(bytes: &[u8]) -> Result<Contents, StoreError> {
                 e2ee: first.e2ee,
                 history: History::from_first_format(first.history),
                 e2ee_format: FIRST_STATE_FORMAT,
+                screen_grant: None,
             })
         }
         other => Err(StoreError::Contents(format!("contents version {other}"))),
     }
+}
+
+/// The contents as the second version wrote them.
+#[derive(Serialize, Deserialize)]
+struct SecondContents {
+    version: u16,
+    pinned_servers: BTreeMap<String, [u8; 32]>,
+    e2ee: Option<SecretBytes>,
+    history: History,
+    e2ee_format: u16,
 }
 
 /// The contents as the first version wrote them.
@@ -204,12 +241,13 @@ mod tests {
         let mut history = History::default();
         let message = crate::session::history::StoredMessage { from: "bob".into(), text: "hi".into(), time_ms: 1 };
         history.record("a:1#Lobby", message.clone());
-        store.save_chat(Zeroizing::new(vec![1, 2, 3]), 2, &history).unwrap();
+        store.save_session(Zeroizing::new(vec![1, 2, 3]), 2, &history, Some("grant")).unwrap();
         drop(store);
         let store = open();
         assert_eq!(store.e2ee_state(), Some((&[1u8, 2, 3][..], 2)));
         assert_eq!(store.history().conversation("a:1#Lobby").collect::<Vec<_>>(), [&message]);
         assert_eq!(store.pinned("a:1"), Some(Fingerprint([1; 32])), "a later save keeps the pins");
+        assert_eq!(store.screen_grant(), Some("grant"));
         let mut names: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
         names.sort();
         assert_eq!(names, [LOCK_FILE, VAULT_FILE], "the vault and an empty lock, nothing in the clear beside it");
@@ -224,6 +262,27 @@ mod tests {
         assert_eq!(second.code(), "data_dir_in_use", "{second}");
         drop(first);
         ClientStore::open_or_create(dir.path(), b"pw", FAST).unwrap();
+    }
+
+    #[test]
+    fn a_vault_of_the_second_version_opens_with_everything_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut history = History::default();
+        let message = crate::session::history::StoredMessage { from: "bob".into(), text: "v2".into(), time_ms: 3 };
+        history.record("a:1#Lobby", message.clone());
+        let second = SecondContents {
+            version: SECOND_CONTENTS_VERSION,
+            pinned_servers: [("a:1".to_owned(), [6; 32])].into(),
+            e2ee: Some(SecretBytes::new(vec![4])),
+            history,
+            e2ee_format: 2,
+        };
+        Vault::create(&dir.path().join(VAULT_FILE), b"pw", FAST, &postcard::to_allocvec(&second).unwrap()).unwrap();
+        let store = ClientStore::open_or_create(dir.path(), b"pw", FAST).unwrap();
+        assert_eq!(store.pinned("a:1"), Some(Fingerprint([6; 32])));
+        assert_eq!(store.e2ee_state(), Some((&[4u8][..], 2)));
+        assert_eq!(store.history().conversation("a:1#Lobby").collect::<Vec<_>>(), [&message]);
+        assert_eq!(store.screen_grant(), None);
     }
 
     #[test]
@@ -249,7 +308,7 @@ mod tests {
         assert_eq!(store.e2ee_state().unwrap().1, FIRST_STATE_FORMAT, "a pin alone does not relabel the state");
         assert_eq!(store.history().conversation("a:1@bob").count(), 1, "saved in today's layout, read back");
         let history = store.history().clone();
-        store.save_chat(Zeroizing::new(vec![1]), 2, &history).unwrap();
+        store.save_session(Zeroizing::new(vec![1]), 2, &history, None).unwrap();
         drop(store);
         let store = ClientStore::open_or_create(dir.path(), b"pw", FAST).unwrap();
         assert_eq!(store.e2ee_state(), Some((&[1u8][..], 2)));

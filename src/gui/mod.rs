@@ -258,7 +258,7 @@ impl App {
                 self.model.deafened = !self.model.deafened;
                 self.send_to_client(Command::Deafen(self.model.deafened));
             }
-            UiCommand::OpenShareDialog => match crate::video::capture::sources(None) {
+            UiCommand::OpenShareDialog => match crate::video::capture::sources() {
                 Ok(sources) => self.model.drafts.share = Some(ShareDraft::new(sources)),
                 Err(e) => self.model.error = Some(format!("cannot share a screen: {e}")),
             },
@@ -319,8 +319,9 @@ impl App {
                     // The identity key pair is made now, not at the first connection.
                     let e2ee =
                         E2ee::generate(&mut rand::rng(), std::time::SystemTime::now()).map_err(|e| e.to_string())?;
-                    let history = store.history().clone();
-                    store.save_chat(e2ee.to_bytes(), crate::e2ee::STATE_FORMAT, &history).map_err(explain)?;
+                    let (history, grant) = (store.history().clone(), store.screen_grant().map(str::to_owned));
+                    let format = crate::e2ee::STATE_FORMAT;
+                    store.save_session(e2ee.to_bytes(), format, &history, grant.as_deref()).map_err(explain)?;
                 }
                 Ok(store)
             }))

@@ -616,6 +616,8 @@ fn share_dialog(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand>) 
 /// A source as the picker shows it: "Window: Title", "Screen NAME" or "Whole screen".
 fn source_name(source: &str) -> String {
     match source.strip_prefix("window:") {
+        // The screen cast portal asks which window itself.
+        Some("") => "A window (the system asks which)".to_owned(),
         Some(title) => format!("Window: {}", visible(title)),
         None if source.is_empty() => "Whole screen".to_owned(),
         None => format!("Screen {}", visible(source)),

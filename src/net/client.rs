@@ -374,6 +374,7 @@ pub async fn run_client(
     let server_id = fingerprint.to_string();
     e2ee.rename_peers(&format!("{}/", options.link.authority()), &format!("{server_id}/"));
     let chat = Chat::new(e2ee, store.history().clone(), rand::random(), options.link.authority(), server_id);
+    let mut screen = ScreenShell::new(options.screen.clone(), store.screen_grant().map(str::to_owned));
     let mut vault = VaultWriter::start(store);
     let mut unsaved = false;
     let mut save_timer = tokio::time::interval(SAVE_INTERVAL);
@@ -410,7 +411,6 @@ pub async fn run_client(
     let end = options.duration.map(|d| tokio::time::Instant::now() + d);
     let mut health = Health::new(&connection);
     let mut health_timer = tokio::time::interval(Duration::from_secs(1));
-    let mut screen = ScreenShell::new(options.screen.clone());
 
     let result = loop {
         if !said && session.channel().is_some() {
@@ -448,7 +448,7 @@ pub async fn run_client(
             last_words(&mut frames, &mut session, &mut fatal).await;
             break Err(fatal.take().unwrap_or(e));
         }
-        unsaved |= session.take_e2ee_changed();
+        unsaved |= session.take_e2ee_changed() | screen.take_grant_unsaved();
         tokio::select! {
             frame = frames.recv() => match frame {
                 Some(Ok(msg)) => {
@@ -478,7 +478,7 @@ pub async fn run_client(
                 session.handle_timeout(Instant::now());
             }
             _ = health_timer.tick(), if options.health => emit(&health.sample(&connection)),
-            _ = save_timer.tick(), if unsaved => unsaved = !vault.offer(|| Snapshot::of(&session)),
+            _ = save_timer.tick(), if unsaved => unsaved = !vault.offer(|| Snapshot::of(&session, &screen)),
             Some(e) = vault.errors.recv() => emit(&Event::local_error(e.code(), format!("cannot save the vault: {e}"))),
             () = sleep_until(end), if end.is_some() => break Ok(()),
             // Commands wait until the server has introduced itself, so that even an
@@ -512,8 +512,8 @@ pub async fn run_client(
         let _ = send.finish();
         connection.close(quinn::VarInt::from_u32(CLOSE_NORMAL), b"bye");
     }
-    unsaved |= session.take_e2ee_changed();
-    let saved = vault.finish(unsaved.then(|| Snapshot::of(&session))).await;
+    unsaved |= session.take_e2ee_changed() | screen.take_grant_unsaved();
+    let saved = vault.finish(unsaved.then(|| Snapshot::of(&session, &screen))).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     result.and(saved.map_err(ClientError::from))
 }
@@ -525,11 +525,16 @@ const SAVE_INTERVAL: Duration = Duration::from_secs(2);
 struct Snapshot {
     e2ee: Zeroizing<Vec<u8>>,
     history: crate::session::history::History,
+    screen_grant: Option<String>,
 }
 
 impl Snapshot {
-    fn of(session: &Session) -> Snapshot {
-        Snapshot { e2ee: session.e2ee().to_bytes(), history: session.history().clone() }
+    fn of(session: &Session, screen: &ScreenShell) -> Snapshot {
+        Snapshot {
+            e2ee: session.e2ee().to_bytes(),
+            history: session.history().clone(),
+            screen_grant: screen.screen_grant().map(str::to_owned),
+        }
     }
 }
 
@@ -550,7 +555,9 @@ impl VaultWriter {
         let task = tokio::spawn(async move {
             while let Some(snapshot) = pending.recv().await {
                 let saving = tokio::task::spawn_blocking(move || {
-                    let result = store.save_chat(snapshot.e2ee, crate::e2ee::STATE_FORMAT, &snapshot.history);
+                    let Snapshot { e2ee, history, screen_grant } = snapshot;
+                    let format = crate::e2ee::STATE_FORMAT;
+                    let result = store.save_session(e2ee, format, &history, screen_grant.as_deref());
                     (store, result)
                 });
                 let Ok((back, result)) = saving.await else { return };
@@ -837,7 +844,7 @@ mod tests {
     fn snapshot(n: u64) -> Snapshot {
         let mut history = History::default();
         history.record("h:1#Lobby", StoredMessage { from: "a".into(), text: format!("m{n}"), time_ms: n });
-        Snapshot { e2ee: Zeroizing::new(n.to_le_bytes().to_vec()), history }
+        Snapshot { e2ee: Zeroizing::new(n.to_le_bytes().to_vec()), history, screen_grant: None }
     }
 
     #[tokio::test]

@@ -32,7 +32,7 @@ use crate::session::command::ShareRequest;
 use crate::session::screen::{MAX_WATCHED, ScreenFrame, VideoStats};
 use crate::session::{Event, Session};
 use crate::video::adapt::{Adapter, KeepingUp, Rung, ViewerLoss, start_bitrate};
-use crate::video::capture::{CaptureError, FileSource, Source, X11Capture};
+use crate::video::capture::{CaptureError, FileSource, Screen, Source};
 use crate::video::codec::{
     EncodedFrame, EncoderSettings, HevcDecoder, HevcEncoder, VideoError, choose_encoder, proven_encoder,
 };
@@ -107,8 +107,19 @@ enum ToSender {
 
 /// From the encoding thread.
 pub enum FromSender {
-    Started { encoder: String, width: u32, height: u32, fps: u32, bitrate: u32 },
-    Frame { frame: EncodedFrame, timestamp: u32 },
+    Started {
+        encoder: String,
+        width: u32,
+        height: u32,
+        fps: u32,
+        bitrate: u32,
+    },
+    /// The screen cast portal's token for sharing the same screen next time unasked.
+    Granted(String),
+    Frame {
+        frame: EncodedFrame,
+        timestamp: u32,
+    },
     Failed(String),
 }
 
@@ -168,10 +179,14 @@ pub struct ScreenShell {
     /// Nobody watches: the desktop audio thread lets the sound go.
     nobody_watches: Arc<AtomicBool>,
     audio_recording: Option<AudioRecording>,
+    /// The screen cast portal's newest grant, and whether it is not saved yet.
+    screen_grant: Option<String>,
+    grant_unsaved: bool,
 }
 
 impl ScreenShell {
-    pub fn new(options: ScreenOptions) -> Self {
+    /// `screen_grant` is the portal's last grant, from the vault.
+    pub fn new(options: ScreenOptions, screen_grant: Option<String>) -> Self {
         ScreenShell {
             options,
             sender: None,
@@ -188,7 +203,19 @@ impl ScreenShell {
             desktop: None,
             nobody_watches: Arc::new(AtomicBool::new(true)),
             audio_recording: None,
+            screen_grant,
+            grant_unsaved: false,
         }
+    }
+
+    /// The portal's newest grant, to be saved.
+    pub fn screen_grant(&self) -> Option<&str> {
+        self.screen_grant.as_deref()
+    }
+
+    /// Whether the portal gave a grant that is not saved yet (and it is taken as saved).
+    pub fn take_grant_unsaved(&mut self) -> bool {
+        std::mem::take(&mut self.grant_unsaved)
     }
 
     /// Starts sharing once in a channel (if asked to).
@@ -201,14 +228,20 @@ impl ScreenShell {
             let fps = request.fps.clamp(1, ShareRequest::MAX_FPS);
             let (to_tx, to_rx) = std_mpsc::channel();
             let (from_tx, from_rx) = mpsc::channel(ENCODED_WAITING);
-            let forced = self.options.encoder.clone();
-            let source = Source::parse(request.source.as_deref());
             let notes = self.notes.clone();
             // The video's and the desktop audio's timestamps count from here.
             let clock = Instant::now();
+            let start = SenderStart {
+                source: Source::parse(request.source.as_deref()),
+                resolution,
+                max_fps: fps,
+                forced: self.options.encoder.clone(),
+                clock,
+                restore_token: self.screen_grant.clone(),
+            };
             std::thread::Builder::new()
                 .name("voipc-share".into())
-                .spawn(move || run_sender(source, resolution, fps, forced, clock, to_rx, from_tx, &notes))
+                .spawn(move || run_sender(start, to_rx, from_tx, &notes))
                 .expect("a thread can be spawned");
             if request.audio {
                 // Nobody watches yet (a previous share's viewers are not this one's).
@@ -352,6 +385,10 @@ impl ScreenShell {
                 let info = ShareInfo { width: width as u16, height: height as u16, fps: fps as u8 };
                 session.set_share(Some(info));
                 emit(&Event::ShareStarted { encoder, width, height, fps });
+            }
+            ShellInput::Sender(FromSender::Granted(token)) => {
+                self.grant_unsaved |= self.screen_grant.as_ref() != Some(&token);
+                self.screen_grant = Some(token);
             }
             ShellInput::Sender(FromSender::Frame { frame, timestamp }) => {
                 self.send_frame(session, connection, frame, timestamp)
@@ -523,15 +560,15 @@ async fn pace(connection: quinn::Connection, mut frames: mpsc::Receiver<(Vec<Byt
 
 /// What the encoding thread captures from.
 enum Capture {
-    Screen(Box<X11Capture>),
+    Screen(Screen),
     File(FileSource),
 }
 
 impl Capture {
-    fn open(source: Source) -> Result<Capture, CaptureError> {
+    fn open(source: Source, restore_token: Option<&str>) -> Result<Capture, CaptureError> {
         match source {
             Source::File(path) => FileSource::open(path).map(Capture::File),
-            other => X11Capture::open(None, &other).map(|c| Capture::Screen(Box::new(c))),
+            other => Screen::open(&other, restore_token).map(Capture::Screen),
         }
     }
 
@@ -551,36 +588,46 @@ enum ShareError {
     Video(#[from] VideoError),
 }
 
-/// The encoding thread: captures at the frame rate, scales, encodes, and passes each
-/// frame on (or drops it when the network side has not taken the last ones).
-#[allow(clippy::too_many_arguments, reason = "one thread's whole start, passed on once")]
-fn run_sender(
+/// What the encoding thread starts with.
+struct SenderStart {
     source: Source,
     resolution: Resolution,
-    fps: u32,
+    max_fps: u32,
+    /// Force this encoder instead of probing.
     forced: Option<String>,
+    /// Where the share's timestamps count from.
     clock: Instant,
+    /// The screen cast portal's last grant.
+    restore_token: Option<String>,
+}
+
+/// The encoding thread: captures at the frame rate, scales, encodes, and passes each
+/// frame on (or drops it when the network side has not taken the last ones).
+fn run_sender(
+    start: SenderStart,
     control: std_mpsc::Receiver<ToSender>,
     out: mpsc::Sender<FromSender>,
     notes: &SenderNotes,
 ) {
-    if let Err(e) = share(source, resolution, fps, forced, clock, &control, &out, notes) {
+    if let Err(e) = share(start, &control, &out, notes) {
         let _ = out.blocking_send(FromSender::Failed(e.to_string()));
     }
 }
 
-#[allow(clippy::too_many_arguments, reason = "one thread's whole start, passed on once")]
 fn share(
-    source: Source,
-    resolution: Resolution,
-    max_fps: u32,
-    forced: Option<String>,
-    clock: Instant,
+    start: SenderStart,
     control: &std_mpsc::Receiver<ToSender>,
     out: &mpsc::Sender<FromSender>,
     notes: &SenderNotes,
 ) -> Result<(), ShareError> {
-    let mut capture = Capture::open(source)?;
+    let SenderStart { source, resolution, max_fps, forced, clock, restore_token } = start;
+    let mut capture = Capture::open(source, restore_token.as_deref())?;
+    if let Capture::Screen(screen) = &capture
+        && let Some(token) = screen.restore_token()
+        && out.blocking_send(FromSender::Granted(token.to_owned())).is_err()
+    {
+        return Ok(());
+    }
     let (src_w, src_h) = capture.size();
     let mut rung = Rung { resolution, fps: max_fps, bitrate: start_bitrate(resolution, max_fps) };
     let settings = |rung: &Rung| {
@@ -613,6 +660,9 @@ fn share(
                 Ok(ToSender::Pause(p)) => {
                     keyframe_due |= paused && !p;
                     paused = p;
+                    if let Capture::Screen(screen) = &capture {
+                        screen.set_active(!p);
+                    }
                 }
                 Ok(ToSender::Rung(new)) => {
                     let changed = settings(&new) != settings(&rung);
@@ -643,7 +693,7 @@ fn share(
         }
         let captured = Instant::now();
         let picture = match &mut capture {
-            Capture::Screen(c) => scaler.scale_bgra(&c.capture()?)?,
+            Capture::Screen(screen) => scaler.scale_bgra(&screen.capture()?)?,
             Capture::File(f) => scaler.scale(&to_ffmpeg(&f.next_frame()?))?,
         };
         let keyframe = keyframe_due && last_keyframe.is_none_or(|at| captured >= at + KEYFRAME_SPACING);
@@ -831,7 +881,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("heard.wav");
         let mut shell =
-            ScreenShell::new(ScreenOptions { record_audio: Some(path.clone()), ..ScreenOptions::default() });
+            ScreenShell::new(ScreenOptions { record_audio: Some(path.clone()), ..ScreenOptions::default() }, None);
         let mut encoder = StereoEncoder::new().unwrap();
         let packet = encoder.encode(&[0.1; STEREO_20MS]).unwrap().to_vec();
         let start = Instant::now();

@@ -1,9 +1,10 @@
 //! What a share shows: a monitor or a window of an X11 display, read through shared
-//! memory (MIT-SHM: one copy, no image on the socket) with the cursor drawn in, or a Y4M
-//! file for tests. Each capture reads the screen as it is now; nothing queues, so the
-//! encoder always gets the newest picture.
+//! memory (MIT-SHM: one copy, no image on the socket) with the cursor drawn in; on
+//! Wayland what the ScreenCast portal streams ([`super::portal`]); or a Y4M file for
+//! tests. Each capture gives the screen as it is now; nothing queues, so the encoder
+//! always gets the newest picture.
 //!
-//! Not here yet: Wayland (the ScreenCast portal and PipeWire) and Windows.
+//! Not here: Windows.
 
 use std::io::BufReader;
 use std::path::PathBuf;
@@ -56,6 +57,91 @@ pub enum CaptureError {
     File(#[from] Y4mError),
     #[error("cannot open {path}: {error}")]
     Open { path: PathBuf, error: std::io::Error },
+    #[error("screen cast portal: {0}")]
+    Portal(String),
+}
+
+/// How this desktop's screen is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    X11,
+    /// Wayland: the XDG desktop portal (an X11 client there sees only other X11 windows).
+    Portal,
+}
+
+impl Backend {
+    /// This session's: Wayland when the session says so, or when there is a Wayland
+    /// display and no X11 one.
+    pub fn of_session() -> Backend {
+        let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+        let session_type = std::env::var("XDG_SESSION_TYPE").ok();
+        Backend::choose(session_type.as_deref(), var("WAYLAND_DISPLAY").is_some(), var("DISPLAY").is_some())
+    }
+
+    fn choose(session_type: Option<&str>, wayland_display: bool, x11_display: bool) -> Backend {
+        match session_type {
+            Some("wayland") => Backend::Portal,
+            Some("x11") => Backend::X11,
+            _ if wayland_display && !x11_display => Backend::Portal,
+            _ => Backend::X11,
+        }
+    }
+}
+
+/// A screen or window being captured, by whichever backend the session has.
+pub enum Screen {
+    X11(Box<X11Capture>),
+    #[cfg(target_os = "linux")]
+    Portal(super::portal::PortalCapture),
+}
+
+impl Screen {
+    /// Opens `source` on this session's backend; the portal is given `restore_token`
+    /// (from its last grant) so that it need not ask the user again.
+    pub fn open(source: &Source, restore_token: Option<&str>) -> Result<Screen, CaptureError> {
+        match Backend::of_session() {
+            Backend::X11 => X11Capture::open(None, source).map(|c| Screen::X11(Box::new(c))),
+            #[cfg(target_os = "linux")]
+            Backend::Portal => super::portal::PortalCapture::open(source, restore_token).map(Screen::Portal),
+            #[cfg(not(target_os = "linux"))]
+            Backend::Portal => Err(CaptureError::Portal("not built for this system".into())),
+        }
+    }
+
+    pub fn size(&self) -> (u32, u32) {
+        match self {
+            Screen::X11(c) => c.size(),
+            #[cfg(target_os = "linux")]
+            Screen::Portal(c) => c.size(),
+        }
+    }
+
+    pub fn capture(&mut self) -> Result<Bgra, CaptureError> {
+        match self {
+            Screen::X11(c) => c.capture(),
+            #[cfg(target_os = "linux")]
+            Screen::Portal(c) => c.capture(),
+        }
+    }
+
+    /// Whether anything will be captured soon: the portal's stream stops copying
+    /// pictures while nobody watches.
+    pub fn set_active(&self, active: bool) {
+        match self {
+            Screen::X11(_) => {}
+            #[cfg(target_os = "linux")]
+            Screen::Portal(c) => c.set_active(active),
+        }
+    }
+
+    /// The portal's token for sharing the same screen next time without asking.
+    pub fn restore_token(&self) -> Option<&str> {
+        match self {
+            Screen::X11(_) => None,
+            #[cfg(target_os = "linux")]
+            Screen::Portal(c) => c.restore_token(),
+        }
+    }
 }
 
 fn x11(e: impl std::fmt::Display) -> CaptureError {
@@ -224,10 +310,18 @@ pub fn monitors(conn: &RustConnection, root: xproto::Window) -> Result<Vec<Monit
     Ok(out)
 }
 
-/// What can be shared on `display` (or `$DISPLAY`), as `--share-screen` names it: each
-/// monitor by name, the primary first (an empty name, the whole screen, where RandR lists
-/// none), then `window:TITLE` for each top-level window with a title.
-pub fn sources(display: Option<&str>) -> Result<Vec<String>, CaptureError> {
+/// What can be shared on this session, as `--share-screen` names it. On X11 each monitor
+/// by name, the primary first (an empty name, the whole screen, where RandR lists none),
+/// then `window:TITLE` for each top-level window with a title; through the portal a
+/// screen or a window, which the portal's own dialog asks the user to pick.
+pub fn sources() -> Result<Vec<String>, CaptureError> {
+    match Backend::of_session() {
+        Backend::X11 => x11_sources(None),
+        Backend::Portal => Ok(vec![String::new(), "window:".to_owned()]),
+    }
+}
+
+fn x11_sources(display: Option<&str>) -> Result<Vec<String>, CaptureError> {
     let (conn, screen) = x11rb::connect(display).map_err(|e| CaptureError::Connect(e.to_string()))?;
     let root = conn.setup().roots[screen].root;
     let mut monitors = monitors(&conn, root).unwrap_or_default();
@@ -361,6 +455,16 @@ mod tests {
         assert_eq!(Source::parse(Some("HDMI-1")), Source::Monitor(Some("HDMI-1".into())));
         assert_eq!(Source::parse(Some("window:Firefox")), Source::Window("Firefox".into()));
         assert_eq!(Source::parse(Some("/tmp/a.y4m")), Source::File("/tmp/a.y4m".into()));
+    }
+
+    #[test]
+    fn wayland_sessions_capture_through_the_portal() {
+        assert_eq!(Backend::choose(Some("wayland"), true, true), Backend::Portal, "Xwayland sees only X11 windows");
+        assert_eq!(Backend::choose(Some("x11"), true, true), Backend::X11);
+        assert_eq!(Backend::choose(None, true, false), Backend::Portal);
+        assert_eq!(Backend::choose(Some("tty"), true, true), Backend::X11);
+        assert_eq!(Backend::choose(None, false, true), Backend::X11);
+        assert_eq!(Backend::choose(None, false, false), Backend::X11, "and X11 says why it cannot connect");
     }
 
     #[test]

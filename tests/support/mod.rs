@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod screencast;
+
 /// How long any single expected event may take.
 pub const TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -181,6 +183,17 @@ impl TestClient {
 
     pub fn join_with_data(target: &str, name: &str, extra: &[&str], data_dir: &Path) -> TestClient {
         Self::spawn(target, name, extra, data_dir, &[])
+    }
+
+    /// As [`TestClient::join_with_data`], with `env` set as [`TestClient::join_with_env`] does.
+    pub fn join_with_data_and_env(
+        target: &str,
+        name: &str,
+        extra: &[&str],
+        data_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> TestClient {
+        Self::spawn(target, name, extra, data_dir, env)
     }
 
     /// As [`TestClient::join`], with `env` set for the client (its environment is
