@@ -313,8 +313,9 @@ fn desktop(width: u16, height: u16) -> Vec<u8> {
 #[test]
 #[ignore = "needs the machine to itself: `just test` runs it alone, after the rest"]
 fn an_xvfb_screen_shared_matches_what_is_on_it() {
-    use voipc::video::capture::{Source, X11Capture};
+    use voipc::video::capture::Source;
     use voipc::video::picture::{Scaler, from_ffmpeg};
+    use voipc::video::x11::X11Capture;
     let (width, height) = (1280u16, 720u16);
     let display = Display::start(50 + std::process::id() % 400, width, height, &desktop(width, height));
     let dir = tempfile::tempdir().unwrap();

@@ -23,9 +23,10 @@ use crate::session::Event;
 use crate::session::command::ShareRequest;
 use crate::session::media::MediaKeys;
 use crate::video::adapt::start_bitrate;
-use crate::video::capture::{Source, X11Capture};
+use crate::video::capture::Source;
 use crate::video::codec::{ENCODER_ORDER, EncoderSettings, HevcDecoder, proven_encoder};
 use crate::video::picture::{Bgra, Scaler, from_ffmpeg, share_size};
+use crate::video::x11::X11Capture;
 use crate::video::y4m::psnr;
 
 const SOURCE: (u32, u32) = (1920, 1080);

@@ -753,7 +753,7 @@ fn run_desktop_audio(
     }
 }
 
-#[cfg(unix)]
+#[cfg(any(unix, windows))]
 fn desktop_audio(
     clock: Instant,
     nobody_watches: &AtomicBool,
@@ -783,9 +783,9 @@ fn desktop_audio(
     failed.into_inner().map_or(Ok(()), Err)
 }
 
-#[cfg(not(unix))]
+#[cfg(not(any(unix, windows)))]
 fn desktop_audio(_: Instant, _: &AtomicBool, _: &AtomicU64, _: &mpsc::Sender<FromDesktop>) -> Result<(), String> {
-    Err("desktop audio is captured on Linux only so far".into())
+    Err("desktop audio is captured on Linux and Windows only".into())
 }
 
 /// The decoding thread: decodes each whole frame, records it and shows it.

@@ -12,7 +12,7 @@
 //! that a wrong buffer drops a picture instead of reading out of bounds.
 
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ashpd::desktop::screencast::{CursorMode, Screencast, SelectSourcesOptions, SourceType};
@@ -23,92 +23,11 @@ use pw::spa;
 use pw::spa::param::video::VideoFormat;
 
 use super::capture::{CaptureError, Source};
+use super::captured::{MAX_SIDE, NewestPicture, Order, copy_picture};
 use super::picture::Bgra;
 
 /// How long the first picture may take after the user said yes.
 const FIRST_PICTURE: Duration = Duration::from_secs(5);
-/// The largest picture taken from PipeWire (8K), whatever the stream says.
-const MAX_SIDE: u32 = 7680;
-
-/// The channel order of 32-bit pixels the stream may carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Order {
-    /// B, G, R, then alpha or padding: what the encoder side takes as it is.
-    Bgr,
-    /// R, G, B, then alpha or padding: red and blue are swapped on the way.
-    Rgb,
-}
-
-/// Why a buffer from PipeWire was not taken.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum BufferError {
-    #[error("a {width}x{height} picture is outside the bounds taken")]
-    Size { width: u32, height: u32 },
-    #[error("a stride of {stride} bytes for rows of {width} pixels")]
-    Stride { stride: i32, width: u32 },
-    #[error("the picture runs past its buffer ({needed} bytes of {len})")]
-    Short { needed: usize, len: usize },
-}
-
-/// Copies a picture of `width` × `height` pixels that starts `offset` bytes into `src`,
-/// rows `stride` bytes apart, into `into` (packed BGRA rows), reusing its memory. A
-/// stride of 0 means packed rows (GStreamer's `pipewiresink` leaves it so).
-pub fn copy_picture(
-    src: &[u8],
-    offset: usize,
-    stride: i32,
-    (width, height): (u32, u32),
-    order: Order,
-    into: &mut Bgra,
-) -> Result<(), BufferError> {
-    if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
-        return Err(BufferError::Size { width, height });
-    }
-    let row = width as usize * 4;
-    let stride = match stride {
-        0 => row,
-        _ => usize::try_from(stride).ok().filter(|s| *s >= row).ok_or(BufferError::Stride { stride, width })?,
-    };
-    let needed = stride.saturating_mul(height as usize - 1).saturating_add(offset).saturating_add(row);
-    if needed > src.len() {
-        return Err(BufferError::Short { needed, len: src.len() });
-    }
-    (into.width, into.height, into.stride) = (width, height, row);
-    into.data.resize(row * height as usize, 0);
-    for (y, out) in into.data.chunks_exact_mut(row).enumerate() {
-        let from = offset + y * stride;
-        out.copy_from_slice(&src[from..from + row]);
-        if order == Order::Rgb {
-            for px in out.chunks_exact_mut(4) {
-                px.swap(0, 2);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The newest picture, between the PipeWire thread and the share.
-#[derive(Default)]
-struct Newest {
-    slot: Mutex<Slot>,
-    arrived: Condvar,
-}
-
-#[derive(Default)]
-struct Slot {
-    picture: Option<Bgra>,
-    /// Why the stream ended, once it has.
-    ended: Option<String>,
-    /// Buffers that were not taken (see [`BufferError`]).
-    refused: u64,
-}
-
-impl Newest {
-    fn end(&self, why: String) {
-        self.slot.lock().expect("not poisoned").ended.get_or_insert(why);
-        self.arrived.notify_all();
-    }
-}
 
 /// From the share to the PipeWire thread.
 enum ToStream {
@@ -119,7 +38,7 @@ enum ToStream {
 
 /// A screen or window shared through the portal.
 pub struct PortalCapture {
-    newest: Arc<Newest>,
+    newest: Arc<NewestPicture>,
     size: (u32, u32),
     to_stream: pw::channel::Sender<ToStream>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -144,7 +63,7 @@ impl PortalCapture {
             .map_err(|e| CaptureError::Portal(e.to_string()))?;
         let fd = futures::executor::block_on(proxy.open_pipe_wire_remote(&session, Default::default()))
             .map_err(|e| CaptureError::Portal(e.to_string()))?;
-        let newest = Arc::new(Newest::default());
+        let newest = Arc::new(NewestPicture::default());
         let (to_stream, from_share) = pw::channel::channel();
         let (started_tx, started) = std::sync::mpsc::channel();
         let for_thread = newest.clone();
@@ -189,21 +108,7 @@ impl PortalCapture {
     /// The newest picture (the same again when the screen has not changed); waits for
     /// the first one.
     pub fn capture(&mut self) -> Result<Bgra, CaptureError> {
-        let slot = self.newest.slot.lock().expect("not poisoned");
-        let (slot, _) = self
-            .newest
-            .arrived
-            .wait_timeout_while(slot, FIRST_PICTURE, |s| s.picture.is_none() && s.ended.is_none())
-            .expect("not poisoned");
-        if let Some(why) = &slot.ended {
-            return Err(CaptureError::Portal(why.clone()));
-        }
-        slot.picture.clone().ok_or_else(|| CaptureError::Portal("no picture came from the screen cast".into()))
-    }
-
-    /// Buffers from PipeWire that were not taken.
-    pub fn refused(&self) -> u64 {
-        self.newest.slot.lock().expect("not poisoned").refused
+        self.newest.newest(FIRST_PICTURE)
     }
 }
 
@@ -255,7 +160,7 @@ struct Negotiated {
 fn run_stream(
     fd: OwnedFd,
     node: u32,
-    newest: &Arc<Newest>,
+    newest: &Arc<NewestPicture>,
     from_share: pw::channel::Receiver<ToStream>,
     started: &std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(), pw::Error> {
@@ -311,19 +216,7 @@ fn run_stream(
             let Some(bytes) = data.data() else { return };
             // What the chunk says it filled, never more than was mapped.
             let bytes = &bytes[..(offset as usize).saturating_add(size as usize).min(bytes.len())];
-            let mut slot = on_picture.slot.lock().expect("not poisoned");
-            let mut picture = slot.picture.take().unwrap_or(Bgra { width: 0, height: 0, stride: 0, data: Vec::new() });
-            match copy_picture(bytes, offset as usize, stride, negotiated.size, order, &mut picture) {
-                Ok(()) => slot.picture = Some(picture),
-                Err(e) => {
-                    slot.refused += 1;
-                    if slot.refused == 1 {
-                        tracing::warn!("a screen cast buffer was not taken: {e}");
-                    }
-                }
-            }
-            drop(slot);
-            on_picture.arrived.notify_all();
+            on_picture.put(|picture| copy_picture(bytes, offset as usize, stride, negotiated.size, order, picture));
         })
         .register()?;
     let format = format_pod();
@@ -395,53 +288,6 @@ fn format_pod() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn empty() -> Bgra {
-        Bgra { width: 0, height: 0, stride: 0, data: Vec::new() }
-    }
-
-    #[test]
-    fn padded_rows_come_out_packed_and_red_and_blue_in_place() {
-        // 2×2 pixels, rows 12 bytes apart (4 of padding), 3 bytes of something before.
-        let mut src = vec![0xee; 3];
-        src.extend([1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0]);
-        src.extend([9, 10, 11, 12, 13, 14, 15, 16, 0, 0, 0, 0]);
-        let mut out = empty();
-        copy_picture(&src, 3, 12, (2, 2), Order::Bgr, &mut out).unwrap();
-        assert_eq!((out.width, out.height, out.stride), (2, 2, 8));
-        assert_eq!(out.data, (1..=16).collect::<Vec<u8>>());
-        copy_picture(&src, 3, 12, (2, 2), Order::Rgb, &mut out).unwrap();
-        assert_eq!(&out.data[..8], [3, 2, 1, 4, 7, 6, 5, 8]);
-        // The last row needs no padding after it.
-        copy_picture(&src[..src.len() - 4], 3, 12, (2, 2), Order::Bgr, &mut out).unwrap();
-    }
-
-    #[test]
-    fn a_buffer_that_does_not_hold_what_it_claims_is_refused() {
-        let src = vec![0; 64];
-        let mut out = empty();
-        let short = copy_picture(&src, 0, 16, (4, 5), Order::Bgr, &mut out);
-        assert_eq!(short, Err(BufferError::Short { needed: 80, len: 64 }));
-        assert_eq!(
-            copy_picture(&src, 60, 16, (1, 2), Order::Bgr, &mut out),
-            Err(BufferError::Short { needed: 80, len: 64 })
-        );
-        assert!(matches!(copy_picture(&src, 0, 8, (4, 1), Order::Bgr, &mut out), Err(BufferError::Stride { .. })));
-        // No stride given: packed rows, and 64 bytes hold four of 16.
-        assert!(matches!(copy_picture(&src, 0, 0, (4, 5), Order::Bgr, &mut out), Err(BufferError::Short { .. })));
-        assert!(matches!(copy_picture(&src, 0, -16, (4, 1), Order::Bgr, &mut out), Err(BufferError::Stride { .. })));
-        assert!(matches!(copy_picture(&src, 0, 16, (0, 1), Order::Bgr, &mut out), Err(BufferError::Size { .. })));
-        let huge = copy_picture(&src, 0, i32::MAX, (MAX_SIDE + 1, 1), Order::Bgr, &mut out);
-        assert!(matches!(huge, Err(BufferError::Size { .. })));
-        // A huge stride with a small buffer is short, not an overflow.
-        assert!(matches!(
-            copy_picture(&src, 0, i32::MAX, (1, 3), Order::Bgr, &mut out),
-            Err(BufferError::Short { .. })
-        ));
-        assert_eq!(out.data, Vec::<u8>::new(), "nothing was written by a refused buffer");
-        copy_picture(&src, 0, 0, (4, 4), Order::Bgr, &mut out).unwrap();
-        assert_eq!((out.stride, out.data.len()), (16, 64));
-    }
 
     #[test]
     fn the_format_offered_parses_back() {
