@@ -69,6 +69,33 @@ bench *args: build
     ./target/release/voipc bench video
     cargo bench --bench hot_paths
 
+# voipc serve against the peer, Mumble's server (murmur 1.3.4 from Debian), on one shape:
+# CLIENTS in one channel, SPEAKERS of them talking 50 packets a second, SECS measured.
+# murmur-load (../shared/peers/murmur-load, which installs and starts murmur) runs first,
+# then voipc bench relay on the same shape beside the plain-UDP baselines; it prints every
+# line and the ratios. With pin=yes the relays run on CPU 0 and the load generators on CPU 1
+# (on this 2-core VM one CPU is too little for murmur-load at 100 clients: murmur then
+# loses 8 % and its p50 goes to 200 ms, so unpinned is the default).
+bench-peer clients="100" speakers="20" secs="10" pin="no": build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    peer=../shared/peers/murmur-load
+    out=$(mktemp /tmp/voipc-bench-peer.XXXXXX)
+    trap 'rm -f "$out"' EXIT
+    pin_generator=() server_cpus=()
+    if [ "{{pin}}" = yes ] && [ "$(nproc)" -ge 2 ]; then
+        pin_generator=(taskset -c 1) server_cpus=(--server-cpus 0)
+        # murmurd starts under run.sh on the generator's CPU; move all its threads to CPU 0.
+        (for _ in $(seq 1 600); do
+            if pid=$(pidof murmurd); then taskset -apc 0 "$pid" >/dev/null; break; fi
+            sleep 0.1
+        done) &
+    fi
+    "${pin_generator[@]}" "$peer/run.sh" {{clients}} {{speakers}} {{secs}} > "$out"
+    echo "murmur-load: $(tail -n 1 "$out")"
+    "${pin_generator[@]}" ./target/release/voipc bench relay --clients {{clients}} --speakers {{speakers}} \
+        --secs {{secs}} "${server_cpus[@]}" --compare-with "$out"
+
 # A server and two clients on a loopback-only host (a network namespace) that loses and
 # delays datagrams: tc netem where the kernel has it, else voipc's own UDP impairer between
 # the clients and the server. Needs root.

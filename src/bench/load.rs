@@ -71,6 +71,24 @@ impl Path {
         }
     }
 
+    /// Waits for datagrams and takes what is there, each into a buffer of `batch` (their
+    /// lengths into `lens`): over UDP up to a whole batch with one `recvmmsg`, as the
+    /// QUIC path's endpoint takes its packets, so that neither path is limited by the
+    /// generator's system calls.
+    async fn recv_batch(&self, batch: &mut [[u8; 2048]], lens: &mut Vec<usize>) -> Option<()> {
+        lens.clear();
+        match self {
+            Path::Quic { .. } => {
+                let len = self.recv(&mut batch[0]).await?;
+                lens.push(len);
+                Some(())
+            }
+            Path::Udp { socket, .. } => {
+                socket.async_io(tokio::io::Interest::READABLE, || recv_many(socket, batch, lens)).await.ok()
+            }
+        }
+    }
+
     fn datagram(&self, sequence: u32, stamp_ns: u64) -> Vec<u8> {
         let mut datagram = vec![0u8; DATAGRAM_LEN];
         if let Path::Quic { header, .. } = self {
@@ -81,6 +99,40 @@ impl Path {
         datagram[STAMP_AT..STAMP_AT + 8].copy_from_slice(&stamp_ns.to_be_bytes());
         datagram
     }
+}
+
+/// Takes the datagrams waiting on `socket` with one `recvmmsg` (would-block when none).
+#[cfg(target_os = "linux")]
+fn recv_many(socket: &UdpSocket, batch: &mut [[u8; 2048]], lens: &mut Vec<usize>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let n = batch.len().min(64);
+    let mut iovecs: Vec<libc::iovec> =
+        batch[..n].iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+    // SAFETY: zeroed headers are valid; each points at one live iovec and buffer.
+    let mut headers: Vec<libc::mmsghdr> = iovecs
+        .iter_mut()
+        .map(|iovec| {
+            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            header.msg_hdr.msg_iov = iovec;
+            header.msg_hdr.msg_iovlen = 1;
+            header
+        })
+        .collect();
+    // SAFETY: as above; the kernel writes at most each iovec's length.
+    let got = unsafe {
+        libc::recvmmsg(socket.as_raw_fd(), headers.as_mut_ptr(), n as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
+    };
+    if got < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    lens.extend(headers[..got as usize].iter().map(|h| h.msg_len as usize));
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn recv_many(socket: &UdpSocket, batch: &mut [[u8; 2048]], lens: &mut Vec<usize>) -> std::io::Result<()> {
+    lens.push(socket.try_recv(&mut batch[0])?);
+    Ok(())
 }
 
 /// A group of members in one channel of one relay.
@@ -117,17 +169,18 @@ impl Group {
             .collect()
     }
 
-    /// `n` UDP members of the baseline relay.
-    pub async fn udp(relay: SocketAddr, n: usize) -> anyhow::Result<Group> {
+    /// `n` UDP members of the baseline relay, in its channel `channel`.
+    pub async fn udp(relay: SocketAddr, n: usize, channel: u16) -> anyhow::Result<Group> {
         let mut members = Vec::new();
+        let register = [REGISTER, &channel.to_be_bytes()].concat();
         for _ in 0..n {
             let socket = UdpSocket::bind("127.0.0.1:0").await?;
             let mut buf = [0u8; 64];
             let registered = async {
                 loop {
-                    socket.send_to(REGISTER, relay).await?;
+                    socket.send_to(&register, relay).await?;
                     match tokio::time::timeout(Duration::from_millis(200), socket.recv(&mut buf)).await {
-                        Ok(Ok(len)) if &buf[..len] == REGISTER => return anyhow::Ok(()),
+                        Ok(Ok(len)) if buf[..len] == register[..] => return anyhow::Ok(()),
                         _ => continue,
                     }
                 }
@@ -140,9 +193,9 @@ impl Group {
         Ok(Group { members, _keep: Vec::new() })
     }
 
-    /// Everyone speaks for `warmup + window`; deliveries of what was sent inside the
-    /// window are counted until `drain` after it.
-    pub async fn measure(&self, base: Instant, warmup: Duration, window: Duration) -> Measured {
+    /// The first `speakers` members speak for `warmup + window` and everyone listens;
+    /// deliveries of what was sent inside the window are counted until `drain` after it.
+    pub async fn measure(&self, base: Instant, warmup: Duration, window: Duration, speakers: usize) -> Measured {
         let drain = Duration::from_millis(500);
         let start = Instant::now() + warmup;
         let end = start + window;
@@ -152,11 +205,15 @@ impl Group {
         };
         let mut tasks = JoinSet::new();
         let receivers = self.members.len() as u64 - 1;
+        let speakers = speakers.min(self.members.len());
         for (i, member) in self.members.iter().enumerate() {
             let sender = member.clone();
             // Spread the speakers over the 20 ms so that they do not all send at once.
-            let offset = PACKET_INTERVAL * i as u32 / self.members.len() as u32;
+            let offset = PACKET_INTERVAL * i as u32 / speakers.max(1) as u32;
             tasks.spawn(async move {
+                if i >= speakers {
+                    return Measured::default();
+                }
                 let mut tick = tokio::time::interval_at((Instant::now() + offset).into(), PACKET_INTERVAL);
                 let mut sent = 0u64;
                 for sequence in 0u32.. {
@@ -175,20 +232,24 @@ impl Group {
             let receiver = member.clone();
             tasks.spawn(async move {
                 let mut measured = Measured::default();
-                let mut buf = [0u8; 2048];
+                let mut batch = vec![[0u8; 2048]; 32];
+                let mut lens = Vec::with_capacity(32);
                 let stop = tokio::time::sleep_until((end + drain).into());
                 tokio::pin!(stop);
                 loop {
-                    let len = tokio::select! {
+                    tokio::select! {
                         () = &mut stop => break,
-                        len = receiver.recv(&mut buf) => match len { Some(len) => len, None => break },
-                    };
-                    let Some(stamp) = buf[..len].get(STAMP_AT..STAMP_AT + 8) else { continue };
-                    let ns = u64::from_be_bytes(stamp.try_into().expect("8 bytes"));
-                    if in_window(ns) {
-                        let now = Instant::now().duration_since(base).as_nanos() as u64;
-                        measured.received += 1;
-                        measured.latencies_us.push((now.saturating_sub(ns) / 1000).min(u64::from(u32::MAX)) as u32);
+                        got = receiver.recv_batch(&mut batch, &mut lens) => if got.is_none() { break },
+                    }
+                    let now = Instant::now().duration_since(base).as_nanos() as u64;
+                    for (buf, &len) in batch.iter().zip(&lens) {
+                        let Some(stamp) = buf[..len].get(STAMP_AT..STAMP_AT + 8) else { continue };
+                        let ns = u64::from_be_bytes(stamp.try_into().expect("8 bytes"));
+                        if in_window(ns) {
+                            measured.received += 1;
+                            let latency_us = (now.saturating_sub(ns) / 1000).min(u64::from(u32::MAX)) as u32;
+                            measured.latencies_us.push(latency_us);
+                        }
                     }
                 }
                 measured

@@ -10,6 +10,7 @@ mod chat;
 mod codec;
 mod impair;
 mod load;
+mod shape;
 pub mod udp_relay;
 mod video;
 mod voice;
@@ -160,6 +161,9 @@ enum BenchCommand {
     UdpRelay {
         #[arg(long)]
         listen: SocketAddr,
+        /// One system call per datagram and per delivery, instead of batches.
+        #[arg(long)]
+        naive: bool,
     },
 }
 
@@ -183,11 +187,45 @@ struct RelayArgs {
     /// Print the results as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Measure one shape instead of climbing: this many clients (with --speakers and
+    /// --channels), on voipc serve, the batched plain-UDP baseline and the naive one.
+    #[arg(long, conflicts_with_all = ["target", "max_members"])]
+    clients: Option<usize>,
+    /// Of the shape's clients, how many speak (default: all), spread over the channels.
+    #[arg(long, requires = "clients")]
+    speakers: Option<usize>,
+    /// Channels the shape's clients are spread over.
+    #[arg(long, default_value_t = 1, requires = "clients")]
+    channels: usize,
+    /// `voipc serve --threads` for the server the shape run starts.
+    #[arg(long, default_value_t = 1, requires = "clients")]
+    server_threads: usize,
+    /// CPUs for the relays the shape run starts (a `taskset` list, e.g. 0): put the
+    /// bench itself elsewhere (`taskset -c 1 voipc bench relay ...`).
+    #[arg(long, value_name = "LIST", requires = "clients")]
+    server_cpus: Option<String>,
+    /// murmur-load's output (`just bench-peer` writes it) to set beside the shape's figures.
+    #[arg(long, value_name = "FILE", requires = "clients")]
+    compare_with: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
-        BenchCommand::Relay(args) => relay(args).await,
+        BenchCommand::Relay(args) => match args.clients {
+            Some(clients) => {
+                let shape = shape::Shape {
+                    clients: clients.clamp(2, 5000),
+                    speakers: args.speakers.unwrap_or(clients).min(clients),
+                    channels: args.channels.clamp(1, clients.max(1)),
+                    window: Duration::from_secs_f64(args.secs.clamp(0.5, 600.0)),
+                    server_threads: args.server_threads.clamp(1, 64),
+                    server_cpus: args.server_cpus,
+                    peer: args.compare_with,
+                };
+                shape::run(shape, args.json).await
+            }
+            None => relay(args).await,
+        },
         BenchCommand::Chat { secs, json } => {
             let window = Duration::from_secs_f64(secs.clamp(0.1, 60.0));
             tokio::task::spawn_blocking(move || chat::run(window, json)).await.context("chat bench failed")?
@@ -244,9 +282,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Vault { rounds, json } => {
             tokio::task::spawn_blocking(move || vault(rounds.max(1), json)).await.context("vault bench failed")?
         }
-        BenchCommand::UdpRelay { listen } => {
-            tokio::task::spawn_blocking(move || udp_relay::run(listen)).await.context("baseline relay stopped")?
-        }
+        BenchCommand::UdpRelay { listen, naive } => tokio::task::spawn_blocking(move || udp_relay::run(listen, naive))
+            .await
+            .context("baseline relay stopped")?,
     }
 }
 
@@ -287,8 +325,15 @@ struct Report {
     added_p99_ms: Option<(usize, f64)>,
 }
 
-/// The bench's own server: the defaults, but room for every load client on one address.
-const BENCH_SERVER_CONFIG: &str = "max_users = 1000\n\n[limits]\nmax_connections_per_source = 1000\nmax_pending_per_source = 1000\nmax_pending_connections = 1000\n";
+/// The bench's own server: the defaults, but room for `clients` load clients on one
+/// address (every load client comes from 127.0.0.1: the per-source limits that a public
+/// server keeps for people are lifted, and only those).
+fn bench_server_config(clients: usize) -> String {
+    format!(
+        "max_users = {clients}\n\n[limits]\nmax_connections_per_source = {clients}\n\
+         max_pending_per_source = {clients}\nmax_pending_connections = {clients}\n"
+    )
+}
 
 async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     let window = Duration::from_secs_f64(args.secs.max(0.5));
@@ -300,13 +345,11 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
             (Target { link: target.parse()?, fingerprint: Some(fp), pid: args.target_pid }, None)
         }
         _ => {
-            // Every load client comes from 127.0.0.1: lift the per-source limits (and only
-            // those) that a public server keeps for people.
             let config = std::env::temp_dir().join(format!("voipc-bench-{}.toml", std::process::id()));
-            std::fs::write(&config, BENCH_SERVER_CONFIG).context("writing the bench server's config")?;
+            std::fs::write(&config, bench_server_config(1000)).context("writing the bench server's config")?;
             let config_arg = config.to_string_lossy().into_owned();
             let args = ["serve", "--config", &config_arg, "--listen", "127.0.0.1:0", "--ephemeral-cert", "--json"];
-            let spawned = spawn_self(&args).await;
+            let spawned = spawn_self(&args, None).await;
             let _ = std::fs::remove_file(&config);
             let (child, line) = spawned?;
             let fp: Fingerprint = json_field(&line, "fingerprint")?.parse()?;
@@ -314,7 +357,7 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
             (Target { link, fingerprint: Some(fp), pid: child.id() }, Some(child))
         }
     };
-    let (udp_child, line) = spawn_self(&["bench", "udp-relay", "--listen", "127.0.0.1:0"]).await?;
+    let (udp_child, line) = spawn_self(&["bench", "udp-relay", "--listen", "127.0.0.1:0"], None).await?;
     let udp_addr: SocketAddr = json_field(&line, "addr")?.parse()?;
     let udp = Target { link: udp_addr.to_string().parse()?, fingerprint: None, pid: udp_child.id() };
 
@@ -335,10 +378,10 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         for (round, &n) in levels.iter().enumerate() {
             let group = match target.fingerprint {
                 Some(fp) => Group::quic(&target.link, fp, n, &format!("{}-{round}", std::process::id())).await?,
-                None => Group::udp(udp_addr, n).await?,
+                None => Group::udp(udp_addr, n, round as u16).await?,
             };
             let cpu_before = target.pid.and_then(cpu_seconds);
-            let measured = group.measure(base, Duration::from_millis(500), window).await;
+            let measured = group.measure(base, Duration::from_millis(500), window, n).await;
             let cpu = target.pid.and_then(cpu_seconds).zip(cpu_before).map(|(after, before)| after - before);
             drop(group);
             let level = Level::from_measured(n, window, &measured, cpu);
@@ -459,10 +502,19 @@ fn print_table(report: &Report) {
     }
 }
 
-/// Starts this binary with `args` and reads its first stdout line (a JSON event).
-async fn spawn_self(args: &[&str]) -> anyhow::Result<(Child, String)> {
+/// Starts this binary with `args` (on the CPUs `cpus` lists, through `taskset`, when
+/// given) and reads its first stdout line (a JSON event).
+async fn spawn_self(args: &[&str], cpus: Option<&str>) -> anyhow::Result<(Child, String)> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
-    let mut child = Command::new(exe)
+    let mut command = match cpus {
+        Some(cpus) => {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", cpus]).arg(exe);
+            taskset
+        }
+        None => Command::new(exe),
+    };
+    let mut child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

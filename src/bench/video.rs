@@ -229,7 +229,7 @@ const MARK_EVERY: Duration = Duration::from_millis(150);
 /// picture that shows it. Also the frames a second bob decoded meanwhile.
 pub async fn glass_to_glass(window: Duration) -> anyhow::Result<GlassToGlass> {
     let (_server, line) =
-        super::spawn_self(&["serve", "--listen", "127.0.0.1:0", "--ephemeral-cert", "--json"]).await?;
+        super::spawn_self(&["serve", "--listen", "127.0.0.1:0", "--ephemeral-cert", "--json"], None).await?;
     let link: ServerLink = super::json_field(&line, "invite")?.parse()?;
     let painter = MarkerPainter::open().context("glass-to-glass paints on $DISPLAY")?;
     let root_width = painter.width;

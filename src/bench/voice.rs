@@ -26,7 +26,7 @@ use crate::session::media::MediaKeys;
 pub async fn run(rounds: usize, json: bool) -> anyhow::Result<()> {
     let speech = read_voice(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/speech.wav"))
         .context("the latency bench plays assets/speech.wav: run it from the source tree")?;
-    let (_server, line) = spawn_self(&["serve", "--listen", "127.0.0.1:0", "--ephemeral-cert", "--json"]).await?;
+    let (_server, line) = spawn_self(&["serve", "--listen", "127.0.0.1:0", "--ephemeral-cert", "--json"], None).await?;
     let fingerprint: Fingerprint = json_field(&line, "fingerprint")?.parse()?;
     let link: ServerLink = json_field(&line, "addr")?.parse()?;
     let group = Group::quic(&link, fingerprint, 2, "voice").await?;
