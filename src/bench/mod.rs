@@ -325,13 +325,16 @@ struct Report {
     added_p99_ms: Option<(usize, f64)>,
 }
 
-/// The bench's own server: the defaults, but room for `clients` load clients on one
-/// address (every load client comes from 127.0.0.1: the per-source limits that a public
-/// server keeps for people are lifted, and only those).
+/// The bench's own server: the defaults, but room for `clients` load clients (and as
+/// many channels) on one address (every load client comes from 127.0.0.1: the per-source
+/// limits that a public server keeps for people are lifted, and only those).
 fn bench_server_config(clients: usize) -> String {
+    let handshakes = 2 * clients;
     format!(
         "max_users = {clients}\n\n[limits]\nmax_connections_per_source = {clients}\n\
-         max_pending_per_source = {clients}\nmax_pending_connections = {clients}\n"
+         max_pending_per_source = {clients}\nmax_pending_connections = {clients}\n\
+         handshakes_per_source_per_minute = {handshakes}\nmax_channels = {clients}\n\
+         channel_creations_per_minute = {clients}\n"
     )
 }
 

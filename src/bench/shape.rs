@@ -51,13 +51,17 @@ pub struct Line {
     pub forwarded_per_sec: f64,
     /// The relay process's CPU seconds over the window and the drain.
     pub cpu_s: Option<f64>,
+    /// The load generator's (this process's) CPU seconds over the same span: when it
+    /// nears the window's length times the cores it has, the generator, not the relay,
+    /// is what ran out.
+    pub generator_cpu_s: Option<f64>,
     pub cpu_s_per_million: Option<f64>,
     pub p50_ms: f64,
     pub p99_ms: f64,
 }
 
 impl Line {
-    fn of(m: &Measured, window: Duration, cpu: Option<f64>) -> Line {
+    fn of(m: &Measured, window: Duration, cpu: Option<f64>, generator_cpu_s: Option<f64>) -> Line {
         let mut latencies = m.latencies_us.clone();
         latencies.sort_unstable();
         Line {
@@ -67,6 +71,7 @@ impl Line {
             loss: if m.expected == 0 { 0.0 } else { (1.0 - m.received as f64 / m.expected as f64).max(0.0) },
             forwarded_per_sec: m.received as f64 / window.as_secs_f64(),
             cpu_s: cpu,
+            generator_cpu_s,
             cpu_s_per_million: cpu.filter(|_| m.received > 0).map(|c| c / m.received as f64 * 1e6),
             p50_ms: percentile_ms(&latencies, 0.50),
             p99_ms: percentile_ms(&latencies, 0.99),
@@ -182,9 +187,11 @@ pub async fn run(shape: Shape, json: bool) -> anyhow::Result<()> {
 /// CPU is read from its own process around it.
 async fn measure(shape: &Shape, groups: &[Group], base: Instant, pid: Option<u32>) -> Line {
     let before = pid.and_then(cpu_seconds);
+    let generator_before = cpu_seconds(std::process::id());
     let runs = groups.iter().enumerate().map(|(c, g)| g.measure(base, WARMUP, shape.window, shape.channel(c).1));
     let parts = futures::future::join_all(runs).await;
     let cpu = pid.and_then(cpu_seconds).zip(before).map(|(after, before)| after - before);
+    let generator = cpu_seconds(std::process::id()).zip(generator_before).map(|(after, before)| after - before);
     let mut total = Measured::default();
     for part in parts {
         total.sent += part.sent;
@@ -192,7 +199,7 @@ async fn measure(shape: &Shape, groups: &[Group], base: Instant, pid: Option<u32
         total.received += part.received;
         total.latencies_us.extend(part.latencies_us);
     }
-    Line::of(&total, shape.window, cpu)
+    Line::of(&total, shape.window, cpu, generator)
 }
 
 /// The figures we compare from murmur-load's JSON line (its README names them).
@@ -218,7 +225,10 @@ fn print(report: &Report) {
         "relay shape: {} clients in {} channel(s), {} speaking, {} B datagrams at 50/s, {:.1} s; voipc serve --threads {}",
         report.clients, report.channels, report.speakers, report.datagram_bytes, report.secs, report.server_threads
     );
-    println!("{:<28} {:>12} {:>8} {:>10} {:>8} {:>8}", "relay", "forwarded/s", "loss", "cpu s/M", "p50 ms", "p99 ms");
+    println!(
+        "{:<28} {:>12} {:>8} {:>10} {:>8} {:>8} {:>12}",
+        "relay", "forwarded/s", "loss", "cpu s/M", "p50 ms", "p99 ms", "load cpu s"
+    );
     let cpu = |c: Option<f64>| c.map_or_else(|| "-".to_owned(), |c| format!("{c:.2}"));
     for (name, l) in [
         ("voipc serve (QUIC)", &report.voipc),
@@ -226,12 +236,13 @@ fn print(report: &Report) {
         ("plain UDP, naive", &report.udp_naive),
     ] {
         println!(
-            "{name:<28} {:>12.0} {:>7.3}% {:>10} {:>8.2} {:>8.2}",
+            "{name:<28} {:>12.0} {:>7.3}% {:>10} {:>8.2} {:>8.2} {:>12}",
             l.forwarded_per_sec,
             l.loss * 100.0,
             cpu(l.cpu_s_per_million),
             l.p50_ms,
-            l.p99_ms
+            l.p99_ms,
+            cpu(l.generator_cpu_s)
         );
     }
     if let Some(m) = &report.murmur {
