@@ -88,16 +88,17 @@ struct Slot {
 }
 
 impl NewestPicture {
-    /// Takes a picture that `fill` copies in; one it refuses is counted (and the first
-    /// logged), and the last picture stays.
+    /// Takes a picture that `fill` copies in over the last one (as [`copy_picture`] does,
+    /// which checks everything before it writes); one it refuses is counted (and the
+    /// first logged), and the last picture stays.
     pub fn put(&self, fill: impl FnOnce(&mut Bgra) -> Result<(), BufferError>) {
         let mut slot = self.slot.lock().expect("not poisoned");
         let mut picture = slot.picture.take().unwrap_or(Bgra { width: 0, height: 0, stride: 0, data: Vec::new() });
-        let last = picture.clone();
         match fill(&mut picture) {
             Ok(()) => slot.picture = Some(picture),
             Err(e) => {
-                slot.picture = (last.width > 0).then_some(last);
+                // Untouched: still the last picture, if there was one.
+                slot.picture = (picture.width > 0).then_some(picture);
                 slot.refused += 1;
                 if slot.refused == 1 {
                     tracing::warn!("a captured picture was not taken: {e}");
