@@ -66,9 +66,13 @@ fn screen_clip(path: &Path) -> Vec<YuvFrame> {
     frames
 }
 
-/// Every recorded frame, with the luma PSNR of the source frame it is closest to.
-fn recorded_psnr(recording: &Path, source: &[YuvFrame]) -> Vec<f64> {
-    recorded_frames(recording, source).into_iter().map(|(_, score)| score).collect()
+/// Every recorded frame's luma PSNR against the source frame it is closest to, printed
+/// as `COUNT WHAT, Y-PSNR worst …, median …, best … dB`.
+fn scored(recording: &Path, source: &[YuvFrame], what: &str) -> Vec<f64> {
+    let scores: Vec<f64> = recorded_frames(recording, source).into_iter().map(|(_, score)| score).collect();
+    let (worst, median, best) = summary(&scores);
+    println!("{} {what}, Y-PSNR worst {worst:.1}, median {median:.1}, best {best:.1} dB", scores.len());
+    scores
 }
 
 /// Each recorded frame's closest source frame (its index in the clip) and Y-PSNR against it.
@@ -159,11 +163,9 @@ fn a_shared_screen_reaches_its_viewer_whole_and_no_one_else() {
     assert_eq!(watched["decode_errors"], 0);
     assert!(carol.seen_events("video_stats").is_empty(), "carol watched nothing and got nothing");
     assert!(dave.seen_events("video_stats").is_empty(), "dave is elsewhere");
-    let scores = recorded_psnr(&recording, &source);
-    let (worst, median, best) = summary(&scores);
-    println!("{} frames recorded, Y-PSNR worst {worst:.1}, median {median:.1}, best {best:.1} dB", scores.len());
+    let scores = scored(&recording, &source, "frames recorded");
     // Every frame shown is sharp, the first keyframe too (the target: 35 dB).
-    assert!(scores.len() >= 40 && worst >= 35.0, "{scores:?}");
+    assert!(scores.len() >= 40 && summary(&scores).0 >= 35.0, "{scores:?}");
     // Voice beside the share.
     let (erin_sent, frank_opened) =
         (voice_media(&erin)["sent"].as_f64().unwrap(), voice_media(&frank)["opened"].as_f64().unwrap());
@@ -344,13 +346,8 @@ fn an_xvfb_screen_shared_matches_what_is_on_it() {
     // The screen as this test captures it, in the share's format.
     let mut capture = X11Capture::open(Some(&display.name), &Source::Monitor(None)).unwrap();
     let reference = from_ffmpeg(Scaler::new(1280, 720).scale_bgra(&capture.capture().unwrap()).unwrap());
-    let scores = recorded_psnr(&recording, std::slice::from_ref(&reference));
-    let (worst, median, best) = summary(&scores);
-    println!(
-        "{} frames of an Xvfb screen, Y-PSNR worst {worst:.1}, median {median:.1}, best {best:.1} dB",
-        scores.len()
-    );
-    assert!(scores.len() >= 30 && worst >= 35.0, "{scores:?}");
+    let scores = scored(&recording, std::slice::from_ref(&reference), "frames of an Xvfb screen");
+    assert!(scores.len() >= 30 && summary(&scores).0 >= 35.0, "{scores:?}");
 }
 
 /// A Wayland desktop's screen, shared through the ScreenCast portal and its PipeWire
@@ -398,13 +395,8 @@ fn a_wayland_screen_is_shared_through_the_portal_and_asked_for_once() {
     let (width, height) = (SIZE.0 as u32, SIZE.1 as u32);
     let picture = Bgra { width, height, stride: width as usize * 4, data };
     let reference = from_ffmpeg(Scaler::new(852, 480).scale_bgra(&picture).unwrap());
-    let scores = recorded_psnr(&recording, std::slice::from_ref(&reference));
-    let (worst, median, best) = summary(&scores);
-    println!(
-        "{} frames of the portal's stream, Y-PSNR worst {worst:.1}, median {median:.1}, best {best:.1} dB",
-        scores.len()
-    );
-    assert!(scores.len() >= 20 && worst >= 35.0, "{scores:?}");
+    let scores = scored(&recording, std::slice::from_ref(&reference), "frames of the portal's stream");
+    assert!(scores.len() >= 20 && summary(&scores).0 >= 35.0, "{scores:?}");
     let asked = desktop.asked_after_closing(1);
     assert_eq!((asked.dialogs, asked.restored, asked.closed), (1, 0, 1), "{asked:?}");
 

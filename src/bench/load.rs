@@ -101,24 +101,25 @@ impl Path {
     }
 }
 
-/// Takes the datagrams waiting on `socket` with one `recvmmsg` (would-block when none).
+/// Datagrams one `recvmmsg` of a load client takes at most.
+const RECV_BATCH: usize = 32;
+
+/// Takes the datagrams waiting on `socket` with one `recvmmsg` (would-block when none),
+/// with its headers on the stack: nothing is allocated per call.
 #[cfg(target_os = "linux")]
 fn recv_many(socket: &UdpSocket, batch: &mut [[u8; 2048]], lens: &mut Vec<usize>) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let n = batch.len().min(64);
-    let mut iovecs: Vec<libc::iovec> =
-        batch[..n].iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
-    // SAFETY: zeroed headers are valid; each points at one live iovec and buffer.
-    let mut headers: Vec<libc::mmsghdr> = iovecs
-        .iter_mut()
-        .map(|iovec| {
-            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            header.msg_hdr.msg_iov = iovec;
-            header.msg_hdr.msg_iovlen = 1;
-            header
-        })
-        .collect();
-    // SAFETY: as above; the kernel writes at most each iovec's length.
+    let n = batch.len().min(RECV_BATCH);
+    let mut iovecs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; RECV_BATCH];
+    // SAFETY: a zeroed header is valid (no name, no control data).
+    let mut headers: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
+    for ((buf, iovec), header) in batch.iter_mut().zip(&mut iovecs).zip(&mut headers).take(n) {
+        *iovec = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        header.msg_hdr.msg_iov = iovec;
+        header.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: the first `n` headers each point at one live iovec and its buffer; the
+    // kernel writes at most each iovec's length.
     let got = unsafe {
         libc::recvmmsg(socket.as_raw_fd(), headers.as_mut_ptr(), n as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
     };
@@ -232,8 +233,8 @@ impl Group {
             let receiver = member.clone();
             tasks.spawn(async move {
                 let mut measured = Measured::default();
-                let mut batch = vec![[0u8; 2048]; 32];
-                let mut lens = Vec::with_capacity(32);
+                let mut batch = vec![[0u8; 2048]; RECV_BATCH];
+                let mut lens = Vec::with_capacity(RECV_BATCH);
                 let stop = tokio::time::sleep_until((end + drain).into());
                 tokio::pin!(stop);
                 loop {

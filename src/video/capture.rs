@@ -161,7 +161,7 @@ impl Screen {
         match self {
             #[cfg(target_os = "linux")]
             Screen::Portal(c) => c.restore_token(),
-            #[allow(unreachable_patterns, reason = "only the portal grants")]
+            // Only the portal grants.
             _ => None,
         }
     }
