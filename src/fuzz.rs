@@ -19,6 +19,7 @@ use crate::crypto::sframe;
 use crate::e2ee::E2ee;
 use crate::protocol::bundle::{BundleUpload, PeerBundle};
 use crate::protocol::{ClientMsg, Fingerprint, MediaHeader, ServerLink, ServerMsg, decode_frame};
+use crate::relay::route::MediaPaths;
 use crate::relay::{ConnId, Input, Relay, RelayConfig, Source};
 use crate::session::{Chat, Session};
 
@@ -59,7 +60,7 @@ pub fn client_messages(data: &[u8]) {
     for conn in 0..3 {
         let _ = relay.handle_input(now, ConnId(conn), Input::Connected { source, started_lately: 1 });
     }
-    let mut to = Vec::new();
+    let mut paths = MediaPaths::default();
     for frame in frames(data) {
         let Some((&control, body)) = frame.split_first() else { continue };
         let conn = ConnId(u64::from(control % 3));
@@ -69,7 +70,7 @@ pub fn client_messages(data: &[u8]) {
                 Err(_) => continue,
             },
             1 => {
-                let _ = relay.route_datagram(now, conn, body, &mut to);
+                let _ = paths.route(&relay, now, conn, body);
                 continue;
             }
             2 => {

@@ -165,7 +165,8 @@ pub async fn connect_from(
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Setup(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(super::transport_config(super::CLIENT_DATAGRAM_BUFFER, super::CLIENT_INITIAL_RTT));
+    config
+        .transport_config(Arc::new(super::transport_config(super::CLIENT_DATAGRAM_BUFFER, super::CLIENT_INITIAL_RTT)));
     let wildcard = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
     let bind: SocketAddr = local.unwrap_or_else(|| wildcard.parse().expect("valid wildcard"));
     let endpoint =

@@ -9,7 +9,6 @@ pub mod server;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Bytes of datagrams quinn holds for one receiver at the server; media beyond it waits
@@ -29,7 +28,7 @@ pub const CLIENT_DATAGRAM_BUFFER: usize = 64 * 1024;
 ///
 /// Until the first round trip is measured, quinn takes it to be `initial_rtt`, and a lost
 /// handshake packet is sent again after three times that, doubling each time.
-pub fn transport_config(datagram_send_buffer: usize, initial_rtt: Duration) -> Arc<quinn::TransportConfig> {
+pub fn transport_config(datagram_send_buffer: usize, initial_rtt: Duration) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(1u8.into())
@@ -42,7 +41,7 @@ pub fn transport_config(datagram_send_buffer: usize, initial_rtt: Duration) -> A
         .datagram_send_buffer_size(datagram_send_buffer)
         .initial_mtu(1200)
         .mtu_discovery_config(None);
-    Arc::new(transport)
+    transport
 }
 
 /// The round trip a client assumes before it has measured one: 100 ms, as Chromium's QUIC

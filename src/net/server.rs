@@ -1,12 +1,14 @@
 //! `voipc serve`'s IO shell: a quinn endpoint that drives the sans-IO [`Relay`].
 //!
 //! One task per connection reads its control stream, one reads its datagrams, one
-//! writes its control frames; a timer task runs the relay's timeouts. The relay sits
-//! behind one mutex that is held only for a relay call and never across an await.
+//! writes its control frames; a timer task runs the relay's timeouts, and a flush task
+//! sends what waited on the receivers' legs (see [`Leg`]). The relay sits behind one
+//! mutex that is held only for a relay call and never across an await; the datagram
+//! tasks route with their own copies of their routes and take it only when those change.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,7 @@ use crate::protocol::{ClientMsg, ErrorCode, Fingerprint, FrameError, ServerMsg, 
 use crate::relay::handshakes::{Admission, HandshakeSlots};
 use crate::relay::leg::{LegDrops, LegQueue};
 use crate::relay::metrics::ShellCounts;
+use crate::relay::route::MediaPath;
 use crate::relay::{ConnId, Input, Output, Relay, Source, password};
 
 /// Control frames queued for one slow client before it is disconnected.
@@ -33,6 +36,12 @@ const CONTROL_QUEUE: usize = 1024;
 const LEG_MAX_AGE: Duration = Duration::from_millis(60);
 /// Bytes of media waiting for one receiver at most.
 const LEG_MAX_BYTES: usize = 64 * 1024;
+/// How long media for a receiver that was just sent some waits for more to share its
+/// QUIC packet (see [`LegQueue`]).
+const COALESCE: Duration = Duration::from_millis(2);
+
+/// Packets a client may receive from the server before it must acknowledge them.
+const ACK_EVERY: u32 = 10;
 
 /// How long a QUIC handshake may take: long enough for one through heavy loss (each lost
 /// flight doubles the wait), and a slot held that long is the first to go when a newcomer
@@ -67,6 +76,9 @@ struct Shared {
     timer: Notify,
     /// Connections still in the QUIC handshake.
     handshakes: Mutex<Handshakes>,
+    flushes: Flushes,
+    /// The relay's [`Relay::routes_version`] after its last call.
+    routes_version: AtomicU64,
 }
 
 /// The handshakes under way and their tasks, to abandon one when a newcomer needs its
@@ -92,53 +104,91 @@ struct ConnHandle {
     leg: Arc<Leg>,
 }
 
-/// Media on its way to one receiver: straight to quinn while the link keeps up, else
-/// through the per-sender queues of [`LegQueue`], which [`drain_leg`] empties as quinn
-/// takes more.
+/// Media on its way to one receiver: straight to quinn when the leg has been quiet for a
+/// coalescing window, else held in the per-sender queues of [`LegQueue`] until the next
+/// flush round ([`run_flushes`]), so that what gathers meanwhile shares a QUIC packet.
 struct Leg {
+    connection: quinn::Connection,
     queue: Mutex<LegQueue>,
-    waiting: Notify,
+    /// Whether the leg is in the flush list.
+    listed: AtomicBool,
 }
 
 impl Leg {
-    fn new() -> Leg {
-        Leg { queue: Mutex::new(LegQueue::new(LEG_MAX_AGE, LEG_MAX_BYTES)), waiting: Notify::new() }
+    fn new(connection: quinn::Connection) -> Leg {
+        Leg {
+            connection,
+            queue: Mutex::new(LegQueue::new(LEG_MAX_AGE, LEG_MAX_BYTES, COALESCE)),
+            listed: AtomicBool::new(false),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, LegQueue> {
         self.queue.lock().expect("leg lock is never poisoned: queue calls do not panic")
     }
 
-    fn forward(&self, connection: &quinn::Connection, from: ConnId, datagram: Bytes, counts: &ShellCounters) {
+    fn forward(self: &Arc<Self>, now: Instant, from: ConnId, datagram: Bytes, shared: &Shared) {
         let mut queue = self.lock();
-        if queue.is_empty() && connection.datagram_send_buffer_space() >= datagram.len() {
+        if queue.send_now(now) && self.connection.datagram_send_buffer_space() >= datagram.len() {
             drop(queue);
             // A receiver that is gone or cannot take this size simply misses it.
-            let _ = connection.send_datagram(datagram);
+            let _ = self.connection.send_datagram(datagram);
             return;
         }
-        queue.push(Instant::now(), from, datagram);
-        counts.add_media_drops(queue.take_drops());
+        queue.push(now, from, datagram);
+        shared.counts.add_media_drops(queue.take_drops());
         drop(queue);
-        self.waiting.notify_one();
+        shared.flushes.list(self);
+    }
+
+    /// Hands quinn what waits, as far as it has room; whether anything is left.
+    fn flush(&self, now: Instant, counts: &ShellCounters) -> bool {
+        let mut queue = self.lock();
+        let mut room = self.connection.datagram_send_buffer_space();
+        while let Some(datagram) = queue.pop(now, room) {
+            room -= datagram.len();
+            // Too large for this receiver, or the connection is gone: it misses this one.
+            let _ = self.connection.send_datagram(datagram);
+        }
+        counts.add_media_drops(queue.take_drops());
+        !queue.is_empty()
     }
 }
 
-/// Hands what waits on a leg to quinn, in the queue's order, as fast as quinn takes it.
-async fn drain_leg(leg: Arc<Leg>, connection: quinn::Connection, shared: Arc<Shared>) {
+/// Legs holding media for the next flush round.
+struct Flushes {
+    legs: Mutex<Vec<Arc<Leg>>>,
+    wake: Notify,
+}
+
+impl Flushes {
+    fn list(&self, leg: &Arc<Leg>) {
+        if !leg.listed.swap(true, Ordering::AcqRel) {
+            self.legs.lock().expect("flush list lock is never poisoned").push(leg.clone());
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Flushes the listed legs one coalescing window after the first was listed, and every
+/// window after while any holds media that quinn had no room for. Every leg is flushed
+/// in one pass, so each receiver's connection sends what gathered in one packet.
+async fn run_flushes(shared: Arc<Shared>) {
+    let mut legs = Vec::new();
     loop {
-        leg.waiting.notified().await;
+        shared.flushes.wake.notified().await;
         loop {
-            let next = {
-                let mut queue = leg.lock();
-                let next = queue.pop(Instant::now());
-                shared.counts.add_media_drops(queue.take_drops());
-                next
-            };
-            let Some(datagram) = next else { break };
-            // Too large for this receiver, or datagrams off: it misses this one.
-            if let Err(quinn::SendDatagramError::ConnectionLost(_)) = connection.send_datagram_wait(datagram).await {
-                return;
+            tokio::time::sleep(COALESCE).await;
+            std::mem::swap(&mut legs, &mut *shared.flushes.legs.lock().expect("flush list lock is never poisoned"));
+            let now = Instant::now();
+            for leg in legs.drain(..) {
+                leg.listed.store(false, Ordering::Release);
+                if leg.flush(now, &shared.counts) {
+                    shared.flushes.list(&leg);
+                }
+            }
+            if shared.flushes.legs.lock().expect("flush list lock is never poisoned").is_empty() {
+                break;
             }
         }
     }
@@ -159,7 +209,15 @@ impl Server {
         let tls = server_tls(identity)?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(super::transport_config(super::SERVER_DATAGRAM_BUFFER, super::SERVER_INITIAL_RTT));
+        let mut transport = super::transport_config(super::SERVER_DATAGRAM_BUFFER, super::SERVER_INITIAL_RTT);
+        // A listener acknowledges every second packet unless asked otherwise: in a busy
+        // channel as many packets come back as go out, each received, decrypted and
+        // processed here. Once per ACK_EVERY packets (or its 25 ms delay) is plenty for
+        // datagrams, which are never sent again.
+        let mut acks = quinn::AckFrequencyConfig::default();
+        acks.ack_eliciting_threshold(VarInt::from_u32(ACK_EVERY - 1));
+        transport.ack_frequency_config(Some(acks));
+        config.transport_config(Arc::new(transport));
         // A Retry token must outlive the slowest handshake it starts.
         config.retry_token_lifetime(HANDSHAKE_TIMEOUT);
         let (socket, buffer) = super::bind_udp(listen, super::SERVER_SOCKET_BUFFER)
@@ -194,6 +252,8 @@ impl Server {
                 ),
                 tasks: HashMap::new(),
             }),
+            flushes: Flushes { legs: Mutex::new(Vec::new()), wake: Notify::new() },
+            routes_version: AtomicU64::new(0),
         });
         Ok(Server { endpoint, shared, fingerprint, retry_above: limits.retry_above_pending_handshakes })
     }
@@ -248,6 +308,7 @@ impl Server {
     /// Serves until `shutdown` completes, then closes every connection.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let timer = tokio::spawn(run_timers(self.shared.clone()));
+        let flushes = tokio::spawn(run_flushes(self.shared.clone()));
         let accept = async {
             while let Some(incoming) = self.endpoint.accept().await {
                 // Under load, a source proves it receives at its address before it gets a
@@ -317,6 +378,7 @@ impl Server {
             () = shutdown => info!("shutting down"),
         }
         timer.abort();
+        flushes.abort();
         log_stats(&self.shared.lock().relay);
         self.endpoint.close(VarInt::from_u32(CLOSE_NORMAL), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -466,7 +528,7 @@ impl Shared {
     async fn serve_connection(self: Arc<Self>, connection: quinn::Connection, started_lately: u32) {
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let queued = Arc::new(AtomicUsize::new(0));
-        let leg = Arc::new(Leg::new());
+        let leg = Arc::new(Leg::new(connection.clone()));
         let id = {
             let mut state = self.lock();
             let id = ConnId(state.next_conn);
@@ -483,11 +545,9 @@ impl Shared {
             debug!("connected");
             if let Some((send, recv, rx)) = wait_for_control_stream(&connection, rx, &queued).await {
                 let datagrams = tokio::spawn(self.clone().forward_datagrams(id, connection.clone()));
-                let drain = tokio::spawn(drain_leg(leg, connection.clone(), self.clone()));
                 tokio::spawn(write_control(send, rx, connection.clone(), queued.clone()));
                 self.read_control(id, recv).await;
                 datagrams.abort();
-                drain.abort();
             }
             let mut state = self.lock();
             state.conns.remove(&id);
@@ -526,22 +586,23 @@ impl Shared {
         }
     }
 
+    /// Routes `id`'s datagrams with its own copy of its route, taking the relay's lock
+    /// only when the routes changed (see [`crate::relay::route`]).
     async fn forward_datagrams(self: Arc<Self>, id: ConnId, connection: quinn::Connection) {
-        let mut to = Vec::new();
-        let mut targets: Vec<(quinn::Connection, Arc<Leg>)> = Vec::new();
+        let mut path = MediaPath::new(&self.lock().relay, Instant::now());
         while let Ok(datagram) = connection.read_datagram().await {
-            {
-                let mut guard = self.lock();
-                let state = &mut *guard;
-                match state.relay.route_datagram(Instant::now(), id, &datagram, &mut to) {
-                    Ok(()) => targets.extend(
-                        to.iter().filter_map(|c| state.conns.get(c).map(|h| (h.connection.clone(), h.leg.clone()))),
-                    ),
-                    Err(reason) => debug!(%reason, "datagram dropped"),
-                }
+            let now = Instant::now();
+            if !path.is_current(self.routes_version.load(Ordering::Acquire)) {
+                let state = self.lock();
+                path.refresh(&state.relay, id, |c| state.conns.get(&c).map(|h| h.leg.clone()));
             }
-            for (target, leg) in targets.drain(..) {
-                leg.forward(&target, id, Bytes::clone(&datagram), &self.counts);
+            match path.route(now, &datagram) {
+                Ok(legs) => {
+                    for leg in legs {
+                        leg.forward(now, id, Bytes::clone(&datagram), &self);
+                    }
+                }
+                Err(reason) => debug!(%reason, "datagram dropped"),
             }
         }
     }
@@ -555,6 +616,8 @@ impl Shared {
         self.timer.notify_one();
     }
 
+    /// Carries out what the relay asks for, and tells the datagram paths whether its
+    /// routes changed.
     fn carry_out(self: &Arc<Self>, state: &mut State) {
         while let Some(output) = state.relay.poll_output() {
             match output {
@@ -590,6 +653,7 @@ impl Shared {
                 }
             }
         }
+        self.routes_version.store(state.relay.routes_version(), Ordering::Release);
     }
 
     /// Runs slow password work on the blocking pool, then feeds its answer back: at most

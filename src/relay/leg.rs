@@ -4,6 +4,13 @@
 //! what has waited longer than [`LegQueue::max_age`] is dropped unsent, and when the
 //! leg holds [`LegQueue::max_bytes`] the oldest datagram of the sender holding most goes
 //! first. Sans-IO: the shell pushes, pops and passes the time.
+//!
+//! The leg is also where frames for one receiver gather to share a QUIC packet: a
+//! datagram goes straight out only when the leg sent nothing within its coalescing window;
+//! otherwise it waits for the shell's next flush, with whatever else arrives by then.
+//! Sending a packet costs far more than adding a frame to one (a system call, a seal, and
+//! an acknowledgement back), so a listener in a busy channel costs a packet per window
+//! instead of one per speaker's frame.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -44,6 +51,9 @@ impl SenderQueue {
 pub struct LegQueue {
     max_age: Duration,
     max_bytes: usize,
+    coalesce: Duration,
+    /// When a datagram last left the leg.
+    last_sent: Option<Instant>,
     senders: HashMap<ConnId, SenderQueue>,
     /// Senders with something waiting, in the order of their turns.
     turns: VecDeque<ConnId>,
@@ -52,10 +62,14 @@ pub struct LegQueue {
 }
 
 impl LegQueue {
-    pub fn new(max_age: Duration, max_bytes: usize) -> Self {
+    /// A leg that drops what waited longer than `max_age`, holds at most `max_bytes`, and
+    /// sends at most one packet per `coalesce` while media keeps coming.
+    pub fn new(max_age: Duration, max_bytes: usize, coalesce: Duration) -> Self {
         Self {
             max_age,
             max_bytes,
+            coalesce,
+            last_sent: None,
             senders: HashMap::new(),
             turns: VecDeque::new(),
             bytes: 0,
@@ -65,6 +79,18 @@ impl LegQueue {
 
     pub fn is_empty(&self) -> bool {
         self.turns.is_empty()
+    }
+
+    /// Whether a datagram arriving `now` may go straight out: nothing waits, and nothing
+    /// left within the coalescing window. If so, it counts as sent. Otherwise the caller
+    /// [`push`](Self::push)es it and flushes the leg within the window.
+    pub fn send_now(&mut self, now: Instant) -> bool {
+        let quiet = self.last_sent.is_none_or(|at| now.saturating_duration_since(at) >= self.coalesce);
+        let now_ok = self.is_empty() && quiet;
+        if now_ok {
+            self.last_sent = Some(now);
+        }
+        now_ok
     }
 
     /// Bytes waiting, over all senders.
@@ -94,9 +120,9 @@ impl LegQueue {
         queue.waiting.push_back((now, datagram));
     }
 
-    /// The next datagram to send, from the sender whose turn it is; stale ones on the way
-    /// are dropped and counted.
-    pub fn pop(&mut self, now: Instant) -> Option<Bytes> {
+    /// The next datagram to send, from the sender whose turn it is, if it fits in `room`
+    /// bytes (else it keeps its place); stale ones on the way are dropped and counted.
+    pub fn pop(&mut self, now: Instant, room: usize) -> Option<Bytes> {
         loop {
             let sender = *self.turns.front()?;
             let queue = self.senders.get_mut(&sender).expect("a sender with a turn has a queue");
@@ -115,12 +141,16 @@ impl LegQueue {
                 self.turns.rotate_left(1);
                 continue;
             }
+            if next.len() > room {
+                return None;
+            }
             let datagram = queue.pop_front().expect("checked above");
             queue.deficit -= datagram.len();
             self.bytes -= datagram.len();
             if queue.waiting.is_empty() {
                 self.forget(sender);
             }
+            self.last_sent = Some(now);
             return Some(datagram);
         }
     }
@@ -154,6 +184,7 @@ mod tests {
 
     const FLOODER: ConnId = ConnId(1);
     const SPEAKER: ConnId = ConnId(2);
+    const WINDOW: Duration = Duration::from_millis(2);
 
     fn datagram(from: ConnId, len: usize) -> Bytes {
         Bytes::from(vec![from.0 as u8; len])
@@ -161,13 +192,13 @@ mod tests {
 
     /// Pops `n`, as a full link would let them out, and says whose each was.
     fn drain(leg: &mut LegQueue, now: Instant, n: usize) -> Vec<u8> {
-        (0..n).map_while(|_| leg.pop(now)).map(|d| d[0]).collect()
+        (0..n).map_while(|_| leg.pop(now, usize::MAX)).map(|d| d[0]).collect()
     }
 
     #[test]
     fn a_flood_gets_its_share_and_the_voice_beside_it_all_of_its_own() {
         let t0 = Instant::now();
-        let mut leg = LegQueue::new(Duration::from_millis(100), 64 * 1024);
+        let mut leg = LegQueue::new(Duration::from_millis(100), 64 * 1024, WINDOW);
         // Ten of the flooder's datagrams for each of the speaker's, queued first.
         for round in 0..20 {
             for _ in 0..10 {
@@ -187,7 +218,7 @@ mod tests {
     #[test]
     fn two_floods_share_the_link_by_bytes() {
         let t0 = Instant::now();
-        let mut leg = LegQueue::new(Duration::from_secs(1), 1 << 20);
+        let mut leg = LegQueue::new(Duration::from_secs(1), 1 << 20, WINDOW);
         for _ in 0..300 {
             leg.push(t0, FLOODER, datagram(FLOODER, 1200));
             leg.push(t0, SPEAKER, datagram(SPEAKER, 300));
@@ -205,7 +236,7 @@ mod tests {
     #[test]
     fn media_that_waited_too_long_is_dropped_and_counted() {
         let t0 = Instant::now();
-        let mut leg = LegQueue::new(Duration::from_millis(100), 64 * 1024);
+        let mut leg = LegQueue::new(Duration::from_millis(100), 64 * 1024, WINDOW);
         for _ in 0..5 {
             leg.push(t0, SPEAKER, datagram(SPEAKER, 160));
         }
@@ -221,7 +252,7 @@ mod tests {
     #[test]
     fn a_full_leg_drops_the_largest_senders_oldest_first() {
         let t0 = Instant::now();
-        let mut leg = LegQueue::new(Duration::from_secs(1), 1000);
+        let mut leg = LegQueue::new(Duration::from_secs(1), 1000, WINDOW);
         leg.push(t0, SPEAKER, datagram(SPEAKER, 100));
         // The flooder's datagrams are numbered from 100 on, in the order sent.
         for i in 100..109u8 {
@@ -241,5 +272,24 @@ mod tests {
         leg.push(t0, FLOODER, datagram(FLOODER, 1001));
         assert_eq!(leg.bytes(), 100);
         assert_eq!(leg.take_drops().overflow, 1);
+    }
+
+    #[test]
+    fn a_frame_after_a_quiet_window_goes_at_once_and_the_next_ones_wait_to_share_a_packet() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut leg = LegQueue::new(ms(60), 64 * 1024, WINDOW);
+        assert!(leg.send_now(t0), "the first frame of a quiet leg waits for nothing");
+        assert!(!leg.send_now(t0 + ms(1)), "one within the window waits");
+        leg.push(t0 + ms(1), SPEAKER, datagram(SPEAKER, 160));
+        assert!(!leg.send_now(t0 + ms(3)), "nor may another pass what waits");
+        leg.push(t0 + ms(3), FLOODER, datagram(FLOODER, 160));
+        // The flush sends both, as far as the link has room: one frame's worth first.
+        assert_eq!(leg.pop(t0 + ms(3), 200).map(|d| d[0]), Some(SPEAKER.0 as u8));
+        assert_eq!(leg.pop(t0 + ms(3), 100), None, "no room: the frame keeps its place");
+        assert_eq!(leg.pop(t0 + ms(3), 200).map(|d| d[0]), Some(FLOODER.0 as u8));
+        assert!(leg.is_empty());
+        assert!(!leg.send_now(t0 + ms(4)), "the flush counts as a send");
+        assert!(leg.send_now(t0 + ms(5)), "a window after it, the leg is quiet again");
     }
 }

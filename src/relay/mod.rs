@@ -1,9 +1,10 @@
 //! The server's brain, sans-IO: users, channels, invites, limits and fan-out decisions.
 //!
 //! The shell in `net/` feeds it what happened ([`Relay::handle_input`],
-//! [`Relay::route_datagram`], [`Relay::handle_timeout`]) with the time as an argument,
-//! and carries out what it asks for ([`Relay::poll_output`]). It never touches a socket
-//! or reads the clock, so every scenario here runs in tests on a virtual clock.
+//! [`Relay::handle_timeout`]) with the time as an argument, and carries out what it asks
+//! for ([`Relay::poll_output`]). Media takes its own way, outside the relay's lock: each
+//! sender's [`route::MediaPath`] routes with a copy of what it needs. Nothing here touches a
+//! socket or reads the clock, so every scenario here runs in tests on a virtual clock.
 
 pub mod handshakes;
 pub mod keys;
@@ -12,10 +13,13 @@ pub mod limits;
 pub mod metrics;
 pub mod password;
 pub mod presence;
+pub mod route;
 pub mod screen;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -24,8 +28,8 @@ use zeroize::Zeroizing;
 
 use crate::config::{Limits, ServerConfig};
 use crate::protocol::{
-    ChannelId, ChannelInfo, ClientMsg, ErrorCode, Fingerprint, JoinRequest, MediaHeader, MediaHeaderError,
-    PROTOCOL_VERSION, ServerMsg, SessionId, ShareInfo, StreamType, UserInfo, VoiceState, canonical_name, check_visible,
+    ChannelId, ChannelInfo, ClientMsg, ErrorCode, Fingerprint, JoinRequest, MediaHeaderError, PROTOCOL_VERSION,
+    ServerMsg, SessionId, ShareInfo, UserInfo, VoiceState, canonical_name, check_visible,
 };
 use keys::{BundleError, StoredBundle};
 use limits::TokenBucket;
@@ -248,11 +252,6 @@ struct Conn {
     strikes: TokenBucket,
     fetches: TokenBucket,
     source: Source,
-    media_packets: TokenBucket,
-    media_bytes: TokenBucket,
-    /// Voice and probe datagrams, within the media caps.
-    voice_packets: TokenBucket,
-    voice_bytes: TokenBucket,
     /// A slow password operation the shell is doing for this connection.
     pending: Option<Pending>,
 }
@@ -332,6 +331,11 @@ pub struct Relay {
     outputs: VecDeque<Output>,
     rng: StdRng,
     stats: RelayStats,
+    /// Added to by the datagram paths, outside the relay's lock.
+    media_counts: Arc<route::MediaCounts>,
+    /// Counts changes to channel membership and to who is introduced (see
+    /// [`Relay::routes_version`]).
+    members_version: u64,
     /// Who took one-time keys of which identity (the SHA-256 of its key), and when:
     /// outlives connections, so reconnecting does not renew a requester's budget.
     key_fetches: HashMap<(Requester, [u8; 32]), Instant>,
@@ -370,6 +374,8 @@ impl Relay {
             outputs: VecDeque::new(),
             rng: StdRng::from_seed(seed),
             stats: RelayStats::default(),
+            media_counts: Arc::default(),
+            members_version: 0,
             key_fetches: HashMap::new(),
             password_backoff: HashMap::new(),
             creations: HashMap::new(),
@@ -395,8 +401,16 @@ impl Relay {
         self.config.server_id = server;
     }
 
-    pub fn stats(&self) -> &RelayStats {
-        &self.stats
+    pub fn stats(&self) -> RelayStats {
+        let counts = &self.media_counts;
+        RelayStats {
+            datagrams_in: counts.datagrams_in.load(Ordering::Relaxed),
+            datagrams_forwarded: counts.datagrams_forwarded.load(Ordering::Relaxed),
+            bytes_forwarded: counts.bytes_forwarded.load(Ordering::Relaxed),
+            dropped_rate_limited: counts.dropped_rate_limited.load(Ordering::Relaxed),
+            dropped_invalid: counts.dropped_invalid.load(Ordering::Relaxed),
+            ..self.stats.clone()
+        }
     }
 
     /// Channels that exist now, permanent and temporary.
@@ -526,75 +540,23 @@ impl Relay {
         Ok(())
     }
 
-    /// Decides where a media datagram goes: on success `to` holds every other member of
-    /// the sender's channel, or for a screen (or desktop audio) datagram those of them
-    /// watching the sender.
-    /// Only the header is read; the payload is never looked at.
-    pub fn route_datagram(
-        &mut self,
-        now: Instant,
-        from: ConnId,
-        datagram: &[u8],
-        to: &mut Vec<ConnId>,
-    ) -> Result<(), DropReason> {
-        to.clear();
-        self.stats.datagrams_in += 1;
-        let result = self.check_datagram(now, from, datagram);
-        match result {
-            // Viewers are in the sharer's channel: a watch ends when either leaves it.
-            Ok((_, StreamType::Screen | StreamType::ScreenAudio)) => match self.screens.viewers(from) {
-                Some(viewers) => to.extend_from_slice(viewers),
-                None => {
-                    self.stats.dropped_invalid += 1;
-                    return Err(DropReason::NotSharing);
-                }
-            },
-            Ok((channel, StreamType::Voice | StreamType::Probe)) => {
-                // Channels with members are never removed, so the lookup cannot miss.
-                let members = self.channels.get(&channel).map_or(&[][..], |c| &c.members[..]);
-                to.extend(members.iter().copied().filter(|m| *m != from));
-            }
-            Err(DropReason::RateLimited) => {
-                self.stats.dropped_rate_limited += 1;
-                return Err(DropReason::RateLimited);
-            }
-            Err(reason) => {
-                self.stats.dropped_invalid += 1;
-                return Err(reason);
-            }
-        }
-        self.stats.datagrams_forwarded += to.len() as u64;
-        self.stats.bytes_forwarded += (to.len() * datagram.len()) as u64;
-        Ok(())
+    /// What `conn`'s datagram path needs to route its media (see [`route`]); `None`
+    /// until it is introduced.
+    pub fn media_route(&self, conn: ConnId) -> Option<route::MediaRoute> {
+        let user = self.conns.get(&conn)?.user.as_ref()?;
+        let members = user.channel.and_then(|id| self.channels.get(&id)).map_or(&[][..], |c| &c.members[..]);
+        Some(route::MediaRoute {
+            session: user.session,
+            channel: user.channel,
+            listeners: members.iter().copied().filter(|m| *m != conn).collect(),
+            viewers: self.screens.viewers(conn).map(<[ConnId]>::to_vec),
+        })
     }
 
-    fn check_datagram(
-        &mut self,
-        now: Instant,
-        from: ConnId,
-        datagram: &[u8],
-    ) -> Result<(ChannelId, StreamType), DropReason> {
-        let conn = self.conns.get_mut(&from).ok_or(DropReason::NotIntroduced)?;
-        let user = conn.user.as_ref().ok_or(DropReason::NotIntroduced)?;
-        let (header, _) = MediaHeader::parse(datagram)?;
-        if header.sender != user.session {
-            return Err(DropReason::WrongSender);
-        }
-        if user.channel != Some(header.channel) {
-            return Err(DropReason::NotInChannel);
-        }
-        let bytes = u32::try_from(datagram.len()).unwrap_or(u32::MAX);
-        let voice_ok = match header.stream {
-            StreamType::Voice | StreamType::Probe => {
-                conn.voice_packets.try_take(now, 1) && conn.voice_bytes.try_take(now, bytes)
-            }
-            // Whether it shares is looked at once, with its viewers (`route_datagram`).
-            StreamType::Screen | StreamType::ScreenAudio => true,
-        };
-        if !voice_ok || !conn.media_packets.try_take(now, 1) || !conn.media_bytes.try_take(now, bytes) {
-            return Err(DropReason::RateLimited);
-        }
-        Ok((header.channel, header.stream))
+    /// Changes with every change to what [`Relay::media_route`] answers for anyone: a
+    /// datagram path with a copy taken at another version refreshes it.
+    pub fn routes_version(&self) -> u64 {
+        self.members_version.wrapping_add(self.screens.version())
     }
 
     fn connect(&mut self, now: Instant, conn: ConnId, source: Source, started_lately: u32) {
@@ -634,7 +596,6 @@ impl Relay {
             }
         }
         let limits = &self.config.limits;
-        let media_burst = limits.media_packets_per_sec / 2;
         self.conns.insert(
             conn,
             Conn {
@@ -647,11 +608,6 @@ impl Relay {
                 strikes: TokenBucket::new(now, OVER_RATE_PER_SEC, OVER_RATE_BURST),
                 fetches: TokenBucket::new(now, limits.bundle_fetches_per_sec, limits.bundle_fetch_burst),
                 source,
-                media_packets: TokenBucket::new(now, limits.media_packets_per_sec, media_burst),
-                media_bytes: TokenBucket::new(now, limits.media_bytes_per_sec, limits.media_bytes_per_sec / 2),
-                // A quarter of a second's worth at once: a talker catching up after a stall.
-                voice_packets: TokenBucket::new(now, limits.voice_packets_per_sec, limits.voice_packets_per_sec / 4),
-                voice_bytes: TokenBucket::new(now, limits.voice_bytes_per_sec, limits.voice_bytes_per_sec / 4),
                 pending: None,
             },
         );
@@ -712,6 +668,7 @@ impl Relay {
             challenge,
         });
         self.sessions.insert(session, conn);
+        self.members_version += 1;
         self.changes.mark(now, session);
 
         self.send(conn, ServerMsg::Welcome { session, name, server_version: PROTOCOL_VERSION, challenge });
@@ -1317,6 +1274,7 @@ impl Relay {
         let user = self.conns.get_mut(&conn).and_then(|c| c.user.as_mut()).expect("placed users are known");
         let from = std::mem::replace(&mut user.channel, to);
         let session = user.session;
+        self.members_version += 1;
         if from != to {
             self.leave_screens(conn);
         }
@@ -1337,6 +1295,7 @@ impl Relay {
         let Some(state) = self.conns.remove(&conn) else { return };
         let Some(user) = state.user else { return };
         self.users -= 1;
+        self.members_version += 1;
         self.sessions.remove(&user.session);
         self.leave_screens(conn);
         if let Some(channel) = user.channel.and_then(|id| self.channels.get_mut(&id)) {

@@ -49,9 +49,16 @@ pub struct Screens {
     shares: HashMap<ConnId, Share>,
     /// Per viewer, the sharers it watches.
     watching: HashMap<ConnId, Vec<ConnId>>,
+    /// Counts changes to who shares and who watches.
+    version: u64,
 }
 
 impl Screens {
+    /// Changes whenever [`Screens::viewers`] may answer differently.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     pub fn info(&self, sharer: ConnId) -> Option<ShareInfo> {
         self.shares.get(&sharer).map(|s| s.info)
     }
@@ -69,6 +76,7 @@ impl Screens {
                     last_report: HashMap::new(),
                 };
                 self.shares.insert(sharer, share);
+                self.version += 1;
                 true
             }
         }
@@ -77,6 +85,7 @@ impl Screens {
     /// Ends `conn`'s share, if any, and every watch of it; returns whether it was sharing.
     pub fn stop(&mut self, sharer: ConnId) -> bool {
         let Some(share) = self.shares.remove(&sharer) else { return false };
+        self.version += 1;
         for viewer in share.viewers {
             if let Some(list) = self.watching.get_mut(&viewer) {
                 list.retain(|s| *s != sharer);
@@ -93,6 +102,7 @@ impl Screens {
     pub fn forget(&mut self, conn: ConnId) -> (bool, Vec<ConnId>) {
         let was_sharing = self.stop(conn);
         let watched = self.watching.remove(&conn).unwrap_or_default();
+        self.version += 1;
         for sharer in &watched {
             if let Some(share) = self.shares.get_mut(sharer) {
                 share.viewers.retain(|v| *v != conn);
@@ -115,6 +125,7 @@ impl Screens {
         }
         list.push(sharer);
         share.viewers.push(viewer);
+        self.version += 1;
         Ok(true)
     }
 
@@ -131,6 +142,7 @@ impl Screens {
             share.viewers.retain(|v| *v != viewer);
             share.last_report.remove(&viewer);
         }
+        self.version += 1;
         was
     }
 

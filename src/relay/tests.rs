@@ -1,6 +1,7 @@
 //! Relay scenarios on a virtual clock.
 #![allow(clippy::disallowed_methods, reason = "the virtual clock starts at an arbitrary real instant")]
 
+use super::route::MediaPaths;
 use super::*;
 use crate::config::ChannelConfig;
 use crate::protocol::{MediaHeader, ScreenReport, StreamType};
@@ -18,6 +19,8 @@ struct Sim {
     sessions: HashMap<ConnId, SessionId>,
     /// When set, password work waits here instead of being answered at once.
     held: Option<Vec<Output>>,
+    /// Each connection's datagram path, as the shell keeps them.
+    paths: MediaPaths,
 }
 
 fn config(channels: Vec<ChannelConfig>, limits: Limits) -> RelayConfig {
@@ -47,6 +50,7 @@ impl Sim {
             closed: HashMap::new(),
             sessions: HashMap::new(),
             held: None,
+            paths: MediaPaths::default(),
         }
     }
 
@@ -81,6 +85,9 @@ impl Sim {
     }
 
     fn input(&mut self, conn: ConnId, input: Input) {
+        if matches!(input, Input::Connected { .. }) {
+            self.paths.connected(&self.relay, self.now, conn);
+        }
         self.relay.handle_input(self.now, conn, input).unwrap();
         self.pump();
     }
@@ -158,8 +165,7 @@ impl Sim {
     }
 
     fn route(&mut self, conn: ConnId, datagram: &[u8]) -> Result<Vec<ConnId>, DropReason> {
-        let mut to = Vec::new();
-        self.relay.route_datagram(self.now, conn, datagram, &mut to).map(|()| {
+        self.paths.route(&self.relay, self.now, conn, datagram).map(|mut to| {
             to.sort();
             to
         })
@@ -936,6 +942,8 @@ fn random_traffic_keeps_the_relay_consistent() {
     // Password work the "shell" has not answered yet.
     let mut pending: Vec<(ConnId, Input)> = Vec::new();
     let mut tokens: Vec<String> = Vec::new();
+    let mut paths = MediaPaths::default();
+    let mut routes_checked = 0;
     for _ in 0..20_000 {
         let conn = ConnId(rng.random_range(1..=6));
         // Drawn from the seeded generator, so that a failure replays exactly.
@@ -968,7 +976,8 @@ fn random_traffic_keeps_the_relay_consistent() {
             }
             10 => {
                 let datagram: Vec<u8> = (0..rng.random_range(0..40)).map(|_| rng.random()).collect();
-                let _ = relay.route_datagram(now, conn, &datagram, &mut Vec::new());
+                let _ = paths.route(&relay, now, conn, &datagram);
+                routes_checked += check_routes(&relay, &mut paths, now);
                 continue;
             }
             11 => {
@@ -980,7 +989,8 @@ fn random_traffic_keeps_the_relay_consistent() {
                     sequence: 0,
                     timestamp: 0,
                 };
-                let _ = relay.route_datagram(now, conn, &header.to_datagram(b"x"), &mut Vec::new());
+                let _ = paths.route(&relay, now, conn, &header.to_datagram(b"x"));
+                routes_checked += check_routes(&relay, &mut paths, now);
                 continue;
             }
             _ => {
@@ -989,6 +999,9 @@ fn random_traffic_keeps_the_relay_consistent() {
                 continue;
             }
         };
+        if matches!(input, Input::Connected { .. }) && !relay.conns.contains_key(&conn) {
+            paths.connected(&relay, now, conn);
+        }
         match relay.handle_input(now, conn, input) {
             Ok(()) | Err(RelayError::UnknownConnection(_)) | Err(RelayError::DuplicateConnection(_)) => {}
         }
@@ -1005,7 +1018,29 @@ fn random_traffic_keeps_the_relay_consistent() {
             }
         }
         check_books(&relay);
+        routes_checked += check_routes(&relay, &mut paths, now);
     }
+    assert!(routes_checked > 1000, "only {routes_checked} routes were checked");
+}
+
+/// Every user's datagram path routes its voice to exactly the other members of its
+/// channel, as the relay's books have them now: no copy of a route outlives a change.
+/// Returns how many users it checked.
+fn check_routes(relay: &Relay, paths: &mut MediaPaths, now: Instant) -> usize {
+    let mut checked = 0;
+    for (conn, state) in &relay.conns {
+        let Some(user) = &state.user else { continue };
+        let mut expected: Vec<ConnId> = user
+            .channel
+            .map(|channel| relay.channels[&channel].members.iter().copied().filter(|m| m != conn).collect())
+            .unwrap_or_default();
+        expected.sort();
+        let mut to = paths.listeners(relay, now, *conn).expect("an introduced user has a route");
+        to.sort();
+        assert_eq!(to, expected, "{conn:?} routes to its channel's other members");
+        checked += 1;
+    }
+    checked
 }
 
 /// Every member of a channel is a user who is in that channel, and the reverse; the
