@@ -10,6 +10,7 @@ use voipc::config::ServerConfig;
 use voipc::protocol::{
     ChannelId, ClientMsg, JoinRequest, MediaHeader, PROTOCOL_VERSION, SessionId, StreamType, decode_frame, encode_frame,
 };
+use voipc::relay::route::MediaPath;
 use voipc::relay::{ConnId, Input, Relay, RelayConfig, Source};
 
 /// A relay with `members` users in the Lobby; returns it and the first user's id.
@@ -17,6 +18,8 @@ fn relay_with(members: u64, now: Instant) -> (Relay, ConnId) {
     let mut config = ServerConfig { max_users: members as u32, ..ServerConfig::default() };
     config.limits.media_packets_per_sec = u32::MAX / 2;
     config.limits.media_bytes_per_sec = u32::MAX / 2;
+    config.limits.voice_packets_per_sec = u32::MAX / 2;
+    config.limits.voice_bytes_per_sec = u32::MAX / 2;
     let mut relay = Relay::new(RelayConfig::from_server_config(&mut config), [1; 32]);
     for i in 1..=members {
         // Each member from an address of its own, as on a real server.
@@ -33,7 +36,7 @@ fn route(c: &mut Criterion) {
     let now = Instant::now();
     let mut group = c.benchmark_group("route_datagram");
     for members in [2u64, 10, 50] {
-        let (mut relay, sender) = relay_with(members, now);
+        let (relay, sender) = relay_with(members, now);
         let datagram = MediaHeader {
             stream: StreamType::Voice,
             flags: 0,
@@ -43,13 +46,13 @@ fn route(c: &mut Criterion) {
             timestamp: 960,
         }
         .to_datagram(&[0u8; 140]);
-        let mut to = Vec::with_capacity(members as usize);
+        // The datagram path as the server runs it: a copy of the route, no lock.
+        let mut path = MediaPath::<ConnId>::new(&relay, now);
+        path.refresh(&relay, sender, Some);
         group.bench_function(format!("relay/{members}_members"), |b| {
-            b.iter(|| {
-                relay.route_datagram(now, sender, black_box(&datagram), &mut to).unwrap();
-                black_box(to.len())
-            })
+            b.iter(|| black_box(path.route(now, black_box(&datagram)).unwrap().len()))
         });
+        let mut to = Vec::with_capacity(members as usize);
         // Baseline: the least a fan-out must do, listing the other members.
         let members_list: Vec<ConnId> = (1..=members).map(ConnId).collect();
         group.bench_function(format!("baseline_list_copy/{members}_members"), |b| {

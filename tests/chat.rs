@@ -9,6 +9,7 @@ use rand::rngs::StdRng;
 use voipc::config::{ChannelConfig, ServerConfig};
 use voipc::e2ee::E2ee;
 use voipc::protocol::{ChannelId, ClientMsg, ServerMsg, SessionId, encode_frame};
+use voipc::relay::route::MediaPaths;
 use voipc::relay::{ConnId, Input, Output, PRESENCE_DELAY, Relay, RelayConfig, Source};
 use voipc::session::history::History;
 use voipc::session::{Chat, Event, REKEY_INTERVAL, Session};
@@ -19,6 +20,8 @@ const SERVER_ID: &str = "5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5
 
 pub(crate) struct Net {
     pub(crate) relay: Relay,
+    /// Each connection's datagram path, as the server keeps them.
+    pub(crate) paths: MediaPaths,
     pub(crate) clients: BTreeMap<&'static str, (ConnId, Session)>,
     events: BTreeMap<&'static str, Vec<Event>>,
     /// Every frame the relay received or sent, as encoded on the wire.
@@ -47,6 +50,7 @@ impl Net {
         let config = RelayConfig::from_server_config(&mut server);
         Net {
             relay: Relay::new(config, [5; 32]),
+            paths: MediaPaths::default(),
             clients: BTreeMap::new(),
             events: BTreeMap::new(),
             wire: Vec::new(),
@@ -180,10 +184,7 @@ impl Net {
     /// returns who it reached.
     pub(crate) fn datagram(&mut self, from: &str, datagram: &[u8]) -> Vec<&'static str> {
         let conn = self.clients[from].0;
-        let mut to = Vec::new();
-        if self.relay.route_datagram(self.now, conn, datagram, &mut to).is_err() {
-            return Vec::new();
-        }
+        let Ok(to) = self.paths.route(&self.relay, self.now, conn, datagram) else { return Vec::new() };
         let mut reached = Vec::new();
         for (name, (c, session)) in &mut self.clients {
             if to.contains(c) {

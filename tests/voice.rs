@@ -136,8 +136,7 @@ fn speech_holds_up_on_a_bad_network() {
 /// Delivers every datagram the relay forwards, returning what each member opened.
 fn forward(net: &mut Net, from: &str, datagram: &[u8]) -> Vec<(&'static str, usize)> {
     let conn = net.clients[from].0;
-    let mut to = Vec::new();
-    net.relay.route_datagram(net.now, conn, datagram, &mut to).unwrap();
+    let to = net.paths.route(&net.relay, net.now, conn, datagram).unwrap();
     let mut opened = Vec::new();
     for (name, (conn, session)) in &mut net.clients {
         if to.contains(conn) {
