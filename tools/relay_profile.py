@@ -26,6 +26,8 @@ import time
 
 
 def classify(symbol: str, dso: str, stack: list[str]) -> str:
+    """The category of a sample spent in `symbol`; the standard library's generic code
+    (collections, Arc, Bytes) counts for the first caller that has a category."""
     if dso.startswith("[kernel"):
         joined = " ".join(stack)
         if "sendmsg" in joined or "sendmmsg" in joined:
@@ -43,6 +45,10 @@ def classify(symbol: str, dso: str, stack: list[str]) -> str:
         return "ours"
     if "libc" in dso or "malloc" in symbol or "memmove" in symbol or "memcpy" in symbol:
         return "libc/alloc"
+    for caller in stack[1:]:
+        found = classify(caller, "", [])
+        if found != "other":
+            return found
     return "other"
 
 
@@ -79,6 +85,7 @@ def main() -> None:
     out, _ = bench.communicate()
     print(out, end="")
     shares = collections.Counter()
+    unclassified = collections.Counter()
     total = 0
     # One sample per blank-line-separated block: the first line is where the time was
     # spent, the rest its callers.
@@ -88,11 +95,16 @@ def main() -> None:
             continue
         symbols = [f.rsplit(" (", 1)[0] for f in frames]
         dso = frames[0].rsplit(" (", 1)[1].rstrip(")") if " (" in frames[0] else ""
-        shares[classify(symbols[0], dso, symbols)] += 1
+        category = classify(symbols[0], dso, symbols)
+        shares[category] += 1
+        if category == "other":
+            unclassified[f"{symbols[0]} ({dso})"] += 1
         total += 1
     print(f"\nserver profile, {total} samples at 999 Hz (self time):")
     for name, count in shares.most_common():
         print(f"  {name:<14} {100 * count / total:5.1f} %")
+    if unclassified:
+        print("most of other:", "; ".join(f"{s} {100 * n / total:.1f} %" for s, n in unclassified.most_common(4)))
 
 
 if __name__ == "__main__":

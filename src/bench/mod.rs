@@ -27,6 +27,7 @@ use tokio::process::{Child, Command};
 
 use crate::audio::quality::compare;
 use crate::audio::wav::read_voice;
+use crate::config::Limits;
 use crate::crypto::vault::{KdfParams, Vault};
 use crate::protocol::{Fingerprint, ServerLink};
 use load::{DATAGRAM_LEN, Group, Measured, PACKET_INTERVAL, percentile_ms};
@@ -197,9 +198,13 @@ struct RelayArgs {
     /// Channels the shape's clients are spread over.
     #[arg(long, default_value_t = 1, requires = "clients")]
     channels: usize,
-    /// `voipc serve --threads` for the server the shape run starts.
-    #[arg(long, default_value_t = 1, requires = "clients")]
+    /// `voipc serve --threads` for the server the bench starts.
+    #[arg(long, default_value_t = 1, conflicts_with = "target")]
     server_threads: usize,
+    /// `limits.media_coalesce_ms` for the server the bench starts (how long a receiver's
+    /// media may wait to share a packet; 0: never). Default: the server's.
+    #[arg(long, value_name = "MS", conflicts_with = "target")]
+    coalesce_ms: Option<u32>,
     /// CPUs for the relays the shape run starts (a `taskset` list, e.g. 0): put the
     /// bench itself elsewhere (`taskset -c 1 voipc bench relay ...`).
     #[arg(long, value_name = "LIST", requires = "clients")]
@@ -219,6 +224,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     channels: args.channels.clamp(1, clients.max(1)),
                     window: Duration::from_secs_f64(args.secs.clamp(0.5, 600.0)),
                     server_threads: args.server_threads.clamp(1, 64),
+                    coalesce_ms: args.coalesce_ms.unwrap_or(Limits::default().media_coalesce_ms),
                     server_cpus: args.server_cpus,
                     peer: args.compare_with,
                 };
@@ -328,13 +334,13 @@ struct Report {
 /// The bench's own server: the defaults, but room for `clients` load clients (and as
 /// many channels) on one address (every load client comes from 127.0.0.1: the per-source
 /// limits that a public server keeps for people are lifted, and only those).
-fn bench_server_config(clients: usize) -> String {
+fn bench_server_config(clients: usize, coalesce_ms: u32) -> String {
     let handshakes = 2 * clients;
     format!(
         "max_users = {clients}\n\n[limits]\nmax_connections_per_source = {clients}\n\
          max_pending_per_source = {clients}\nmax_pending_connections = {clients}\n\
          handshakes_per_source_per_minute = {handshakes}\nmax_channels = {clients}\n\
-         channel_creations_per_minute = {clients}\n"
+         channel_creations_per_minute = {clients}\nmedia_coalesce_ms = {coalesce_ms}\n"
     )
 }
 
@@ -349,9 +355,21 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         }
         _ => {
             let config = std::env::temp_dir().join(format!("voipc-bench-{}.toml", std::process::id()));
-            std::fs::write(&config, bench_server_config(1000)).context("writing the bench server's config")?;
-            let config_arg = config.to_string_lossy().into_owned();
-            let args = ["serve", "--config", &config_arg, "--listen", "127.0.0.1:0", "--ephemeral-cert", "--json"];
+            let coalesce = args.coalesce_ms.unwrap_or(Limits::default().media_coalesce_ms);
+            std::fs::write(&config, bench_server_config(1000, coalesce))
+                .context("writing the bench server's config")?;
+            let (config_arg, threads) = (config.to_string_lossy().into_owned(), args.server_threads.to_string());
+            let args = [
+                "serve",
+                "--config",
+                &config_arg,
+                "--listen",
+                "127.0.0.1:0",
+                "--ephemeral-cert",
+                "--json",
+                "--threads",
+                &threads,
+            ];
             let spawned = spawn_self(&args, None).await;
             let _ = std::fs::remove_file(&config);
             let (child, line) = spawned?;

@@ -26,6 +26,8 @@ pub struct Shape {
     pub window: Duration,
     /// `voipc serve --threads`.
     pub server_threads: usize,
+    /// The server's `limits.media_coalesce_ms`.
+    pub coalesce_ms: u32,
     /// CPUs (a `taskset` list) for the relays; the bench itself stays where it was put.
     pub server_cpus: Option<String>,
     /// murmur-load's JSON line, to set beside ours.
@@ -100,6 +102,7 @@ pub struct Report {
     pub secs: f64,
     pub datagram_bytes: usize,
     pub server_threads: usize,
+    pub coalesce_ms: u32,
     pub voipc: Line,
     pub udp_batched: Line,
     pub udp_naive: Line,
@@ -117,7 +120,7 @@ pub async fn run(shape: Shape, json: bool) -> anyhow::Result<()> {
     let peer = shape.peer.as_deref().map(read_peer).transpose()?;
     let voipc = {
         let config = std::env::temp_dir().join(format!("voipc-shape-{}.toml", std::process::id()));
-        std::fs::write(&config, bench_server_config(shape.clients + 10))
+        std::fs::write(&config, bench_server_config(shape.clients + 10, shape.coalesce_ms))
             .context("writing the bench server's config")?;
         let (config_arg, threads) = (config.to_string_lossy().into_owned(), shape.server_threads.to_string());
         let args = [
@@ -168,6 +171,7 @@ pub async fn run(shape: Shape, json: bool) -> anyhow::Result<()> {
         secs: shape.window.as_secs_f64(),
         datagram_bytes: DATAGRAM_LEN,
         server_threads: shape.server_threads,
+        coalesce_ms: shape.coalesce_ms,
         ratio_to_batched: voipc.forwarded_per_sec / udp_batched.forwarded_per_sec.max(1.0),
         voipc,
         udp_batched,
@@ -222,8 +226,15 @@ fn read_peer(path: &std::path::Path) -> anyhow::Result<PeerLine> {
 
 fn print(report: &Report) {
     println!(
-        "relay shape: {} clients in {} channel(s), {} speaking, {} B datagrams at 50/s, {:.1} s; voipc serve --threads {}",
-        report.clients, report.channels, report.speakers, report.datagram_bytes, report.secs, report.server_threads
+        "relay shape: {} clients in {} channel(s), {} speaking, {} B datagrams at 50/s, {:.1} s; \
+         voipc serve --threads {}, media_coalesce_ms {}",
+        report.clients,
+        report.channels,
+        report.speakers,
+        report.datagram_bytes,
+        report.secs,
+        report.server_threads,
+        report.coalesce_ms
     );
     println!(
         "{:<28} {:>12} {:>8} {:>10} {:>8} {:>8} {:>12}",
@@ -268,7 +279,7 @@ mod tests {
 
     fn shape(clients: usize, speakers: usize, channels: usize) -> Shape {
         let window = Duration::from_secs(1);
-        Shape { clients, speakers, channels, window, server_threads: 1, server_cpus: None, peer: None }
+        Shape { clients, speakers, channels, window, server_threads: 1, coalesce_ms: 2, server_cpus: None, peer: None }
     }
 
     #[test]

@@ -27,15 +27,22 @@ struct Channels {
 }
 
 impl Channels {
-    /// Takes a registration (adding `from` to its channel once); whether it was one.
+    /// Takes a registration (adding `from` to its channel once, and out of any other: a
+    /// later level's socket may get the port of an earlier one); whether it was one.
     fn register(&mut self, datagram: &[u8], from: SocketAddr) -> bool {
         let Some(rest) = datagram.strip_prefix(REGISTER) else { return false };
         let channel = match rest {
             [a, b] => u16::from_be_bytes([*a, *b]),
             _ => 0,
         };
-        if self.channel_of.insert(from, channel).is_none() {
-            self.members.entry(channel).or_default().push(from);
+        match self.channel_of.insert(from, channel) {
+            Some(old) if old == channel => {}
+            old => {
+                if let Some(members) = old.and_then(|old| self.members.get_mut(&old)) {
+                    members.retain(|m| *m != from);
+                }
+                self.members.entry(channel).or_default().push(from);
+            }
         }
         true
     }
@@ -186,5 +193,9 @@ mod tests {
         assert_eq!(channels.others(addr(1)).collect::<Vec<_>>(), [&addr(2)]);
         assert_eq!(channels.others(addr(3)).count(), 0);
         assert_eq!(channels.others(addr(9)).count(), 0, "a stranger reaches nobody");
+        // A new socket on an old one's port, in another channel, moves.
+        assert!(channels.register(&[REGISTER, &[0, 7]].concat(), addr(2)));
+        assert_eq!(channels.others(addr(1)).count(), 0);
+        assert_eq!(channels.others(addr(3)).collect::<Vec<_>>(), [&addr(2)]);
     }
 }

@@ -36,9 +36,6 @@ const CONTROL_QUEUE: usize = 1024;
 const LEG_MAX_AGE: Duration = Duration::from_millis(60);
 /// Bytes of media waiting for one receiver at most.
 const LEG_MAX_BYTES: usize = 64 * 1024;
-/// How long media for a receiver that was just sent some waits for more to share its
-/// QUIC packet (see [`LegQueue`]).
-const COALESCE: Duration = Duration::from_millis(2);
 
 /// Packets a client may receive from the server before it must acknowledge them.
 const ACK_EVERY: u32 = 10;
@@ -79,6 +76,8 @@ struct Shared {
     flushes: Flushes,
     /// The relay's [`Relay::routes_version`] after its last call.
     routes_version: AtomicU64,
+    /// `Limits::media_coalesce_ms`.
+    coalesce: Duration,
 }
 
 /// The handshakes under way and their tasks, to abandon one when a newcomer needs its
@@ -115,10 +114,10 @@ struct Leg {
 }
 
 impl Leg {
-    fn new(connection: quinn::Connection) -> Leg {
+    fn new(connection: quinn::Connection, coalesce: Duration) -> Leg {
         Leg {
             connection,
-            queue: Mutex::new(LegQueue::new(LEG_MAX_AGE, LEG_MAX_BYTES, COALESCE)),
+            queue: Mutex::new(LegQueue::new(LEG_MAX_AGE, LEG_MAX_BYTES, coalesce)),
             listed: AtomicBool::new(false),
         }
     }
@@ -175,10 +174,13 @@ impl Flushes {
 /// in one pass, so each receiver's connection sends what gathered in one packet.
 async fn run_flushes(shared: Arc<Shared>) {
     let mut legs = Vec::new();
+    // Without coalescing, only legs whose link was full wait: they are tried every
+    // millisecond (tokio's timer resolution).
+    let round = shared.coalesce.max(Duration::from_millis(1));
     loop {
         shared.flushes.wake.notified().await;
         loop {
-            tokio::time::sleep(COALESCE).await;
+            tokio::time::sleep(round).await;
             std::mem::swap(&mut legs, &mut *shared.flushes.legs.lock().expect("flush list lock is never poisoned"));
             let now = Instant::now();
             for leg in legs.drain(..) {
@@ -254,6 +256,7 @@ impl Server {
             }),
             flushes: Flushes { legs: Mutex::new(Vec::new()), wake: Notify::new() },
             routes_version: AtomicU64::new(0),
+            coalesce: Duration::from_millis(u64::from(limits.media_coalesce_ms)),
         });
         Ok(Server { endpoint, shared, fingerprint, retry_above: limits.retry_above_pending_handshakes })
     }
@@ -528,7 +531,7 @@ impl Shared {
     async fn serve_connection(self: Arc<Self>, connection: quinn::Connection, started_lately: u32) {
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let queued = Arc::new(AtomicUsize::new(0));
-        let leg = Arc::new(Leg::new(connection.clone()));
+        let leg = Arc::new(Leg::new(connection.clone(), self.coalesce));
         let id = {
             let mut state = self.lock();
             let id = ConnId(state.next_conn);
