@@ -73,10 +73,9 @@ bench *args: build
 # CLIENTS in one channel, SPEAKERS of them talking 50 packets a second, SECS measured.
 # murmur-load (../shared/peers/murmur-load, which installs and starts murmur) runs first,
 # then voipc bench relay on the same shape beside the plain-UDP baselines; it prints every
-# line and the ratios. With pin=yes the relays run on CPU 0 and the load generators on CPU 1
-# (on this 2-core VM one CPU is too little for murmur-load at 100 clients: murmur then
-# loses 8 % and its p50 goes to 200 ms, so unpinned is the default).
-bench-peer clients="100" speakers="20" secs="10" pin="no": build
+# line and the ratios. The relays run on CPU 0 and the load generators on CPU 1 (pin=no
+# lets the scheduler place them: figures then include both fighting over the same cores).
+bench-peer clients="100" speakers="20" secs="10" pin="yes": build
     #!/usr/bin/env bash
     set -euo pipefail
     peer=../shared/peers/murmur-load
