@@ -132,7 +132,7 @@ impl LegQueue {
                 self.drops.stale += 1;
             }
             let Some((_, next)) = queue.waiting.front() else {
-                self.forget(sender);
+                self.forget_front();
                 continue;
             };
             if queue.deficit < next.len() {
@@ -148,7 +148,7 @@ impl LegQueue {
             queue.deficit -= datagram.len();
             self.bytes -= datagram.len();
             if queue.waiting.is_empty() {
-                self.forget(sender);
+                self.forget_front();
             }
             self.last_sent = Some(now);
             return Some(datagram);
@@ -167,6 +167,14 @@ impl LegQueue {
         }
         if queue.waiting.is_empty() {
             self.forget(sender);
+        }
+    }
+
+    /// The sender whose turn it is has nothing left: as [`Self::forget`], without looking
+    /// for it (every frame of a flush ends this way).
+    fn forget_front(&mut self) {
+        if let Some(sender) = self.turns.pop_front() {
+            self.senders.remove(&sender);
         }
     }
 
