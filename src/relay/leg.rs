@@ -12,10 +12,11 @@
 //! an acknowledgement back), so a listener in a busy channel costs a packet per window
 //! instead of one per speaker's frame.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rustc_hash::FxHashMap;
 
 use super::ConnId;
 
@@ -54,7 +55,9 @@ pub struct LegQueue {
     coalesce: Duration,
     /// When a datagram last left the leg.
     last_sent: Option<Instant>,
-    senders: HashMap<ConnId, SenderQueue>,
+    /// Keyed by the server's own connection numbers, which no peer chooses: a fast hash
+    /// without a random key is safe here (it is hashed twice for every frame).
+    senders: FxHashMap<ConnId, SenderQueue>,
     /// Senders with something waiting, in the order of their turns.
     turns: VecDeque<ConnId>,
     bytes: usize,
@@ -70,7 +73,7 @@ impl LegQueue {
             max_bytes,
             coalesce,
             last_sent: None,
-            senders: HashMap::new(),
+            senders: FxHashMap::default(),
             turns: VecDeque::new(),
             bytes: 0,
             drops: LegDrops::default(),
