@@ -149,6 +149,7 @@ impl<T: Clone> MediaPath<T> {
     }
 }
 
+/// [`MediaPath::route`]'s decision, apart from its counting.
 fn check<'a, T>(
     route: Option<&'a Resolved<T>>,
     gate: &mut MediaGate,
