@@ -87,9 +87,11 @@ fn recorded_frames(recording: &Path, source: &[YuvFrame]) -> Vec<(usize, f64)> {
     frames
 }
 
-/// The most source frames in a row that a recording of the looping clip skipped.
-fn longest_skip(frames: &[(usize, f64)], clip_len: usize) -> usize {
-    frames.windows(2).map(|w| (w[1].0 + clip_len - w[0].0 - 1) % clip_len).max().unwrap_or(0)
+/// The most source frames in a row that a recording of the looping clip skipped, and
+/// after which recorded frame.
+fn longest_skip(frames: &[(usize, f64)], clip_len: usize) -> (usize, usize) {
+    let skips = frames.windows(2).map(|w| (w[1].0 + clip_len - w[0].0 - 1) % clip_len);
+    skips.enumerate().map(|(at, skip)| (skip, at)).max().unwrap_or((0, 0))
 }
 
 /// The worst, the median and the best of the scores.
@@ -212,10 +214,10 @@ fn a_lossy_link_never_shows_a_corrupt_frame_and_recovers_by_keyframe() {
     let frames = recorded_frames(&recording, &source);
     let scores: Vec<f64> = frames.iter().map(|(_, score)| *score).collect();
     let (worst, median, best) = summary(&scores);
-    let skip = longest_skip(&frames, source.len());
+    let (skip, skip_at) = longest_skip(&frames, source.len());
     println!(
         "{} frames recorded through 5 % loss, Y-PSNR worst {worst:.1}, median {median:.1}, best {best:.1} dB; \
-         at most {skip} frames in a row not shown",
+         at most {skip} frames in a row not shown (after recorded frame {skip_at})",
         scores.len()
     );
     // No frame with a lost fragment reached the decoder (it never errs); the recovery

@@ -58,6 +58,12 @@ pub const FRAME_TIMEOUT: Duration = Duration::from_millis(500);
 /// While a receiver waits for a keyframe it asks again this often (the request or the
 /// keyframe itself may be lost).
 pub const KEYFRAME_RETRY: Duration = Duration::from_secs(1);
+/// A keyframe lost on the way (the answer to a request, most likely) is asked for again
+/// this long after its first fragment came, not a whole [`KEYFRAME_RETRY`] later: the
+/// sender takes a request sooner than 250 ms after making a keyframe as answered by it
+/// (`net::screen::ANSWERED_WITHIN`). Never more often than this, whatever a sender marks
+/// as a keyframe.
+pub const LOST_KEYFRAME_REASK: Duration = Duration::from_millis(300);
 /// Recovery fragments a frame may have (seven bits), and never more than its own count.
 pub const MAX_RECOVERY: u8 = 127;
 /// The most bytes one partial frame holds: every slice of the largest frame and of its
@@ -148,17 +154,19 @@ pub fn frame_aad(media: &MediaHeader, fragment: &FragmentHeader) -> [u8; MEDIA_H
 }
 
 /// How many recovery fragments to send with a frame of `count` fragments when viewers
-/// lose about `loss` (a fraction) of what is sent. Without loss, keyframes get a tenth
-/// more (losing one costs a viewer a second of waiting) and other frames none; with
-/// loss, three times the expected losses and one more, so that the frame comes through
-/// nearly always (at 5 % loss: 9 for a keyframe of 50 fragments, which then fails
-/// about once in 10 000; 2 for a frame of 3).
+/// lose about `loss` (a fraction) of what is sent. Without loss, keyframes get a fifth
+/// more (losing one costs a viewer half a second of waiting or more, and a new viewer's
+/// first keyframe goes out before it has reported its link's loss: at 5 % loss, one of
+/// 50 fragments with a fifth more fails about once in 6 000, with a tenth once in 18)
+/// and other frames none; with loss, three times the expected losses and one more, so
+/// that the frame comes through nearly always (at 5 % loss: 9 for a keyframe of 50
+/// fragments, which then fails about once in 1 500; 2 for a frame of 3).
 pub fn recovery_fragments(count: u16, keyframe: bool, loss: f64) -> u8 {
     let count_f = f64::from(count);
     let wanted = if loss > 0.0 {
         (count_f * loss.min(0.25) * 3.0).ceil() + 1.0
     } else if keyframe {
-        (count_f / 10.0).ceil()
+        (count_f / 5.0).ceil()
     } else {
         0.0
     };
@@ -311,6 +319,8 @@ pub struct Reassembler {
     waiting_keyframe: bool,
     /// When to ask for a keyframe next (while waiting).
     ask_at: Option<Instant>,
+    /// When a keyframe was last asked for.
+    asked: Option<Instant>,
     counters: ReassemblyCounters,
 }
 
@@ -330,6 +340,7 @@ impl Reassembler {
             done: None,
             waiting_keyframe: true,
             ask_at: Some(now + KEYFRAME_RETRY),
+            asked: None,
             counters: ReassemblyCounters::default(),
         }
     }
@@ -464,6 +475,11 @@ impl Reassembler {
             self.done = Some(frame);
         }
         self.wait_for_keyframe(now);
+        if partial.shape.keyframe {
+            let again = [Some(partial.started), self.asked].into_iter().flatten().max().expect("started is some")
+                + LOST_KEYFRAME_REASK;
+            self.ask_at = self.ask_at.map(|at| at.min(again));
+        }
     }
 
     fn wait_for_keyframe(&mut self, now: Instant) {
@@ -474,7 +490,8 @@ impl Reassembler {
     }
 
     /// Whether to send a keyframe request now: at once when a wait starts after a loss,
-    /// then every [`KEYFRAME_RETRY`] while it lasts.
+    /// then every [`KEYFRAME_RETRY`] while it lasts, or sooner when the keyframe that came
+    /// was lost too ([`LOST_KEYFRAME_REASK`]).
     pub fn take_keyframe_request(&mut self, now: Instant) -> bool {
         if !self.waiting_keyframe {
             return false;
@@ -483,6 +500,7 @@ impl Reassembler {
             Some(at) if now < at => false,
             _ => {
                 self.ask_at = Some(now + KEYFRAME_RETRY);
+                self.asked = Some(now);
                 true
             }
         }
@@ -577,7 +595,7 @@ mod tests {
 
     #[test]
     fn recovery_grows_with_the_loss_viewers_report() {
-        assert_eq!(recovery_fragments(50, true, 0.0), 5, "a tenth more for a keyframe");
+        assert_eq!(recovery_fragments(50, true, 0.0), 10, "a fifth more for a keyframe");
         assert_eq!(recovery_fragments(3, false, 0.0), 0, "nothing for other frames");
         assert_eq!(recovery_fragments(50, true, 0.05), 9);
         assert_eq!(recovery_fragments(3, false, 0.05), 2);
@@ -713,6 +731,40 @@ mod tests {
         let late = frame(2, 5000, false).1;
         assert!(push_all(&mut r, now, &late[2..3]).is_empty());
         assert_eq!(r.counters().late, 1);
+    }
+
+    /// The keyframe that answers a request can be lost too: the viewer asks again soon
+    /// after it, not a whole retry later, and no more often than the re-ask spacing however
+    /// many frames a sender marks as keyframes.
+    #[test]
+    fn a_lost_keyframe_is_asked_for_again_soon() {
+        let now = Instant::now();
+        let mut r = Reassembler::new(ALICE, now);
+        assert_eq!(push_all(&mut r, now, &frame(1, 3000, true).1).len(), 1);
+        // Frame 2 never comes; frame 3 shows the loss and the viewer asks.
+        assert!(push_all(&mut r, now, &frame(3, 900, false).1).is_empty());
+        assert!(r.take_keyframe_request(now));
+        // The answer, keyframe 4, loses a fragment and is given up when frame 5 completes.
+        let at = now + Duration::from_millis(100);
+        let mut four = frame(4, 5000, true).1;
+        four.remove(1);
+        assert!(push_all(&mut r, at, &four).is_empty());
+        assert!(push_all(&mut r, at + Duration::from_millis(100), &frame(5, 900, false).1).is_empty());
+        assert_eq!(r.counters().frames_lost, 2);
+        assert_eq!(r.poll_timeout(), Some(at + LOST_KEYFRAME_REASK));
+        assert!(!r.take_keyframe_request(at + LOST_KEYFRAME_REASK - Duration::from_millis(1)));
+        assert!(r.take_keyframe_request(at + LOST_KEYFRAME_REASK), "asked again before the retry");
+        // A storm of broken "keyframes" right after it asks no sooner than the spacing.
+        let asked = at + LOST_KEYFRAME_REASK;
+        for id in 6..20 {
+            let mut broken = frame(id, 5000, true).1;
+            broken.remove(0);
+            push_all(&mut r, asked, &broken);
+            r.handle_timeout(asked + FRAGMENT_GAP);
+            assert!(!r.take_keyframe_request(asked + FRAGMENT_GAP), "frame {id}");
+        }
+        assert!(r.take_keyframe_request(asked + LOST_KEYFRAME_REASK));
+        assert_eq!(push_all(&mut r, asked, &frame(20, 3000, true).1).len(), 1, "a whole keyframe resumes");
     }
 
     /// A frame of which no fragment came (lost whole, or dropped by its sender) breaks

@@ -25,6 +25,9 @@ pub const MAX_WATCHED: usize = crate::protocol::MAX_WATCHING;
 pub const FRAMES_WAITING: usize = 8;
 /// Viewer reports and their pace.
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// A new viewer's first report comes sooner: until the sharer hears of the loss on the
+/// viewer's link, it sends frames without recovery fragments sized for it.
+pub const FIRST_REPORT: Duration = Duration::from_millis(400);
 /// Reports from viewers kept for the sharer's adapter.
 const REPORTS_WAITING: usize = 32;
 
@@ -190,7 +193,7 @@ impl Session {
         let watched = Watched {
             reassembler: Reassembler::new(sharer, now),
             reported: Default::default(),
-            next_report: now + REPORT_EVERY,
+            next_report: now + FIRST_REPORT,
         };
         self.screen.watched.insert(sharer, watched);
         self.transmit.push_back(ClientMsg::Watch { sharer, watch: true });
