@@ -432,16 +432,18 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
 }
 
 fn devices() -> anyhow::Result<()> {
-    let list = crate::audio::device::list();
-    let mark = |name: &String, default: &Option<String>| if Some(name) == default.as_ref() { " (default)" } else { "" };
-    println!("input devices:");
-    for name in &list.inputs {
-        println!("  {name}{}", mark(name, &list.default_input));
-    }
-    println!("output devices:");
-    for name in &list.outputs {
-        println!("  {name}{}", mark(name, &list.default_output));
-    }
+    use crate::audio::device::{self, DeviceName};
+    let list = device::list(&device::host());
+    let show = |title: &str, devices: &[DeviceName], default: &Option<String>| {
+        println!("{title}:");
+        for DeviceName { name, id } in devices {
+            let mark = if Some(id) == default.as_ref() { " (default)" } else { "" };
+            let id = if id != name { format!(" [{id}]") } else { String::new() };
+            println!("  {name}{id}{mark}");
+        }
+    };
+    show("input devices", &list.inputs, &list.default_input);
+    show("output devices", &list.outputs, &list.default_output);
     Ok(())
 }
 

@@ -5,6 +5,7 @@ mod support;
 
 mod chat;
 mod cli;
+mod devices;
 mod relay;
 mod screen;
 mod video;

@@ -2,13 +2,17 @@
 //! pre-allocated lock-free ring (rtrb) and bump atomics: no allocation, lock or log.
 //! The engine's threads resample to and from 48 kHz mono.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 
 /// Ring capacity: half a second at the highest common device rate.
-const RING_SAMPLES: usize = 96_000 / 2;
+pub const RING_SAMPLES: usize = 96_000 / 2;
+/// Frames the device moves per callback (10 ms at 48 kHz): asked for explicitly, since a
+/// sound server left to choose may buffer seconds (PulseAudio's default is 2 s).
+const PERIOD_FRAMES: u32 = 480;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -18,32 +22,130 @@ pub enum DeviceError {
     Open { device: String, reason: String },
 }
 
-/// The devices there are, by name.
+/// A device as the user sees it, and the sound system's own identifier for it (a
+/// PulseAudio sink or source name; either picks it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceName {
+    pub name: String,
+    pub id: String,
+}
+
+/// The devices there are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceList {
-    pub inputs: Vec<String>,
-    pub outputs: Vec<String>,
+    pub inputs: Vec<DeviceName>,
+    pub outputs: Vec<DeviceName>,
+    /// The identifiers of the default devices (names can repeat).
     pub default_input: Option<String>,
     pub default_output: Option<String>,
 }
 
-pub fn list() -> DeviceList {
-    let host = cpal::default_host();
-    let names = |devices: Vec<cpal::Device>| devices.iter().map(ToString::to_string).collect();
+/// The sound system: PulseAudio's (or PipeWire's pulse server) when one is running, ALSA
+/// otherwise (cpal's choice). Each engine thread keeps one: with PulseAudio it is a
+/// connection.
+pub fn host() -> cpal::Host {
+    cpal::default_host()
+}
+
+fn device_name(device: &cpal::Device) -> DeviceName {
+    let name = device.to_string();
+    let id = device.id().map(|id| id.id().to_owned()).unwrap_or_else(|_| name.clone());
+    DeviceName { name, id }
+}
+
+pub fn list(host: &cpal::Host) -> DeviceList {
+    let names = |devices: Vec<cpal::Device>| devices.iter().map(device_name).collect();
     DeviceList {
         inputs: names(host.input_devices().map(Iterator::collect).unwrap_or_default()),
         outputs: names(host.output_devices().map(Iterator::collect).unwrap_or_default()),
-        default_input: host.default_input_device().map(|d| d.to_string()),
-        default_output: host.default_output_device().map(|d| d.to_string()),
+        default_input: host.default_input_device().map(|d| device_name(&d).id),
+        default_output: host.default_output_device().map(|d| device_name(&d).id),
     }
 }
 
-/// What a device's callbacks report: samples that did not fit or were missing, and
-/// whether the device failed (vanished).
+impl DeviceList {
+    /// Whether an input (or output) device called `wanted` (its name or its identifier)
+    /// is listed.
+    pub fn has(&self, input: bool, wanted: &str) -> bool {
+        let devices = if input { &self.inputs } else { &self.outputs };
+        devices.iter().any(|d| d.name == wanted || d.id == wanted)
+    }
+}
+
+/// The devices there are, listed again every `every` on a thread of its own: listing
+/// takes from milliseconds to over a second (PulseAudio, a busy machine, a debug build),
+/// which must never stall a thread that moves sound. Stops when dropped.
+pub struct DeviceWatch {
+    latest: Arc<Mutex<Option<DeviceList>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl DeviceWatch {
+    pub fn start(every: Duration) -> std::io::Result<DeviceWatch> {
+        let latest = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (shared, stopped) = (latest.clone(), stop.clone());
+        // Not joined: a listing in progress would hold up whoever drops the watch.
+        std::thread::Builder::new().name("voipc-devices".into()).spawn(move || {
+            let host = host();
+            while !stopped.load(Ordering::Relaxed) {
+                let list = list(&host);
+                if let Ok(mut latest) = shared.lock() {
+                    *latest = Some(list);
+                }
+                std::thread::park_timeout(every);
+            }
+        })?;
+        Ok(DeviceWatch { latest, stop })
+    }
+
+    /// Whether the latest listing has a device called `wanted`; `None` before the first.
+    pub fn has(&self, input: bool, wanted: &str) -> Option<bool> {
+        self.latest.lock().ok()?.as_ref().map(|list| list.has(input, wanted))
+    }
+}
+
+impl Drop for DeviceWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn is_called(device: &cpal::Device, wanted: &str) -> bool {
+    let name = device_name(device);
+    name.name == wanted || name.id == wanted
+}
+
+/// What a device's callbacks report: samples that did not fit the ring (a microphone)
+/// or were missing from it (a speaker), glitches the sound system reported, and the
+/// error that stopped the stream.
 #[derive(Debug, Default)]
 pub struct DeviceHealth {
     pub xruns: AtomicU64,
-    pub failed: AtomicBool,
+    broken: Mutex<Option<String>>,
+}
+
+impl DeviceHealth {
+    /// Why the stream stopped, once it did.
+    pub fn broken(&self) -> Option<String> {
+        self.broken.lock().ok().and_then(|b| b.clone())
+    }
+
+    /// A stream error: glitches are counted, anything else stops the stream.
+    fn error(&self, error: &cpal::Error) {
+        match error.kind() {
+            cpal::ErrorKind::Xrun => {
+                self.xruns.fetch_add(1, Ordering::Relaxed);
+            }
+            // The stream goes on: a refused real-time priority, a default device followed.
+            cpal::ErrorKind::RealtimeDenied | cpal::ErrorKind::DeviceChanged => {}
+            _ => {
+                if let Ok(mut broken) = self.broken.lock() {
+                    broken.get_or_insert_with(|| error.to_string());
+                }
+            }
+        }
+    }
 }
 
 /// An open device: its stream (dropping it stops the device), its rate, its name.
@@ -59,11 +161,11 @@ pub struct OpenDevice<R> {
 
 fn pick(
     wanted: Option<&str>,
-    devices: impl Iterator<Item = cpal::Device>,
+    mut devices: impl Iterator<Item = cpal::Device>,
     default: Option<cpal::Device>,
 ) -> (Option<cpal::Device>, bool) {
     match wanted {
-        Some(name) => match devices.into_iter().find(|d| d.to_string() == name) {
+        Some(name) => match devices.find(|d| is_called(d, name)) {
             Some(device) => (Some(device), false),
             None => (default, true),
         },
@@ -71,25 +173,18 @@ fn pick(
     }
 }
 
-/// The config to open with: 48 kHz mono if the device can, else its default.
+/// The config to open with: the device's own rate and channels (the engine resamples;
+/// a sound server would otherwise resample again), 10 ms periods where the device lets
+/// the size be chosen.
 fn config(device: &cpal::Device, input: bool) -> Result<cpal::StreamConfig, DeviceError> {
     let open = |e: cpal::Error| open_error(device, e);
     let default = if input { device.default_input_config() } else { device.default_output_config() }.map_err(open)?;
     let mut config = default.config();
-    let channels = config.channels;
-    let has_48k = if input {
-        device.supported_input_configs().is_ok_and(|mut r| r.any(|r| offers_48k(&r, channels)))
-    } else {
-        device.supported_output_configs().is_ok_and(|mut r| r.any(|r| offers_48k(&r, channels)))
-    };
-    if has_48k {
-        config.sample_rate = 48_000;
+    if let cpal::SupportedBufferSize::Range { min, max } = default.buffer_size() {
+        let period = (PERIOD_FRAMES * config.sample_rate / 48_000).clamp(*min, *max);
+        config.buffer_size = cpal::BufferSize::Fixed(period);
     }
     Ok(config)
-}
-
-fn offers_48k(range: &cpal::SupportedStreamConfigRange, channels: u16) -> bool {
-    range.min_sample_rate() <= 48_000 && range.max_sample_rate() >= 48_000 && range.channels() == channels
 }
 
 fn open_error(device: &cpal::Device, error: impl std::fmt::Display) -> DeviceError {
@@ -111,8 +206,7 @@ fn started<R>(
 
 /// Opens the microphone called `wanted` (or the default one): its first channel flows
 /// into the ring at the device's rate.
-pub fn open_input(wanted: Option<&str>) -> Result<OpenDevice<rtrb::Consumer<f32>>, DeviceError> {
-    let host = cpal::default_host();
+pub fn open_input(host: &cpal::Host, wanted: Option<&str>) -> Result<OpenDevice<rtrb::Consumer<f32>>, DeviceError> {
     let devices =
         host.input_devices().map_err(|e| DeviceError::Open { device: "input".into(), reason: e.to_string() })?;
     let (device, fell_back) = pick(wanted, devices, host.default_input_device());
@@ -121,7 +215,7 @@ pub fn open_input(wanted: Option<&str>) -> Result<OpenDevice<rtrb::Consumer<f32>
     let channels = usize::from(config.channels.max(1));
     let (mut producer, consumer) = rtrb::RingBuffer::new(RING_SAMPLES);
     let health = Arc::new(DeviceHealth::default());
-    let (xruns, failed) = (health.clone(), health.clone());
+    let (xruns, errors) = (health.clone(), health.clone());
     let stream = device
         .build_input_stream::<f32, _, _>(
             config,
@@ -132,7 +226,7 @@ pub fn open_input(wanted: Option<&str>) -> Result<OpenDevice<rtrb::Consumer<f32>
                     }
                 }
             },
-            move |_| failed.failed.store(true, Ordering::Relaxed),
+            move |e| errors.error(&e),
             None,
         )
         .map_err(|e| open_error(&device, e))?;
@@ -141,8 +235,7 @@ pub fn open_input(wanted: Option<&str>) -> Result<OpenDevice<rtrb::Consumer<f32>
 
 /// Opens the speaker called `wanted` (or the default one): the ring's samples go to
 /// every channel at the device's rate; an empty ring plays silence.
-pub fn open_output(wanted: Option<&str>) -> Result<OpenDevice<rtrb::Producer<f32>>, DeviceError> {
-    let host = cpal::default_host();
+pub fn open_output(host: &cpal::Host, wanted: Option<&str>) -> Result<OpenDevice<rtrb::Producer<f32>>, DeviceError> {
     let devices =
         host.output_devices().map_err(|e| DeviceError::Open { device: "output".into(), reason: e.to_string() })?;
     let (device, fell_back) = pick(wanted, devices, host.default_output_device());
@@ -151,7 +244,7 @@ pub fn open_output(wanted: Option<&str>) -> Result<OpenDevice<rtrb::Producer<f32
     let channels = usize::from(config.channels.max(1));
     let (producer, mut consumer) = rtrb::RingBuffer::<f32>::new(RING_SAMPLES);
     let health = Arc::new(DeviceHealth::default());
-    let (xruns, failed) = (health.clone(), health.clone());
+    let (xruns, errors) = (health.clone(), health.clone());
     let stream = device
         .build_output_stream::<f32, _, _>(
             config,
@@ -164,7 +257,7 @@ pub fn open_output(wanted: Option<&str>) -> Result<OpenDevice<rtrb::Producer<f32
                     frame.fill(sample);
                 }
             },
-            move |_| failed.failed.store(true, Ordering::Relaxed),
+            move |e| errors.error(&e),
             None,
         )
         .map_err(|e| open_error(&device, e))?;

@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc as tokio_mpsc;
 
-use super::device::{self, DeviceHealth};
+use super::device::{self, DeviceWatch};
 use super::dsp::{Resampler, VoiceMode};
+use super::fill::{FillKeeper, FillStats, Plan, stretch};
+use super::follow::{Action, DeviceFollow, LOOK_EVERY};
 use super::pipeline::{Capture, CaptureSettings, EncodedVoice, Playback, PlaybackStats, SpeakingChange};
 use super::wav::{Recorder, WavError};
 use super::{FRAME_10MS, FRAME_20MS, SAMPLE_RATE};
@@ -27,6 +29,8 @@ const TWENTY_MS: Duration = Duration::from_millis(20);
 const PLAYBACK_QUEUE: usize = 2500;
 /// Events waiting for the network task at most.
 const EVENT_QUEUE: usize = 1024;
+/// Controls waiting for a thread at most (each thread takes them every 10-20 ms).
+const CONTROL_QUEUE: usize = 1024;
 
 /// Where the microphone side's sound comes from.
 pub enum Source {
@@ -117,9 +121,12 @@ pub const LOOPBACK_SENDER: u32 = u32::MAX;
 /// buffer, and nothing else).
 pub const SHARE_AUDIO_SENDER: u32 = u32::MAX - 1;
 
-enum PlaybackInput {
-    Packet { arrival: Instant, sender: u32, sequence: u32, timestamp: u32, payload: Vec<u8> },
-    Control(Control),
+struct PlaybackPacket {
+    arrival: Instant,
+    sender: u32,
+    sequence: u32,
+    timestamp: u32,
+    payload: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,14 +143,17 @@ pub enum EngineError {
 
 pub struct Engine {
     events: tokio_mpsc::Sender<EngineEvent>,
-    capture_control: mpsc::Sender<Control>,
+    capture_control: SyncSender<Control>,
     /// The capture thread's end of `capture_control`, until it starts: controls given
     /// before then wait in the channel.
     capture_controls: Option<Receiver<Control>>,
-    playback: SyncSender<PlaybackInput>,
+    playback: SyncSender<PlaybackPacket>,
+    playback_control: SyncSender<Control>,
     stop: Arc<AtomicBool>,
     capture_thread: Option<JoinHandle<()>>,
     playback_thread: JoinHandle<Result<PlaybackStats, EngineError>>,
+    /// The device lists both threads look at, once one of them uses a device.
+    watch: Option<Arc<DeviceWatch>>,
     dropped: u64,
     loopback: bool,
 }
@@ -155,21 +165,30 @@ impl Engine {
         let stop = Arc::new(AtomicBool::new(false));
         let recorder = config.record.as_deref().map(Recorder::create).transpose()?;
         let (playback, playback_rx) = mpsc::sync_channel(PLAYBACK_QUEUE);
+        let (playback_control, playback_controls) = mpsc::sync_channel(CONTROL_QUEUE);
         let output_device = config.output_device;
+        let watch = output_device.is_some().then(start_watch).transpose()?;
+        let speaker_watch = watch.clone();
         let (stop_playback, playback_events) = (stop.clone(), events.clone());
         let playback_thread = std::thread::Builder::new()
             .name("voipc-playback".into())
-            .spawn(move || run_playback(output_device, recorder, &playback_rx, &playback_events, &stop_playback))
+            .spawn(move || {
+                let inputs = PlaybackInputs { packets: playback_rx, controls: playback_controls };
+                let speaker = output_device.zip(speaker_watch).map(|(name, watch)| Speaker::new(name, watch));
+                run_playback(speaker, recorder, &inputs, &playback_events, &stop_playback)
+            })
             .map_err(|e| EngineError::Thread("playback", e))?;
-        let (capture_control, capture_controls) = mpsc::channel();
+        let (capture_control, capture_controls) = mpsc::sync_channel(CONTROL_QUEUE);
         let engine = Engine {
             events,
             capture_control,
             capture_controls: Some(capture_controls),
             playback,
+            playback_control,
             stop,
             capture_thread: None,
             playback_thread,
+            watch,
             dropped: 0,
             loopback: false,
         };
@@ -181,9 +200,14 @@ impl Engine {
         let Some(controls) = self.capture_controls.take() else { return Ok(()) };
         let mut capture = Capture::new(settings)?;
         let (events, stop) = (self.events.clone(), self.stop.clone());
+        let watch = match (&source, &self.watch) {
+            (Source::Device(_), Some(watch)) => Some(watch.clone()),
+            (Source::Device(_), None) => Some(start_watch()?),
+            _ => None,
+        };
         let thread = std::thread::Builder::new()
             .name("voipc-capture".into())
-            .spawn(move || run_capture(source, &mut capture, &controls, &events, &stop))
+            .spawn(move || run_capture(source, watch, &mut capture, &controls, &events, &stop))
             .map_err(|e| EngineError::Thread("capture", e))?;
         self.capture_thread = Some(thread);
         Ok(())
@@ -191,25 +215,31 @@ impl Engine {
 
     /// A decrypted voice packet for the playback.
     pub fn play(&mut self, arrival: Instant, sender: u32, sequence: u32, timestamp: u32, payload: Vec<u8>) {
-        let input = PlaybackInput::Packet { arrival, sender, sequence, timestamp, payload };
-        if let Err(TrySendError::Full(_)) = self.playback.try_send(input) {
+        let packet = PlaybackPacket { arrival, sender, sequence, timestamp, payload };
+        if let Err(TrySendError::Full(_)) = self.playback.try_send(packet) {
             self.dropped += 1;
         }
     }
 
+    /// Hands a control to the thread it concerns; never waits (this runs on the network
+    /// task). A queue full of controls means that thread is stuck: the control is dropped.
     pub fn control(&mut self, control: Control) {
-        match control {
+        let queue = match control {
             Control::Mute(_)
             | Control::PushToTalk(_)
             | Control::Mode(..)
             | Control::Denoise(_)
-            | Control::LossHint(_) => {
-                let _ = self.capture_control.send(control);
-            }
+            | Control::LossHint(_) => &self.capture_control,
             Control::Deafen(_) | Control::Volume { .. } | Control::LocalMute { .. } | Control::Forget(_) => {
-                let _ = self.playback.send(PlaybackInput::Control(control));
+                &self.playback_control
             }
-            Control::Loopback(on) => self.loopback = on,
+            Control::Loopback(on) => {
+                self.loopback = on;
+                return;
+            }
+        };
+        if let Err(TrySendError::Full(control)) = queue.try_send(control) {
+            tracing::warn!(?control, "the audio thread is not taking controls; dropped");
         }
     }
 
@@ -233,6 +263,10 @@ impl Engine {
     }
 }
 
+fn start_watch() -> Result<Arc<DeviceWatch>, EngineError> {
+    DeviceWatch::start(LOOK_EVERY).map(Arc::new).map_err(|e| EngineError::Thread("devices", e))
+}
+
 fn send_event(events: &tokio_mpsc::Sender<EngineEvent>, event: EngineEvent) {
     // A full queue means the network task is stuck; dropping beats blocking audio.
     let _ = events.try_send(event);
@@ -248,6 +282,7 @@ fn sleep_until(deadline: Instant) {
 
 fn run_capture(
     source: Source,
+    watch: Option<Arc<DeviceWatch>>,
     capture: &mut Capture,
     controls: &Receiver<Control>,
     events: &tokio_mpsc::Sender<EngineEvent>,
@@ -300,78 +335,110 @@ fn run_capture(
             }
             send_event(events, EngineEvent::PlayFinished);
         }
-        Source::Device(name) => capture_device(name, &mut push, events, stop),
+        Source::Device(name) => {
+            let watch = watch.expect("a device source comes with a watch");
+            capture_device(name, &watch, &mut push, events, stop);
+        }
         Source::Nothing => {}
     }
 }
 
-/// Reads the microphone until stopped, reopening the default one if it vanishes.
+/// An open microphone and the resampler from its rate to ours.
+struct Microphone {
+    device: device::OpenDevice<rtrb::Consumer<f32>>,
+    resampler: Option<Resampler>,
+}
+
+impl Microphone {
+    fn open(host: &cpal::Host, wanted: Option<&str>) -> Result<Microphone, String> {
+        let device = device::open_input(host, wanted).map_err(|e| e.to_string())?;
+        let resampler = (device.rate != SAMPLE_RATE)
+            .then(|| Resampler::new(device.rate, SAMPLE_RATE))
+            .transpose()
+            .map_err(|e| format!("cannot resample {} Hz from {}: {e}", device.rate, device.name))?;
+        Ok(Microphone { device, resampler })
+    }
+}
+
+/// Reads the microphone until stopped, following the chosen device ([`DeviceFollow`]):
+/// the default while it is gone, the chosen one again when it is back.
 fn capture_device(
     name: Option<String>,
+    watch: &DeviceWatch,
     push: &mut dyn FnMut(&[f32; FRAME_10MS]),
     events: &tokio_mpsc::Sender<EngineEvent>,
     stop: &AtomicBool,
 ) {
-    let mut wanted = name;
+    let host = device::host();
+    let mut follow = DeviceFollow::new("microphone", name.clone(), Instant::now());
+    let mut microphone: Option<Microphone> = None;
     let mut pending = Vec::with_capacity(4 * FRAME_10MS);
     let mut raw = Vec::with_capacity(4096);
+    let notice = |notice: Option<String>| {
+        if let Some(message) = notice {
+            send_event(events, EngineEvent::Device(message));
+        }
+    };
     while !stop.load(Ordering::Relaxed) {
-        let mut input = match device::open_input(wanted.as_deref()) {
-            Ok(input) => input,
-            Err(e) => {
-                send_event(events, EngineEvent::Device(format!("no microphone: {e}")));
-                return;
-            }
-        };
-        if input.fell_back {
-            send_event(events, EngineEvent::Device(format!("microphone not found; using {}", input.name)));
-        }
-        let mut resampler = (input.rate != SAMPLE_RATE).then(|| Resampler::new(input.rate, SAMPLE_RATE)).transpose();
-        let Ok(ref mut resampler) = resampler else {
-            send_event(events, EngineEvent::Device(format!("cannot resample {} Hz from {}", input.rate, input.name)));
-            return;
-        };
-        while !stop.load(Ordering::Relaxed) && !lost(&input.health) {
-            std::thread::sleep(Duration::from_millis(5));
-            raw.clear();
-            while let Ok(sample) = input.ring.pop() {
-                raw.push(sample);
-            }
-            match resampler {
-                Some(resampler) => {
-                    let _ = resampler.push(&raw, &mut pending);
+        let now = Instant::now();
+        match follow.poll(now) {
+            Some(Action::Open(wanted)) => {
+                microphone = None;
+                match Microphone::open(&host, wanted.as_deref()) {
+                    Ok(opened) => {
+                        notice(follow.opened(now, &opened.device.name, opened.device.fell_back));
+                        microphone = Some(opened);
+                    }
+                    Err(e) => notice(follow.open_failed(now, &e)),
                 }
-                None => pending.extend_from_slice(&raw),
             }
-            while pending.len() >= FRAME_10MS {
-                let frame: [f32; FRAME_10MS] = pending[..FRAME_10MS].try_into().expect("checked length");
-                push(&frame);
-                pending.drain(..FRAME_10MS);
+            Some(Action::Look(wanted)) => {
+                if let Some(listed) = watch.has(true, &wanted) {
+                    notice(follow.listed(now, listed));
+                }
             }
+            None => {}
         }
-        if lost(&input.health) {
-            send_event(
-                events,
-                EngineEvent::Device(format!("microphone {} vanished; switching to the default", input.name)),
-            );
-            wanted = None;
+        std::thread::sleep(Duration::from_millis(5));
+        let Some(mic) = &mut microphone else { continue };
+        if let Some(error) = mic.device.health.broken() {
+            let listed = name.as_deref().is_some_and(|wanted| watch.has(true, wanted).unwrap_or(true));
+            notice(follow.broke(Instant::now(), &mic.device.name, &error, listed));
+            microphone = None;
+            continue;
+        }
+        raw.clear();
+        while let Ok(sample) = mic.device.ring.pop() {
+            raw.push(sample);
+        }
+        match &mut mic.resampler {
+            Some(resampler) => {
+                let _ = resampler.push(&raw, &mut pending);
+            }
+            None => pending.extend_from_slice(&raw),
+        }
+        while pending.len() >= FRAME_10MS {
+            let frame: [f32; FRAME_10MS] = pending[..FRAME_10MS].try_into().expect("checked length");
+            push(&frame);
+            pending.drain(..FRAME_10MS);
         }
     }
 }
 
-fn lost(health: &DeviceHealth) -> bool {
-    health.failed.load(Ordering::Relaxed)
+/// What the network task hands the playback thread.
+struct PlaybackInputs {
+    packets: Receiver<PlaybackPacket>,
+    controls: Receiver<Control>,
 }
 
 fn run_playback(
-    output_device: Option<Option<String>>,
+    mut speaker: Option<Speaker>,
     mut recorder: Option<Recorder>,
-    inputs: &Receiver<PlaybackInput>,
+    inputs: &PlaybackInputs,
     events: &tokio_mpsc::Sender<EngineEvent>,
     stop: &AtomicBool,
 ) -> Result<PlaybackStats, EngineError> {
     let mut playback = Playback::default();
-    let mut speaker = output_device.map(|name| Speaker::open(name, events));
     let mut out = [0.0; FRAME_20MS];
     let mut changes = Vec::new();
     let start = Instant::now();
@@ -380,28 +447,27 @@ fn run_playback(
         let deadline = start + TWENTY_MS * tick;
         // Take packets as they come until the tick is due.
         loop {
-            let input = match deadline.checked_duration_since(Instant::now()) {
-                Some(wait) if !wait.is_zero() => match inputs.recv_timeout(wait) {
-                    Ok(input) => input,
+            let packet = match deadline.checked_duration_since(Instant::now()) {
+                Some(wait) if !wait.is_zero() => match inputs.packets.recv_timeout(wait) {
+                    Ok(packet) => packet,
                     Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => return finish(playback, recorder),
+                    Err(RecvTimeoutError::Disconnected) => return finish(playback, speaker, recorder),
                 },
-                _ => match inputs.try_recv() {
-                    Ok(input) => input,
+                _ => match inputs.packets.try_recv() {
+                    Ok(packet) => packet,
                     Err(_) => break,
                 },
             };
-            match input {
-                PlaybackInput::Packet { arrival, sender, sequence, timestamp, payload } => {
-                    playback.push(arrival, sender, sequence, timestamp, payload)?;
-                }
-                PlaybackInput::Control(control) => match control {
-                    Control::Deafen(on) => playback.deafened = on,
-                    Control::Volume { sender, percent } => playback.set_volume(sender, percent),
-                    Control::LocalMute { sender, muted } => playback.set_muted(sender, muted),
-                    Control::Forget(sender) => changes.extend(playback.remove(sender)),
-                    _ => {}
-                },
+            let PlaybackPacket { arrival, sender, sequence, timestamp, payload } = packet;
+            playback.push(arrival, sender, sequence, timestamp, payload)?;
+        }
+        while let Ok(control) = inputs.controls.try_recv() {
+            match control {
+                Control::Deafen(on) => playback.deafened = on,
+                Control::Volume { sender, percent } => playback.set_volume(sender, percent),
+                Control::LocalMute { sender, muted } => playback.set_muted(sender, muted),
+                Control::Forget(sender) => changes.extend(playback.remove(sender)),
+                _ => {}
             }
         }
         playback.tick(deadline, &mut out, &mut changes);
@@ -411,64 +477,141 @@ fn run_playback(
         if let Some(recorder) = &mut recorder {
             recorder.write(&out)?;
         }
-        if let Some(Some(speaker)) = &mut speaker {
+        if let Some(speaker) = &mut speaker {
             speaker.play(&out, events);
         }
         tick += 1;
     }
-    finish(playback, recorder)
+    finish(playback, speaker, recorder)
 }
 
-fn finish(playback: Playback, recorder: Option<Recorder>) -> Result<PlaybackStats, EngineError> {
+fn finish(
+    playback: Playback,
+    speaker: Option<Speaker>,
+    recorder: Option<Recorder>,
+) -> Result<PlaybackStats, EngineError> {
     if let Some(recorder) = recorder {
         recorder.finish()?;
     }
-    Ok(playback.stats())
+    let speaker = speaker.map(|s| s.stats()).unwrap_or_default();
+    Ok(PlaybackStats { speaker, ..playback.stats() })
 }
 
-/// The playback device with its resampler; reopened on the default device if it vanishes.
+/// The playback device, followed like the microphone ([`DeviceFollow`]), with the
+/// resampler to its rate and the keeper of its ring's fill ([`FillKeeper`]).
 struct Speaker {
+    host: cpal::Host,
+    watch: Arc<DeviceWatch>,
+    wanted: Option<String>,
+    follow: DeviceFollow,
+    open: Option<OpenSpeaker>,
+    keeper: FillKeeper,
+    /// What devices closed before the open one had missed.
+    missing_before: u64,
+    /// A frame as it goes to the device: at 48 kHz after the keeper's plan, then at the
+    /// device's rate.
+    planned: Vec<f32>,
+    resampled: Vec<f32>,
+}
+
+struct OpenSpeaker {
     device: device::OpenDevice<rtrb::Producer<f32>>,
     resampler: Option<Resampler>,
-    scratch: Vec<f32>,
 }
 
 impl Speaker {
-    fn open(name: Option<String>, events: &tokio_mpsc::Sender<EngineEvent>) -> Option<Speaker> {
-        let device = match device::open_output(name.as_deref()) {
-            Ok(device) => device,
-            Err(e) => {
-                send_event(events, EngineEvent::Device(format!("no speaker: {e}")));
-                return None;
-            }
-        };
-        if device.fell_back {
-            send_event(events, EngineEvent::Device(format!("speaker not found; using {}", device.name)));
+    fn new(wanted: Option<String>, watch: Arc<DeviceWatch>) -> Speaker {
+        Speaker {
+            host: device::host(),
+            watch,
+            follow: DeviceFollow::new("speaker", wanted.clone(), Instant::now()),
+            wanted,
+            open: None,
+            keeper: FillKeeper::default(),
+            missing_before: 0,
+            planned: Vec::with_capacity(2 * FRAME_20MS),
+            resampled: Vec::with_capacity(4 * FRAME_20MS),
         }
-        let resampler = (device.rate != SAMPLE_RATE).then(|| Resampler::new(SAMPLE_RATE, device.rate).ok()).flatten();
-        Some(Speaker { device, resampler, scratch: Vec::with_capacity(4 * FRAME_20MS) })
+    }
+
+    fn notice(events: &tokio_mpsc::Sender<EngineEvent>, notice: Option<String>) {
+        if let Some(message) = notice {
+            send_event(events, EngineEvent::Device(message));
+        }
+    }
+
+    /// Does what following the device asks now.
+    fn follow(&mut self, events: &tokio_mpsc::Sender<EngineEvent>) {
+        let now = Instant::now();
+        match self.follow.poll(now) {
+            Some(Action::Open(wanted)) => {
+                self.close();
+                let opened =
+                    device::open_output(&self.host, wanted.as_deref()).map_err(|e| e.to_string()).and_then(|device| {
+                        let resampler = (device.rate != SAMPLE_RATE)
+                            .then(|| Resampler::new(SAMPLE_RATE, device.rate))
+                            .transpose()
+                            .map_err(|e| format!("cannot resample to {} Hz for {}: {e}", device.rate, device.name))?;
+                        Ok(OpenSpeaker { device, resampler })
+                    });
+                match opened {
+                    Ok(speaker) => {
+                        Self::notice(events, self.follow.opened(now, &speaker.device.name, speaker.device.fell_back));
+                        self.open = Some(speaker);
+                    }
+                    Err(e) => Self::notice(events, self.follow.open_failed(now, &e)),
+                }
+            }
+            Some(Action::Look(wanted)) => {
+                if let Some(listed) = self.watch.has(false, &wanted) {
+                    Self::notice(events, self.follow.listed(now, listed));
+                }
+            }
+            None => {}
+        }
+        let Some(open) = &self.open else { return };
+        if let Some(error) = open.device.health.broken() {
+            let listed = self.wanted.as_deref().is_some_and(|wanted| self.watch.has(false, wanted).unwrap_or(true));
+            Self::notice(events, self.follow.broke(now, &open.device.name, &error, listed));
+            self.close();
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(open) = self.open.take() {
+            self.missing_before += open.device.health.xruns.load(Ordering::Relaxed);
+        }
+    }
+
+    fn stats(&self) -> FillStats {
+        let open = self.open.as_ref().map_or(0, |open| open.device.health.xruns.load(Ordering::Relaxed));
+        FillStats { missing: self.missing_before + open, ..self.keeper.stats() }
     }
 
     fn play(&mut self, frame: &[f32; FRAME_20MS], events: &tokio_mpsc::Sender<EngineEvent>) {
-        if lost(&self.device.health) {
-            let name = self.device.name.clone();
-            send_event(events, EngineEvent::Device(format!("speaker {name} vanished; switching to the default")));
-            if let Some(speaker) = Speaker::open(None, events) {
-                *self = speaker;
-            }
-            return;
-        }
-        self.scratch.clear();
-        match &mut self.resampler {
+        self.follow(events);
+        let Some(open) = &mut self.open else { return };
+        let ring = &mut open.device.ring;
+        let queued =
+            (device::RING_SAMPLES - ring.slots()) as u64 * u64::from(SAMPLE_RATE) / u64::from(open.device.rate);
+        let plan = self.keeper.plan(queued as usize);
+        let Plan::Play { silence, len } = plan else { return };
+        self.planned.clear();
+        self.planned.resize(silence, 0.0);
+        stretch(frame, len, &mut self.planned);
+        let samples = match &mut open.resampler {
             Some(resampler) => {
-                let _ = resampler.push(frame, &mut self.scratch);
+                self.resampled.clear();
+                let _ = resampler.push(&self.planned, &mut self.resampled);
+                &self.resampled
             }
-            None => self.scratch.extend_from_slice(frame),
-        }
-        for &sample in &self.scratch {
-            // A full ring: the device clock runs slower than ours; drop rather than wait.
-            if self.device.ring.push(sample).is_err() {
-                self.device.health.xruns.fetch_add(1, Ordering::Relaxed);
+            None => &self.planned,
+        };
+        for &sample in samples {
+            // The keeper keeps the ring far from full (it holds a second); the rest of a
+            // frame that does not fit is dropped, and the keeper drops the next ones.
+            if ring.push(sample).is_err() {
+                break;
             }
         }
     }

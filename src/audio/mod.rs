@@ -9,6 +9,8 @@ pub mod desktop;
 pub mod device;
 pub mod dsp;
 pub mod engine;
+pub mod fill;
+pub mod follow;
 pub mod jitter;
 pub mod mixer;
 pub mod pipeline;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::codec::{CodecError, EncoderSettings, VoiceDecoder, VoiceEncoder};
 use super::dsp::{Denoiser, Gate, VoiceMode, level_dbfs};
+use super::fill::FillStats;
 use super::jitter::{JitterBuffer, JitterStats, Playout};
 use super::mixer::Mixer;
 use super::{FRAME_10MS, FRAME_20MS};
@@ -158,6 +159,8 @@ pub struct PlaybackStats {
     pub undecodable: u64,
     /// 20 ms frames that went to the output.
     pub frames_out: u64,
+    /// How the speaker's ring was kept (zero without a speaker).
+    pub speaker: FillStats,
 }
 
 pub struct Playback {

@@ -153,7 +153,7 @@ impl App {
             Err(e) => (Settings::default(), Some(e.to_string())),
         };
         let screen = if paths.data_dir.join(VAULT_FILE).exists() { Screen::Unlock } else { Screen::Setup };
-        let model = Model { screen, settings, error, devices: device::list(), ..Model::default() };
+        let model = Model { screen, settings, error, devices: device::list(&device::host()), ..Model::default() };
         let mut app = App {
             model,
             runtime,

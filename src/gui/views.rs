@@ -7,6 +7,7 @@ use egui::{Color32, RichText, Ui};
 
 use super::UiCommand;
 use super::model::{Conversation, Model, NewChannel, Screen, Watching, clock, password_strength};
+use crate::audio::device::DeviceName;
 use crate::audio::dsp::VoiceMode;
 use crate::protocol::Resolution;
 use crate::session::chat::MAX_TEXT_CHARS;
@@ -947,13 +948,13 @@ pub fn settings(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand>) 
     }
 }
 
-fn device_choice(ui: &mut Ui, label: &str, devices: &[String], chosen: &mut Option<String>) {
+fn device_choice(ui: &mut Ui, label: &str, devices: &[DeviceName], chosen: &mut Option<String>) {
     egui::ComboBox::from_label(label).selected_text(chosen.clone().unwrap_or_else(|| "System default".into())).show_ui(
         ui,
         |ui| {
             ui.selectable_value(chosen, None, "System default");
             for device in devices {
-                ui.selectable_value(chosen, Some(device.clone()), device);
+                ui.selectable_value(chosen, Some(device.name.clone()), &device.name);
             }
         },
     );

@@ -310,6 +310,9 @@ impl Drop for TestClient {
     }
 }
 
+/// The sound server's default output.
+pub const DEFAULT_SINK: &str = "desktop";
+
 /// A private PulseAudio server (Debian's `pulseaudio`, installed by `just setup`) whose
 /// one output, a null sink named "desktop", is the default: the sound card of a machine
 /// that has none. Killed on drop.
@@ -328,7 +331,7 @@ impl SoundServer {
             .env("XDG_RUNTIME_DIR", dir.path())
             .args(["-n", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no", "-L"])
             .arg(format!("module-native-protocol-unix socket={} auth-anonymous=1", socket.display()))
-            .args(["-L", "module-null-sink sink_name=desktop rate=48000"])
+            .args(["-L", &format!("module-null-sink sink_name={DEFAULT_SINK} rate=48000")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -357,19 +360,68 @@ impl SoundServer {
         command
     }
 
+    /// Runs `pactl` with `args` against this server and returns what it printed.
+    pub fn pactl(&self, args: &[&str]) -> String {
+        let out = self.tool("pactl").args(args).stdout(Stdio::piped()).output().expect("pactl runs");
+        assert!(out.status.success(), "pactl {args:?} failed");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Loads a module (`pactl load-module`); its index, to unload it with.
+    pub fn load(&self, module: &str, args: &[&str]) -> u32 {
+        let index = self.pactl(&[&["load-module", module][..], args].concat());
+        index.trim().parse().unwrap_or_else(|_| panic!("{module}: {index}"))
+    }
+
+    pub fn unload(&self, index: u32) {
+        self.pactl(&["unload-module", &index.to_string()]);
+    }
+
     /// Plays `wav` on the default output, as any other application would.
     pub fn play(&self, wav: &Path) -> Child {
         self.tool("paplay").arg(wav).spawn().expect("paplay runs (just setup installs pulseaudio-utils)")
     }
 
+    /// Plays `wav` on the output called `sink`, in real time: a stream with paplay's
+    /// own 2 s buffer is rendered seconds ahead in one burst, and a monitor of that output
+    /// would hand a microphone seconds of sound at once.
+    pub fn play_on(&self, sink: &str, wav: &Path) -> Child {
+        self.tool("paplay")
+            .args([&format!("--device={sink}")[..], "--latency-msec=20"])
+            .arg(wav)
+            .spawn()
+            .expect("paplay runs")
+    }
+
     /// Records everything the default output plays, 48 kHz mono float, into `raw` until
     /// killed ([`read_raw`] reads it).
     pub fn record_output(&self, raw: &Path) -> Child {
-        self.tool("parec")
-            .args(["--device=desktop.monitor", "--raw", "--format=float32le", "--rate=48000", "--channels=1"])
+        self.record(&format!("{DEFAULT_SINK}.monitor"), raw)
+    }
+
+    /// Records the source called `source` as [`SoundServer::record_output`] does, and
+    /// returns once the recording has begun (parec can take a second to connect): what
+    /// is played from now on is in it.
+    pub fn record(&self, source: &str, raw: &Path) -> Child {
+        let child = self
+            .tool("parec")
+            .args([
+                &format!("--device={source}")[..],
+                "--latency-msec=10",
+                "--raw",
+                "--format=float32le",
+                "--rate=48000",
+                "--channels=1",
+            ])
             .stdout(std::fs::File::create(raw).unwrap())
             .spawn()
-            .expect("parec runs")
+            .expect("parec runs");
+        let deadline = Instant::now() + TIMEOUT;
+        while std::fs::metadata(raw).map_or(0, |m| m.len()) == 0 {
+            assert!(Instant::now() < deadline, "parec recorded nothing from {source}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child
     }
 }
 
