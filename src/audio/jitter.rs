@@ -101,6 +101,9 @@ pub struct JitterBuffer {
     last_seq: u64,
     /// Arrival time minus media time, in seconds since the first arrival.
     transit: VecDeque<f64>,
+    /// The delay to hold packets for, measured again on each arrival (not on every
+    /// packet played).
+    target: Duration,
     /// How long recently played packets waited in the buffer.
     waits: VecDeque<Duration>,
     first_arrival: Option<Instant>,
@@ -117,6 +120,7 @@ impl Default for JitterBuffer {
             next_ts: None,
             last_seq: 0,
             transit: VecDeque::with_capacity(HISTORY),
+            target: START_DELAY,
             waits: VecDeque::with_capacity(WAIT_HISTORY),
             first_arrival: None,
             stats: JitterStats::default(),
@@ -134,6 +138,7 @@ impl JitterBuffer {
             self.transit.pop_front();
         }
         self.transit.push_back(now.duration_since(first).as_secs_f64() - ts as f64 / f64::from(SAMPLE_RATE));
+        self.target = self.measure_target();
         if self.next_ts.is_some_and(|next| ts < next) {
             self.stats.late += 1;
             return;
@@ -151,13 +156,24 @@ impl JitterBuffer {
     /// How long packets are held: the measured spread of arrival times (95th
     /// percentile) plus one frame, within [`MIN_DELAY`, `MAX_DELAY`].
     pub fn target_delay(&self) -> Duration {
-        if self.transit.len() < MIN_HISTORY {
+        self.target
+    }
+
+    /// [`JitterBuffer::target_delay`] from the arrivals now in the history, without
+    /// allocating (a copy on the stack, partly ordered).
+    fn measure_target(&self) -> Duration {
+        let n = self.transit.len();
+        if n < MIN_HISTORY {
             return START_DELAY;
         }
-        let mut sorted: Vec<f64> = self.transit.iter().copied().collect();
-        sorted.sort_by(f64::total_cmp);
-        let p95 = sorted[(sorted.len() * 95 / 100).min(sorted.len() - 1)];
-        let spread = Duration::from_secs_f64((p95 - sorted[0]).max(0.0));
+        let mut transit = [0.0; HISTORY];
+        for (slot, t) in transit.iter_mut().zip(&self.transit) {
+            *slot = *t;
+        }
+        let transit = &mut transit[..n];
+        let lowest = transit.iter().copied().fold(f64::INFINITY, f64::min);
+        let (_, p95, _) = transit.select_nth_unstable_by((n * 95 / 100).min(n - 1), f64::total_cmp);
+        let spread = Duration::from_secs_f64((*p95 - lowest).max(0.0));
         (spread + FRAME_TIME).clamp(MIN_DELAY, MAX_DELAY)
     }
 

@@ -230,6 +230,9 @@ pub struct Model {
 
 /// Seconds of connection health kept for the plots.
 pub const HEALTH_HISTORY: usize = 60;
+/// Lines a conversation's pane keeps: as many as the vault's history keeps of it; older
+/// ones go, so that neither memory nor the layout of a pane grows with a chatty channel.
+pub const PANE_LINES: usize = crate::session::history::PER_CONVERSATION;
 
 /// One second of connection health.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -366,7 +369,7 @@ impl Model {
                     delivered: None,
                     identity_changed: *identity_changed,
                 };
-                self.conversations.entry(conversation.clone()).or_default().push(line);
+                self.add_line(conversation.clone(), line);
                 if self.selected.as_ref() != Some(&conversation) {
                     *self.unread.entry(conversation).or_default() += 1;
                 }
@@ -448,7 +451,17 @@ impl Model {
         let from = self.me.clone().unwrap_or_default();
         let line =
             Line { from, text, time_ms, received_ms: None, mine: true, delivered: None, identity_changed: false };
-        self.conversations.entry(conversation).or_default().push(line);
+        self.add_line(conversation, line);
+    }
+
+    /// A line at the end of a pane, the oldest going beyond [`PANE_LINES`] (in steps
+    /// of a tenth, so that the pane is not shifted on every line).
+    fn add_line(&mut self, conversation: Conversation, line: Line) {
+        let lines = self.conversations.entry(conversation).or_default();
+        lines.push(line);
+        if lines.len() > PANE_LINES + PANE_LINES / 10 {
+            lines.drain(..lines.len() - PANE_LINES);
+        }
     }
 
     pub fn select(&mut self, conversation: Conversation) {
@@ -596,6 +609,18 @@ mod tests {
             lines.iter().map(|l| (l.text.as_str(), l.mine)).collect::<Vec<_>>(),
             [("earlier", false), ("mine", true)]
         );
+    }
+
+    #[test]
+    fn a_pane_keeps_its_newest_lines_only() {
+        let mut model = Model { me: Some("alice".into()), server: "h:1".into(), ..Model::default() };
+        let lobby = Conversation::Channel("Lobby".into());
+        for i in 0..3 * PANE_LINES {
+            model.sent(lobby.clone(), format!("line {i}"), i as u64);
+            assert!(model.conversations[&lobby].len() <= PANE_LINES + PANE_LINES / 10);
+        }
+        let lines = &model.conversations[&lobby];
+        assert_eq!(lines.last().unwrap().text, format!("line {}", 3 * PANE_LINES - 1), "the newest stays");
     }
 
     #[test]

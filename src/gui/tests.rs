@@ -283,6 +283,25 @@ fn a_channel_pane_left_behind_does_not_send() {
 }
 
 #[test]
+fn a_long_pane_lays_out_only_the_lines_in_view() {
+    let mut model = Model::fixture();
+    let den = Conversation::Channel("Den".into());
+    for i in 0..super::model::PANE_LINES {
+        model.sent(den.clone(), format!("line number {i}"), i as u64);
+    }
+    model.select(den);
+    let (mut h, _rx) = harness(model, views::chat);
+    // Stuck to the bottom: the newest is shown; the oldest is not laid out at all.
+    h.run();
+    let last = format!("line number {}", super::model::PANE_LINES - 1);
+    assert!(h.query_by_label(&last).is_some(), "the newest line is in view");
+    assert!(h.query_by_label("line number 0").is_none(), "the oldest is not laid out");
+    let laid_out =
+        (0..super::model::PANE_LINES).filter(|i| h.query_by_label(&format!("line number {i}")).is_some()).count();
+    assert!(laid_out < 60, "{laid_out} lines laid out for a pane of 700 px");
+}
+
+#[test]
 fn chat_sends_counts_characters_and_marks_encryption() {
     let (mut h, rx) = harness(Model::fixture(), views::chat);
     assert!(h.query_by_label_contains("End-to-end encrypted").is_some());

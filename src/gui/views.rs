@@ -846,8 +846,10 @@ pub fn chat(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
         .max_height(ui.available_height() - composer_height)
         .stick_to_bottom(true)
         .auto_shrink([false, false])
-        .show(ui, |ui| {
-            for line in model.conversations.get(&selected).into_iter().flatten() {
+        .show_viewport(ui, |ui, viewport| {
+            let lines = model.conversations.get(&selected).map_or(&[][..], Vec::as_slice);
+            visible_rows(ui, ui.scope_id().with(&selected), lines.len(), viewport, |ui, at| {
+                let line = &lines[at];
                 ui.horizontal_wrapped(|ui| {
                     // When it arrived; the sender's own claim beside it when they differ.
                     let arrived = line.received_ms.unwrap_or(line.time_ms);
@@ -864,7 +866,7 @@ pub fn chat(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
                         ui.label(RichText::new(format!("delivered {reached}/{total}")).weak().small());
                     }
                 });
-            }
+            });
         });
     ui.separator();
     let count = model.drafts.message.chars().count();
@@ -946,6 +948,33 @@ pub fn settings(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand>) 
     if settings != model.settings {
         send(tx, UiCommand::SaveSettings(Box::new(settings)));
     }
+}
+
+/// Lays out only the rows of a list that fall in `viewport` (a scroll area's, in its
+/// content's coordinates); the others are empty space of the height each had when last
+/// drawn (or one line's, before that), remembered under `id`. A pane of hundreds of
+/// wrapped messages then costs what its visible ones do.
+fn visible_rows(ui: &mut Ui, id: egui::Id, rows: usize, viewport: egui::Rect, mut row: impl FnMut(&mut Ui, usize)) {
+    let mut heights: Vec<f32> = ui.data(|d| d.get_temp(id)).unwrap_or_default();
+    let guess = ui.text_style_height(&egui::TextStyle::Body) + ui.spacing().item_spacing.y;
+    heights.resize(rows, guess);
+    let origin = ui.cursor().top();
+    let mut first = 0;
+    let mut above = 0.0;
+    while first < rows && above + heights[first] < viewport.min.y {
+        above += heights[first];
+        first += 1;
+    }
+    ui.add_space(above);
+    let mut next = first;
+    while next < rows && ui.cursor().top() - origin <= viewport.max.y {
+        let top = ui.cursor().top();
+        row(ui, next);
+        heights[next] = ui.cursor().top() - top;
+        next += 1;
+    }
+    ui.add_space(heights[next..].iter().sum());
+    ui.data_mut(|d| d.insert_temp(id, heights));
 }
 
 fn device_choice(ui: &mut Ui, label: &str, devices: &[DeviceName], chosen: &mut Option<String>) {
