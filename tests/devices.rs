@@ -106,12 +106,15 @@ fn voice_goes_through_real_devices_and_follows_an_unplugged_microphone() {
     let gone = alice.expect("the headset gone", |e| e["event"] == "device");
     println!("{gone}");
     assert!(gone["message"].as_str().unwrap().contains("Headset is gone; switching to the default"), "{gone}");
+    // The switch itself takes a moment (opening a stream); speech resumes after it.
+    std::thread::sleep(Duration::from_secs(1));
     say("room_feed");
     // 3. Plugged back in: her client takes it again.
     plug_headset(&sound);
     let back = alice.expect("the headset back", |e| e["event"] == "device" && e != &gone);
     println!("{back}");
     assert!(back["message"].as_str().unwrap().contains("Headset is back"), "{back}");
+    std::thread::sleep(Duration::from_secs(1));
     say("headset_feed");
     alice.quit();
     bob.quit();
