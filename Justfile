@@ -11,8 +11,8 @@ set positional-arguments
 # parec, and ALSA's plugin to reach it) is the sound card of the desktop-audio test;
 # PipeWire's headers build the Wayland capture, and the Wayland test's desktop is D-Bus,
 # PipeWire with WirePlumber, the portal frontend and a GStreamer picture on PipeWire;
-# iproute2 for `just netem`.
-packages := "build-essential pkg-config protobuf-compiler cmake libasound2-dev iproute2 libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libclang-dev xvfb pulseaudio pulseaudio-utils libasound2-plugins libpipewire-0.3-dev libspa-0.2-dev dbus-daemon pipewire wireplumber xdg-desktop-portal gstreamer1.0-pipewire gstreamer1.0-plugins-base gstreamer1.0-tools"
+# iproute2 for `just netem`; WebRTC's audio processing module is the echo canceller.
+packages := "build-essential pkg-config protobuf-compiler cmake libasound2-dev libwebrtc-audio-processing-dev iproute2 libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libclang-dev xvfb pulseaudio pulseaudio-utils libasound2-plugins libpipewire-0.3-dev libspa-0.2-dev dbus-daemon pipewire wireplumber xdg-desktop-portal gstreamer1.0-pipewire gstreamer1.0-plugins-base gstreamer1.0-tools"
 
 # List the recipes.
 default:

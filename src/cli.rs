@@ -194,6 +194,9 @@ struct VoiceArgs {
     /// Send the microphone without RNNoise noise suppression.
     #[arg(long)]
     no_denoise: bool,
+    /// Turn echo cancellation off (it takes what the speaker plays out of the microphone).
+    #[arg(long)]
+    no_echo_cancel: bool,
     /// Opus complexity, 0 (fastest) to 10 (best).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=10))]
     complexity: i32,
@@ -216,6 +219,7 @@ impl VoiceArgs {
             mode: self.voice_mode,
             threshold_dbfs: self.vad_threshold,
             denoise: !self.no_denoise,
+            echo_cancel: !self.no_echo_cancel,
             encoder: EncoderSettings { complexity: self.complexity, ..EncoderSettings::default() },
         };
         Ok(VoiceOptions {

@@ -17,6 +17,7 @@ use tokio::sync::mpsc as tokio_mpsc;
 
 use super::device::{self, DeviceWatch};
 use super::dsp::{Resampler, VoiceMode};
+use super::echo::EchoCanceller;
 use super::fill::{FillKeeper, FillStats, Plan, stretch};
 use super::follow::{Action, DeviceFollow, LOOK_EVERY};
 use super::pipeline::{Capture, CaptureSettings, EncodedVoice, Playback, PlaybackStats, SpeakingChange};
@@ -112,6 +113,8 @@ pub enum Control {
     Forget(u32),
     /// Play our own encoded voice back to us (the microphone test).
     Loopback(bool),
+    /// Echo cancellation on or off.
+    EchoCancel(bool),
 }
 
 /// The sender id our own voice plays under in the microphone test.
@@ -154,6 +157,8 @@ pub struct Engine {
     playback_thread: JoinHandle<Result<PlaybackStats, EngineError>>,
     /// The device lists both threads look at, once one of them uses a device.
     watch: Option<Arc<DeviceWatch>>,
+    /// The echo canceller whose far end the speaker feeds (with a speaker only).
+    echo: Option<EchoCanceller>,
     dropped: u64,
     loopback: bool,
 }
@@ -169,12 +174,20 @@ impl Engine {
         let output_device = config.output_device;
         let watch = output_device.is_some().then(start_watch).transpose()?;
         let speaker_watch = watch.clone();
+        let echo = output_device.as_ref().and_then(|_| match EchoCanceller::new() {
+            Ok(echo) => Some(echo),
+            Err(e) => {
+                tracing::warn!(error = %e, "no echo cancellation");
+                None
+            }
+        });
+        let far_end = echo.clone();
         let (stop_playback, playback_events) = (stop.clone(), events.clone());
         let playback_thread = std::thread::Builder::new()
             .name("voipc-playback".into())
             .spawn(move || {
                 let inputs = PlaybackInputs { packets: playback_rx, controls: playback_controls };
-                let speaker = output_device.zip(speaker_watch).map(|(name, watch)| Speaker::new(name, watch));
+                let speaker = output_device.zip(speaker_watch).map(|(name, watch)| Speaker::new(name, watch, far_end));
                 run_playback(speaker, recorder, &inputs, &playback_events, &stop_playback)
             })
             .map_err(|e| EngineError::Thread("playback", e))?;
@@ -189,6 +202,7 @@ impl Engine {
             capture_thread: None,
             playback_thread,
             watch,
+            echo,
             dropped: 0,
             loopback: false,
         };
@@ -199,6 +213,10 @@ impl Engine {
     pub fn start_capture(&mut self, source: Source, settings: CaptureSettings) -> Result<(), EngineError> {
         let Some(controls) = self.capture_controls.take() else { return Ok(()) };
         let mut capture = Capture::new(settings)?;
+        // A microphone can hear the speaker; a file cannot.
+        if let (Source::Device(_), Some(echo)) = (&source, &self.echo) {
+            capture.set_echo_canceller(echo.clone());
+        }
         let (events, stop) = (self.events.clone(), self.stop.clone());
         let watch = match (&source, &self.watch) {
             (Source::Device(_), Some(watch)) => Some(watch.clone()),
@@ -229,6 +247,7 @@ impl Engine {
             | Control::PushToTalk(_)
             | Control::Mode(..)
             | Control::Denoise(_)
+            | Control::EchoCancel(_)
             | Control::LossHint(_) => &self.capture_control,
             Control::Deafen(_) | Control::Volume { .. } | Control::LocalMute { .. } | Control::Forget(_) => {
                 &self.playback_control
@@ -296,6 +315,7 @@ fn run_capture(
                 Control::PushToTalk(held) => capture.push_to_talk_held = held,
                 Control::Mode(mode, threshold) => capture.set_mode(mode, threshold),
                 Control::Denoise(on) => capture.set_denoise(on),
+                Control::EchoCancel(on) => capture.set_echo_cancel(on),
                 Control::LossHint(percent) => {
                     let _ = capture.set_loss_hint(percent);
                 }
@@ -502,6 +522,8 @@ fn finish(
 struct Speaker {
     host: cpal::Host,
     watch: Arc<DeviceWatch>,
+    /// The echo canceller's far end: what this speaker plays.
+    far_end: Option<EchoCanceller>,
     wanted: Option<String>,
     follow: DeviceFollow,
     open: Option<OpenSpeaker>,
@@ -520,10 +542,11 @@ struct OpenSpeaker {
 }
 
 impl Speaker {
-    fn new(wanted: Option<String>, watch: Arc<DeviceWatch>) -> Speaker {
+    fn new(wanted: Option<String>, watch: Arc<DeviceWatch>, far_end: Option<EchoCanceller>) -> Speaker {
         Speaker {
             host: device::host(),
             watch,
+            far_end,
             follow: DeviceFollow::new("speaker", wanted.clone(), Instant::now()),
             wanted,
             open: None,
@@ -594,8 +617,13 @@ impl Speaker {
         let ring = &mut open.device.ring;
         let queued =
             (device::RING_SAMPLES - ring.slots()) as u64 * u64::from(SAMPLE_RATE) / u64::from(open.device.rate);
-        let plan = self.keeper.plan(queued as usize);
-        let Plan::Play { silence, len } = plan else { return };
+        let Plan::Play { silence, len } = self.keeper.plan(queued as usize) else { return };
+        // What is played is what the microphone may hear again (a dropped frame is not).
+        if let Some(far_end) = &mut self.far_end {
+            for half in frame.chunks_exact(FRAME_10MS) {
+                far_end.far_end(half.try_into().expect("chunks of 10 ms"));
+            }
+        }
         self.planned.clear();
         self.planned.resize(silence, 0.0);
         stretch(frame, len, &mut self.planned);

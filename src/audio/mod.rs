@@ -8,6 +8,7 @@ pub mod codec;
 pub mod desktop;
 pub mod device;
 pub mod dsp;
+pub mod echo;
 pub mod engine;
 pub mod fill;
 pub mod follow;

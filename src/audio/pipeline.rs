@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::codec::{CodecError, EncoderSettings, VoiceDecoder, VoiceEncoder};
 use super::dsp::{Denoiser, Gate, VoiceMode, level_dbfs};
+use super::echo::EchoCanceller;
 use super::fill::FillStats;
 use super::jitter::{JitterBuffer, JitterStats, Playout};
 use super::mixer::Mixer;
@@ -20,6 +21,9 @@ pub struct CaptureSettings {
     pub threshold_dbfs: f32,
     /// RNNoise noise suppression (its voice probability drives the gate either way).
     pub denoise: bool,
+    /// Acoustic echo cancellation, when the engine has a canceller (a microphone and a
+    /// speaker): the far end taken out of the microphone before noise suppression.
+    pub echo_cancel: bool,
     pub encoder: EncoderSettings,
 }
 
@@ -29,6 +33,7 @@ impl Default for CaptureSettings {
             mode: VoiceMode::VoiceActivity,
             threshold_dbfs: -50.0,
             denoise: true,
+            echo_cancel: true,
             encoder: EncoderSettings::default(),
         }
     }
@@ -59,6 +64,8 @@ pub struct Capture {
     gate: Gate,
     encoder: VoiceEncoder,
     denoise: bool,
+    echo: Option<EchoCanceller>,
+    echo_cancel: bool,
     frame: Box<[f32; FRAME_20MS]>,
     /// Which half of the 20 ms frame the next 10 ms fill.
     second_half: bool,
@@ -77,6 +84,8 @@ impl Capture {
             gate: Gate::new(settings.mode, settings.threshold_dbfs),
             encoder: VoiceEncoder::new(settings.encoder)?,
             denoise: settings.denoise,
+            echo: None,
+            echo_cancel: settings.echo_cancel,
             frame: Box::new([0.0; FRAME_20MS]),
             second_half: false,
             open_in_frame: false,
@@ -97,6 +106,15 @@ impl Capture {
         self.denoise = on;
     }
 
+    /// The canceller whose far end is what the speaker plays (the engine's).
+    pub fn set_echo_canceller(&mut self, echo: EchoCanceller) {
+        self.echo = Some(echo);
+    }
+
+    pub fn set_echo_cancel(&mut self, on: bool) {
+        self.echo_cancel = on;
+    }
+
     /// Tells the encoder how much loss to plan its FEC for.
     pub fn set_loss_hint(&mut self, percent: i32) -> Result<(), CodecError> {
         self.encoder.set_loss_hint(percent)
@@ -107,6 +125,9 @@ impl Capture {
         let half = if self.second_half { &mut self.frame[FRAME_10MS..] } else { &mut self.frame[..FRAME_10MS] };
         let half: &mut [f32; FRAME_10MS] = half.try_into().expect("half of 20 ms is 10 ms");
         half.copy_from_slice(input);
+        if let (Some(echo), true) = (&mut self.echo, self.echo_cancel) {
+            echo.near_end(half);
+        }
         let probability = self.denoiser.process(half, self.denoise);
         let level_dbfs = level_dbfs(half);
         let open = self.gate.decide(probability, level_dbfs, self.push_to_talk_held) && !self.muted;

@@ -1,8 +1,8 @@
 //! `voipc bench codec`: the voice path's costs, each beside a baseline from the same run.
 //! Opus and RNNoise as multiples of real time; SFrame packets per second beside the TLS
 //! provider's own AES-256-GCM (aws-lc-rs) on the same bytes; and the whole client
-//! pipeline (capture side, and the receive side of a 5-speaker channel) as a share of
-//! one core.
+//! pipeline (capture side with echo cancellation, and the receive side of a 5-speaker
+//! channel) as a share of one core; and the echo canceller on a simulated room.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use serde_json::json;
 
 use crate::audio::codec::{EncoderSettings, VoiceDecoder, VoiceEncoder};
 use crate::audio::dsp::Denoiser;
+use crate::audio::echo::{self, EchoCanceller};
 use crate::audio::pipeline::{Capture, CaptureSettings, Playback};
 use crate::audio::wav::read_voice;
 use crate::audio::{FRAME_10MS, FRAME_20MS, SAMPLE_RATE};
@@ -79,6 +80,18 @@ pub fn run(window: Duration, json: bool) -> anyhow::Result<()> {
         }
     }) * seconds_of_voice;
     results.push(("rnnoise".into(), denoise, "x real time"));
+    let mut near_end = EchoCanceller::new()?;
+    let mut far_end = near_end.clone();
+    let cancel = rate(window, || {
+        for chunk in voice.chunks_exact(FRAME_10MS) {
+            frame.copy_from_slice(chunk);
+            far_end.far_end(&frame);
+            near_end.near_end(&mut frame);
+        }
+    }) * seconds_of_voice;
+    results.push(("echo cancellation (far + near end)".into(), cancel, "x real time"));
+    let echo_rows =
+        [30, 120].map(|delay_ms| echo::measure(&voice, delay_ms)).into_iter().collect::<Result<Vec<_>, _>>()?;
 
     // SFrame against aws-lc-rs's AES-256-GCM on the same payload and header.
     let header = [0u8; 20];
@@ -129,13 +142,18 @@ pub fn run(window: Duration, json: bool) -> anyhow::Result<()> {
         }));
     }
 
-    // The whole client pipeline over the sample: capture (denoise, gate, encode, seal)
+    // The whole client pipeline over the sample: capture (echo cancellation, denoise, gate, encode, seal)
     // and the receive side of SPEAKERS senders (open, jitter buffer, decode, mix).
     let started = Instant::now();
     let mut capture = Capture::new(CaptureSettings::default())?;
+    let canceller = EchoCanceller::new()?;
+    capture.set_echo_canceller(canceller.clone());
+    let mut far_end = canceller;
     let mut mine = MediaKeys::default();
     mine.start_epoch(SessionId(1), ChannelId(1), &mut rand::rng());
     for chunk in voice.chunks_exact(FRAME_10MS) {
+        // The speaker's side of the canceller runs on the playback thread; it is counted here.
+        far_end.far_end(chunk.try_into().expect("10 ms"));
         let report = capture.push_10ms(chunk.try_into().expect("10 ms"))?;
         if let Some(p) = report.packet {
             let _ = mine.seal(SessionId(1), StreamType::Voice, p.sequence, p.timestamp, &p.payload);
@@ -183,6 +201,7 @@ pub fn run(window: Duration, json: bool) -> anyhow::Result<()> {
         let report = json!({
             "codec": rows,
             "sframe": sframe_rows,
+            "echo": echo_rows,
             "pipeline": {"capture_share_of_core": capture_share, "receive_share_of_core_5_speakers": receive_share,
                          "total": capture_share + receive_share, "target": 0.05},
         });
@@ -201,6 +220,13 @@ pub fn run(window: Duration, json: bool) -> anyhow::Result<()> {
             row["sframe_open_per_sec"].as_f64().unwrap_or(0.0),
             row["aws_lc_seal_and_open_per_sec"].as_f64().unwrap_or(0.0),
             row["ratio"].as_f64().unwrap_or(0.0)
+        );
+    }
+    for row in &echo_rows {
+        println!(
+            "echo cancellation, echo {} ms late: ERLE {:.1} dB; the near end through double talk {:.3} (with the echo, \
+             before: {:.3})",
+            row.delay_ms, row.erle_db, row.near_end_kept, row.near_end_in_microphone
         );
     }
     println!(

@@ -267,8 +267,8 @@ impl App {
                 self.send_to_client(Command::MicrophoneTest(self.mic_test));
             }
             UiCommand::SaveSettings(settings) => {
-                let voice_changed = (settings.voice_mode, settings.vad_threshold, settings.denoise)
-                    != (self.model.settings.voice_mode, self.model.settings.vad_threshold, self.model.settings.denoise);
+                let voice = |s: &Settings| (s.voice_mode, s.vad_threshold, s.denoise, s.echo_cancel);
+                let voice_changed = voice(&settings) != voice(&self.model.settings);
                 let key_changed = (&settings.push_to_talk_key, settings.global_push_to_talk, settings.voice_mode)
                     != (
                         &self.model.settings.push_to_talk_key,
@@ -287,6 +287,7 @@ impl App {
                         mode: s.voice_mode,
                         threshold_dbfs: s.vad_threshold.round() as i16,
                         denoise: s.denoise,
+                        echo_cancel: s.echo_cancel,
                     };
                     self.send_to_client(command);
                 }
@@ -373,6 +374,7 @@ impl App {
                     mode: settings.voice_mode,
                     threshold_dbfs: settings.vad_threshold,
                     denoise: settings.denoise,
+                    echo_cancel: settings.echo_cancel,
                     ..CaptureSettings::default()
                 },
                 // What the voice bar shows is what the new connection does.

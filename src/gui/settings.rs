@@ -27,6 +27,8 @@ pub struct Settings {
     /// The voice-activity threshold in dBFS.
     pub vad_threshold: f32,
     pub denoise: bool,
+    /// Echo cancellation (what the speaker plays, taken out of the microphone).
+    pub echo_cancel: bool,
     /// The push-to-talk key, by name ("Space", "F13", "A").
     pub push_to_talk_key: String,
     /// Whether the push-to-talk key works in every window (X11, Windows, macOS): it is then
@@ -49,6 +51,7 @@ impl Default for Settings {
             voice_mode: VoiceMode::VoiceActivity,
             vad_threshold: -50.0,
             denoise: true,
+            echo_cancel: true,
             push_to_talk_key: "Space".into(),
             global_push_to_talk: false,
             saved_servers: Vec::new(),

@@ -355,9 +355,12 @@ fn the_voice_bar_mutes_deafens_and_changes_the_mode() {
     h.run();
     h.get_by_label("Noise suppression").click();
     h.run();
+    h.get_by_label("Echo cancellation").click();
+    h.run();
     let commands = sent(&rx);
     assert_eq!(commands[..2], [UiCommand::ToggleMute, UiCommand::ToggleDeafen]);
-    assert!(matches!(&commands[2], UiCommand::SaveSettings(s) if !s.denoise));
+    assert!(matches!(&commands[2], UiCommand::SaveSettings(s) if !s.denoise && s.echo_cancel));
+    assert!(matches!(&commands[3], UiCommand::SaveSettings(s) if !s.echo_cancel), "on by default, switched off");
 }
 
 #[test]

@@ -749,6 +749,7 @@ pub fn voice_bar(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
         ui.label(format!("Hold {} to talk (in this window)", settings.push_to_talk_key));
     }
     ui.checkbox(&mut settings.denoise, "Noise suppression");
+    ui.checkbox(&mut settings.echo_cancel, "Echo cancellation");
     if settings != model.settings {
         send(tx, UiCommand::SaveSettings(Box::new(settings)));
     }

@@ -795,9 +795,10 @@ fn voice_command(session: &mut Session, engine: &mut Engine, listening: &mut Lis
                 listening.apply(&user, sender, engine);
             }
         }
-        Command::VoiceSettings { mode, threshold_dbfs, denoise } => {
+        Command::VoiceSettings { mode, threshold_dbfs, denoise, echo_cancel } => {
             engine.control(Control::Mode(mode, f32::from(threshold_dbfs)));
             engine.control(Control::Denoise(denoise));
+            engine.control(Control::EchoCancel(echo_cancel));
         }
         Command::MicrophoneTest(on) => engine.control(Control::Loopback(on)),
         command => session.command(Instant::now(), command),

@@ -59,11 +59,12 @@ pub enum Command {
         user: String,
         muted: bool,
     },
-    /// When the microphone is on the air, and noise suppression.
+    /// When the microphone is on the air, noise suppression and echo cancellation.
     VoiceSettings {
         mode: crate::audio::dsp::VoiceMode,
         threshold_dbfs: i16,
         denoise: bool,
+        echo_cancel: bool,
     },
     /// Play our own voice back to us (the microphone test), or stop.
     MicrophoneTest(bool),
