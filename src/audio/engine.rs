@@ -155,7 +155,8 @@ pub struct Engine {
     stop: Arc<AtomicBool>,
     capture_thread: Option<JoinHandle<()>>,
     playback_thread: JoinHandle<Result<PlaybackStats, EngineError>>,
-    /// The device lists both threads look at, once one of them uses a device.
+    /// The device lists both threads look at, once one of them uses a device chosen by
+    /// name (the default needs no looking for).
     watch: Option<Arc<DeviceWatch>>,
     /// The echo canceller whose far end the speaker feeds (with a speaker only).
     echo: Option<EchoCanceller>,
@@ -172,7 +173,7 @@ impl Engine {
         let (playback, playback_rx) = mpsc::sync_channel(PLAYBACK_QUEUE);
         let (playback_control, playback_controls) = mpsc::sync_channel(CONTROL_QUEUE);
         let output_device = config.output_device;
-        let watch = output_device.is_some().then(start_watch).transpose()?;
+        let watch = matches!(output_device, Some(Some(_))).then(start_watch).transpose()?;
         let speaker_watch = watch.clone();
         let echo = output_device.as_ref().and_then(|_| match EchoCanceller::new() {
             Ok(echo) => Some(echo),
@@ -187,7 +188,7 @@ impl Engine {
             .name("voipc-playback".into())
             .spawn(move || {
                 let inputs = PlaybackInputs { packets: playback_rx, controls: playback_controls };
-                let speaker = output_device.zip(speaker_watch).map(|(name, watch)| Speaker::new(name, watch, far_end));
+                let speaker = output_device.map(|name| Speaker::new(name, speaker_watch, far_end));
                 run_playback(speaker, recorder, &inputs, &playback_events, &stop_playback)
             })
             .map_err(|e| EngineError::Thread("playback", e))?;
@@ -219,8 +220,8 @@ impl Engine {
         }
         let (events, stop) = (self.events.clone(), self.stop.clone());
         let watch = match (&source, &self.watch) {
-            (Source::Device(_), Some(watch)) => Some(watch.clone()),
-            (Source::Device(_), None) => Some(start_watch()?),
+            (Source::Device(Some(_)), Some(watch)) => Some(watch.clone()),
+            (Source::Device(Some(_)), None) => Some(start_watch()?),
             _ => None,
         };
         let thread = std::thread::Builder::new()
@@ -284,6 +285,11 @@ impl Engine {
 
 fn start_watch() -> Result<Arc<DeviceWatch>, EngineError> {
     DeviceWatch::start(LOOK_EVERY).map(Arc::new).map_err(|e| EngineError::Thread("devices", e))
+}
+
+/// Whether the latest listing has `wanted`: `None` without a watch or before its first.
+fn is_listed(watch: Option<&DeviceWatch>, input: bool, wanted: &str) -> Option<bool> {
+    watch?.has(input, wanted)
 }
 
 fn send_event(events: &tokio_mpsc::Sender<EngineEvent>, event: EngineEvent) {
@@ -355,10 +361,7 @@ fn run_capture(
             }
             send_event(events, EngineEvent::PlayFinished);
         }
-        Source::Device(name) => {
-            let watch = watch.expect("a device source comes with a watch");
-            capture_device(name, &watch, &mut push, events, stop);
-        }
+        Source::Device(name) => capture_device(name, watch.as_deref(), &mut push, events, stop),
         Source::Nothing => {}
     }
 }
@@ -384,7 +387,7 @@ impl Microphone {
 /// the default while it is gone, the chosen one again when it is back.
 fn capture_device(
     name: Option<String>,
-    watch: &DeviceWatch,
+    watch: Option<&DeviceWatch>,
     push: &mut dyn FnMut(&[f32; FRAME_10MS]),
     events: &tokio_mpsc::Sender<EngineEvent>,
     stop: &AtomicBool,
@@ -413,7 +416,7 @@ fn capture_device(
                 }
             }
             Some(Action::Look(wanted)) => {
-                if let Some(listed) = watch.has(true, &wanted) {
+                if let Some(listed) = is_listed(watch, true, &wanted) {
                     notice(follow.listed(now, listed));
                 }
             }
@@ -422,7 +425,7 @@ fn capture_device(
         std::thread::sleep(Duration::from_millis(5));
         let Some(mic) = &mut microphone else { continue };
         if let Some(error) = mic.device.health.broken() {
-            let listed = name.as_deref().is_some_and(|wanted| watch.has(true, wanted).unwrap_or(true));
+            let listed = name.as_deref().is_some_and(|wanted| is_listed(watch, true, wanted).unwrap_or(true));
             notice(follow.broke(Instant::now(), &mic.device.name, &error, listed));
             microphone = None;
             continue;
@@ -521,7 +524,7 @@ fn finish(
 /// resampler to its rate and the keeper of its ring's fill ([`FillKeeper`]).
 struct Speaker {
     host: cpal::Host,
-    watch: Arc<DeviceWatch>,
+    watch: Option<Arc<DeviceWatch>>,
     /// The echo canceller's far end: what this speaker plays.
     far_end: Option<EchoCanceller>,
     wanted: Option<String>,
@@ -542,7 +545,7 @@ struct OpenSpeaker {
 }
 
 impl Speaker {
-    fn new(wanted: Option<String>, watch: Arc<DeviceWatch>, far_end: Option<EchoCanceller>) -> Speaker {
+    fn new(wanted: Option<String>, watch: Option<Arc<DeviceWatch>>, far_end: Option<EchoCanceller>) -> Speaker {
         Speaker {
             host: device::host(),
             watch,
@@ -586,7 +589,7 @@ impl Speaker {
                 }
             }
             Some(Action::Look(wanted)) => {
-                if let Some(listed) = self.watch.has(false, &wanted) {
+                if let Some(listed) = is_listed(self.watch.as_deref(), false, &wanted) {
                     Self::notice(events, self.follow.listed(now, listed));
                 }
             }
@@ -594,7 +597,10 @@ impl Speaker {
         }
         let Some(open) = &self.open else { return };
         if let Some(error) = open.device.health.broken() {
-            let listed = self.wanted.as_deref().is_some_and(|wanted| self.watch.has(false, wanted).unwrap_or(true));
+            let listed = self
+                .wanted
+                .as_deref()
+                .is_some_and(|wanted| is_listed(self.watch.as_deref(), false, wanted).unwrap_or(true));
             Self::notice(events, self.follow.broke(now, &open.device.name, &error, listed));
             self.close();
         }
