@@ -344,6 +344,37 @@ fn bench_server_config(clients: usize, coalesce_ms: u32) -> String {
     )
 }
 
+/// A `voipc serve` child for `clients` clients (its config from [`bench_server_config`]),
+/// on `threads` runtime threads and, when given, only on `cpus`; its link and certificate
+/// fingerprint from its first line.
+async fn spawn_server(
+    clients: usize,
+    coalesce_ms: u32,
+    threads: usize,
+    cpus: Option<&str>,
+) -> anyhow::Result<(Child, ServerLink, Fingerprint)> {
+    let config = std::env::temp_dir().join(format!("voipc-bench-{}.toml", std::process::id()));
+    std::fs::write(&config, bench_server_config(clients, coalesce_ms)).context("writing the bench server's config")?;
+    let (config_arg, threads) = (config.to_string_lossy().into_owned(), threads.to_string());
+    let args = [
+        "serve",
+        "--config",
+        &config_arg,
+        "--listen",
+        "127.0.0.1:0",
+        "--ephemeral-cert",
+        "--json",
+        "--threads",
+        &threads,
+    ];
+    let spawned = spawn_self(&args, cpus).await;
+    let _ = std::fs::remove_file(&config);
+    let (child, line) = spawned?;
+    let fingerprint: Fingerprint = json_field(&line, "fingerprint")?.parse()?;
+    let link: ServerLink = json_field(&line, "addr")?.parse()?;
+    Ok((child, link, fingerprint))
+}
+
 async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     let window = Duration::from_secs_f64(args.secs.max(0.5));
     let levels: Vec<usize> = LEVELS.iter().copied().filter(|n| *n <= args.max_members.max(2)).collect();
@@ -354,27 +385,8 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
             (Target { link: target.parse()?, fingerprint: Some(fp), pid: args.target_pid }, None)
         }
         _ => {
-            let config = std::env::temp_dir().join(format!("voipc-bench-{}.toml", std::process::id()));
             let coalesce = args.coalesce_ms.unwrap_or(Limits::default().media_coalesce_ms);
-            std::fs::write(&config, bench_server_config(1000, coalesce))
-                .context("writing the bench server's config")?;
-            let (config_arg, threads) = (config.to_string_lossy().into_owned(), args.server_threads.to_string());
-            let args = [
-                "serve",
-                "--config",
-                &config_arg,
-                "--listen",
-                "127.0.0.1:0",
-                "--ephemeral-cert",
-                "--json",
-                "--threads",
-                &threads,
-            ];
-            let spawned = spawn_self(&args, None).await;
-            let _ = std::fs::remove_file(&config);
-            let (child, line) = spawned?;
-            let fp: Fingerprint = json_field(&line, "fingerprint")?.parse()?;
-            let link: ServerLink = json_field(&line, "addr")?.parse()?;
+            let (child, link, fp) = spawn_server(1000, coalesce, args.server_threads, None).await?;
             (Target { link, fingerprint: Some(fp), pid: child.id() }, Some(child))
         }
     };

@@ -11,8 +11,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::load::{DATAGRAM_LEN, Group, Measured, percentile_ms};
-use super::{bench_server_config, cpu_seconds, json_field, spawn_self};
-use crate::protocol::{Fingerprint, ServerLink};
+use super::{cpu_seconds, json_field, spawn_self, spawn_server};
 
 /// Speaking before the window, so that every path is warm.
 const WARMUP: Duration = Duration::from_millis(1000);
@@ -119,26 +118,9 @@ pub async fn run(shape: Shape, json: bool) -> anyhow::Result<()> {
     let base = Instant::now();
     let peer = shape.peer.as_deref().map(read_peer).transpose()?;
     let voipc = {
-        let config = std::env::temp_dir().join(format!("voipc-shape-{}.toml", std::process::id()));
-        std::fs::write(&config, bench_server_config(shape.clients + 10, shape.coalesce_ms))
-            .context("writing the bench server's config")?;
-        let (config_arg, threads) = (config.to_string_lossy().into_owned(), shape.server_threads.to_string());
-        let args = [
-            "serve",
-            "--config",
-            &config_arg,
-            "--listen",
-            "127.0.0.1:0",
-            "--ephemeral-cert",
-            "--json",
-            "--threads",
-            &threads,
-        ];
-        let spawned = spawn_self(&args, shape.server_cpus.as_deref()).await;
-        let _ = std::fs::remove_file(&config);
-        let (child, line) = spawned?;
-        let fingerprint: Fingerprint = json_field(&line, "fingerprint")?.parse()?;
-        let link: ServerLink = json_field(&line, "addr")?.parse()?;
+        let (child, link, fingerprint) =
+            spawn_server(shape.clients + 10, shape.coalesce_ms, shape.server_threads, shape.server_cpus.as_deref())
+                .await?;
         let mut groups = Vec::new();
         for c in 0..shape.channels {
             let tag = format!("{}-{c}", std::process::id());
