@@ -6,6 +6,7 @@
 //! on the tokio runtime (its events arrive over a channel with a repaint request), so
 //! the window only repaints when something happened.
 
+pub mod icons;
 pub mod model;
 pub mod settings;
 pub mod views;
@@ -171,6 +172,7 @@ impl App {
             picture: Arc::default(),
             texture: None,
         };
+        icons::install(&app.ctx);
         app.apply_look();
         let (updates, ctx) = (app.updates.0.clone(), app.ctx.clone());
         // The key's events come from global-hotkey's own thread; one handler per process.
@@ -631,7 +633,11 @@ impl eframe::App for App {
 pub fn run(runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     let paths = Paths::default_paths()?;
     let options = eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default().with_title("VoIPC").with_inner_size([1000.0, 680.0]),
+        viewport: egui::ViewportBuilder::default()
+            .with_title("VoIPC")
+            .with_app_id("voipc")
+            .with_icon(Arc::new(icons::app_icon()))
+            .with_inner_size([1000.0, 680.0]),
         renderer: eframe::Renderer::Glow,
         ..eframe::NativeOptions::default()
     };

@@ -6,6 +6,7 @@ use std::sync::mpsc::Sender;
 use egui::{Color32, RichText, Ui};
 
 use super::UiCommand;
+use super::icons;
 use super::model::{Conversation, Model, NewChannel, Screen, Watching, clock, password_strength};
 use crate::audio::device::DeviceName;
 use crate::audio::dsp::VoiceMode;
@@ -334,10 +335,10 @@ fn top_bar(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
             ui.ctx().copy_text(link.clone());
         }
         ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-            if ui.button("Disconnect").clicked() {
+            if ui.button(format!("{} Disconnect", icons::SIGN_OUT)).clicked() {
                 send(tx, UiCommand::Disconnect);
             }
-            if ui.button("Settings").clicked() {
+            if ui.button(format!("{} Settings", icons::GEAR)).clicked() {
                 model.show_settings = true;
             }
         });
@@ -351,9 +352,16 @@ pub fn channels(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     for channel in &list {
         let here = model.my_channel == Some(channel.id);
         let limit = if channel.user_limit > 0 { format!("/{}", channel.user_limit) } else { String::new() };
-        let lock = if channel.has_password { " [password]" } else { "" };
-        let title = format!("{}{lock}  ({}{limit})", channel.name, channel.users.len());
-        let response = ui.selectable_label(here, RichText::new(title).strong());
+        let title = format!("{}  ({}{limit})", channel.name, channel.users.len());
+        let response = ui
+            .horizontal(|ui| {
+                let response = ui.selectable_label(here, RichText::new(title).strong());
+                if channel.has_password {
+                    badge(ui, icons::LOCK_SIMPLE, "needs a password", ui.visuals().weak_text_color());
+                }
+                response
+            })
+            .inner;
         if response.double_clicked() && !here {
             join(channel, model, tx);
         }
@@ -414,6 +422,40 @@ pub fn channels(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     new_channel(ui, model, tx);
 }
 
+/// An icon standing for a state: its name is what a screen reader says and what
+/// hovering shows.
+fn badge(ui: &mut Ui, icon: &str, what: &str, color: Color32) -> egui::Response {
+    let response = ui.label(RichText::new(icon).color(color));
+    response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Label, true, what));
+    response.on_hover_text(what)
+}
+
+/// A button showing only an icon, named for screen readers and on hover.
+fn icon_button(ui: &mut Ui, icon: &str, name: &str, selected: bool) -> egui::Response {
+    let response = ui.add(egui::Button::selectable(selected, RichText::new(icon).size(20.0)));
+    response.widget_info(|| egui::WidgetInfo::selected(egui::Role::Button, true, selected, name));
+    response.on_hover_text(name)
+}
+
+/// A round avatar with the name's initial in a colour of its own, and a ring around it
+/// while they speak (what Discord and Mumble users read at a glance).
+fn avatar(ui: &mut Ui, user: &str, speaking: bool) {
+    let size = ui.text_style_height(&egui::TextStyle::Body) + 6.0;
+    let (rect, response) = ui.allocate_exact_size(egui::vec2(size, size), egui::Sense::hover());
+    let hue = user.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))) % 360;
+    let fill = egui::ecolor::Hsva::new(hue as f32 / 360.0, 0.45, 0.55, 1.0);
+    let painter = ui.painter();
+    let radius = size / 2.0 - 2.0;
+    painter.circle_filled(rect.center(), radius, fill);
+    let initial = user.chars().find(|c| c.is_alphanumeric()).map_or('?', |c| c.to_ascii_uppercase());
+    let font = egui::FontId::proportional(size * 0.55);
+    painter.text(rect.center(), egui::Align2::CENTER_CENTER, initial, font, Color32::WHITE);
+    if speaking {
+        painter.circle_stroke(rect.center(), radius + 1.5, egui::Stroke::new(2.0, SPEAKING));
+        response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Label, true, format!("{user} is speaking")));
+    }
+}
+
 fn join(channel: &ChannelView, model: &mut Model, tx: &Sender<UiCommand>) {
     if channel.has_password {
         model.drafts.channel_password = Some((channel.name.clone(), String::new()));
@@ -425,27 +467,38 @@ fn join(channel: &ChannelView, model: &mut Model, tx: &Sender<UiCommand>) {
 fn user_row(ui: &mut Ui, model: &mut Model, user: &str, channels: &[ChannelView], tx: &Sender<UiCommand>) {
     let speaking = model.speaking.contains(user);
     let me = model.me.as_deref() == Some(user);
-    let name = format!("{}  {}", if speaking { "•" } else { " " }, visible(user));
-    let text = if speaking { RichText::new(name).color(SPEAKING) } else { RichText::new(name) };
+    let name = RichText::new(visible(user));
     let response = ui.horizontal(|ui| {
-        ui.add_space(12.0);
-        let response = ui.add(egui::Label::new(text).sense(egui::Sense::click()));
-        // Badges are widgets of their own, drawn as chips: a name that spells one out
+        ui.add_space(8.0);
+        avatar(ui, user, speaking);
+        let response =
+            ui.add(egui::Label::new(if speaking { name.color(SPEAKING) } else { name }).sense(egui::Sense::click()));
+        // Badges are widgets of their own, drawn as icons: a name that spells one out
         // ("bob [verified]") stays plain text beside none.
-        for (shown, badge, color) in [
-            ((me && model.muted) || model.muted_users.contains(user), "muted", Color32::GRAY),
-            ((me && model.deafened) || model.deafened_users.contains(user), "deafened", Color32::GRAY),
-            (model.verified.contains(user), "verified", SPEAKING),
-            (model.identity_changed.contains(user), "identity changed: not receiving your messages or voice", WARNING),
-            (model.locally_muted.contains(user), "muted for you", Color32::GRAY),
+        let muted = ui.visuals().weak_text_color();
+        for (shown, icon, what, color) in [
+            ((me && model.muted) || model.muted_users.contains(user), icons::MICROPHONE_SLASH, "muted", muted),
+            ((me && model.deafened) || model.deafened_users.contains(user), icons::SPEAKER_SLASH, "deafened", muted),
+            (model.verified.contains(user), icons::SEAL_CHECK, "verified", SPEAKING),
+            (
+                model.identity_changed.contains(user),
+                icons::SEAL_WARNING,
+                "identity changed: not receiving your messages or voice",
+                WARNING,
+            ),
+            (model.locally_muted.contains(user), icons::SPEAKER_X, "muted for you", muted),
         ] {
             if shown {
-                ui.label(RichText::new(badge).small().color(Color32::BLACK).background_color(color));
+                badge(ui, icon, what, color);
             }
         }
         if let Some(share) = model.sharing.get(user) {
-            let badge = format!("sharing {}×{}, {} fps", share.width, share.height, share.fps);
-            ui.label(RichText::new(badge).small().color(Color32::BLACK).background_color(SPEAKING));
+            badge(
+                ui,
+                icons::SCREENCAST,
+                &format!("sharing {}×{}, {} fps", share.width, share.height, share.fps),
+                SPEAKING,
+            );
             if !me {
                 watch_button(ui, model, user, tx);
             }
@@ -726,12 +779,20 @@ pub fn health(ui: &mut Ui, model: &Model) {
 /// Mute, deafen, the voice mode and its threshold, noise suppression.
 pub fn voice_bar(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     ui.horizontal(|ui| {
-        let mute = if model.muted { "Unmute" } else { "Mute" };
-        if ui.selectable_label(model.muted, mute).on_hover_text("Ctrl+M").clicked() {
+        let (icon, mute) = if model.muted {
+            (icons::MICROPHONE_SLASH, "Unmute (Ctrl+M)")
+        } else {
+            (icons::MICROPHONE, "Mute (Ctrl+M)")
+        };
+        if icon_button(ui, icon, mute, model.muted).clicked() {
             send(tx, UiCommand::ToggleMute);
         }
-        let deafen = if model.deafened { "Undeafen" } else { "Deafen" };
-        if ui.selectable_label(model.deafened, deafen).on_hover_text("Ctrl+D").clicked() {
+        let (icon, deafen) = if model.deafened {
+            (icons::SPEAKER_SLASH, "Undeafen (Ctrl+D)")
+        } else {
+            (icons::SPEAKER_HIGH, "Deafen (Ctrl+D)")
+        };
+        if icon_button(ui, icon, deafen, model.deafened).clicked() {
             send(tx, UiCommand::ToggleDeafen);
         }
     });
@@ -770,7 +831,10 @@ fn share_bar(ui: &mut Ui, model: &Model, tx: &Sender<UiCommand>) {
             }
         }
         None => {
-            let button = ui.add_enabled(model.my_channel.is_some(), egui::Button::new("Share screen"));
+            let button = ui.add_enabled(
+                model.my_channel.is_some(),
+                egui::Button::new(format!("{} Share screen", icons::SCREENCAST)),
+            );
             if button.on_disabled_hover_text("Join a channel first").clicked() {
                 send(tx, UiCommand::OpenShareDialog);
             }
