@@ -230,6 +230,8 @@ impl VoiceArgs {
             capture,
             muted: self.muted,
             deafened: self.deafened,
+            // A script's client makes no sounds of its own (a recording holds voices only).
+            cues: crate::audio::cues::CueSettings::default(),
         })
     }
 }

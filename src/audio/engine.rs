@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc as tokio_mpsc;
 
+use super::cues::Cue;
 use super::device::{self, DeviceWatch};
 use super::dsp::{Resampler, VoiceMode};
 use super::echo::EchoCanceller;
@@ -115,6 +116,8 @@ pub enum Control {
     Loopback(bool),
     /// Echo cancellation on or off.
     EchoCancel(bool),
+    /// Play one of the app's sounds.
+    Cue(Cue),
 }
 
 /// The sender id our own voice plays under in the microphone test.
@@ -250,9 +253,11 @@ impl Engine {
             | Control::Denoise(_)
             | Control::EchoCancel(_)
             | Control::LossHint(_) => &self.capture_control,
-            Control::Deafen(_) | Control::Volume { .. } | Control::LocalMute { .. } | Control::Forget(_) => {
-                &self.playback_control
-            }
+            Control::Deafen(_)
+            | Control::Volume { .. }
+            | Control::LocalMute { .. }
+            | Control::Forget(_)
+            | Control::Cue(_) => &self.playback_control,
             Control::Loopback(on) => {
                 self.loopback = on;
                 return;
@@ -490,6 +495,9 @@ fn run_playback(
                 Control::Volume { sender, percent } => playback.set_volume(sender, percent),
                 Control::LocalMute { sender, muted } => playback.set_muted(sender, muted),
                 Control::Forget(sender) => changes.extend(playback.remove(sender)),
+                Control::Cue(cue) => {
+                    playback.cue(cue, deadline);
+                }
                 _ => {}
             }
         }

@@ -4,6 +4,7 @@
 //! the time as arguments. Depends on nothing of ours but plain numbers.
 
 pub mod codec;
+pub mod cues;
 #[cfg(unix)]
 pub mod desktop;
 pub mod device;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::codec::{CodecError, EncoderSettings, VoiceDecoder, VoiceEncoder};
+use super::cues::{Cue, CuePlayer};
 use super::dsp::{Denoiser, Gate, VoiceMode, level_dbfs};
 use super::echo::EchoCanceller;
 use super::fill::FillStats;
@@ -195,6 +196,7 @@ pub struct Playback {
     departed: PlaybackStats,
     frames_out: u64,
     pub deafened: bool,
+    cues: CuePlayer,
 }
 
 impl Default for Playback {
@@ -207,6 +209,7 @@ impl Default for Playback {
             departed: PlaybackStats::default(),
             frames_out: 0,
             deafened: false,
+            cues: CuePlayer::default(),
         }
     }
 }
@@ -288,8 +291,17 @@ impl Playback {
                 changes.push(SpeakingChange { sender, speaking: talking });
             }
         }
+        if self.cues.next_frame(&mut self.frame) {
+            self.mixer.add(&self.frame, 1.0);
+        }
         self.mixer.finish(out);
         self.frames_out += 1;
+    }
+
+    /// Plays `cue` into the mix from the next tick (not while deafened: then the speaker
+    /// stays silent). Says whether it will be heard ([`CuePlayer`] spaces cues out).
+    pub fn cue(&mut self, cue: Cue, now: Instant) -> bool {
+        !self.deafened && self.cues.start(cue, now)
     }
 
     pub fn stats(&self) -> PlaybackStats {
@@ -312,5 +324,37 @@ impl PlaybackStats {
         s.late += j.late;
         s.drained += j.drained;
         self.undecodable += voice.undecodable;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Ticks `playback` for `frames` 20 ms frames from `start`; the energy of each.
+    fn energies(playback: &mut Playback, start: Instant, frames: u32) -> Vec<f32> {
+        let (mut out, mut changes) = ([0.0; FRAME_20MS], Vec::new());
+        (0..frames)
+            .map(|n| {
+                playback.tick(start + Duration::from_millis(20) * n, &mut out, &mut changes);
+                out.iter().map(|s| s * s).sum::<f32>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_cue_is_mixed_in_once_and_not_while_deafened() {
+        let start = Instant::now();
+        let mut playback = Playback::default();
+        assert!(playback.cue(Cue::Joined, start));
+        let heard = energies(&mut playback, start, 15);
+        let expected = Cue::Joined.samples().len().div_ceil(FRAME_20MS);
+        assert!(heard[..expected].iter().all(|e| *e > 0.0), "{heard:?}");
+        assert!(heard[expected..].iter().all(|e| *e == 0.0), "then silence: {heard:?}");
+        playback.deafened = true;
+        assert!(!playback.cue(Cue::Message, start + Duration::from_secs(1)));
+        assert!(energies(&mut playback, start, 10).iter().all(|e| *e == 0.0));
     }
 }

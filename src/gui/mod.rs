@@ -8,6 +8,7 @@
 
 pub mod icons;
 pub mod model;
+pub mod notify;
 pub mod settings;
 pub mod views;
 
@@ -144,6 +145,7 @@ pub struct App {
     picture: Arc<Mutex<Option<(SessionId, Rgba)>>>,
     /// The texture it is shown from.
     texture: Option<egui::TextureHandle>,
+    notifier: notify::Notifier,
 }
 
 impl App {
@@ -171,6 +173,7 @@ impl App {
             frame_stats: std::env::var_os("VOIPC_FRAME_STATS").map(|_| (0, Duration::ZERO)),
             picture: Arc::default(),
             texture: None,
+            notifier: notify::Notifier::default(),
         };
         icons::install(&app.ctx);
         app.apply_look();
@@ -277,8 +280,12 @@ impl App {
                         self.model.settings.global_push_to_talk,
                         self.model.settings.voice_mode,
                     );
+                let cues_changed = settings.cues != self.model.settings.cues;
                 self.model.settings = *settings;
                 self.save_settings();
+                if cues_changed {
+                    self.send_to_client(Command::Cues(self.model.settings.cues));
+                }
                 self.apply_look();
                 if key_changed {
                     self.sync_global_key();
@@ -382,6 +389,7 @@ impl App {
                 // What the voice bar shows is what the new connection does.
                 muted: self.model.muted,
                 deafened: self.model.deafened,
+                cues: settings.cues,
             },
             screen: ScreenOptions { show: Some(self.picture_sink()), ..ScreenOptions::default() },
             duration: None,
@@ -492,6 +500,9 @@ impl App {
                     self.model.error = Some(message);
                 }
                 Update::Event(event) => {
+                    if let Event::Message { from, text, dm: true, .. } = &event {
+                        self.notify_direct_message(from, text);
+                    }
                     self.model.apply(&event);
                     if matches!(event, Event::Connected { .. }) {
                         self.reconnect = None;
@@ -509,6 +520,20 @@ impl App {
                     self.send_to_client(Command::Talk(held));
                 }
             }
+        }
+    }
+
+    /// A desktop notification for a direct message, when the window is not focused and
+    /// the settings want one ([`notify`] says what it shows and how often).
+    fn notify_direct_message(&mut self, from: &str, text: &str) {
+        let settings = &self.model.settings;
+        let unfocused = self.ctx.input(|i| i.viewport().focused) == Some(false);
+        if !settings.notify_direct_messages || !unfocused {
+            return;
+        }
+        let now = self.ctx.input(|i| i.time);
+        if let Some(notice) = self.notifier.message(from, text, settings.notification_text, now) {
+            self.runtime.spawn_blocking(move || notify::show(&notice));
         }
     }
 

@@ -575,6 +575,20 @@ mod tests {
             identity_changed: true,
         });
         let dm = Conversation::Direct("carol".into());
+        assert_eq!(
+            Event::Message {
+                from: "carol".into(),
+                channel: None,
+                dm: true,
+                text: String::new(),
+                time_ms: 1,
+                received_ms: 1,
+                verified: false,
+                identity_changed: false
+            }
+            .cue(),
+            Some(crate::audio::cues::Cue::Message)
+        );
         assert_eq!(model.unread.get(&dm), Some(&1), "not the selected pane: unread");
         assert!(model.conversations[&dm][0].identity_changed);
         model.sent(Conversation::Channel("Lobby".into()), "hi".into(), 2);

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::audio::cues::CueSettings;
 use crate::audio::dsp::VoiceMode;
 use crate::config::files::write_private_atomic;
 use crate::protocol::ServerLink;
@@ -29,6 +30,13 @@ pub struct Settings {
     pub denoise: bool,
     /// Echo cancellation (what the speaker plays, taken out of the microphone).
     pub echo_cancel: bool,
+    /// Sounds when someone joins or leaves our channel and when a direct message comes.
+    pub cues: CueSettings,
+    /// A desktop notification for a direct message while the window is not focused.
+    pub notify_direct_messages: bool,
+    /// Whether that notification shows the message's text (the notification server may
+    /// keep it, outside the vault), or only who wrote.
+    pub notification_text: bool,
     /// The push-to-talk key, by name ("Space", "F13", "A").
     pub push_to_talk_key: String,
     /// Whether the push-to-talk key works in every window (X11, Windows, macOS): it is then
@@ -52,6 +60,9 @@ impl Default for Settings {
             vad_threshold: -50.0,
             denoise: true,
             echo_cancel: true,
+            cues: CueSettings::ALL,
+            notify_direct_messages: true,
+            notification_text: false,
             push_to_talk_key: "Space".into(),
             global_push_to_talk: false,
             saved_servers: Vec::new(),

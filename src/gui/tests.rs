@@ -381,7 +381,11 @@ fn settings_change_the_theme_and_test_the_microphone() {
     h.run();
     h.get_by_label("Push-to-talk in every window (takes the key from other apps)").click();
     h.run();
+    h.get_by_label("Sound for a direct message").click();
+    h.run();
     let commands = sent(&rx);
+    assert!(matches!(commands.last(), Some(UiCommand::SaveSettings(s)) if !s.cues.message && s.cues.joined));
+    let commands = &commands[..commands.len() - 1];
     assert!(matches!(&commands[0], UiCommand::SaveSettings(s) if !s.dark));
     assert!(commands.contains(&UiCommand::MicrophoneTest));
     assert!(matches!(commands.last(), Some(UiCommand::SaveSettings(s)) if s.global_push_to_talk));

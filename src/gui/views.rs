@@ -1008,6 +1008,20 @@ pub fn settings(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand>) 
         ui.add(egui::Slider::new(&mut settings.scale, 0.75..=2.0).text("UI scale"));
         labelled(ui, "Push-to-talk key", egui::TextEdit::singleline(&mut settings.push_to_talk_key));
         ui.checkbox(&mut settings.global_push_to_talk, "Push-to-talk in every window (takes the key from other apps)");
+        ui.separator();
+        ui.label(RichText::new("Sounds and notifications").strong());
+        ui.checkbox(&mut settings.cues.joined, "Sound when someone joins your channel");
+        ui.checkbox(&mut settings.cues.left, "Sound when someone leaves it");
+        ui.checkbox(&mut settings.cues.message, "Sound for a direct message");
+        ui.checkbox(
+            &mut settings.notify_direct_messages,
+            "Notify of direct messages while the window is in the background",
+        );
+        ui.add_enabled(
+            settings.notify_direct_messages,
+            egui::Checkbox::new(&mut settings.notification_text, "Show the message in the notification"),
+        )
+        .on_hover_text("The system's notification history keeps what it shows, outside the vault");
     });
     model.show_settings = open;
     if settings != model.settings {

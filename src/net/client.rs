@@ -17,6 +17,7 @@ use super::framing::{ReadFrameError, read_frame};
 use super::screen::ScreenShell;
 use super::server::{CLOSE_ERROR, CLOSE_NORMAL};
 use super::tls::{PinPolicy, PinningVerifier, client_tls};
+use crate::audio::cues::CueSettings;
 use crate::audio::engine::{
     Control, Engine, EngineConfig, EngineError, EngineEvent, LOOPBACK_SENDER, SHARE_AUDIO_SENDER, Source,
 };
@@ -135,6 +136,8 @@ pub struct VoiceOptions {
     /// Start muted or deafened: the user's choice, kept across reconnects by the app.
     pub muted: bool,
     pub deafened: bool,
+    /// The app's sounds to play (none by default).
+    pub cues: CueSettings,
 }
 
 /// A connected client: the QUIC connection and the fingerprint it pinned.
@@ -403,7 +406,7 @@ pub async fn run_client(
             session.command(Instant::now(), command);
         }
     }
-    let mut listening = Listening::default();
+    let mut listening = Listening { cues: options.voice.cues, ..Listening::default() };
     let mut source = match (&voice.play, &voice.input_device) {
         (Some(samples), _) => Some(Source::Samples(samples.to_vec())),
         (None, Some(device)) => Some(Source::Device(device.clone())),
@@ -644,6 +647,9 @@ async fn flush(
             }
             _ => {}
         }
+        if let Some(cue) = event.cue().filter(|cue| listening.cues.allows(*cue)) {
+            engine.control(Control::Cue(cue));
+        }
         emit(&event);
     }
     while let Some(msg) = session.poll_transmit() {
@@ -747,21 +753,24 @@ fn voice_event(
     }
 }
 
-/// The listener's volume and local mute per person (by name, in its canonical form):
-/// kept whether or not they are online or have spoken, and applied to whichever session
-/// they have whenever they are in our channel.
+/// What the listener chose to hear: the volume and local mute per person (by name, in
+/// its canonical form), kept whether or not they are online or have spoken and applied
+/// to whichever session they have whenever they are in our channel; and the app's sounds.
 #[derive(Default)]
-struct Listening(std::collections::BTreeMap<String, (Option<u32>, Option<bool>)>);
+struct Listening {
+    choices: std::collections::BTreeMap<String, (Option<u32>, Option<bool>)>,
+    cues: CueSettings,
+}
 
 impl Listening {
     fn set(&mut self, user: &str, percent: Option<u32>, muted: Option<bool>) {
-        let choice = self.0.entry(canonical_name(user)).or_default();
+        let choice = self.choices.entry(canonical_name(user)).or_default();
         choice.0 = percent.or(choice.0);
         choice.1 = muted.or(choice.1);
     }
 
     fn apply(&self, user: &str, sender: SessionId, engine: &mut Engine) {
-        let Some(&(percent, muted)) = self.0.get(&canonical_name(user)) else { return };
+        let Some(&(percent, muted)) = self.choices.get(&canonical_name(user)) else { return };
         if let Some(percent) = percent {
             engine.control(Control::Volume { sender: sender.0, percent });
         }
@@ -801,6 +810,7 @@ fn voice_command(session: &mut Session, engine: &mut Engine, listening: &mut Lis
             engine.control(Control::EchoCancel(echo_cancel));
         }
         Command::MicrophoneTest(on) => engine.control(Control::Loopback(on)),
+        Command::Cues(cues) => listening.cues = cues,
         command => session.command(Instant::now(), command),
     }
 }

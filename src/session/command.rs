@@ -68,6 +68,8 @@ pub enum Command {
     },
     /// Play our own voice back to us (the microphone test), or stop.
     MicrophoneTest(bool),
+    /// Which of the app's sounds (someone joined, left, a direct message) to play.
+    Cues(crate::audio::cues::CueSettings),
     /// Moderation (admins only): end a user's session; end it and ban their address for
     /// `minutes`; remove a temporary channel; move a user to a channel.
     Kick(String),

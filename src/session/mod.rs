@@ -18,6 +18,7 @@ pub use chat::REKEY_INTERVAL;
 
 use serde::Serialize;
 
+use crate::audio::cues::Cue;
 use crate::protocol::{
     ChannelId, ChannelInfo, ClientMsg, JoinRequest, MEDIA_HEADER_LEN, MediaHeader, PROTOCOL_VERSION, ScreenReport,
     ServerMsg, SessionId, ShareInfo, StreamType, UserInfo, VoiceState, canonical_name, percent_encode,
@@ -242,6 +243,17 @@ impl Event {
     /// An error of the client's own (not one the server sent).
     pub fn local_error(code: &str, message: impl std::fmt::Display) -> Event {
         Event::Error { code: code.to_owned(), message: message.to_string() }
+    }
+
+    /// The app's sound for this event: someone joined or left our channel (the session
+    /// reports those only for ours), or a direct message came.
+    pub fn cue(&self) -> Option<Cue> {
+        match self {
+            Event::UserJoined { .. } => Some(Cue::Joined),
+            Event::UserLeft { .. } => Some(Cue::Left),
+            Event::Message { dm: true, .. } => Some(Cue::Message),
+            _ => None,
+        }
     }
 
     /// The figures of a second of `user`'s share, from the report we send them.
@@ -788,7 +800,8 @@ impl Session {
             | Command::Volume { .. }
             | Command::LocalMute { .. }
             | Command::VoiceSettings { .. }
-            | Command::MicrophoneTest(_) => {}
+            | Command::MicrophoneTest(_)
+            | Command::Cues(_) => {}
         }
     }
 
@@ -1061,15 +1074,20 @@ mod tests {
         s.handle_message(Instant::now(), presence(vec![user(3, "carol", Some(2))], vec![])).unwrap();
         assert!(events(&mut s).is_empty(), "carol is not in my channel");
         s.handle_message(Instant::now(), presence(vec![user(3, "carol", Some(1))], vec![SessionId(2)])).unwrap();
+        let came_and_went = events(&mut s);
         assert_eq!(
-            events(&mut s),
+            came_and_went,
             [
                 Event::UserJoined { user: "carol".into(), session: 3, channel: 1 },
                 Event::UserLeft { user: "bob".into(), session: 2, channel: 1 },
             ]
         );
+        let cues: Vec<_> = came_and_went.iter().map(Event::cue).collect();
+        assert_eq!(cues, [Some(Cue::Joined), Some(Cue::Left)], "the app's sounds for them");
         s.handle_message(Instant::now(), presence(vec![user(1, "alice", None)], vec![])).unwrap();
-        assert_eq!(events(&mut s), [Event::Left { channel: 1, name: "Lobby".into() }]);
+        let left = events(&mut s);
+        assert_eq!(left, [Event::Left { channel: 1, name: "Lobby".into() }]);
+        assert_eq!(left[0].cue(), None, "our own leaving makes no sound");
     }
 
     #[test]
