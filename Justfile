@@ -57,7 +57,7 @@ join *args: build
 # the attacks whose figures need the machine to themselves.
 test: setup
     cargo test --all-targets
-    cargo test --test main -- --ignored --test-threads=1 --nocapture a_voice_flood a_handshake_flood fifty_handshakes a_shared_screen an_xvfb_screen a_wayland_screen a_lossy_link_never desktop_audio voice_goes_through_real_devices
+    cargo test --test main -- --ignored --test-threads=1 --nocapture a_voice_flood a_handshake_flood fifty_handshakes a_shared_screen an_xvfb_screen a_wayland_screen a_lossy_link_never desktop_audio voice_goes_through_real_devices the_microphone_test_plays_back
 
 # Relay throughput and latency against a plain-UDP baseline, vault unlock time, chat message rates, voice codec and SFrame costs, then the micro-benchmarks.
 bench *args: build

@@ -42,6 +42,31 @@ enum Command {
     Bench(BenchArgs),
     /// List the sound devices (names for --input-device and --output-device).
     Devices,
+    /// Test the microphone, no server needed: shows its level, records a few seconds and
+    /// plays them back as others would hear them, and suggests a voice-activity threshold.
+    MicTest(MicTestArgs),
+}
+
+#[derive(Debug, Args)]
+struct MicTestArgs {
+    /// The microphone (the system's default without it).
+    #[arg(long, value_name = "NAME")]
+    input_device: Option<String>,
+    /// The speaker (the system's default without it).
+    #[arg(long, value_name = "NAME")]
+    output_device: Option<String>,
+    /// voice-activity or always-on (push-to-talk is tested as voice activity).
+    #[arg(long, default_value = "voice-activity", value_name = "MODE")]
+    voice_mode: VoiceMode,
+    /// The level a voice must reach to open the voice-activity gate, in dBFS.
+    #[arg(long, default_value_t = -50.0, value_name = "DBFS", allow_negative_numbers = true)]
+    vad_threshold: f32,
+    /// Test without RNNoise noise suppression.
+    #[arg(long)]
+    no_denoise: bool,
+    /// Test without echo cancellation.
+    #[arg(long)]
+    no_echo_cancel: bool,
 }
 
 #[derive(Debug, Args)]
@@ -268,6 +293,7 @@ pub fn main() -> ExitCode {
         Some(Command::Join(args)) => runtime.block_on(join(*args)),
         Some(Command::Bench(args)) => runtime.block_on(bench::run(args)),
         Some(Command::Devices) => devices(),
+        Some(Command::MicTest(args)) => runtime.block_on(mic_test(args)),
     };
     // A blocking read of stdin never returns while stdin stays open; do not wait for it.
     runtime.shutdown_background();
@@ -450,6 +476,44 @@ fn devices() -> anyhow::Result<()> {
     };
     show("input devices", &list.inputs, &list.default_input);
     show("output devices", &list.outputs, &list.default_output);
+    Ok(())
+}
+
+/// Records and plays back once, printing what the test shows as JSON lines.
+async fn mic_test(args: MicTestArgs) -> anyhow::Result<()> {
+    use crate::audio::check::{self, CheckControl, CheckEvent, Phase};
+    let capture = CaptureSettings {
+        mode: args.voice_mode,
+        threshold_dbfs: args.vad_threshold,
+        denoise: !args.no_denoise,
+        echo_cancel: !args.no_echo_cancel,
+        ..CaptureSettings::default()
+    };
+    let (controls, receiver) = tokio::sync::mpsc::channel(4);
+    // The recording starts once the microphone is heard (opening it takes a moment);
+    // dropping the controls ends the test, after the playback.
+    let mut controls = Some(controls);
+    let (mut recording, mut played) = (false, false);
+    let show = |event: &CheckEvent| match event {
+        CheckEvent::Level(dbfs) => serde_json::json!({ "event": "level", "dbfs": dbfs }),
+        CheckEvent::Talking(on) => serde_json::json!({ "event": "talking", "on": on }),
+        CheckEvent::Phase(phase) => {
+            serde_json::json!({ "event": "phase", "phase": format!("{phase:?}").to_lowercase() })
+        }
+        CheckEvent::Suggested(dbfs) => serde_json::json!({ "event": "suggested_threshold", "dbfs": dbfs }),
+        CheckEvent::Device(message) => serde_json::json!({ "event": "device", "message": message }),
+    };
+    check::run(args.input_device, args.output_device, capture, receiver, |event| {
+        println!("{}", show(&event));
+        if let (false, CheckEvent::Level(_), Some(controls)) = (recording, &event, &controls) {
+            recording = controls.try_send(CheckControl::Record).is_ok();
+        }
+        played |= event == CheckEvent::Phase(Phase::Playing);
+        if played && event == CheckEvent::Phase(Phase::Idle) {
+            controls = None;
+        }
+    })
+    .await?;
     Ok(())
 }
 

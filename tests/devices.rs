@@ -151,3 +151,61 @@ fn voice_goes_through_real_devices_and_follows_an_unplugged_microphone() {
     let errors = alice.seen_events("error");
     assert!(errors.is_empty(), "{errors:?}");
 }
+
+/// The microphone test needs no server: `voipc mic-test` records what alice says into
+/// her headset and plays it back through her speaker, and says what threshold her voice
+/// suggests.
+#[test]
+#[ignore = "plays sound in real time: `just test` runs it alone, after the rest"]
+fn the_microphone_test_plays_back_what_it_recorded_without_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let sound = SoundServer::start();
+    sound.load("module-null-sink", &["sink_name=headset_feed", "rate=48000"]);
+    plug_headset(&sound);
+    sound.load("module-null-sink", &["sink_name=alice_speaker", "rate=48000"]);
+    let env = sound.env();
+    let output = dir.path().join("alice_speaker.raw");
+    let mut monitor = sound.record("alice_speaker.monitor", &output);
+    let mut test = voipc()
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        // Always on the air, as in the call above: what is measured is the devices' path
+        // and the recording, not where the gate opens.
+        .args(["mic-test", "--input-device", "Headset", "--output-device", "alice_speaker"])
+        .args(["--voice-mode", "always-on"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(test.stdout.take().unwrap()));
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    // She speaks once the test records (when it has heard her microphone).
+    while events.last().is_none_or(|e| e["phase"] != "recording") {
+        events.push(serde_json::from_str(&lines.next().expect("the test records").unwrap()).unwrap());
+    }
+    let speech_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/speech.wav");
+    assert!(sound.play_on("headset_feed", &speech_file).wait().unwrap().success());
+    events.extend(lines.map(|line| serde_json::from_str::<serde_json::Value>(&line.unwrap()).unwrap()));
+    let status = test.wait().unwrap();
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    assert!(status.success(), "{status:?}");
+    let phases: Vec<&str> =
+        events.iter().filter(|e| e["event"] == "phase").map(|e| e["phase"].as_str().unwrap()).collect();
+    assert_eq!(phases, ["recording", "playing", "idle"], "{events:?}");
+    assert!(events.iter().any(|e| e["event"] == "talking" && e["on"] == true), "on the air");
+    let suggested = events.iter().find(|e| e["event"] == "suggested_threshold").unwrap();
+    println!("suggested: {suggested}");
+    let threshold = suggested["dbfs"].as_f64().expect("her voice stood out from the silence");
+    assert!((-80.0..=-10.0).contains(&threshold), "{suggested}");
+
+    // The speaker played what she said, scored as in the call above.
+    let recording = read_raw(&output);
+    let spans = loud_spans(&recording);
+    assert_eq!(spans.len(), 1, "played back once: {spans:?}");
+    let span = &spans[0];
+    let played = &recording[span.start.saturating_sub(4_800)..(span.end + 4_800).min(recording.len())];
+    let speech = read_voice(&speech_file).unwrap();
+    let heard = compare(&speech, played);
+    println!("played back {:.1} s: {heard:?}", span.len() as f64 / 48_000.0);
+    assert!(heard.correlation > 0.85, "{heard:?}");
+}

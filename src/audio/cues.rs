@@ -110,6 +110,7 @@ impl CuePlayer {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, reason = "the virtual clock starts at an arbitrary real instant")]
 mod tests {
     use super::*;
 

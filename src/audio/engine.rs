@@ -112,15 +112,13 @@ pub enum Control {
     },
     /// The sender left: drop its state.
     Forget(u32),
-    /// Play our own encoded voice back to us (the microphone test).
-    Loopback(bool),
     /// Echo cancellation on or off.
     EchoCancel(bool),
     /// Play one of the app's sounds.
     Cue(Cue),
 }
 
-/// The sender id our own voice plays under in the microphone test.
+/// The sender id our own voice plays under in the microphone test ([`super::check`]).
 pub const LOOPBACK_SENDER: u32 = u32::MAX;
 /// The sender id the desktop audio of the share we watch plays under (a relay could give
 /// a member this session id; its voice and the share's sound would then share a jitter
@@ -164,7 +162,6 @@ pub struct Engine {
     /// The echo canceller whose far end the speaker feeds (with a speaker only).
     echo: Option<EchoCanceller>,
     dropped: u64,
-    loopback: bool,
 }
 
 impl Engine {
@@ -208,7 +205,6 @@ impl Engine {
             watch,
             echo,
             dropped: 0,
-            loopback: false,
         };
         Ok((engine, events_rx))
     }
@@ -258,19 +254,17 @@ impl Engine {
             | Control::LocalMute { .. }
             | Control::Forget(_)
             | Control::Cue(_) => &self.playback_control,
-            Control::Loopback(on) => {
-                self.loopback = on;
-                return;
-            }
         };
         if let Err(TrySendError::Full(control)) = queue.try_send(control) {
             tracing::warn!(?control, "the audio thread is not taking controls; dropped");
         }
     }
 
-    /// Whether our own packets should also be played to us (the microphone test).
-    pub fn loopback(&self) -> bool {
-        self.loopback
+    /// Changes how the capture decides what goes on the air (its encoder stays).
+    pub fn apply_settings(&mut self, settings: &CaptureSettings) {
+        self.control(Control::Mode(settings.mode, settings.threshold_dbfs));
+        self.control(Control::Denoise(settings.denoise));
+        self.control(Control::EchoCancel(settings.echo_cancel));
     }
 
     /// Stops both threads, completes the recording, and returns what playback counted.

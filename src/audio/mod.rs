@@ -3,6 +3,7 @@
 //! [`engine`], [`device`] and desktop's capture is sans-IO: it takes samples, packets and
 //! the time as arguments. Depends on nothing of ours but plain numbers.
 
+pub mod check;
 pub mod codec;
 pub mod cues;
 #[cfg(unix)]

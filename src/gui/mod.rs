@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
+use crate::audio::check::{self, CheckControl, CheckEvent};
 use crate::audio::device;
 use crate::audio::pipeline::CaptureSettings;
 use crate::config::client_store::{ClientStore, StoreError, VAULT_FILE};
@@ -75,7 +76,10 @@ pub enum UiCommand {
     ToggleDeafen,
     /// Find what can be shared and open the share dialog.
     OpenShareDialog,
-    MicrophoneTest,
+    /// Open (and start) or close the audio setup and its microphone test.
+    AudioCheck(bool),
+    /// Record a few seconds in the microphone test and play them back.
+    RecordCheck,
     SaveSettings(Box<Settings>),
     /// Anything the client core takes as it is.
     Client(Command),
@@ -105,6 +109,8 @@ enum Update {
     Hosting(Result<(String, String, tokio::task::JoinHandle<()>), String>),
     /// The global push-to-talk key went down or up.
     GlobalPushToTalk(bool),
+    /// What the microphone test shows, or why it stopped.
+    Check(Result<CheckEvent, String>),
 }
 
 /// Where the app keeps its files.
@@ -135,7 +141,8 @@ pub struct App {
     /// the next is due (in egui's clock, seconds).
     reconnect: Option<(String, u32, f64)>,
     hosted: Option<tokio::task::JoinHandle<()>>,
-    mic_test: bool,
+    /// The microphone test's controls, while it runs.
+    check: Option<tokio::sync::mpsc::Sender<CheckControl>>,
     /// The system-wide push-to-talk key, while one is registered.
     global_key: Option<(global_hotkey::GlobalHotKeyManager, global_hotkey::hotkey::HotKey)>,
     /// With `VOIPC_FRAME_STATS` set: frames drawn and the time spent drawing them, logged
@@ -146,6 +153,8 @@ pub struct App {
     /// The texture it is shown from.
     texture: Option<egui::TextureHandle>,
     notifier: notify::Notifier,
+    /// An identity is being made: the audio setup follows.
+    first_run: bool,
 }
 
 impl App {
@@ -168,12 +177,13 @@ impl App {
             client: None,
             reconnect: None,
             hosted: None,
-            mic_test: false,
+            check: None,
             global_key: None,
             frame_stats: std::env::var_os("VOIPC_FRAME_STATS").map(|_| (0, Duration::ZERO)),
             picture: Arc::default(),
             texture: None,
             notifier: notify::Notifier::default(),
+            first_run: false,
         };
         icons::install(&app.ctx);
         app.apply_look();
@@ -228,6 +238,7 @@ impl App {
     fn handle(&mut self, command: UiCommand) {
         match command {
             UiCommand::CreateIdentity { name, password } => {
+                self.first_run = true;
                 self.model.settings.name = name;
                 self.save_settings();
                 self.unlock(password, true);
@@ -267,9 +278,15 @@ impl App {
                 Ok(sources) => self.model.drafts.share = Some(ShareDraft::new(sources)),
                 Err(e) => self.model.error = Some(format!("cannot share a screen: {e}")),
             },
-            UiCommand::MicrophoneTest => {
-                self.mic_test = !self.mic_test;
-                self.send_to_client(Command::MicrophoneTest(self.mic_test));
+            UiCommand::AudioCheck(true) => self.start_check(),
+            UiCommand::AudioCheck(false) => {
+                self.check = None;
+                self.model.audio_check = None;
+            }
+            UiCommand::RecordCheck => {
+                if let Some(check) = &self.check {
+                    let _ = check.try_send(CheckControl::Record);
+                }
             }
             UiCommand::SaveSettings(settings) => {
                 let voice = |s: &Settings| (s.voice_mode, s.vad_threshold, s.denoise, s.echo_cancel);
@@ -281,10 +298,17 @@ impl App {
                         self.model.settings.voice_mode,
                     );
                 let cues_changed = settings.cues != self.model.settings.cues;
+                let devices = |s: &Settings| (s.input_device.clone(), s.output_device.clone());
+                let devices_changed = devices(&settings) != devices(&self.model.settings);
                 self.model.settings = *settings;
                 self.save_settings();
                 if cues_changed {
                     self.send_to_client(Command::Cues(self.model.settings.cues));
+                }
+                if devices_changed && self.check.is_some() {
+                    self.start_check();
+                } else if voice_changed && let Some(check) = &self.check {
+                    let _ = check.try_send(CheckControl::Settings(self.capture_settings()));
                 }
                 self.apply_look();
                 if key_changed {
@@ -379,13 +403,7 @@ impl App {
                 input_device: Some(settings.input_device.clone()),
                 output_device: Some(settings.output_device.clone()),
                 record: None,
-                capture: CaptureSettings {
-                    mode: settings.voice_mode,
-                    threshold_dbfs: settings.vad_threshold,
-                    denoise: settings.denoise,
-                    echo_cancel: settings.echo_cancel,
-                    ..CaptureSettings::default()
-                },
+                capture: self.capture_settings(),
                 // What the voice bar shows is what the new connection does.
                 muted: self.model.muted,
                 deafened: self.model.deafened,
@@ -422,6 +440,40 @@ impl App {
             let result = run_client(options, receiver, &mut emit).await;
             let _ = updates.send(Update::Ended { target, result });
             ctx.request_repaint();
+        });
+    }
+
+    /// How the microphone is to be heard, from the settings.
+    fn capture_settings(&self) -> CaptureSettings {
+        let settings = &self.model.settings;
+        CaptureSettings {
+            mode: settings.voice_mode,
+            threshold_dbfs: settings.vad_threshold,
+            denoise: settings.denoise,
+            echo_cancel: settings.echo_cancel,
+            ..CaptureSettings::default()
+        }
+    }
+
+    /// Starts the microphone test on the chosen devices (again, when they changed): it
+    /// needs no server. The test ends when its controls' sender is dropped.
+    fn start_check(&mut self) {
+        let (controls, receiver) = tokio::sync::mpsc::channel(16);
+        self.check = Some(controls);
+        self.model.audio_check = Some(model::AudioCheck::default());
+        let settings = &self.model.settings;
+        let (input, output) = (settings.input_device.clone(), settings.output_device.clone());
+        let capture = self.capture_settings();
+        let (updates, ctx) = (self.updates.0.clone(), self.ctx.clone());
+        self.runtime.spawn(async move {
+            let emit = |event| {
+                let _ = updates.send(Update::Check(Ok(event)));
+                ctx.request_repaint();
+            };
+            if let Err(e) = check::run(input, output, capture, receiver, emit).await {
+                let _ = updates.send(Update::Check(Err(e.to_string())));
+                ctx.request_repaint();
+            }
         });
     }
 
@@ -494,6 +546,10 @@ impl App {
                     self.model.history = store.history().clone();
                     self.model.error = None;
                     self.model.screen = Screen::Connect;
+                    // First start: set the sound up before the first server.
+                    if std::mem::take(&mut self.first_run) {
+                        self.start_check();
+                    }
                 }
                 Update::Unlocked(Err(message)) => {
                     self.password = None;
@@ -515,6 +571,14 @@ impl App {
                     self.connect(invite, Pin::Stored);
                 }
                 Update::Hosting(Err(e)) => self.model.error = Some(e),
+                Update::Check(event) => {
+                    if let Some(check) = &mut self.model.audio_check {
+                        match event {
+                            Ok(event) => check.apply(event),
+                            Err(e) => check.notice = Some(format!("the test stopped: {e}")),
+                        }
+                    }
+                }
                 Update::GlobalPushToTalk(held) => {
                     tracing::info!(held, "push-to-talk key (system-wide)");
                     self.send_to_client(Command::Talk(held));

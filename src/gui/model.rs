@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::audio::check::{CheckEvent, Phase};
 use crate::audio::device::DeviceList;
 use crate::protocol::{Resolution, ShareInfo};
 use crate::session::command::ShareRequest;
@@ -226,6 +227,41 @@ pub struct Model {
     pub health: VecDeque<Health>,
     /// The microphone's level in dBFS, once it has been heard.
     pub input_level: Option<f32>,
+    /// The audio setup and microphone test, while its window is open.
+    pub audio_check: Option<AudioCheck>,
+}
+
+/// The microphone test as the audio setup shows it ([`crate::audio::check`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AudioCheck {
+    pub level: Option<f32>,
+    /// The gate is open: this would be on the air.
+    pub talking: bool,
+    pub phase: Phase,
+    /// After a recording: the threshold it suggests, or `None` when it could not tell
+    /// the voice from the background.
+    pub suggested: Option<Option<f32>>,
+    /// A device notice, or why the test stopped.
+    pub notice: Option<String>,
+}
+
+impl Default for AudioCheck {
+    fn default() -> Self {
+        AudioCheck { level: None, talking: false, phase: Phase::Idle, suggested: None, notice: None }
+    }
+}
+
+impl AudioCheck {
+    /// Folds one of the test's events in.
+    pub fn apply(&mut self, event: CheckEvent) {
+        match event {
+            CheckEvent::Level(dbfs) => self.level = Some(dbfs),
+            CheckEvent::Talking(on) => self.talking = on,
+            CheckEvent::Phase(phase) => self.phase = phase,
+            CheckEvent::Suggested(threshold) => self.suggested = Some(threshold),
+            CheckEvent::Device(message) => self.notice = Some(message),
+        }
+    }
 }
 
 /// Seconds of connection health kept for the plots.

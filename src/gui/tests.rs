@@ -377,7 +377,7 @@ fn settings_change_the_theme_and_test_the_microphone() {
     h.run();
     h.get_by_label("Light").click();
     h.run();
-    h.get_by_label("Test microphone (plays you back)").click();
+    h.get_by_label("Audio setup and microphone test").click();
     h.run();
     h.get_by_label("Push-to-talk in every window (takes the key from other apps)").click();
     h.run();
@@ -387,7 +387,7 @@ fn settings_change_the_theme_and_test_the_microphone() {
     assert!(matches!(commands.last(), Some(UiCommand::SaveSettings(s)) if !s.cues.message && s.cues.joined));
     let commands = &commands[..commands.len() - 1];
     assert!(matches!(&commands[0], UiCommand::SaveSettings(s) if !s.dark));
-    assert!(commands.contains(&UiCommand::MicrophoneTest));
+    assert!(commands.contains(&UiCommand::AudioCheck(true)));
     assert!(matches!(commands.last(), Some(UiCommand::SaveSettings(s)) if s.global_push_to_talk));
 }
 
@@ -455,6 +455,9 @@ fn alice_and_bob_in_the_lobby()
         assert_eq!(app.model.screen, Screen::Setup);
         app.handle(UiCommand::CreateIdentity { name: name.into(), password: password() });
         wait_for(&mut app, "the vault", |m| m.screen == Screen::Connect);
+        assert!(app.model.audio_check.is_some(), "first start: the audio setup opens, before any server");
+        app.handle(UiCommand::AudioCheck(false));
+        assert!(app.check.is_none() && app.model.audio_check.is_none());
         app.handle(UiCommand::Connect { target: invite.clone() });
         wait_for(&mut app, "joining the Lobby", |m| m.screen == Screen::Main && m.my_channel.is_some());
         apps.push(app);
@@ -681,4 +684,38 @@ fn one_app_shares_and_the_other_watches_the_pictures() {
         m.my_share.is_none() && m.error.as_deref().is_some_and(|e| e.contains("you left the channel"))
     });
     wait_for(bob, "alice no longer sharing", |m| !m.sharing.contains_key("alice"));
+}
+
+#[test]
+fn the_audio_setup_records_and_takes_the_threshold_the_voice_suggests() {
+    let mut model = Model::fixture();
+    model.audio_check = Some(super::model::AudioCheck {
+        level: Some(-30.0),
+        talking: true,
+        suggested: Some(Some(-45.0)),
+        ..super::model::AudioCheck::default()
+    });
+    let (mut h, rx) = harness(model, |ui, model, tx| views::audio_setup(ui.ctx(), model, tx));
+    assert!(h.query_by_label_contains("On the air").is_some());
+    assert!(h.query_by_label_contains("suggests a threshold of -45 dBFS").is_some());
+    h.get_by_label_contains("and play back").click();
+    h.run();
+    h.get_by_label("Use it").click();
+    h.run();
+    h.get_by_label("Done").click();
+    h.run();
+    let commands = sent(&rx);
+    assert_eq!(commands[0], UiCommand::RecordCheck);
+    assert!(matches!(&commands[1], UiCommand::SaveSettings(s) if s.vad_threshold == -45.0), "{commands:?}");
+    assert_eq!(commands[2], UiCommand::AudioCheck(false));
+    // While it records, no second recording; a background too loud is said plainly.
+    let mut model = Model::fixture();
+    model.audio_check = Some(super::model::AudioCheck {
+        phase: crate::audio::check::Phase::Recording,
+        suggested: Some(None),
+        ..super::model::AudioCheck::default()
+    });
+    let (h, _rx) = harness(model, |ui, model, tx| views::audio_setup(ui.ctx(), model, tx));
+    assert!(h.query_by_label_contains("and play back").is_none());
+    assert!(h.query_by_label_contains("did not stand out from the background").is_some());
 }

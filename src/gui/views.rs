@@ -8,6 +8,7 @@ use egui::{Color32, RichText, Ui};
 use super::UiCommand;
 use super::icons;
 use super::model::{Conversation, Model, NewChannel, Screen, Watching, clock, password_strength};
+use crate::audio::check::Phase;
 use crate::audio::device::DeviceName;
 use crate::audio::dsp::VoiceMode;
 use crate::protocol::Resolution;
@@ -55,6 +56,9 @@ pub fn window(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
     }
     if model.show_settings {
         settings(ui.ctx(), model, tx);
+    }
+    if model.audio_check.is_some() {
+        audio_setup(ui.ctx(), model, tx);
     }
     if model.screen == Screen::Main {
         share_dialog(ui.ctx(), model, tx);
@@ -996,8 +1000,8 @@ pub fn settings(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand>) 
     egui::Window::new("Settings").open(&mut open).show(ctx, |ui| {
         device_choice(ui, "Microphone", &model.devices.inputs, &mut settings.input_device);
         device_choice(ui, "Speaker", &model.devices.outputs, &mut settings.output_device);
-        if ui.button("Test microphone (plays you back)").clicked() {
-            send(tx, UiCommand::MicrophoneTest);
+        if ui.button("Audio setup and microphone test").clicked() {
+            send(tx, UiCommand::AudioCheck(true));
         }
         ui.separator();
         ui.horizontal(|ui| {
@@ -1024,6 +1028,76 @@ pub fn settings(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand>) 
         .on_hover_text("The system's notification history keeps what it shows, outside the vault");
     });
     model.show_settings = open;
+    if settings != model.settings {
+        send(tx, UiCommand::SaveSettings(Box::new(settings)));
+    }
+}
+
+/// The audio setup (shown at first start, and from the settings): the devices, the
+/// microphone's level against the threshold, and a test that records a few seconds
+/// and plays them back as the others would hear them. No server is needed.
+pub fn audio_setup(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand>) {
+    let Some(check) = model.audio_check.clone() else { return };
+    let mut settings = model.settings.clone();
+    let mut open = true;
+    egui::Window::new("Audio setup").collapsible(false).open(&mut open).show(ctx, |ui| {
+        device_choice(ui, "Microphone", &model.devices.inputs, &mut settings.input_device);
+        device_choice(ui, "Speaker", &model.devices.outputs, &mut settings.output_device);
+        ui.separator();
+        ui.horizontal(|ui| {
+            let (color, what) = if check.talking {
+                (SPEAKING, "On the air: the others would hear this")
+            } else {
+                (ui.visuals().weak_text_color(), "Quiet: the gate is shut")
+            };
+            ui.label(RichText::new(format!("{} {what}", icons::WAVEFORM)).color(color));
+        });
+        level_meter(ui, check.level, settings.vad_threshold);
+        if settings.voice_mode != VoiceMode::AlwaysOn {
+            ui.add(egui::Slider::new(&mut settings.vad_threshold, -80.0..=-10.0).suffix(" dBFS").text("threshold"));
+        }
+        ui.checkbox(&mut settings.denoise, "Noise suppression");
+        ui.checkbox(&mut settings.echo_cancel, "Echo cancellation");
+        ui.separator();
+        let seconds = crate::audio::check::RECORD_FOR.as_secs();
+        match check.phase {
+            Phase::Idle => {
+                if ui.button(format!("{} Record {seconds} s and play back", icons::MICROPHONE)).clicked() {
+                    send(tx, UiCommand::RecordCheck);
+                }
+            }
+            Phase::Recording => {
+                ui.label(RichText::new("Recording: speak as you would in a call...").color(WARNING));
+            }
+            Phase::Playing => {
+                ui.label(RichText::new("Playing back what the others would hear...").color(SPEAKING));
+            }
+        }
+        match check.suggested {
+            Some(Some(threshold)) if settings.voice_mode == VoiceMode::VoiceActivity => {
+                ui.horizontal(|ui| {
+                    ui.label(format!("Your voice suggests a threshold of {threshold:.0} dBFS."));
+                    if ui.button("Use it").clicked() {
+                        settings.vad_threshold = threshold;
+                    }
+                });
+            }
+            Some(None) => {
+                ui.label("Your voice did not stand out from the background: speak closer, or turn the room down.");
+            }
+            _ => {}
+        }
+        if let Some(notice) = &check.notice {
+            ui.colored_label(WARNING, notice);
+        }
+        ui.separator();
+        if ui.button("Done").clicked() {
+            send(tx, UiCommand::AudioCheck(false));
+        }
+    });
+    if !open {
+        send(tx, UiCommand::AudioCheck(false));
+    }
     if settings != model.settings {
         send(tx, UiCommand::SaveSettings(Box::new(settings)));
     }

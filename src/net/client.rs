@@ -18,9 +18,7 @@ use super::screen::ScreenShell;
 use super::server::{CLOSE_ERROR, CLOSE_NORMAL};
 use super::tls::{PinPolicy, PinningVerifier, client_tls};
 use crate::audio::cues::CueSettings;
-use crate::audio::engine::{
-    Control, Engine, EngineConfig, EngineError, EngineEvent, LOOPBACK_SENDER, SHARE_AUDIO_SENDER, Source,
-};
+use crate::audio::engine::{Control, Engine, EngineConfig, EngineError, EngineEvent, SHARE_AUDIO_SENDER, Source};
 use crate::audio::jitter::InterarrivalJitter;
 use crate::audio::pipeline::CaptureSettings;
 use crate::config::client_store::{ClientStore, StoreError};
@@ -475,7 +473,7 @@ pub async fn run_client(
             },
             input = screen.next() => screen.handle(input, &mut session, &connection, emit),
             event = engine_events.recv() => match event {
-                Some(event) => voice_event(&mut session, &connection, &mut engine, options.health, event, emit),
+                Some(event) => voice_event(&mut session, &connection, options.health, event, emit),
                 None => break Err(ClientError::Setup("the voice engine stopped".into())),
             },
             () = sleep_until(session.poll_timeout().map(tokio::time::Instant::from_std)) => {
@@ -711,17 +709,12 @@ pub(super) async fn sleep_until(end: Option<tokio::time::Instant>) {
 fn voice_event(
     session: &mut Session,
     connection: &quinn::Connection,
-    engine: &mut Engine,
     meter: bool,
     event: EngineEvent,
     emit: &mut (dyn FnMut(&Event) + Send),
 ) {
     match event {
         EngineEvent::Packet(packet) => {
-            if engine.loopback() {
-                let (sequence, timestamp, payload) = (packet.sequence, packet.timestamp, packet.payload.clone());
-                engine.play(Instant::now(), LOOPBACK_SENDER, sequence, timestamp, payload);
-            }
             let datagram = session.media_datagram(
                 Instant::now(),
                 StreamType::Voice,
@@ -805,11 +798,15 @@ fn voice_command(session: &mut Session, engine: &mut Engine, listening: &mut Lis
             }
         }
         Command::VoiceSettings { mode, threshold_dbfs, denoise, echo_cancel } => {
-            engine.control(Control::Mode(mode, f32::from(threshold_dbfs)));
-            engine.control(Control::Denoise(denoise));
-            engine.control(Control::EchoCancel(echo_cancel));
+            let threshold_dbfs = f32::from(threshold_dbfs);
+            engine.apply_settings(&CaptureSettings {
+                mode,
+                threshold_dbfs,
+                denoise,
+                echo_cancel,
+                ..CaptureSettings::default()
+            });
         }
-        Command::MicrophoneTest(on) => engine.control(Control::Loopback(on)),
         Command::Cues(cues) => listening.cues = cues,
         command => session.command(Instant::now(), command),
     }

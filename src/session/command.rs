@@ -66,8 +66,6 @@ pub enum Command {
         denoise: bool,
         echo_cancel: bool,
     },
-    /// Play our own voice back to us (the microphone test), or stop.
-    MicrophoneTest(bool),
     /// Which of the app's sounds (someone joined, left, a direct message) to play.
     Cues(crate::audio::cues::CueSettings),
     /// Moderation (admins only): end a user's session; end it and ban their address for

@@ -800,7 +800,6 @@ impl Session {
             | Command::Volume { .. }
             | Command::LocalMute { .. }
             | Command::VoiceSettings { .. }
-            | Command::MicrophoneTest(_)
             | Command::Cues(_) => {}
         }
     }
