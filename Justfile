@@ -11,8 +11,9 @@ set positional-arguments
 # parec, and ALSA's plugin to reach it) is the sound card of the desktop-audio test;
 # PipeWire's headers build the Wayland capture, and the Wayland test's desktop is D-Bus,
 # PipeWire with WirePlumber, the portal frontend and a GStreamer picture on PipeWire;
-# iproute2 for `just netem`; WebRTC's audio processing module is the echo canceller.
-packages := "build-essential pkg-config protobuf-compiler cmake libasound2-dev libwebrtc-audio-processing-dev iproute2 libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libclang-dev xvfb pulseaudio pulseaudio-utils libasound2-plugins libpipewire-0.3-dev libspa-0.2-dev dbus-daemon pipewire wireplumber xdg-desktop-portal gstreamer1.0-pipewire gstreamer1.0-plugins-base gstreamer1.0-tools"
+# iproute2 for `just netem`; WebRTC's audio processing module is the echo canceller;
+# xdotool, ImageMagick and Mesa draw, drive and photograph the app for `just screenshots`.
+packages := "build-essential pkg-config protobuf-compiler cmake libasound2-dev libwebrtc-audio-processing-dev iproute2 libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libclang-dev xvfb pulseaudio pulseaudio-utils libasound2-plugins libpipewire-0.3-dev libspa-0.2-dev dbus-daemon pipewire wireplumber xdg-desktop-portal gstreamer1.0-pipewire gstreamer1.0-plugins-base gstreamer1.0-tools xdotool imagemagick libgl1-mesa-dri libegl1"
 
 # List the recipes.
 default:
@@ -53,11 +54,57 @@ serve *args: build
 join *args: build
     ./target/release/voipc join "$@"
 
-# The whole test suite: unit tests, then the real binary end to end; last, one at a time,
-# the attacks whose figures need the machine to themselves.
+# Last, one at a time, the attacks and the real-time sound and screen tests that need the
+# machine to themselves.
+# The whole test suite: unit tests, then the real binary end to end.
 test: setup
     cargo test --all-targets
     cargo test --test main -- --ignored --test-threads=1 --nocapture a_voice_flood a_handshake_flood fifty_handshakes a_shared_screen an_xvfb_screen a_wayland_screen a_lossy_link_never desktop_audio voice_goes_through_real_devices the_microphone_test_plays_back
+
+# The package holds the binary, the desktop entry that opens voipc:// links, its icon,
+# and the relay's systemd unit, installed disabled.
+# Build the Debian package (target/debian/voipc_VERSION_ARCH.deb).
+deb: setup
+    command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
+    cargo deb --strip
+
+# The clean system is a debootstrap chroot (its base kept in target/deb-test/base, each
+# run installs into a fresh copy); it checks the help, the relay with an in-memory
+# certificate, the desktop entry and the unit left disabled. Needs root and Debian's mirror.
+# Install the package on a clean Debian 12 and run it there.
+deb-test: deb
+    #!/usr/bin/env bash
+    set -euo pipefail
+    [ "$(id -u)" -eq 0 ] || { echo "deb-test: needs root (it makes a chroot)" >&2; exit 1; }
+    command -v debootstrap >/dev/null || env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap
+    base=target/deb-test/base root=target/deb-test/root
+    if [ ! -e "$base/.complete" ]; then
+        rm -rf "$base"
+        debootstrap --variant=minbase bookworm "$base" http://deb.debian.org/debian
+        touch "$base/.complete"
+    fi
+    rm -rf "$root" && cp -a "$base" "$root"
+    cp "$(ls -t target/debian/voipc_*.deb | head -1)" "$root/tmp/voipc.deb"
+    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    mount -t proc proc "$root/proc"
+    trap 'umount "$root/proc"' EXIT
+    in_root() { chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root DEBIAN_FRONTEND=noninteractive "$@"; }
+    in_root apt-get update -qq
+    in_root apt-get install -y -qq --no-install-recommends /tmp/voipc.deb desktop-file-utils >/dev/null
+    in_root dpkg-query -W -f='installed: voipc ${Version}, ${Installed-Size} KiB, depends on ${Depends}\n' voipc
+    in_root voipc --help | head -3
+    in_root desktop-file-validate /usr/share/applications/voipc.desktop
+    grep -q '^MimeType=x-scheme-handler/voipc;' "$root/usr/share/applications/voipc.desktop"
+    test -f "$root/usr/share/icons/hicolor/scalable/apps/voipc.svg"
+    test -f "$root/usr/lib/systemd/system/voipc.service"
+    ! find "$root/etc/systemd" -name voipc.service | grep -q . || { echo "deb-test: the unit is enabled" >&2; exit 1; }
+    # The relay, from the package, with a certificate in memory only: it listens and
+    # says its invite link; nothing is written.
+    out=$(in_root timeout -s INT 5 voipc serve --ephemeral-cert --listen 127.0.0.1:0 2>&1 || true)
+    echo "$out"
+    grep -q '^invite link: voipc://' <<<"$out"
+    in_root voipc mic-test --help >/dev/null
+    echo "deb-test: installed on a clean Debian 12 and ran"
 
 # Relay throughput and latency against a plain-UDP baseline, vault unlock time, chat message rates, voice codec and SFrame costs, then the micro-benchmarks.
 bench *args: build
@@ -69,12 +116,13 @@ bench *args: build
     ./target/release/voipc bench video
     cargo bench --bench hot_paths
 
-# voipc serve against the peer, Mumble's server (murmur 1.3.4 from Debian), on one shape:
-# CLIENTS in one channel, SPEAKERS of them talking 50 packets a second, SECS measured.
-# murmur-load (../shared/peers/murmur-load, which installs and starts murmur) runs first,
-# then voipc bench relay on the same shape beside the plain-UDP baselines; it prints every
-# line and the ratios. The relays run on CPU 0 and the load generators on CPU 1 (pin=no
-# lets the scheduler place them: figures then include both fighting over the same cores).
+# The shape: CLIENTS in one channel, SPEAKERS of them talking 50 packets a second, SECS
+# measured. murmur-load (../shared/peers/murmur-load, which installs and starts murmur)
+# runs first, then voipc bench relay on the same shape beside the plain-UDP baselines; it
+# prints every line and the ratios. The relays run on CPU 0 and the load generators on
+# CPU 1 (pin=no lets the scheduler place them: figures then include both fighting over the
+# same cores).
+# voipc serve against the peer, Mumble's server (murmur 1.3.4 from Debian), on one shape.
 bench-peer clients="100" speakers="20" secs="10" pin="yes": build
     #!/usr/bin/env bash
     set -euo pipefail
@@ -151,8 +199,8 @@ bad-network: build
 # The flags cargo-fuzz gives rustc for libFuzzer's coverage, all of them stable: no nightly.
 fuzz_rustflags := "--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table -Cllvm-args=-sanitizer-coverage-trace-compares"
 
-# Coverage-guided fuzzing (libFuzzer): every target in fuzz/ for SECONDS each, growing the
-# corpus in fuzz/corpus; a crash stops the run with its input in fuzz/artifacts.
+# It grows the corpus in fuzz/corpus; a crash stops the run with its input in fuzz/artifacts.
+# Coverage-guided fuzzing (libFuzzer): every target in fuzz/ for SECONDS each.
 fuzz seconds="60": setup
     #!/usr/bin/env bash
     set -euo pipefail
@@ -175,9 +223,10 @@ fuzz seconds="60": setup
         echo "fuzz: $name: $runs runs in {{seconds}} s, $coverage edges, $(ls "fuzz/corpus/$name" | wc -l) inputs in the corpus, 0 crashes"
     done
 
-# 50 clients on one server for MINUTES: 40 write to the channel every 5 s, 5 come and go,
-# 5 talk; fails unless no message between stayers was lost, no client saw an error and the
-# server's memory grew < 10 % after the warm-up. The debug build (the one `just test` makes).
+# 40 write to the channel every 5 s, 5 come and go, 5 talk; it fails unless no message
+# between stayers was lost, no client saw an error and the server's memory grew < 10 %
+# after the warm-up. The debug build (the one `just test` makes).
+# 50 clients on one server for MINUTES.
 soak minutes="10": setup
     cargo build
     python3 tools/soak.py target/debug/voipc {{minutes}}
@@ -187,77 +236,9 @@ lint:
     cargo fmt --check
     cargo clippy --all-targets -- -D warnings
 
-# Installs Xvfb, xdotool, ImageMagick and Mesa first; clicks at fixed spots of the
-# 1000x680 window, so a layout change means new coordinates here.
-
-# The GUI under Xvfb with headless clients talking: PNGs of the main screens in target/screenshots.
+# They show the first start, the audio setup it opens, a channel where people talk and chat,
+# and the settings: the app in a fresh home under Xvfb, against a local server with
+# headless clients, a private PulseAudio as its sound card, driven by the keyboard.
+# Take the README's screenshots of the app (assets/screenshots).
 screenshots: build
-    #!/usr/bin/env bash
-    set -euo pipefail
-    gui_packages="xvfb xdotool imagemagick libgl1-mesa-dri libegl1"
-    missing=""
-    for p in $gui_packages; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-    done
-    if [ -n "$missing" ]; then
-        sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-        $sudo apt-get update -qq
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
-    fi
-    out="$PWD/target/screenshots"
-    work=$(mktemp -d)
-    rm -rf "$out"; mkdir -p "$out"
-    voipc="$PWD/target/release/voipc"
-    pids=()
-    trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
-    export DISPLAY=:77 HOME="$work/home" VOIPC_VAULT_PASSWORD=screenshots
-    mkdir -p "$HOME"
-    Xvfb :77 -screen 0 1000x680x24 >/dev/null 2>&1 & pids+=($!)
-    port=29987
-    "$voipc" serve --listen 127.0.0.1:$port --ephemeral-cert --json > "$work/server.json" 2>/dev/null & server=$!; pids+=($server)
-    sleep 1
-    invite=$(python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['invite'])" "$work/server.json")
-    join() { "$voipc" join "$invite" --data-dir "$work/$1" --name "$@" --duration 120 < /dev/null > "$work/$1.out" 2>&1 & pids+=($!); }
-    join bob
-    join carol
-    "$voipc" > "$work/gui.log" 2>&1 & pids+=($!)
-    sleep 3
-    window=$(xdotool search --name VoIPC | head -1)
-    xdotool windowfocus --sync "$window"
-    at() { xdotool mousemove "$1" "$2" click 1; sleep 0.3; }
-    shot() { sleep "${2:-1}"; import -window root "$out/$1.png"; echo "wrote $out/$1.png"; }
-    # First start: name, vault password twice, create.
-    at 540 182; xdotool type --delay 20 alice
-    at 540 205; xdotool type --delay 20 "correct horse battery staple"
-    at 540 228; xdotool type --delay 20 "correct horse battery staple"
-    shot first-start 0.5
-    at 500 274
-    # Connect: the address without a fingerprint, so the unknown-server prompt shows.
-    sleep 2; at 455 152; xdotool type --delay 10 "127.0.0.1:$port"
-    shot connect 0.5
-    at 302 175
-    shot unknown-server 3
-    at 365 248
-    sleep 3
-    join dave --say "hello alice, welcome to the lobby"
-    sleep 3
-    at 590 629; xdotool type --delay 10 "hi dave, hearing you fine"; xdotool key Return
-    join erin --play assets/speech.wav
-    shot channel-with-chat 4
-    at 871 12
-    shot settings 1
-    at 338 33
-    # A share being watched: frank shares a made-up desktop, alice clicks "Watch" beside him.
-    python3 tools/screen_clip.py "$work/desktop.y4m" 1280 720 60
-    join frank --share-screen "$work/desktop.y4m" --share-resolution 720p --share-fps 10
-    sleep 6; at 202 198
-    shot watching-a-share 6
-    # The share dialog (what to share, how well, desktop audio), then Cancel.
-    at 60 666
-    shot share-dialog 1
-    at 107 192
-    # The server comes back with another certificate: the client refuses it.
-    kill "$server"
-    sleep 1
-    "$voipc" serve --listen 127.0.0.1:$port --ephemeral-cert --json > /dev/null 2>&1 & pids+=($!)
-    shot certificate-changed 6
+    python3 tools/screenshots.py target/release/voipc assets/screenshots

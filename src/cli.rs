@@ -25,11 +25,25 @@ use crate::session::Event;
 #[command(
     name = "voipc",
     version,
-    about = "Private, self-hosted voice and chat. Without a subcommand, opens the desktop app."
+    about = "Private, self-hosted voice and chat. Without a subcommand, opens the desktop app.",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// A voipc:// link to open in the desktop app: its connect screen, filled in (the
+    /// desktop entry hands links from the browser over this way).
+    #[arg(value_name = "voipc://LINK", value_parser = app_link)]
+    link: Option<String>,
+}
+
+/// A link for the desktop app: only a `voipc://` link that parses, so that a mistyped
+/// subcommand is an error and not a server address.
+fn app_link(text: &str) -> Result<String, String> {
+    if !text.starts_with("voipc://") {
+        return Err("not a subcommand, nor a voipc:// link".into());
+    }
+    text.parse::<ServerLink>().map(|_| text.to_owned()).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,7 +277,7 @@ impl VoiceArgs {
 
 /// Parses the command line, runs it and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
-    let command = Cli::parse().command;
+    let Cli { command, link } = Cli::parse();
     init_logging(match command {
         Some(Command::Serve(_)) => "info",
         // libsignal warns about every message it could not decrypt at first try, which
@@ -288,7 +302,7 @@ pub fn main() -> ExitCode {
     };
     let result = match command {
         // No subcommand: the desktop app, its network work on this runtime.
-        None => crate::gui::run(runtime.handle().clone()),
+        None => crate::gui::run(runtime.handle().clone(), link),
         Some(Command::Serve(args)) => runtime.block_on(serve(args)),
         Some(Command::Join(args)) => runtime.block_on(join(*args)),
         Some(Command::Bench(args)) => runtime.block_on(bench::run(args)),

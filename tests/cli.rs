@@ -7,7 +7,7 @@ fn help_lists_the_subcommands() {
     let out = voipc().arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for subcommand in ["serve", "join", "bench", "devices"] {
+    for subcommand in ["serve", "join", "bench", "devices", "mic-test"] {
         assert!(help.contains(subcommand), "{help}");
     }
 }
@@ -18,6 +18,20 @@ fn bare_voipc_opens_the_app_or_says_why_it_cannot() {
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("cannot open the window") && stderr.contains("DISPLAY"), "{stderr}");
+}
+
+/// `voipc voipc://...` (how the desktop entry hands a link over) opens the app; anything
+/// else that is not a subcommand is an error, not a server address.
+#[test]
+fn a_link_opens_the_app_and_a_mistyped_subcommand_is_an_error() {
+    let run = |arg: &str| voipc().env_remove("DISPLAY").env_remove("WAYLAND_DISPLAY").arg(arg).output().unwrap();
+    let typo = run("serv");
+    assert!(!typo.status.success());
+    assert!(String::from_utf8_lossy(&typo.stderr).contains("not a subcommand, nor a voipc:// link"), "{typo:?}");
+    let broken = run("voipc://bad host:1/");
+    assert!(String::from_utf8_lossy(&broken.stderr).contains("invalid value"), "{broken:?}");
+    let link = run(&format!("voipc://127.0.0.1:9987/?fp={}&channel=Lobby", "ab".repeat(32)));
+    assert!(String::from_utf8_lossy(&link.stderr).contains("cannot open the window"), "the app: {link:?}");
 }
 
 #[test]

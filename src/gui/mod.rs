@@ -158,14 +158,20 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(ctx: egui::Context, runtime: tokio::runtime::Handle, paths: Paths) -> App {
+    /// The app; `link`, a `voipc://` link it was opened with, fills the connect screen in
+    /// (nothing connects before the user says so).
+    pub fn new(ctx: egui::Context, runtime: tokio::runtime::Handle, paths: Paths, link: Option<String>) -> App {
         // A settings file that does not parse is reported, and the defaults used.
         let (settings, error) = match Settings::load(&paths.settings_file) {
             Ok(settings) => (settings, None),
             Err(e) => (Settings::default(), Some(e.to_string())),
         };
         let screen = if paths.data_dir.join(VAULT_FILE).exists() { Screen::Unlock } else { Screen::Setup };
-        let model = Model { screen, settings, error, devices: device::list(&device::host()), ..Model::default() };
+        let mut model = Model { screen, settings, error, devices: device::list(&device::host()), ..Model::default() };
+        if let Some(link) = link {
+            model.drafts.address = link;
+            model.drafts.from_link = true;
+        }
         let mut app = App {
             model,
             runtime,
@@ -719,7 +725,7 @@ impl eframe::App for App {
 }
 
 /// Opens the window; returns when it is closed.
-pub fn run(runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
+pub fn run(runtime: tokio::runtime::Handle, link: Option<String>) -> anyhow::Result<()> {
     let paths = Paths::default_paths()?;
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
@@ -733,7 +739,7 @@ pub fn run(runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     eframe::run_native(
         "VoIPC",
         options,
-        Box::new(move |cc| Ok(Box::new(App::new(cc.egui_ctx.clone(), runtime, paths)))),
+        Box::new(move |cc| Ok(Box::new(App::new(cc.egui_ctx.clone(), runtime, paths, link)))),
     )
     .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
 }

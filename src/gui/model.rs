@@ -94,6 +94,8 @@ pub struct Drafts {
     pub password: String,
     pub password_again: String,
     pub address: String,
+    /// The address came from a `voipc://` link the app was opened with.
+    pub from_link: bool,
     pub message: String,
     /// A password for the channel being joined.
     pub channel_password: Option<(String, String)>,

@@ -117,6 +117,25 @@ fn connect_takes_an_address_a_saved_server_or_hosts_one() {
     );
 }
 
+/// Opened with a link: the connect screen is filled in, says where the address came
+/// from, and nothing connects until the user does.
+#[test]
+fn a_link_fills_the_connect_screen_and_connects_nobody() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let link = format!("voipc://voice.example.org:9987/?fp={}&channel=Den", "ab".repeat(32));
+    let paths = super::Paths { data_dir: dir.path().join("data"), settings_file: dir.path().join("settings.toml") };
+    let app = super::App::new(egui::Context::default(), runtime.handle().clone(), paths, Some(link.clone()));
+    assert_eq!((app.model.drafts.address.as_str(), app.model.drafts.from_link), (link.as_str(), true));
+    assert!(app.client.is_none() && app.model.screen == Screen::Setup, "first an identity, then the user connects");
+    let model = Model { screen: Screen::Connect, drafts: app.model.drafts.clone(), ..Model::default() };
+    let (mut h, rx) = harness(model, views::connect);
+    assert!(h.query_by_label_contains("Opened from a link").is_some());
+    h.get_by_label("Connect").click();
+    h.run();
+    assert_eq!(sent(&rx), [UiCommand::Connect { target: link }]);
+}
+
 #[test]
 fn an_unknown_server_asks_and_a_changed_certificate_stops_until_replaced_deliberately() {
     let fingerprint = "ab".repeat(32);
@@ -428,7 +447,7 @@ fn wait_for(app: &mut super::App, what: &str, done: impl Fn(&Model) -> bool) {
 
 fn app_in(dir: &std::path::Path, runtime: &tokio::runtime::Runtime) -> super::App {
     let paths = super::Paths { data_dir: dir.join("data"), settings_file: dir.join("settings.toml") };
-    super::App::new(egui::Context::default(), runtime.handle().clone(), paths)
+    super::App::new(egui::Context::default(), runtime.handle().clone(), paths, None)
 }
 
 /// The real client core and a relay in this process: create an identity, connect, talk

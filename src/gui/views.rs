@@ -144,6 +144,15 @@ pub fn connect(ui: &mut Ui, model: &mut Model, tx: &Sender<UiCommand>) {
         egui::TextEdit::singleline(&mut model.drafts.address).hint_text("host:port or a voipc:// invite link"),
     );
     let enter = response.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+    if model.drafts.from_link {
+        ui.label(
+            RichText::new(
+                "Opened from a link: connect only if it came from someone you trust. A server this device \
+                 has pinned keeps its certificate whatever a link says.",
+            )
+            .small(),
+        );
+    }
     let address = model.drafts.address.trim().to_owned();
     ui.horizontal(|ui| {
         if ui.add_enabled(!address.is_empty(), egui::Button::new("Connect")).clicked() || (enter && !address.is_empty())
@@ -1040,7 +1049,9 @@ pub fn audio_setup(ctx: &egui::Context, model: &mut Model, tx: &Sender<UiCommand
     let Some(check) = model.audio_check.clone() else { return };
     let mut settings = model.settings.clone();
     let mut open = true;
-    egui::Window::new("Audio setup").collapsible(false).open(&mut open).show(ctx, |ui| {
+    let window = egui::Window::new("Audio setup").collapsible(false).open(&mut open);
+    let centered = window.pivot(egui::Align2::CENTER_CENTER).default_pos(ctx.content_rect().center());
+    centered.show(ctx, |ui| {
         device_choice(ui, "Microphone", &model.devices.inputs, &mut settings.input_device);
         device_choice(ui, "Speaker", &model.devices.outputs, &mut settings.output_device);
         ui.separator();
