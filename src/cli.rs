@@ -504,10 +504,11 @@ async fn mic_test(args: MicTestArgs) -> anyhow::Result<()> {
         ..CaptureSettings::default()
     };
     let (controls, receiver) = tokio::sync::mpsc::channel(4);
-    // The recording starts once the microphone is heard (opening it takes a moment);
-    // dropping the controls ends the test, after the playback.
+    // Its clock starts once the microphone is heard; dropping the controls ends the test,
+    // after the playback.
+    controls.try_send(CheckControl::Record).expect("an empty queue");
     let mut controls = Some(controls);
-    let (mut recording, mut played) = (false, false);
+    let mut played = false;
     let show = |event: &CheckEvent| match event {
         CheckEvent::Level(dbfs) => serde_json::json!({ "event": "level", "dbfs": dbfs }),
         CheckEvent::Talking(on) => serde_json::json!({ "event": "talking", "on": on }),
@@ -519,9 +520,6 @@ async fn mic_test(args: MicTestArgs) -> anyhow::Result<()> {
     };
     check::run(args.input_device, args.output_device, capture, receiver, |event| {
         println!("{}", show(&event));
-        if let (false, CheckEvent::Level(_), Some(controls)) = (recording, &event, &controls) {
-            recording = controls.try_send(CheckControl::Record).is_ok();
-        }
         played |= event == CheckEvent::Phase(Phase::Playing);
         if played && event == CheckEvent::Phase(Phase::Idle) {
             controls = None;

@@ -178,9 +178,9 @@ fn the_microphone_test_plays_back_what_it_recorded_without_a_server() {
         .unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(test.stdout.take().unwrap()));
     let mut events: Vec<serde_json::Value> = Vec::new();
-    // She speaks once the test records (when it has heard her microphone).
-    while events.last().is_none_or(|e| e["phase"] != "recording") {
-        events.push(serde_json::from_str(&lines.next().expect("the test records").unwrap()).unwrap());
+    // She speaks once the test has heard her microphone (its recording starts then).
+    while events.last().is_none_or(|e| e["event"] != "level") {
+        events.push(serde_json::from_str(&lines.next().expect("the microphone is heard").unwrap()).unwrap());
     }
     let speech_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/speech.wav");
     assert!(sound.play_on("headset_feed", &speech_file).wait().unwrap().success());

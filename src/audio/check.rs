@@ -45,11 +45,24 @@ pub struct MicCheck {
     packets: VecDeque<(Duration, EncodedVoice)>,
     levels: Vec<f32>,
     suggested: Option<f32>,
+    /// The microphone has been heard (a level came): it is open.
+    heard: bool,
+    /// A recording asked for before the microphone was heard: its clock starts then, so
+    /// that the time it takes a device to open is not recorded as silence.
+    waiting: bool,
 }
 
 impl MicCheck {
     pub fn new(now: Instant) -> MicCheck {
-        MicCheck { phase: Phase::Idle, since: now, packets: VecDeque::new(), levels: Vec::new(), suggested: None }
+        MicCheck {
+            phase: Phase::Idle,
+            since: now,
+            packets: VecDeque::new(),
+            levels: Vec::new(),
+            suggested: None,
+            heard: false,
+            waiting: false,
+        }
     }
 
     pub fn phase(&self) -> Phase {
@@ -60,6 +73,7 @@ impl MicCheck {
     pub fn record(&mut self, now: Instant) {
         self.phase = Phase::Recording;
         self.since = now;
+        self.waiting = !self.heard;
         self.packets.clear();
         self.levels.clear();
         self.suggested = None;
@@ -67,13 +81,17 @@ impl MicCheck {
 
     /// A packet the capture encoded.
     pub fn packet(&mut self, packet: EncodedVoice, now: Instant) {
-        if self.phase == Phase::Recording && self.packets.len() < MAX_PACKETS {
+        if self.phase == Phase::Recording && !self.waiting && self.packets.len() < MAX_PACKETS {
             self.packets.push_back((now.saturating_duration_since(self.since), packet));
         }
     }
 
-    /// A reading of the level meter.
-    pub fn level(&mut self, dbfs: f32) {
+    /// A reading of the level meter (the first says the microphone is open).
+    pub fn level(&mut self, dbfs: f32, now: Instant) {
+        self.heard = true;
+        if std::mem::take(&mut self.waiting) {
+            self.since = now;
+        }
         if self.phase == Phase::Recording && self.levels.len() < MAX_LEVELS {
             self.levels.push(dbfs);
         }
@@ -85,7 +103,7 @@ impl MicCheck {
         let elapsed = now.saturating_duration_since(self.since);
         match self.phase {
             Phase::Idle => Vec::new(),
-            Phase::Recording if elapsed < RECORD_FOR => Vec::new(),
+            Phase::Recording if self.waiting || elapsed < RECORD_FOR => Vec::new(),
             Phase::Recording => {
                 self.suggested = suggest_threshold(&self.levels);
                 self.phase = Phase::Playing;
@@ -180,7 +198,7 @@ pub async fn run(
             event = events.recv() => match event {
                 Some(EngineEvent::Packet(packet)) => check.packet(packet, Instant::now()),
                 Some(EngineEvent::Level(dbfs)) => {
-                    check.level(dbfs);
+                    check.level(dbfs, Instant::now());
                     emit(CheckEvent::Level(dbfs));
                 }
                 Some(EngineEvent::Talking(on)) => emit(CheckEvent::Talking(on)),
@@ -223,6 +241,7 @@ mod tests {
     fn a_recording_plays_back_at_the_pace_it_came_then_stops() {
         let start = Instant::now();
         let mut check = MicCheck::new(start);
+        check.level(-90.0, start);
         check.packet(packet(99), start);
         check.record(start);
         // 5 s of speech at 20 ms a packet, with a pause of a second in the middle (the
@@ -269,13 +288,19 @@ mod tests {
         // Only noise, or only speech: no telling them apart.
         assert_eq!(suggest_threshold(&[-40.0; 40]), None);
         assert_eq!(suggest_threshold(&[-40.0, -20.0]), None, "too few readings");
-        let mut check = MicCheck::new(Instant::now());
+        // Recording is asked for before the microphone has been heard: its 5 s start with
+        // the first reading, not while the device opens.
         let start = Instant::now();
+        let mut check = MicCheck::new(start);
         check.record(start);
+        assert!(check.poll(start + RECORD_FOR).is_empty() && check.phase() == Phase::Recording);
+        let opened = start + Duration::from_secs(2);
         for level in levels {
-            check.level(level);
+            check.level(level, opened);
         }
         check.poll(start + RECORD_FOR);
-        assert_eq!(check.suggested_threshold(), Some(-50.0));
+        assert_eq!(check.phase(), Phase::Recording, "5 s from when it was heard");
+        check.poll(opened + RECORD_FOR);
+        assert_eq!((check.phase(), check.suggested_threshold()), (Phase::Playing, Some(-50.0)));
     }
 }
