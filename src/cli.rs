@@ -57,30 +57,58 @@ enum Command {
     /// List the sound devices (names for --input-device and --output-device).
     Devices,
     /// Test the microphone, no server needed: shows its level, records a few seconds and
-    /// plays them back as others would hear them, and suggests a voice-activity threshold.
+    /// plays them back as others would hear them, and suggests a voice-activity threshold
+    /// (push-to-talk is tested as voice activity).
     MicTest(MicTestArgs),
 }
 
 #[derive(Debug, Args)]
 struct MicTestArgs {
-    /// The microphone (the system's default without it).
+    #[command(flatten)]
+    microphone: MicrophoneArgs,
+}
+
+/// The sound devices and how the microphone goes on the air: `join`'s and `mic-test`'s.
+#[derive(Debug, Args)]
+struct MicrophoneArgs {
+    /// The microphone, by name or PulseAudio name (`voipc devices` lists them; "default"
+    /// for the system's).
     #[arg(long, value_name = "NAME")]
     input_device: Option<String>,
-    /// The speaker (the system's default without it).
+    /// The speaker, by name ("default" for the system's).
     #[arg(long, value_name = "NAME")]
     output_device: Option<String>,
-    /// voice-activity or always-on (push-to-talk is tested as voice activity).
+    /// When the microphone is on the air: voice-activity, push-to-talk (/talk on|off) or always-on.
     #[arg(long, default_value = "voice-activity", value_name = "MODE")]
     voice_mode: VoiceMode,
     /// The level a voice must reach to open the voice-activity gate, in dBFS.
     #[arg(long, default_value_t = -50.0, value_name = "DBFS", allow_negative_numbers = true)]
     vad_threshold: f32,
-    /// Test without RNNoise noise suppression.
+    /// Without RNNoise noise suppression.
     #[arg(long)]
     no_denoise: bool,
-    /// Test without echo cancellation.
+    /// Turn echo cancellation off (it takes what the speaker plays out of the microphone).
     #[arg(long)]
     no_echo_cancel: bool,
+}
+
+impl MicrophoneArgs {
+    /// How the capture hears the microphone (its encoder as `encoder` says).
+    fn capture(&self, encoder: EncoderSettings) -> CaptureSettings {
+        CaptureSettings {
+            mode: self.voice_mode,
+            threshold_dbfs: self.vad_threshold,
+            denoise: !self.no_denoise,
+            echo_cancel: !self.no_echo_cancel,
+            encoder,
+        }
+    }
+
+    /// The devices asked for: `Some(None)` is the system's default.
+    fn devices(&self) -> (Option<Option<String>>, Option<Option<String>>) {
+        let device = |name: &Option<String>| name.clone().map(|n| (n != "default").then_some(n));
+        (device(&self.input_device), device(&self.output_device))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -211,31 +239,15 @@ impl ScreenArgs {
 
 #[derive(Debug, Args)]
 struct VoiceArgs {
-    /// Send this WAV file (any rate, mono or stereo) as voice once in a channel.
+    /// Send this WAV file (any rate, mono or stereo) as voice once in a channel; without it
+    /// and without --input-device the client only listens.
     #[arg(long, value_name = "FILE.wav")]
     play: Option<PathBuf>,
     /// Record what this client plays (the mixed channel audio) to a 48 kHz WAV file.
     #[arg(long, value_name = "FILE.wav")]
     record: Option<PathBuf>,
-    /// Talk through this microphone ("default" for the system's); without it and
-    /// without --play the client only listens.
-    #[arg(long, value_name = "NAME")]
-    input_device: Option<String>,
-    /// Play through this speaker ("default" for the system's).
-    #[arg(long, value_name = "NAME")]
-    output_device: Option<String>,
-    /// When the microphone is on the air: voice-activity, push-to-talk (/talk on|off) or always-on.
-    #[arg(long, default_value = "voice-activity", value_name = "MODE")]
-    voice_mode: VoiceMode,
-    /// The level a voice must reach to open the voice-activity gate, in dBFS.
-    #[arg(long, default_value_t = -50.0, value_name = "DBFS", allow_negative_numbers = true)]
-    vad_threshold: f32,
-    /// Send the microphone without RNNoise noise suppression.
-    #[arg(long)]
-    no_denoise: bool,
-    /// Turn echo cancellation off (it takes what the speaker plays out of the microphone).
-    #[arg(long)]
-    no_echo_cancel: bool,
+    #[command(flatten)]
+    microphone: MicrophoneArgs,
     /// Opus complexity, 0 (fastest) to 10 (best).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=10))]
     complexity: i32,
@@ -249,22 +261,17 @@ struct VoiceArgs {
 
 impl VoiceArgs {
     fn options(self) -> anyhow::Result<VoiceOptions> {
-        let device = |name: Option<String>| name.map(|n| (n != "default").then_some(n));
         let play = match &self.play {
             Some(path) => Some(std::sync::Arc::new(read_voice(path)?)),
             None => None,
         };
-        let capture = CaptureSettings {
-            mode: self.voice_mode,
-            threshold_dbfs: self.vad_threshold,
-            denoise: !self.no_denoise,
-            echo_cancel: !self.no_echo_cancel,
-            encoder: EncoderSettings { complexity: self.complexity, ..EncoderSettings::default() },
-        };
+        let capture =
+            self.microphone.capture(EncoderSettings { complexity: self.complexity, ..EncoderSettings::default() });
+        let (input_device, output_device) = self.microphone.devices();
         Ok(VoiceOptions {
             play,
-            input_device: device(self.input_device),
-            output_device: device(self.output_device),
+            input_device,
+            output_device,
             record: self.record,
             capture,
             muted: self.muted,
@@ -496,13 +503,8 @@ fn devices() -> anyhow::Result<()> {
 /// Records and plays back once, printing what the test shows as JSON lines.
 async fn mic_test(args: MicTestArgs) -> anyhow::Result<()> {
     use crate::audio::check::{self, CheckControl, CheckEvent, Phase};
-    let capture = CaptureSettings {
-        mode: args.voice_mode,
-        threshold_dbfs: args.vad_threshold,
-        denoise: !args.no_denoise,
-        echo_cancel: !args.no_echo_cancel,
-        ..CaptureSettings::default()
-    };
+    let capture = args.microphone.capture(EncoderSettings::default());
+    let (input, output) = args.microphone.devices();
     let (controls, receiver) = tokio::sync::mpsc::channel(4);
     // Its clock starts once the microphone is heard; dropping the controls ends the test,
     // after the playback.
@@ -518,7 +520,7 @@ async fn mic_test(args: MicTestArgs) -> anyhow::Result<()> {
         CheckEvent::Suggested(dbfs) => serde_json::json!({ "event": "suggested_threshold", "dbfs": dbfs }),
         CheckEvent::Device(message) => serde_json::json!({ "event": "device", "message": message }),
     };
-    check::run(args.input_device, args.output_device, capture, receiver, |event| {
+    check::run(input.flatten(), output.flatten(), capture, receiver, |event| {
         println!("{}", show(&event));
         played |= event == CheckEvent::Phase(Phase::Playing);
         if played && event == CheckEvent::Phase(Phase::Idle) {

@@ -267,7 +267,7 @@ fn the_systemd_unit_verifies_and_is_locked_down() {
     }
     let dir = tempfile::tempdir().unwrap();
     let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/voipc.service")).unwrap();
-    let unit = unit.replace("/usr/local/bin/voipc", env!("CARGO_BIN_EXE_voipc"));
+    let unit = unit.replace("/usr/bin/voipc", env!("CARGO_BIN_EXE_voipc"));
     let path = dir.path().join("voipc.service");
     std::fs::write(&path, unit).unwrap();
     let verify = std::process::Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
