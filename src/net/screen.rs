@@ -321,6 +321,9 @@ impl ScreenShell {
                 self.viewer = Some((tx, events_rx));
             }
             Event::Viewers { count } => {
+                if let Some(adapter) = &mut self.adapter {
+                    adapter.viewers(Instant::now(), *count);
+                }
                 self.nobody_watches.store(*count == 0, Ordering::Relaxed);
                 self.control(ToSender::Pause(*count == 0));
             }

@@ -34,6 +34,15 @@ pub const REVERSAL_HOLD: Duration = Duration::from_secs(30);
 pub const LOSS_TOLERATED: f64 = 0.10;
 /// How long a viewer's report of loss keeps sizing the recovery fragments.
 pub const LOSS_MEMORY: Duration = Duration::from_secs(10);
+/// A new viewer's loss is not known until it reports (its first report comes 400 ms into
+/// the watch, `session::screen::FIRST_REPORT`): for this long after the viewers grow, the
+/// frames carry recovery fragments for [`NEW_VIEWER_LOSS`]. Without them, one lost
+/// fragment of an early frame made the new viewer wait for the next keyframe (skips of
+/// 4-5 frames at the start of a watch over a lossy link).
+pub const NEW_VIEWER_COVER: Duration = Duration::from_secs(1);
+/// The loss assumed for a viewer that has not reported yet: a poor Wi-Fi link's. A frame
+/// of 3 fragments then carries 2 recovery fragments, a keyframe of 50 carries 9.
+pub const NEW_VIEWER_LOSS: f64 = 0.05;
 /// Frame rates the ladder steps through below the chosen one.
 const FPS_STEPS: [u32; 3] = [15, 10, 5];
 /// Bitrate cuts at the lowest frame rate of each resolution, before the resolution goes.
@@ -108,6 +117,9 @@ pub struct Adapter {
     hold_until: Option<Instant>,
     /// The worst loss reported lately, and when.
     worst_loss: Option<(f64, Instant)>,
+    /// How many watch, and when that count last grew.
+    viewers: u32,
+    new_viewer_at: Option<Instant>,
 }
 
 impl Adapter {
@@ -122,7 +134,17 @@ impl Adapter {
             last_up: None,
             hold_until: None,
             worst_loss: None,
+            viewers: 0,
+            new_viewer_at: None,
         }
+    }
+
+    /// How many watch now (as the relay says): when it grew, someone's link is unknown.
+    pub fn viewers(&mut self, now: Instant, count: u32) {
+        if count > self.viewers {
+            self.new_viewer_at = Some(now);
+        }
+        self.viewers = count;
     }
 
     pub fn current(&self) -> Rung {
@@ -139,12 +161,15 @@ impl Adapter {
     }
 
     /// The worst fragment loss a viewer reported in the last [`LOSS_MEMORY`] (0 when
-    /// none did).
+    /// none did), and at least [`NEW_VIEWER_LOSS`] within [`NEW_VIEWER_COVER`] of a new
+    /// viewer.
     pub fn loss_to_cover(&self, now: Instant) -> f64 {
-        match self.worst_loss {
+        let reported = match self.worst_loss {
             Some((loss, at)) if now < at + LOSS_MEMORY => loss,
             _ => 0.0,
-        }
+        };
+        let unknown = self.new_viewer_at.is_some_and(|at| now < at + NEW_VIEWER_COVER);
+        if unknown { reported.max(NEW_VIEWER_LOSS) } else { reported }
     }
 
     /// A frame was dropped before sending: the send buffer had no room for it and voice.
@@ -344,6 +369,26 @@ mod tests {
         assert_eq!(a.loss_to_cover(start + LOSS_MEMORY), 0.0, "forgotten after a calm while");
         a.viewer_report(start + LOSS_MEMORY, ViewerLoss { loss: 0.02, frames_lost: 0 });
         assert_eq!(a.loss_to_cover(start + LOSS_MEMORY), 0.02);
+    }
+
+    #[test]
+    fn a_new_viewers_first_frames_carry_recovery_until_it_can_have_reported() {
+        let start = Instant::now();
+        let mut a = Adapter::new(start, Resolution::P720, 30);
+        a.viewers(start, 1);
+        assert_eq!(a.loss_to_cover(start), NEW_VIEWER_LOSS, "nothing known of its link yet");
+        let p_frame = crate::protocol::fragment::recovery_fragments(3, false, a.loss_to_cover(start));
+        assert_eq!(p_frame, 2, "an early P-frame of 3 fragments survives a lost one");
+        a.viewer_report(start + Duration::from_millis(400), ViewerLoss { loss: 0.2, frames_lost: 0 });
+        assert_eq!(a.loss_to_cover(start + Duration::from_millis(500)), 0.2, "a worse link reported: that");
+        let later = start + LOSS_MEMORY + NEW_VIEWER_COVER;
+        assert_eq!(a.loss_to_cover(later), 0.0, "then only what is reported");
+        a.viewers(later, 0);
+        a.viewers(later, 0);
+        assert_eq!(a.loss_to_cover(later), 0.0, "nobody new");
+        a.viewers(later, 1);
+        assert_eq!(a.loss_to_cover(later + NEW_VIEWER_COVER / 2), NEW_VIEWER_LOSS, "the next one who watches");
+        assert_eq!(a.loss_to_cover(later + NEW_VIEWER_COVER), 0.0);
     }
 
     #[test]
