@@ -9,6 +9,7 @@ itself in a fresh home, driven by the keyboard through xdotool the way a user wo
   first-start.png   the first start (name and vault password)
   audio-setup.png   the audio setup it opens next, the microphone speaking
   channel.png       a channel with people talking and chatting (bob's speaking ring)
+  watching.png      frank's shared screen (a made-up desktop) watched in the channel view
   settings.png      the settings window
 
 Usage: screenshots.py VOIPC_BINARY OUT_DIR
@@ -70,6 +71,10 @@ class Run:
     def focus(self):
         """Gives the app's window the keyboard (there is no window manager to do it)."""
         self.xdotool("search", "--sync", "--name", "^VoIPC$", "windowfocus", "--sync")
+        time.sleep(0.3)
+
+    def click(self, x, y):
+        self.xdotool("mousemove", str(x), str(y), "click", "1")
         time.sleep(0.3)
 
     def keys(self, *keys):
@@ -189,8 +194,19 @@ def main():
         bob = run.bot(invite, "bob", "--play", SPEECH)
         run.shot("channel.png", settle=4)
 
-        # 3. The settings: the top bar's buttons are Disconnect, then Settings.
-        run.keys("Tab", "Tab", "Return")
+        # 3. frank shares a made-up desktop; alice clicks "Watch" beside him.
+        clip = os.path.join(run.dir, "desktop.y4m")
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "screen_clip.py"), clip, "1280", "720", "60"],
+                       check=True, stdout=subprocess.DEVNULL)
+        run.bot(invite, "frank", "--share-screen", clip, "--share-resolution", "720p", "--share-fps", "10")
+        time.sleep(6)
+        # Where "Watch" is beside frank, the fourth in the Lobby, in the 1000x680 window: a
+        # change of the channel list's layout means new coordinates here.
+        run.click(130, 132)
+        run.shot("watching.png", settle=8)
+
+        # 4. The settings, from the top bar's right end.
+        run.click(848, 12)
         run.shot("settings.png")
     finally:
         run.close()
