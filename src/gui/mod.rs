@@ -109,8 +109,9 @@ enum Update {
     Hosting(Result<(String, String, tokio::task::JoinHandle<()>), String>),
     /// The global push-to-talk key went down or up.
     GlobalPushToTalk(bool),
-    /// What the microphone test shows, or why it stopped.
-    Check(Result<CheckEvent, String>),
+    /// What a microphone test shows, or why it stopped; from the test started as the
+    /// number given (a restarted test's old one may still be winding down).
+    Check(u64, Result<CheckEvent, String>),
 }
 
 /// Where the app keeps its files.
@@ -143,6 +144,8 @@ pub struct App {
     hosted: Option<tokio::task::JoinHandle<()>>,
     /// The microphone test's controls, while it runs.
     check: Option<tokio::sync::mpsc::Sender<CheckControl>>,
+    /// How many microphone tests were started: the number of the one running.
+    checks_started: u64,
     /// The system-wide push-to-talk key, while one is registered.
     global_key: Option<(global_hotkey::GlobalHotKeyManager, global_hotkey::hotkey::HotKey)>,
     /// With `VOIPC_FRAME_STATS` set: frames drawn and the time spent drawing them, logged
@@ -184,6 +187,7 @@ impl App {
             reconnect: None,
             hosted: None,
             check: None,
+            checks_started: 0,
             global_key: None,
             frame_stats: std::env::var_os("VOIPC_FRAME_STATS").map(|_| (0, Duration::ZERO)),
             picture: Arc::default(),
@@ -466,6 +470,8 @@ impl App {
     fn start_check(&mut self) {
         let (controls, receiver) = tokio::sync::mpsc::channel(16);
         self.check = Some(controls);
+        self.checks_started += 1;
+        let number = self.checks_started;
         self.model.audio_check = Some(model::AudioCheck::default());
         let settings = &self.model.settings;
         let (input, output) = (settings.input_device.clone(), settings.output_device.clone());
@@ -473,11 +479,11 @@ impl App {
         let (updates, ctx) = (self.updates.0.clone(), self.ctx.clone());
         self.runtime.spawn(async move {
             let emit = |event| {
-                let _ = updates.send(Update::Check(Ok(event)));
+                let _ = updates.send(Update::Check(number, Ok(event)));
                 ctx.request_repaint();
             };
             if let Err(e) = check::run(input, output, capture, receiver, emit).await {
-                let _ = updates.send(Update::Check(Err(e.to_string())));
+                let _ = updates.send(Update::Check(number, Err(e.to_string())));
                 ctx.request_repaint();
             }
         });
@@ -577,8 +583,8 @@ impl App {
                     self.connect(invite, Pin::Stored);
                 }
                 Update::Hosting(Err(e)) => self.model.error = Some(e),
-                Update::Check(event) => {
-                    if let Some(check) = &mut self.model.audio_check {
+                Update::Check(number, event) => {
+                    if let Some(check) = self.model.audio_check.as_mut().filter(|_| number == self.checks_started) {
                         match event {
                             Ok(event) => check.apply(event),
                             Err(e) => check.notice = Some(format!("the test stopped: {e}")),
