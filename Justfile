@@ -12,8 +12,9 @@ set positional-arguments
 # PipeWire's headers build the Wayland capture, and the Wayland test's desktop is D-Bus,
 # PipeWire with WirePlumber, the portal frontend and a GStreamer picture on PipeWire;
 # iproute2 for `just netem`; WebRTC's audio processing module is the echo canceller;
-# xdotool, ImageMagick and Mesa draw, drive and photograph the app for `just screenshots`.
-packages := "build-essential pkg-config protobuf-compiler cmake libasound2-dev libwebrtc-audio-processing-dev iproute2 libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libclang-dev xvfb pulseaudio pulseaudio-utils libasound2-plugins libpipewire-0.3-dev libspa-0.2-dev dbus-daemon pipewire wireplumber xdg-desktop-portal gstreamer1.0-pipewire gstreamer1.0-plugins-base gstreamer1.0-tools xdotool imagemagick libgl1-mesa-dri libegl1"
+# xdotool, ImageMagick and Mesa draw, drive and photograph the app for `just screenshots`;
+# dunst is the notification server of `just notification-check`.
+packages := "build-essential pkg-config protobuf-compiler cmake libasound2-dev libwebrtc-audio-processing-dev iproute2 libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libclang-dev xvfb pulseaudio pulseaudio-utils libasound2-plugins libpipewire-0.3-dev libspa-0.2-dev dbus-daemon pipewire wireplumber xdg-desktop-portal gstreamer1.0-pipewire gstreamer1.0-plugins-base gstreamer1.0-tools xdotool imagemagick libgl1-mesa-dri libegl1 dunst"
 
 # List the recipes.
 default:
@@ -242,3 +243,10 @@ lint:
 # Take the README's screenshots of the app (assets/screenshots).
 screenshots: build
     python3 tools/screenshots.py target/release/voipc assets/screenshots
+
+# The app under Xvfb with a D-Bus session bus and dunst, which prints what it shows: a
+# direct message while the window is not focused is one notification (who wrote, or the
+# escaped text when the settings ask), a flood one per 5 s, and none while it is focused.
+# Check the direct-message notifications on a real notification server.
+notification-check: build
+    python3 tools/notification_check.py target/release/voipc target/notification-check
