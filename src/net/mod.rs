@@ -6,6 +6,7 @@ pub mod client;
 pub mod framing;
 pub mod screen;
 pub mod server;
+mod timer;
 pub mod tls;
 
 use std::net::SocketAddr;

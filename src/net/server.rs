@@ -1,7 +1,7 @@
 //! `voipc serve`'s IO shell: a quinn endpoint that drives the sans-IO [`Relay`].
 //!
 //! One task per connection reads its control stream, one reads its datagrams, one
-//! writes its control frames; a timer task runs the relay's timeouts, and a flush thread
+//! writes its control frames; a timer task runs the relay's timeouts, and a flush task
 //! sends what waited on the receivers' legs (see [`Leg`]). The relay sits behind one
 //! mutex that is held only for a relay call and never across an await; the datagram
 //! tasks route with their own copies of their routes and take it only when those change.
@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -19,6 +19,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::framing::{ReadFrameError, read_frame};
+use super::timer::PreciseTimer;
 use super::tls::{Identity, server_tls};
 use crate::config::Limits;
 use crate::protocol::{ClientMsg, ErrorCode, Fingerprint, FrameError, ServerMsg, encode_frame};
@@ -59,13 +60,12 @@ pub struct Server {
     fingerprint: Fingerprint,
     /// With this many handshakes under way, new ones get a QUIC Retry first.
     retry_above: u32,
-    _flushes: FlushThread,
 }
 
 struct Shared {
     state: Mutex<State>,
     /// Whether log lines may carry client addresses (`serve --log-addresses`).
-    log_addresses: AtomicBool,
+    log_addresses: bool,
     /// Bounds the Argon2 work (password checks and hashes) over all connections.
     passwords: PasswordGate,
     /// What the shell counts itself, for the metrics.
@@ -155,85 +155,36 @@ impl Leg {
     }
 }
 
-/// Legs holding media for the next flush round, and whether the server has stopped.
+/// Legs holding media for the next flush round.
 struct Flushes {
-    list: Mutex<FlushList>,
-    /// Wakes the flush thread when the first leg is listed, or when the server stops.
-    wake: Condvar,
-}
-
-#[derive(Default)]
-struct FlushList {
-    legs: Vec<Arc<Leg>>,
-    stopped: bool,
+    legs: Mutex<Vec<Arc<Leg>>>,
+    wake: Notify,
 }
 
 impl Flushes {
-    fn lock(&self) -> MutexGuard<'_, FlushList> {
-        self.list.lock().expect("flush list lock is never poisoned")
-    }
-
     fn list(&self, leg: &Arc<Leg>) {
         if !leg.listed.swap(true, Ordering::AcqRel) {
-            let mut list = self.lock();
-            list.legs.push(leg.clone());
-            if list.legs.len() == 1 {
-                self.wake.notify_one();
-            }
+            self.legs.lock().expect("flush list lock is never poisoned").push(leg.clone());
+            self.wake.notify_one();
         }
-    }
-
-    fn stop(&self) {
-        self.lock().stopped = true;
-        self.wake.notify_one();
-    }
-}
-
-/// The flush thread, stopped when the server is dropped (its run ended, or its future was
-/// dropped).
-struct FlushThread(Arc<Shared>);
-
-impl FlushThread {
-    fn start(shared: Arc<Shared>) -> std::io::Result<FlushThread> {
-        let thread = shared.clone();
-        std::thread::Builder::new().name("voipc-flush".into()).spawn(move || run_flushes(&thread))?;
-        Ok(FlushThread(shared))
-    }
-}
-
-impl Drop for FlushThread {
-    fn drop(&mut self) {
-        self.0.flushes.stop();
     }
 }
 
 /// Flushes the listed legs one coalescing window after the first was listed, and every
 /// window after while any holds media. Every leg is flushed in one pass, so each
-/// receiver's connection sends what gathered in one packet.
-///
-/// A thread of its own, not a tokio task: tokio's timer counts whole milliseconds and,
-/// on a busy worker, fires late, which made a 2 ms window hold frames 2-4 ms. A thread's
-/// sleep ends within tens of microseconds of its deadline, so the window is what is set.
-fn run_flushes(shared: &Shared) {
+/// receiver's connection sends what gathered in one packet. The window is timed to the
+/// microsecond ([`PreciseTimer`]).
+async fn run_flushes(shared: Arc<Shared>) {
+    let timer = PreciseTimer::new();
     let mut legs = Vec::new();
     // Without coalescing, only legs whose link was full wait: they are tried every
     // millisecond.
     let round = shared.coalesce.max(Duration::from_millis(1));
     loop {
-        {
-            let mut list = shared.flushes.lock();
-            while list.legs.is_empty() && !list.stopped {
-                list = shared.flushes.wake.wait(list).expect("flush list lock is never poisoned");
-            }
-            if list.stopped {
-                return;
-            }
-        }
-        let mut deadline = Instant::now() + round;
+        shared.flushes.wake.notified().await;
         loop {
-            let now = Instant::now();
-            std::thread::sleep(deadline.saturating_duration_since(now));
-            std::mem::swap(&mut legs, &mut shared.flushes.lock().legs);
+            timer.sleep(round).await;
+            std::mem::swap(&mut legs, &mut *shared.flushes.legs.lock().expect("flush list lock is never poisoned"));
             let now = Instant::now();
             for leg in legs.drain(..) {
                 leg.listed.store(false, Ordering::Release);
@@ -241,12 +192,9 @@ fn run_flushes(shared: &Shared) {
                     shared.flushes.list(&leg);
                 }
             }
-            let list = shared.flushes.lock();
-            if list.legs.is_empty() || list.stopped {
+            if shared.flushes.legs.lock().expect("flush list lock is never poisoned").is_empty() {
                 break;
             }
-            // A round that ran late does not make the next one short.
-            deadline = (deadline + round).max(now);
         }
     }
 }
@@ -294,7 +242,7 @@ impl Server {
         let max_queued = limits.max_queued_control_bytes as usize;
         let shared = Arc::new(Shared {
             state: Mutex::new(State { relay, max_queued, conns: HashMap::new(), next_conn: 1 }),
-            log_addresses: AtomicBool::new(false),
+            log_addresses: false,
             passwords: PasswordGate::new(PASSWORD_WORKERS, PASSWORD_QUEUE),
             counts: ShellCounters::default(),
             timer: Notify::new(),
@@ -309,18 +257,11 @@ impl Server {
                 ),
                 tasks: HashMap::new(),
             }),
-            flushes: Flushes { list: Mutex::new(FlushList::default()), wake: Condvar::new() },
+            flushes: Flushes { legs: Mutex::new(Vec::new()), wake: Notify::new() },
             routes_version: AtomicU64::new(0),
             coalesce: Duration::from_millis(u64::from(limits.media_coalesce_ms)),
         });
-        let flushes = FlushThread::start(shared.clone()).context("starting the flush thread")?;
-        Ok(Server {
-            endpoint,
-            shared,
-            fingerprint,
-            retry_above: limits.retry_above_pending_handshakes,
-            _flushes: flushes,
-        })
+        Ok(Server { endpoint, shared, fingerprint, retry_above: limits.retry_above_pending_handshakes })
     }
 
     /// Serves the metrics at `http://{addr}/metrics` (a loopback address: the config
@@ -336,8 +277,8 @@ impl Server {
     }
 
     /// Lets log lines name client addresses (off by default: logs identify nobody).
-    pub fn log_addresses(self, on: bool) -> Server {
-        self.shared.log_addresses.store(on, Ordering::Relaxed);
+    pub fn log_addresses(mut self, on: bool) -> Server {
+        Arc::get_mut(&mut self.shared).expect("set before the server runs").log_addresses = on;
         self
     }
 
@@ -373,6 +314,7 @@ impl Server {
     /// Serves until `shutdown` completes, then closes every connection.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let timer = tokio::spawn(run_timers(self.shared.clone()));
+        let flushes = tokio::spawn(run_flushes(self.shared.clone()));
         let accept = async {
             while let Some(incoming) = self.endpoint.accept().await {
                 // Under load, a source proves it receives at its address before it gets a
@@ -442,6 +384,7 @@ impl Server {
             () = shutdown => info!("shutting down"),
         }
         timer.abort();
+        flushes.abort();
         log_stats(&self.shared.lock().relay);
         self.endpoint.close(VarInt::from_u32(CLOSE_NORMAL), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -577,7 +520,7 @@ impl std::fmt::Display for LoggedAddress {
 
 impl Shared {
     fn logged(&self, addr: SocketAddr) -> LoggedAddress {
-        LoggedAddress(self.log_addresses.load(Ordering::Relaxed).then_some(addr))
+        LoggedAddress(self.log_addresses.then_some(addr))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
