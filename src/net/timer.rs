@@ -68,8 +68,9 @@ mod linux {
         let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         let at = libc::timespec {
             tv_sec: libc::time_t::try_from(duration.as_secs()).unwrap_or(libc::time_t::MAX),
-            // At least a nanosecond: an all-zero time disarms the timer.
-            tv_nsec: libc::c_long::from(duration.subsec_nanos().max(1)),
+            // At least a nanosecond: an all-zero time disarms the timer. Under a second, so
+            // the cast is exact for a 32-bit c_long too.
+            tv_nsec: duration.subsec_nanos().max(1) as libc::c_long,
         };
         let spec = libc::itimerspec { it_interval: zero, it_value: at };
         // SAFETY: spec is a valid itimerspec; the old setting is not asked for.
