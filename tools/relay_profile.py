@@ -79,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "perf.data")
         subprocess.run(["perf", "record", "-q", "-F", "999", "-g", "-p", pid, "-o", data, "--", "sleep",
-                        str(max(2, secs // 3))], check=True, stderr=subprocess.DEVNULL)
+                        str(max(2, secs // 3))], check=True)
         script = subprocess.run(["perf", "script", "-i", data, "-F", "ip,sym,dso"], capture_output=True,
                                 text=True, check=True).stdout
     out, _ = bench.communicate()
@@ -100,6 +100,10 @@ def main() -> None:
         if category == "other":
             unclassified[f"{symbols[0]} ({dso})"] += 1
         total += 1
+    if total == 0:
+        # An empty profile is a failure, not a table: it happened twice, unexplained, while
+        # perf's messages went to /dev/null.
+        sys.exit(f"relay_profile: perf recorded no samples of process {pid}")
     print(f"\nserver profile, {total} samples at 999 Hz (self time):")
     for name, count in shares.most_common():
         print(f"  {name:<14} {100 * count / total:5.1f} %")
