@@ -520,7 +520,7 @@ async fn mic_test(args: MicTestArgs) -> anyhow::Result<()> {
         CheckEvent::Suggested(dbfs) => serde_json::json!({ "event": "suggested_threshold", "dbfs": dbfs }),
         CheckEvent::Device(message) => serde_json::json!({ "event": "device", "message": message }),
     };
-    check::run(input.flatten(), output.flatten(), capture, receiver, |event| {
+    let playback = check::run(input.flatten(), output.flatten(), capture, receiver, |event| {
         println!("{}", show(&event));
         played |= event == CheckEvent::Phase(Phase::Playing);
         if played && event == CheckEvent::Phase(Phase::Idle) {
@@ -528,6 +528,7 @@ async fn mic_test(args: MicTestArgs) -> anyhow::Result<()> {
         }
     })
     .await?;
+    println!("{}", serde_json::json!({ "event": "playback_stats", "stats": playback }));
     Ok(())
 }
 

@@ -206,6 +206,7 @@ fn the_microphone_test_plays_back_what_it_recorded_without_a_server() {
     let played = &recording[span.start.saturating_sub(4_800)..(span.end + 4_800).min(recording.len())];
     let speech = read_voice(&speech_file).unwrap();
     let heard = compare(&speech, played);
-    println!("played back {:.1} s: {heard:?}", span.len() as f64 / 48_000.0);
+    let playback = events.iter().find(|e| e["event"] == "playback_stats").map(|e| e["stats"].clone());
+    println!("played back {:.1} s: {heard:?}; {}", span.len() as f64 / 48_000.0, playback.unwrap_or_default());
     assert!(heard.correlation > 0.85, "{heard:?}");
 }

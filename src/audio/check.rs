@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::dsp::VoiceMode;
 use super::engine::{Engine, EngineConfig, EngineError, EngineEvent, LOOPBACK_SENDER, Source};
-use super::pipeline::{CaptureSettings, EncodedVoice};
+use super::pipeline::{CaptureSettings, EncodedVoice, PlaybackStats};
 
 /// How long a recording lasts.
 pub const RECORD_FOR: Duration = Duration::from_secs(5);
@@ -171,8 +171,8 @@ pub enum CheckEvent {
 }
 
 /// Runs the test on `input` and `output` (by name; `None` is the default) until the
-/// controls' sender is dropped. Push-to-talk is tested as voice activity (no key is
-/// held in the test).
+/// controls' sender is dropped, and returns how the playback went. Push-to-talk is
+/// tested as voice activity (no key is held in the test).
 #[allow(clippy::disallowed_methods, reason = "the shell paces the playback by the clock")]
 pub async fn run(
     input: Option<String>,
@@ -180,7 +180,7 @@ pub async fn run(
     settings: CaptureSettings,
     mut controls: mpsc::Receiver<CheckControl>,
     mut emit: impl FnMut(CheckEvent),
-) -> Result<(), EngineError> {
+) -> Result<PlaybackStats, EngineError> {
     let testable = |mut settings: CaptureSettings| {
         if settings.mode == VoiceMode::PushToTalk {
             settings.mode = VoiceMode::VoiceActivity;
@@ -225,7 +225,7 @@ pub async fn run(
             emit(CheckEvent::Phase(check.phase()));
         }
     }
-    engine.finish().map(|_| ())
+    engine.finish()
 }
 
 #[cfg(test)]
