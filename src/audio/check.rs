@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use super::dsp::VoiceMode;
 use super::engine::{Engine, EngineConfig, EngineError, EngineEvent, LOOPBACK_SENDER, Source};
+use super::SAMPLE_RATE;
 use super::pipeline::{CaptureSettings, EncodedVoice, PlaybackStats};
 
 /// How long a recording lasts.
@@ -21,6 +22,9 @@ pub const RECORD_FOR: Duration = Duration::from_secs(5);
 /// Packets a recording keeps at most: 20 ms each (what a hostile encoder setting or a
 /// stuck clock could add beyond that is dropped, never kept).
 const MAX_PACKETS: usize = (RECORD_FOR.as_millis() / 20) as usize + 10;
+/// How far past the recording's end a packet's timestamp may put it (the capture's own
+/// delay, at most).
+const MAX_LATE: Duration = Duration::from_secs(1);
 /// Level readings a recording keeps at most (the meter reads every 100 ms).
 const MAX_LEVELS: usize = (RECORD_FOR.as_millis() / 100) as usize + 10;
 /// The voice must stand this far above the background for a threshold to be told.
@@ -35,13 +39,14 @@ pub enum Phase {
     Playing,
 }
 
-/// Records a few seconds of encoded voice and plays it back at the pace it came.
+/// Records a few seconds of encoded voice and plays it back at the pace the microphone
+/// made it (its timestamps), pauses included.
 #[derive(Debug)]
 pub struct MicCheck {
     phase: Phase,
     /// When the recording began, or the playback.
     since: Instant,
-    /// Each packet with when it came, after `since`.
+    /// Each packet with when it plays, after `since`.
     packets: VecDeque<(Duration, EncodedVoice)>,
     levels: Vec<f32>,
     suggested: Option<f32>,
@@ -79,10 +84,25 @@ impl MicCheck {
         self.suggested = None;
     }
 
-    /// A packet the capture encoded.
+    /// A packet the capture encoded. The first plays when it came; each after it by its
+    /// timestamp, on the microphone's clock: when the packets reached this task depends
+    /// on the capture thread's scheduling (a loaded machine delivers them in bursts), and
+    /// a burst played back as it came made the playback's jitter buffer skip frames.
     pub fn packet(&mut self, packet: EncodedVoice, now: Instant) {
-        if self.phase == Phase::Recording && !self.waiting && self.packets.len() < MAX_PACKETS {
-            self.packets.push_back((now.saturating_duration_since(self.since), packet));
+        if self.phase != Phase::Recording || self.waiting || self.packets.len() >= MAX_PACKETS {
+            return;
+        }
+        let at = match self.packets.front() {
+            Some((first_at, first)) => {
+                let samples = packet.timestamp.wrapping_sub(first.timestamp);
+                *first_at + Duration::from_micros(u64::from(samples) * 1_000_000 / u64::from(SAMPLE_RATE))
+            }
+            None => now.saturating_duration_since(self.since),
+        };
+        // A timestamp out of step with the recording (one from before it wraps around to
+        // hours) is not kept: the playback would wait for it.
+        if at <= RECORD_FOR + MAX_LATE {
+            self.packets.push_back((at, packet));
         }
     }
 
@@ -238,23 +258,25 @@ mod tests {
     }
 
     #[test]
-    fn a_recording_plays_back_at_the_pace_it_came_then_stops() {
+    fn a_recording_plays_back_at_the_microphones_pace_then_stops() {
         let start = Instant::now();
         let mut check = MicCheck::new(start);
         check.level(-90.0, start);
         check.packet(packet(99), start);
         check.record(start);
         // 5 s of speech at 20 ms a packet, with a pause of a second in the middle (the
-        // gate shut), and a flood beyond what 5 s can hold.
+        // gate shut), reaching the test in bursts of five (a late capture thread); one
+        // from a clock gone wrong; and a flood (a stuck clock) beyond what 5 s can hold.
         for n in 0..250u32 {
-            let at = start + Duration::from_millis(20) * n;
+            let at = start + Duration::from_millis(100) * (n / 5) + Duration::from_millis(90);
             if !(50..100).contains(&n) {
                 check.packet(packet(n), at);
             }
             assert!(check.poll(at).is_empty(), "nothing plays while recording");
         }
-        for n in 0..1000 {
-            check.packet(packet(1000 + n), start + Duration::from_millis(4990));
+        check.packet(packet(5000), start + Duration::from_millis(4990));
+        for _ in 0..1000 {
+            check.packet(packet(249), start + Duration::from_millis(4990));
         }
         let play = start + RECORD_FOR;
         let mut played = Vec::new();
@@ -265,9 +287,11 @@ mod tests {
             assert!(t < play + Duration::from_secs(10), "the playback ends");
         }
         assert_eq!(played.len(), MAX_PACKETS, "at most {MAX_PACKETS} kept; the packet before the recording is not");
-        assert_eq!(played[0], (0, 0));
-        assert_eq!(played[49], (49 * 2, 49));
-        assert_eq!(played[50], (100 * 2, 100), "the pause is kept");
+        assert!(played.iter().all(|(_, sequence)| *sequence != 5000));
+        // The first when it came, 90 ms in; the rest 20 ms apart.
+        assert_eq!(played[0], (9, 0));
+        assert_eq!(played[49], (9 + 49 * 2, 49));
+        assert_eq!(played[50], (9 + 100 * 2, 100), "the pause is kept");
         assert_eq!(check.poll(t + Duration::from_secs(1)), vec![], "nothing after the end");
     }
 
