@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::SAMPLE_RATE;
 use super::dsp::VoiceMode;
 use super::engine::{Engine, EngineConfig, EngineError, EngineEvent, LOOPBACK_SENDER, Source};
-use super::SAMPLE_RATE;
 use super::pipeline::{CaptureSettings, EncodedVoice, PlaybackStats};
 
 /// How long a recording lasts.
