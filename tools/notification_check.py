@@ -29,8 +29,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from screenshots import Run  # noqa: E402
 
-PASSWORD = "correct horse battery staple"
-
 
 def notifications(log_path):
     """(summary, body) of each notification dunst printed."""
@@ -39,8 +37,7 @@ def notifications(log_path):
 
 
 def send(carol, line, pause):
-    carol.stdin.write(line + "\n")
-    carol.stdin.flush()
+    Run.say(carol, line)
     time.sleep(pause)
 
 
@@ -62,13 +59,7 @@ def check(binary, out, show_text):
         # The first start makes alice's identity and settings.
         app = run.app()
         time.sleep(4)
-        run.focus()
-        run.keys("Tab")
-        run.type("alice")
-        run.keys("Tab")
-        run.type(PASSWORD)
-        run.keys("Tab")
-        run.type(PASSWORD)
+        run.fill_first_start("alice")
         run.keys("Tab", "Return")
         time.sleep(4)
         app.terminate()
@@ -83,14 +74,8 @@ def check(binary, out, show_text):
 
         # Opened on the invite: unlock, connect.
         carol = run.bot(invite, "carol")
-        app = run.app(invite)
-        time.sleep(4)
-        run.focus()
-        run.keys("Tab")
-        run.type(PASSWORD)
-        run.keys("Return")
-        time.sleep(3)
-        run.keys("Tab", "Return")
+        run.app(invite)
+        run.unlock_and_connect()
         time.sleep(4)
 
         # Another window takes the focus (there is no window manager: xdotool gives it).

@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEECH = os.path.join(ROOT, "assets", "speech.wav")
 DISPLAY = ":73"
 SIZE = "1000x680"
+PASSWORD = "correct horse battery staple"
 
 CONFIG = """
 [[channels]]
@@ -92,6 +93,26 @@ class Run:
         subprocess.run(["import", "-window", "root", "-crop", f"{SIZE}+0+0", path], env=self.env, check=True)
         print(f"screenshots: {path}")
 
+    def fill_first_start(self, name):
+        """Types the first start's name and vault password (twice), not yet confirmed."""
+        self.focus()
+        self.keys("Tab")
+        self.type(name)
+        self.keys("Tab")
+        self.type(PASSWORD)
+        self.keys("Tab")
+        self.type(PASSWORD)
+
+    def unlock_and_connect(self):
+        """In an app opened on an invite: unlocks the vault and connects."""
+        time.sleep(4)
+        self.focus()
+        self.keys("Tab")
+        self.type(PASSWORD)
+        self.keys("Return")
+        time.sleep(3)
+        self.keys("Tab", "Return")
+
     def start_screen_and_sound(self):
         self.spawn(["Xvfb", DISPLAY, "-screen", "0", f"{SIZE}x24", "-nolisten", "tcp"])
         wait_for("Xvfb", lambda: os.path.exists(f"/tmp/.X11-unix/X{DISPLAY[1:]}"))
@@ -135,6 +156,12 @@ class Run:
         return self.spawn([self.binary, *args], env={"HOME": home, "XDG_RUNTIME_DIR": self.dir,
                                                      "LIBGL_ALWAYS_SOFTWARE": "1"})
 
+    @staticmethod
+    def say(bot, line):
+        """A headless client's line on its standard input: chat, or a command."""
+        bot.stdin.write(line + "\n")
+        bot.stdin.flush()
+
     def close(self):
         for child in reversed(self.children):
             child.send_signal(signal.SIGTERM)
@@ -158,13 +185,7 @@ def main():
         # 1. First start: name and vault password; then the audio setup it opens.
         app = run.app()
         run.shot("first-start.png", settle=4)
-        run.focus()
-        run.keys("Tab")
-        run.type("alice")
-        run.keys("Tab")
-        run.type("correct horse battery staple")
-        run.keys("Tab")
-        run.type("correct horse battery staple")
+        run.fill_first_start("alice")
         run.shot("first-start.png", settle=0.5)
         run.keys("Tab", "Return")
         run.shot("audio-setup.png", settle=5)
@@ -175,21 +196,13 @@ def main():
         # connect, and meet bob, who talks, and carol, who chats.
         carol = run.bot(invite, "carol")
         bob = run.bot(invite, "bob", "--play", SPEECH)
-        app = run.app(invite)
-        time.sleep(4)
-        run.focus()
-        run.keys("Tab")
-        run.type("correct horse battery staple")
-        run.keys("Return")
-        time.sleep(3)
-        run.keys("Tab", "Return")
+        run.app(invite)
+        run.unlock_and_connect()
         time.sleep(3)
         for line in ["evening all", "the new server sounds great", "anyone up for a game later?"]:
-            carol.stdin.write(line + "\n")
-            carol.stdin.flush()
+            run.say(carol, line)
             time.sleep(0.7)
-        bob.stdin.write("/quit\n")
-        bob.stdin.flush()
+        run.say(bob, "/quit")
         bob.wait(timeout=10)
         bob = run.bot(invite, "bob", "--play", SPEECH)
         run.shot("channel.png", settle=4)
