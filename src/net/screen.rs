@@ -44,6 +44,12 @@ use crate::video::y4m::{Y4mWriter, YuvFrame};
 pub const SCREEN_QUEUE_TIME: Duration = Duration::from_millis(100);
 /// A frame's fragments go out in at most this many bursts across half its interval.
 const PACE_BURSTS: usize = 8;
+/// Frames waiting for the pacer while it spaces out the one before. Two: frames that come
+/// together (the encoder catching up after a slow first keyframe) wait their turn; with
+/// room for one, the second was dropped, the next frame had to be a keyframe, and the
+/// share stepped down for nothing (a 720p share ran at 5 fps where 10 kept up). Sending
+/// the rest of a frame at once instead made the relay drop fragments.
+const PACER_WAITING: usize = 2;
 /// Keyframes are at least this far apart, however often viewers ask.
 pub const KEYFRAME_SPACING: Duration = Duration::from_millis(500);
 /// A request this soon after a keyframe was made is taken as answered by it: it was
@@ -256,7 +262,7 @@ impl ScreenShell {
             }
             self.sender = Some((to_tx, from_rx));
             self.adapter = Some(Adapter::new(Instant::now(), resolution, fps));
-            let (pace_tx, pace_rx) = mpsc::channel(1);
+            let (pace_tx, pace_rx) = mpsc::channel(PACER_WAITING);
             tokio::spawn(pace(connection.clone(), pace_rx));
             self.pacer = Some(pace_tx);
             // Nobody watches yet.
