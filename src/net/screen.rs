@@ -5,8 +5,8 @@
 //! Voice goes first: it is sent at once, never paced. A frame is admitted only while what
 //! waits in the connection's datagram buffer plus the frame stays under
 //! [`SCREEN_QUEUE_TIME`] of the share's bitrate (a frame larger than that only into an
-//! empty buffer), and its fragments are handed over as the buffer has room, never pushing
-//! queued voice out. A frame not admitted is dropped whole and the next one is a
+//! empty buffer) and the pacer has room ([`PACER_WAITING`] frames), and its fragments are
+//! handed over as the buffer has room, never pushing queued voice out. A frame not admitted is dropped whole and the next one is a
 //! keyframe, so a viewer never waits on a frame that will not come.
 //!
 //! A share's desktop audio has a thread of its own (capture and Opus); its packets go
